@@ -1,0 +1,3 @@
+"""embedkit: verified ONNX Runtime artifacts for sentence-transformers models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,170 @@
+"""One typed settings object for the whole project.
+
+Every field can be set by an ``EMBEDKIT_<FIELD>`` environment variable (lists
+as JSON, e.g. ``EMBEDKIT_PROVIDERS='["CPUExecutionProvider"]'``) and most by a
+CLI flag. Each description states the trade-off; ``docs/configuration.md`` is
+generated from these descriptions (``embedkit config --markdown``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROVIDERS = [
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+]
+
+
+def _default_threads() -> int:
+    # The cores this process may use (cgroup/affinity aware), not the host's:
+    # ORT's own default oversubscribes a CPU-limited container.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDKIT_", extra="ignore", frozen=True)
+
+    # --- which model ------------------------------------------------------
+    model: str = Field(
+        "all-minilm-l6-v2:latest",
+        description="BentoML model tag (or artifact directory for CLI use) to serve.",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Name clients pass as `model` in /v1/embeddings; defaults to the artifact's name.",
+    )
+
+    # --- ONNX Runtime session ----------------------------------------------
+    providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="Execution-provider priority; filtered by what the installed onnxruntime offers.",
+    )
+    strict_providers: bool = Field(
+        False,
+        description="Refuse to start when the first requested available provider does not attach, "
+        "instead of falling back (visible in logs, /info and metrics).",
+    )
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ORT graph optimisation; 'all' adds layout transforms (CPU)."
+    )
+    intra_op_threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        description="Threads inside one operator. Set to the worker's CPU share; ORT's default "
+        "uses every host core and oversubscribes containers.",
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, description="Threads across independent operators (only used in parallel mode)."
+    )
+    execution_mode: Literal["sequential", "parallel"] = Field(
+        "sequential", description="Transformer graphs are a chain; parallel mode rarely helps."
+    )
+    enable_cpu_mem_arena: bool = Field(
+        True, description="CPU memory arena: faster allocation, but grows with new shapes."
+    )
+    enable_mem_pattern: bool = Field(
+        False,
+        description="Memory pattern planning; only pays off for fixed shapes, which embeddings lack.",
+    )
+    arena_shrinkage: bool = Field(
+        True,
+        description="Shrink the CPU arena after each run so varied sequence lengths do not grow "
+        "the process without bound.",
+    )
+    allow_spinning: bool = Field(
+        True,
+        description="Let ORT worker threads spin between ops: lower latency, burns CPU when idle.",
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Bind inputs/outputs to device memory. 'auto': on for CUDA/TensorRT, off on CPU "
+        "(measured: no gain on CPU).",
+    )
+    profiling_dir: Path | None = Field(
+        None, description="If set, ORT writes a profiling trace here (costly; for diagnosis only)."
+    )
+    optimized_model_path: Path | None = Field(
+        None, description="If set, ORT saves the optimised graph here on session creation."
+    )
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device to run on.")
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested",
+        description="CUDA arena growth; kSameAsRequested wastes less memory on varied shapes.",
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN algorithm search (transformers have few convolutions)."
+    )
+    trt_fp16: bool = Field(True, description="Let TensorRT run in FP16.")
+    trt_engine_cache_dir: Path = Field(
+        Path("/tmp/embedkit-trt-cache"),
+        description="Where TensorRT caches built engines (building one takes minutes).",
+    )
+
+    # --- engine -----------------------------------------------------------
+    token_aware_batching: bool = Field(
+        True,
+        description="Sort a batch by token length and split it into sub-batches under "
+        "max_batch_tokens; off pads the whole batch to its longest text.",
+    )
+    max_batch_tokens: int = Field(
+        512,
+        ge=1,
+        description="Padded-token budget of one sub-batch; measured best at 256-512 on 2 cores.",
+    )
+    max_sub_batch_size: int = Field(64, ge=1, description="Most texts in one ORT run.")
+
+    # --- service ------------------------------------------------------------
+    workers: int = Field(1, ge=1, description="Embedder worker processes (each with its own session).")
+    gpu: bool = Field(False, description="Request a GPU for the Embedder service (GPU Bento).")
+    bulk_max_batch_size: int = Field(
+        128, ge=2, description="Adaptive batching: most texts merged into one bulk inference call."
+    )
+    bulk_max_latency_ms: int = Field(
+        200, ge=1, description="Adaptive batching: longest a bulk call may wait and run."
+    )
+    query_max_batch_size: int = Field(
+        16, ge=2, description="Adaptive batching for the interactive route (latency first)."
+    )
+    query_max_latency_ms: int = Field(
+        50, ge=1, description="Interactive route's batching window plus run time budget."
+    )
+    max_client_batch: int = Field(
+        2048, ge=1, description="Most items one request may carry (413 above)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_concurrency: int = Field(
+        256, ge=1, description="Requests in flight per front worker before 429 with Retry-After."
+    )
+    request_timeout_s: int = Field(60, ge=1, description="Upstream timeout (504 above).")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted on inference routes; empty disables auth.",
+    )
+
+    # --- artifact trust -----------------------------------------------------
+    require_signature: bool = Field(
+        False, description="Serve only artifacts signed by a key in trusted_keys."
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (base64 raw or PEM file paths) trusted to sign artifacts.",
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
