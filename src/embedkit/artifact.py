@@ -28,6 +28,8 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 BENTOML_MODULE = "embedkit"
+# Files BentoML writes into a stored model's directory; not part of the artifact.
+_STORE_FILES = {"model.yaml", "custom_objects.pkl"}
 _CHUNK = 1 << 20
 
 QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", "fp16"]
@@ -96,8 +98,8 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def summary(self) -> dict[str, Any]:
-        """Flat metadata for the BentoML model store and /info."""
-        return {
+        """Flat metadata for the BentoML model store and /info (no None: BentoML refuses it)."""
+        summary = {
             "model_id": self.model_id,
             "model_version": self.model_version,
             "dimension": self.embedding.dimension,
@@ -113,6 +115,7 @@ class Manifest(BaseModel):
             "created_at": self.created_at,
             **{f"toolchain.{k}": v for k, v in sorted(self.toolchain.items())},
         }
+        return {k: v for k, v in summary.items() if v is not None}
 
 
 class Artifact:
@@ -172,7 +175,7 @@ class Artifact:
                     f"checksum mismatch for {rel} in {self.path}: "
                     f"expected sha256 {digest[:12]}…, found {actual[:12]}… — refusing to load"
                 )
-        extra = set(sha256_tree(self.path, exclude={MANIFEST, SIGNATURE})) - set(expected)
+        extra = set(sha256_tree(self.path, exclude={MANIFEST, SIGNATURE, *_STORE_FILES})) - set(expected)
         if extra:
             raise ChecksumMismatch(f"files not covered by the manifest: {', '.join(sorted(extra))}")
 

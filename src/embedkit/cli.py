@@ -1,0 +1,244 @@
+"""The `embedkit` command line: a thin face over the library.
+
+Every command turns an :class:`EmbedkitError` (and file-system errors) into
+one line on stderr and a non-zero exit; long steps show rich progress.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from embedkit.errors import EmbedkitError, InvalidInput
+
+app = typer.Typer(
+    name="embedkit",
+    help="Export, verify, release and serve sentence-transformers models on ONNX Runtime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line_errors(fn: F) -> F:
+    """Map our errors (and OS errors) to a one-line message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EmbedkitError as exc:
+            err.print(f"error: {exc.message}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            err.print(f"error:{where}: {exc.strerror or exc}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner whose text follows the pipeline's steps (stderr, so stdout stays clean)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(title)
+
+        def step(message: str) -> None:
+            bar.update(task, description=f"{title}: {message}")
+            err.print(f"  · {message}", highlight=False)
+
+        yield step
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Recipe name, recipe file, model directory or hub id."),
+]
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="New artifact directory.")],
+    model: ModelOpt = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the recipe's).")] = None,
+) -> None:
+    """Export a sentence-transformers model to a pooled ONNX artifact."""
+    from embedkit.export import export
+    from embedkit.recipe import find_recipe
+
+    recipe = find_recipe(model)
+    with progress(f"export {recipe.name}") as step:
+        artifact = export(recipe, output, opset=opset, step=step)
+    out.print(f"exported {artifact.manifest.name} → {artifact.path}", highlight=False)
+
+
+@app.command()
+@one_line_errors
+def validate(
+    artifact: Annotated[str, typer.Argument(help="Artifact directory or model tag.")],
+    reference: Annotated[
+        str | None,
+        typer.Option(help="PyTorch reference (recipe/dir); default: the artifact's recipe."),
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many STS sentences per genre (quick run).")
+    ] = None,
+) -> None:
+    """Check operators, shapes, batch invariance and parity; exit 1 on failure."""
+    from embedkit import contract
+    from embedkit.artifact import resolve
+    from embedkit.recipe import find_recipe
+
+    art = resolve(artifact)
+    recipe = find_recipe(reference or art.manifest.name)
+    reference_dir, _ = recipe.source.resolve()
+    with progress(f"validate {art.manifest.name}") as step:
+        result = contract.validate(
+            art, reference_dir=reference_dir, limit_per_segment=limit, step=step
+        )
+    if report:
+        report.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _print_contract(result)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_contract(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"contract: {result['name']} ({result['quantization']})")
+    for col in ("check / segment", "n", "min cos", "max |Δ|", "result"):
+        table.add_column(col)
+    for key in ("operators", "shapes", "batch_invariance"):
+        section = result.get(key)
+        if section:
+            table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
+    for name, seg in result.get("parity", {}).get("segments", {}).items():
+        table.add_row(
+            f"parity {name}", str(seg["count"]), f"{seg['min_cosine']:.7f}",
+            f"{seg['max_abs_diff']:.2e}", "pass" if seg["passed"] else "FAIL",
+        )
+    out.print(table)
+    gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
+    for provider, ops in gpu.items():
+        out.print(f"{provider}: {'all ops implemented' if not ops else 'not implemented: ' + ', '.join(ops)}")
+    out.print("PASSED" if result.get("passed") else "FAILED", style="bold")
+
+
+@app.command("release")
+@one_line_errors
+def release_cmd(
+    model: ModelOpt = None,
+    workdir: Annotated[Path, typer.Option(help="Where artifacts are built.")] = Path("artifacts"),
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many STS sentences per genre in parity.")
+    ] = None,
+) -> None:
+    """Export → validate → register in the BentoML model store; prints the model tag."""
+    from embedkit.recipe import find_recipe
+    from embedkit.release import release
+
+    recipe = find_recipe(model)
+    with progress(f"release {recipe.name}") as step:
+        result = release(recipe, workdir=workdir, limit_per_segment=limit, step=step)
+    print(result.tag)
+
+
+def _read_lines(source: Path | None) -> Iterator[str]:
+    if source is None or str(source) == "-":
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+        return
+    if source.is_dir():
+        raise InvalidInput(f"{source} is a directory, not a text file")
+    with open(source, encoding="utf-8") as fh:
+        for line in fh:
+            yield line.rstrip("\r\n")
+
+
+@app.command()
+@one_line_errors
+def encode(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model tag or artifact directory.")],
+    input: Annotated[
+        Path | None, typer.Argument(help="Text file, one text per line (default: stdin).")
+    ] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="Default: the model's.")
+    ] = None,
+    dimensions: Annotated[int | None, typer.Option(help="Matryoshka truncation.")] = None,
+    truncate: Annotated[bool, typer.Option(help="Truncate texts over the token limit.")] = True,
+    chunk: Annotated[int, typer.Option(help="Texts per engine call.", min=1)] = 256,
+) -> None:
+    """Embed texts (one per line) and print one JSON array per line, in input order."""
+    from embedkit.engine import Engine
+
+    engine = Engine.load(model)
+    buffer: list[str] = []
+    offset = 0
+
+    def flush() -> None:
+        nonlocal offset
+        if not buffer:
+            return
+        try:
+            vectors = engine.encode(buffer, normalize=normalize, dimensions=dimensions, truncate=truncate)
+        except EmbedkitError as exc:
+            exc.message = exc.message.replace("item ", "line ") if offset == 0 else exc.message
+            raise
+        lines = (json.dumps(v) for v in vectors.tolist())
+        sys.stdout.write("\n".join(lines) + "\n")
+        offset += len(buffer)
+        buffer.clear()
+
+    for line in _read_lines(input):
+        buffer.append(line)
+        if len(buffer) >= chunk:
+            flush()
+    flush()
+    if offset == 0:
+        raise InvalidInput("no input texts (expected one text per line)")
+
+
+@app.command()
+@one_line_errors
+def info(target: Annotated[str, typer.Argument(help="Model tag or artifact directory.")]) -> None:
+    """Print an artifact's manifest (after verifying its checksums)."""
+    from embedkit.artifact import manifest_json, resolve
+
+    art = resolve(target)
+    out.print_json(manifest_json(art))
+    if art.manifest.records:
+        out.print("records:", highlight=False)
+        for name, rel in art.manifest.records.items():
+            out.print(f"  {name}: {art.path / rel}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

