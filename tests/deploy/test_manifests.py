@@ -1,0 +1,658 @@
+"""Kubernetes manifests: rendered offline, schema-validated, invariants checked.
+
+Every overlay under deploy/k8s is rendered with ``kubectl kustomize`` (kubectl is part
+of the machine image CI runs on; a missing kubectl fails loudly instead of skipping),
+each document is validated against the Kubernetes OpenAPI schemas shipped in
+``kubernetes-validate`` in strict mode (unknown fields fail), and the deployment
+invariants are checked by small functions that each return a list of problems. The
+mutation tests at the bottom feed broken copies of the real render to those functions:
+every invariant check is shown to fail on the defect it exists for.
+
+Nothing here talks to a cluster; what that leaves unverified is in docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+from unittest import mock
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from embedkit.settings import Settings
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu", "canary")
+# Oldest Kubernetes we support (preStop `sleep` is GA-on-by-default from 1.30) and the
+# newest whose schemas kubernetes-validate 1.37.0 ships.
+K8S_VERSIONS = ("1.31", "1.37")
+HTTP_PORT = 3000
+TRACK = "embedkit.dev/track"
+SHARE = "embedkit.dev/canary-share-percent"
+GPU = "nvidia.com/gpu"
+
+Doc = dict[str, Any]
+Check = Callable[[list[Doc]], list[str]]
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def render(directory: Path) -> list[Doc]:
+    """``kubectl kustomize`` one kustomization into its documents (no cluster needed)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl not on PATH: it is part of the CI machine image (kustomize v5 built in)")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Doc]]:
+    out = {name: render(K8S / "overlays" / name) for name in OVERLAYS}
+    out["base"] = render(K8S / "base")
+    return out
+
+
+def deployment_sets(rendered: dict[str, list[Doc]]) -> dict[str, list[Doc]]:
+    """What actually runs together: the canary is applied beside the cpu overlay."""
+    return {
+        "cpu": rendered["cpu"],
+        "gpu": rendered["gpu"],
+        "cpu+canary": rendered["cpu"] + rendered["canary"],
+    }
+
+
+# --- small helpers ------------------------------------------------------------------
+
+
+def ident(doc: Doc) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc, Doc]]:
+    """(deployment, pod spec, container) for every container of every Deployment."""
+    for dep in of_kind(docs, "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        for c in pod.get("containers", []):
+            yield dep, pod, c
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity as a number (cores for CPU, bytes for memory)."""
+    text = str(value)
+    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * suffixes[suffix]
+    return float(text)
+
+
+def container_env(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """The container's environment: envFrom ConfigMaps, then explicit env (which wins)."""
+    maps = {d["metadata"]["name"]: d.get("data", {}) for d in of_kind(docs, "ConfigMap")}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef", {}).get("name")
+        if ref is not None:
+            env.update(maps.get(ref, {}))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+    return env
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """The real Settings object the pod would build from this environment."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def port_number(container: Doc, port: int | str) -> int | None:
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return int(p["containerPort"])
+    return None
+
+
+def under(path: str, mounts: list[str]) -> bool:
+    return any(PurePosixPath(path).is_relative_to(m) for m in mounts)
+
+
+# --- invariant checks: each returns the problems it found ------------------------------
+
+
+def check_images(docs: list[Doc]) -> list[str]:
+    """Every image names a registry path and a pinned tag (or digest), never `latest`."""
+    problems = []
+    for dep, _, c in containers(docs):
+        image = c.get("image", "")
+        if "@sha256:" in image:
+            continue  # a digest pins harder than any tag
+        name, sep, tag = image.rpartition(":")
+        if not sep or "/" in tag:  # the colon belonged to a registry port
+            name, tag = image, ""
+        if not tag:
+            problems.append(f"{ident(dep)}: image {image!r} has no tag")
+        elif tag == "latest":
+            problems.append(f"{ident(dep)}: image {image!r} uses the latest tag")
+        if "/" not in name:
+            problems.append(f"{ident(dep)}: image {image!r} has no registry path")
+    return problems
+
+
+def check_probes(docs: list[Doc]) -> list[str]:
+    """Liveness /livez, readiness /readyz and a startup probe, all HTTP on port 3000."""
+    problems = []
+    want = {"livenessProbe": "/livez", "readinessProbe": "/readyz", "startupProbe": None}
+    for dep, _, c in containers(docs):
+        for probe, path in want.items():
+            get = c.get(probe, {}).get("httpGet")
+            if get is None:
+                problems.append(f"{ident(dep)}: {probe} missing (or not an HTTP probe)")
+                continue
+            if path is not None and get.get("path") != path:
+                problems.append(f"{ident(dep)}: {probe} path {get.get('path')!r}, want {path}")
+            if port_number(c, get.get("port", "")) != HTTP_PORT:
+                problems.append(f"{ident(dep)}: {probe} port {get.get('port')!r} is not {HTTP_PORT}")
+    return problems
+
+
+def check_security(docs: list[Doc]) -> list[str]:
+    """Non-root, read-only root, no escalation, no capabilities, no API token."""
+    problems = []
+    for dep, pod, c in containers(docs):
+        who = ident(dep)
+        pod_sc, sc = pod.get("securityContext", {}), c.get("securityContext", {})
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            problems.append(f"{who}: runAsNonRoot is not true")
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        if uid is None or uid == 0:
+            problems.append(f"{who}: runAsUser must be set and non-zero (got {uid!r})")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{who}: readOnlyRootFilesystem is not true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{who}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            problems.append(f"{who}: privileged container")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            problems.append(f"{who}: capabilities do not drop ALL")
+        if sc.get("capabilities", {}).get("add"):
+            problems.append(f"{who}: capabilities added")
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{who}: automountServiceAccountToken is not false")
+        if pod.get("enableServiceLinks") is not False:
+            problems.append(f"{who}: enableServiceLinks is not false (EMBEDKIT_PORT-style collisions)")
+    return problems
+
+
+def check_resources(docs: list[Doc]) -> list[str]:
+    """CPU and memory requests and limits set, requests not above limits."""
+    problems = []
+    for dep, _, c in containers(docs):
+        res = c.get("resources", {})
+        for kind in ("cpu", "memory"):
+            req, lim = res.get("requests", {}).get(kind), res.get("limits", {}).get(kind)
+            if req is None or lim is None:
+                problems.append(f"{ident(dep)}: {kind} request and limit must both be set")
+            elif quantity(req) > quantity(lim):
+                problems.append(f"{ident(dep)}: {kind} request {req} above limit {lim}")
+    return problems
+
+
+def check_config(docs: list[Doc]) -> list[str]:
+    """EMBEDKIT_* keys are real settings, parse, and the referenced ConfigMaps exist."""
+    problems = []
+    names = {d["metadata"]["name"] for d in of_kind(docs, "ConfigMap")}
+    for dep, pod, c in containers(docs):
+        refs = [s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s]
+        refs += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
+        problems += [f"{ident(dep)}: ConfigMap {r} is not in the render" for r in refs if r not in names]
+        env = container_env(docs, c)
+        for key in env:
+            field = key.removeprefix("EMBEDKIT_").lower()
+            if key.startswith("EMBEDKIT_") and field not in Settings.model_fields:
+                problems.append(f"{ident(dep)}: {key} is not a setting (silently ignored)")
+        try:
+            settings_from(env)
+        except (ValidationError, SettingsError) as exc:
+            first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            problems.append(f"{ident(dep)}: settings do not parse: {first}")
+    return problems
+
+
+def check_threads(docs: list[Doc]) -> list[str]:
+    """ORT threads x workers and the tokenizer pool match the CPU limit (no oversubscription)."""
+    problems = []
+    for dep, _, c in containers(docs):
+        cpu = c.get("resources", {}).get("limits", {}).get("cpu")
+        env = container_env(docs, c)
+        if cpu is None or "EMBEDKIT_INTRA_OP_THREADS" not in env:
+            problems.append(f"{ident(dep)}: CPU limit or EMBEDKIT_INTRA_OP_THREADS not set")
+            continue
+        s = settings_from(env)
+        if s.intra_op_threads * s.workers != quantity(cpu):
+            problems.append(
+                f"{ident(dep)}: intra-op threads {s.intra_op_threads} x workers {s.workers} "
+                f"!= CPU limit {cpu}"
+            )
+        if env.get("RAYON_NUM_THREADS") != str(s.intra_op_threads):
+            problems.append(f"{ident(dep)}: RAYON_NUM_THREADS != intra-op threads")
+    return problems
+
+
+def check_writable_paths(docs: list[Doc]) -> list[str]:
+    """Every path the server writes lies on an emptyDir mount (the root is read-only)."""
+    problems = []
+    for dep, pod, c in containers(docs):
+        scratch = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in scratch]
+        env = container_env(docs, c)
+        s = settings_from(env)
+        paths = {"/tmp": "/tmp", "BENTOML_HOME": env.get("BENTOML_HOME", "/home/bentoml")}
+        paths["trt_engine_cache_dir"] = str(s.trt_engine_cache_dir)
+        for setting in ("profiling_dir", "optimized_model_path"):
+            if getattr(s, setting) is not None:
+                paths[setting] = str(getattr(s, setting))
+        for what, path in paths.items():
+            if not under(path, mounts):
+                problems.append(f"{ident(dep)}: {what} ({path}) is not on a writable emptyDir")
+    return problems
+
+
+def check_signature(docs: list[Doc]) -> list[str]:
+    """Signature verification on; every trusted key is a mounted Ed25519 *public* key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    files: dict[str, dict[str, str]] = {}
+    for d in of_kind(docs, "ConfigMap"):
+        files[d["metadata"]["name"]] = d.get("data", {})
+    for d in of_kind(docs, "Secret"):
+        files[d["metadata"]["name"]] = {
+            k: base64.b64decode(v).decode(errors="replace") for k, v in d.get("data", {}).items()
+        } | d.get("stringData", {})
+    problems = [
+        f"ConfigMap or Secret {name}: carries a private key"
+        for name, data in files.items() if "PRIVATE KEY" in json.dumps(data)
+    ]
+    for dep, pod, c in containers(docs):
+        s = settings_from(container_env(docs, c))
+        if not s.require_signature:
+            problems.append(f"{ident(dep)}: EMBEDKIT_REQUIRE_SIGNATURE is not true")
+        if not s.trusted_keys:
+            problems.append(f"{ident(dep)}: no EMBEDKIT_TRUSTED_KEYS")
+        sources = {}
+        for v in pod.get("volumes", []):
+            ref = v.get("configMap", v.get("secret", {}))
+            sources[v["name"]] = ref.get("name", ref.get("secretName"))
+        mounted = {m["mountPath"]: sources.get(m["name"]) for m in c.get("volumeMounts", [])}
+        for key in s.trusted_keys:
+            if not key.startswith("/"):
+                continue  # inline base64 key: nothing to mount
+            path = PurePosixPath(key)
+            pem = files.get(mounted.get(str(path.parent)) or "", {}).get(path.name)
+            if pem is None:
+                problems.append(f"{ident(dep)}: trusted key {key} is not mounted from a ConfigMap/Secret")
+            elif not isinstance(load_pem_public_key(pem.encode()), Ed25519PublicKey):
+                problems.append(f"{ident(dep)}: trusted key {key} is not an Ed25519 public key")
+    return problems
+
+
+def check_autoscaling(docs: list[Doc]) -> list[str]:
+    """One autoscaling/v2 CPU HPA per Deployment, targeting it; the HPA owns replicas."""
+    problems = []
+    deployments = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
+    targeted: dict[str, int] = {}
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        if hpa["apiVersion"] != "autoscaling/v2":
+            problems.append(f"{ident(hpa)}: not autoscaling/v2")
+        if ref.get("kind") != "Deployment" or ref.get("name") not in deployments:
+            problems.append(f"{ident(hpa)}: targets {ref.get('kind')}/{ref.get('name')}, not a Deployment here")
+        targeted[ref.get("name")] = targeted.get(ref.get("name"), 0) + 1
+        cpu = [
+            m for m in hpa["spec"].get("metrics", [])
+            if m.get("type") == "Resource" and m["resource"]["name"] == "cpu"
+            and m["resource"]["target"]["type"] == "Utilization"
+        ]
+        if not cpu:
+            problems.append(f"{ident(hpa)}: no CPU utilisation metric")
+    for dep in of_kind(docs, "Deployment"):
+        name = dep["metadata"]["name"]
+        if targeted.get(name, 0) != 1:
+            problems.append(f"{ident(dep)}: targeted by {targeted.get(name, 0)} HPAs, want 1")
+        if "replicas" in dep["spec"]:
+            problems.append(f"{ident(dep)}: sets replicas although an HPA owns them")
+    return problems
+
+
+def check_traffic(docs: list[Doc]) -> list[str]:
+    """A Service on 3000 and a PDB select every Deployment's pods."""
+    problems = []
+    services, pdbs = of_kind(docs, "Service"), of_kind(docs, "PodDisruptionBudget")
+    for dep, _, c in containers(docs):
+        labels = dep["spec"]["template"]["metadata"].get("labels", {})
+        served = [
+            s for s in services if selects(s["spec"].get("selector", {}), labels)
+            and any(
+                p["port"] == HTTP_PORT and port_number(c, p.get("targetPort", p["port"])) == HTTP_PORT
+                for p in s["spec"]["ports"]
+            )
+        ]
+        if not served:
+            problems.append(f"{ident(dep)}: no Service on port {HTTP_PORT} selects its pods")
+        if not any(selects(p["spec"]["selector"].get("matchLabels", {}), labels) for p in pdbs):
+            problems.append(f"{ident(dep)}: no PodDisruptionBudget selects its pods")
+    return problems
+
+
+def check_metrics_scrape(docs: list[Doc]) -> list[str]:
+    """Prometheus scrape annotations on the pod template, pointing at /metrics on 3000."""
+    want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
+            "prometheus.io/path": "/metrics"}
+    problems = []
+    for dep in of_kind(docs, "Deployment"):
+        notes = dep["spec"]["template"]["metadata"].get("annotations", {})
+        problems += [
+            f"{ident(dep)}: annotation {k}={notes.get(k)!r}, want {v!r}"
+            for k, v in want.items() if notes.get(k) != v
+        ]
+    return problems
+
+
+COMMON_CHECKS: tuple[Check, ...] = (
+    check_images, check_probes, check_security, check_resources, check_config,
+    check_threads, check_writable_paths, check_signature, check_autoscaling,
+    check_traffic, check_metrics_scrape,
+)
+
+
+def check_cpu(docs: list[Doc]) -> list[str]:
+    """CPU overlay: CPU provider only, no GPU requested."""
+    problems = []
+    for dep, _, c in containers(docs):
+        s = settings_from(container_env(docs, c))
+        if s.providers != ["CPUExecutionProvider"] or s.gpu:
+            problems.append(f"{ident(dep)}: CPU deployment with providers {s.providers}, gpu={s.gpu}")
+        if GPU in c.get("resources", {}).get("limits", {}):
+            problems.append(f"{ident(dep)}: CPU deployment requests a GPU")
+    return problems
+
+
+def check_gpu(docs: list[Doc]) -> list[str]:
+    """GPU overlay: a GPU limit, GPU nodes only, GPU providers first and no silent fallback."""
+    problems = []
+    for dep, pod, c in containers(docs):
+        who = ident(dep)
+        if int(c.get("resources", {}).get("limits", {}).get(GPU, 0)) < 1:
+            problems.append(f"{who}: no {GPU} limit")
+        if not any(t.get("key") == GPU for t in pod.get("tolerations", [])):
+            problems.append(f"{who}: no toleration for {GPU} taints")
+        if not pod.get("nodeSelector") and not pod.get("affinity", {}).get("nodeAffinity"):
+            problems.append(f"{who}: no nodeSelector/nodeAffinity for GPU nodes")
+        s = settings_from(container_env(docs, c))
+        want = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        if s.providers != want:
+            problems.append(f"{who}: providers {s.providers}, want {want}")
+        if not (s.gpu and s.strict_providers):
+            problems.append(f"{who}: EMBEDKIT_GPU and EMBEDKIT_STRICT_PROVIDERS must be true")
+    return problems
+
+
+def check_canary(docs: list[Doc]) -> list[str]:
+    """Stable + canary Deployments, different versions, the canary's pod share as configured."""
+    deps = {d["metadata"]["labels"].get(TRACK): d for d in of_kind(docs, "Deployment")}
+    if sorted(deps, key=str) != ["canary", "stable"]:
+        return [f"want one stable and one canary Deployment, got tracks {sorted(deps, key=str)}"]
+    stable, canary = deps["stable"], deps["canary"]
+    problems = []
+    image = {t: d["spec"]["template"]["spec"]["containers"][0]["image"] for t, d in deps.items()}
+    if image["stable"] == image["canary"]:
+        problems.append(f"canary runs the stable image {image['stable']}")
+    share = canary["metadata"].get("annotations", {}).get(SHARE)
+    if share is None:
+        return [*problems, f"{ident(canary)}: no {SHARE} annotation"]
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    st, ca = hpas[stable["metadata"]["name"]], hpas[canary["metadata"]["name"]]
+    for bound in ("minReplicas", "maxReplicas"):
+        got = 100 * ca[bound] / (ca[bound] + st[bound])
+        if abs(got - float(share)) > 0.5:
+            problems.append(f"canary {bound} gives {got:.1f} % of pods, configured {share} %")
+    return problems
+
+
+OVERLAY_CHECKS: dict[str, tuple[Check, ...]] = {
+    "cpu": (*COMMON_CHECKS, check_cpu),
+    "gpu": (*COMMON_CHECKS, check_gpu),
+    "cpu+canary": (*COMMON_CHECKS, check_cpu, check_canary),
+}
+
+
+def problems_in(docs: list[Doc], checks: tuple[Check, ...]) -> list[str]:
+    return [p for check in checks for p in check(docs)]
+
+
+# --- tests: the real manifests --------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "base"])
+def test_every_document_passes_strict_schema_validation(
+    rendered: dict[str, list[Doc]], overlay: str, version: str
+) -> None:
+    docs = rendered[overlay]
+    assert docs, f"{overlay} rendered nothing"
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{overlay}: {ident(doc)} invalid for {version} at {where}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:  # a CRD would land here
+            pytest.fail(f"{overlay}: {exc.message} (use only built-in kinds)")
+
+
+@pytest.mark.parametrize("target", list(OVERLAY_CHECKS))
+def test_deployment_invariants_hold(rendered: dict[str, list[Doc]], target: str) -> None:
+    docs = deployment_sets(rendered)[target]
+    assert of_kind(docs, "Deployment"), f"{target}: no Deployment"
+    assert problems_in(docs, OVERLAY_CHECKS[target]) == []
+
+
+def test_base_alone_is_not_deployable(rendered: dict[str, list[Doc]]) -> None:
+    """The base leaves the image unpinned so that only an overlay can ship."""
+    assert any("has no tag" in p for p in check_images(rendered["base"]))
+
+
+def test_canary_render_holds_only_canary_objects(rendered: dict[str, list[Doc]]) -> None:
+    """Rollback is `kubectl delete -k overlays/canary`: it must not reach a stable object."""
+    stable = {ident(d) for d in rendered["cpu"]}
+    for doc in rendered["canary"]:
+        assert ident(doc) not in stable, f"rollback would delete the stable {ident(doc)}"
+        assert "-canary" in doc["metadata"]["name"], ident(doc)
+        assert doc["metadata"]["labels"].get(TRACK) == "canary", ident(doc)
+    kinds = {d["kind"] for d in rendered["canary"]}
+    assert {"Deployment", "HorizontalPodAutoscaler"} <= kinds
+    assert not kinds & {"Service", "PodDisruptionBudget"}
+
+
+def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) -> None:
+    """Guards the kustomize name-reference pitfall (kubernetes-sigs/kustomize#5251)."""
+    docs = deployment_sets(rendered)["cpu+canary"]
+    targets = {h["metadata"]["name"]: h["spec"]["scaleTargetRef"]["name"]
+               for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    assert targets == {"embedkit": "embedkit", "embedkit-canary": "embedkit-canary"}
+
+
+# --- tests: every check catches the defect it exists for --------------------------------
+
+
+def _container(docs: list[Doc], track: str = "stable") -> Doc:
+    dep = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["labels"][TRACK] == track)
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _pod(docs: list[Doc], track: str = "stable") -> Doc:
+    dep = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["labels"][TRACK] == track)
+    return dep["spec"]["template"]["spec"]
+
+
+def _config(docs: list[Doc], key: str, value: str | None, track: str = "stable") -> None:
+    ref = _container(docs, track)["envFrom"][0]["configMapRef"]["name"]
+    data = next(d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == ref)["data"]
+    if value is None:
+        data.pop(key, None)
+    else:
+        data[key] = value
+
+
+def _hpa(docs: list[Doc], name: str) -> Doc:
+    return next(h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["metadata"]["name"] == name)
+
+
+def _set_image(docs: list[Doc], image: str) -> None:
+    _container(docs)["image"] = image
+
+
+# (target, mutation, check, expected fragment of the reported problem)
+MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
+    ("cpu", lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu:latest"),
+     check_images, "latest tag"),
+    ("cpu", lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu"),
+     check_images, "has no tag"),
+    ("cpu", lambda d: _container(d).pop("livenessProbe"), check_probes, "livenessProbe missing"),
+    ("cpu", lambda d: _container(d).pop("startupProbe"), check_probes, "startupProbe missing"),
+    ("cpu", lambda d: _container(d)["readinessProbe"]["httpGet"].update(path="/livez"),
+     check_probes, "readinessProbe path"),
+    ("cpu", lambda d: _container(d)["livenessProbe"]["httpGet"].update(port=8080),
+     check_probes, "is not 3000"),
+    ("cpu", lambda d: _container(d)["securityContext"].update(runAsUser=0), check_security,
+     "runAsUser"),
+    ("cpu", lambda d: (_container(d)["securityContext"].pop("runAsNonRoot"),
+                       _pod(d)["securityContext"].pop("runAsNonRoot")), check_security,
+     "runAsNonRoot"),
+    ("cpu", lambda d: _container(d)["securityContext"].update(readOnlyRootFilesystem=False),
+     check_security, "readOnlyRootFilesystem"),
+    ("cpu", lambda d: _container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+     check_security, "allowPrivilegeEscalation"),
+    ("cpu", lambda d: _container(d)["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+     check_security, "drop ALL"),
+    ("cpu", lambda d: _pod(d).pop("automountServiceAccountToken"), check_security,
+     "automountServiceAccountToken"),
+    ("cpu", lambda d: _pod(d).update(enableServiceLinks=True), check_security, "enableServiceLinks"),
+    ("cpu", lambda d: _container(d)["resources"]["limits"].pop("memory"), check_resources,
+     "memory request and limit"),
+    ("cpu", lambda d: _container(d)["resources"]["requests"].update(cpu="3"), check_resources,
+     "above limit"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_INTRA_OP_THREAD", "2"), check_config, "is not a setting"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_PROVIDERS", "CPUExecutionProvider"), check_config,
+     "do not parse"),
+    ("cpu", lambda d: _container(d)["envFrom"][0]["configMapRef"].update(name="gone"),
+     check_config, "not in the render"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_INTRA_OP_THREADS", "8"), check_threads, "!= CPU limit"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_WORKERS", "2"), check_threads, "!= CPU limit"),
+    ("cpu", lambda d: _config(d, "RAYON_NUM_THREADS", None), check_threads, "RAYON_NUM_THREADS"),
+    ("cpu", lambda d: _container(d).update(volumeMounts=[
+        m for m in _container(d)["volumeMounts"] if m["mountPath"] != "/tmp"]),
+     check_writable_paths, "(/tmp) is not on a writable emptyDir"),
+    ("cpu", lambda d: _container(d)["env"].append({"name": "BENTOML_HOME", "value": "/home/bentoml"}),
+     check_writable_paths, "BENTOML_HOME"),
+    ("gpu", lambda d: _config(d, "EMBEDKIT_TRT_ENGINE_CACHE_DIR", "/opt/trt"),
+     check_writable_paths, "trt_engine_cache_dir"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_REQUIRE_SIGNATURE", "false"), check_signature,
+     "REQUIRE_SIGNATURE"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_TRUSTED_KEYS", '["/etc/elsewhere/k.pub"]'),
+     check_signature, "is not mounted"),
+    ("cpu", lambda d: of_kind(d, "ConfigMap")[0]["data"].update(
+        k="-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n"),
+     check_signature, "private key"),
+    ("cpu", lambda d: _hpa(d, "embedkit")["spec"]["scaleTargetRef"].update(name="embedkit-api"),
+     check_autoscaling, "not a Deployment here"),
+    ("cpu", lambda d: _hpa(d, "embedkit")["spec"].update(metrics=[]), check_autoscaling,
+     "no CPU utilisation"),
+    ("cpu", lambda d: of_kind(d, "Deployment")[0]["spec"].update(replicas=2), check_autoscaling,
+     "sets replicas"),
+    ("cpu", lambda d: of_kind(d, "PodDisruptionBudget")[0]["spec"]["selector"].update(
+        matchLabels={"app": "other"}), check_traffic, "no PodDisruptionBudget"),
+    ("cpu", lambda d: of_kind(d, "Service")[0]["spec"]["ports"][0].update(port=80), check_traffic,
+     "no Service"),
+    ("cpu", lambda d: of_kind(d, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"].pop(
+        "prometheus.io/scrape"), check_metrics_scrape, "prometheus.io/scrape"),
+    ("cpu", lambda d: _config(d, "EMBEDKIT_PROVIDERS", '["CUDAExecutionProvider"]'), check_cpu,
+     "CPU deployment with providers"),
+    ("gpu", lambda d: _container(d)["resources"]["limits"].pop(GPU), check_gpu, "no nvidia.com/gpu"),
+    ("gpu", lambda d: _pod(d).pop("tolerations"), check_gpu, "toleration"),
+    ("gpu", lambda d: _pod(d).pop("nodeSelector"), check_gpu, "nodeSelector"),
+    ("gpu", lambda d: _config(d, "EMBEDKIT_STRICT_PROVIDERS", "false"), check_gpu, "STRICT_PROVIDERS"),
+    ("cpu+canary", lambda d: _hpa(d, "embedkit-canary")["spec"].update(maxReplicas=12),
+     check_canary, "maxReplicas gives 50.0 %"),
+    ("cpu+canary", lambda d: _container(d, "canary").update(image=_container(d)["image"]),
+     check_canary, "runs the stable image"),
+    ("cpu+canary", lambda d: d.remove(next(x for x in of_kind(d, "Deployment")
+                                           if x["metadata"]["labels"][TRACK] == "canary")),
+     check_canary, "one stable and one canary"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "mutate", "check", "expected"),
+    MUTATIONS,
+    ids=[f"{t}-{c.__name__}-{e}" for t, _, c, e in MUTATIONS],
+)
+def test_check_catches_defect(
+    rendered: dict[str, list[Doc]], target: str, mutate: Callable[[list[Doc]], object],
+    check: Check, expected: str,
+) -> None:
+    docs = copy.deepcopy(deployment_sets(rendered)[target])
+    assert check(docs) == [], "the unmutated render must pass"
+    mutate(docs)
+    found = check(docs)
+    assert any(expected in p for p in found), found
+
+
+def test_every_check_has_a_mutation() -> None:
+    covered = {c for _, _, c, _ in MUTATIONS}
+    all_checks = {c for checks in OVERLAY_CHECKS.values() for c in checks}
+    assert all_checks <= covered, sorted(c.__name__ for c in all_checks - covered)
+
+
+def test_strict_schema_rejects_unknown_fields(rendered: dict[str, list[Doc]]) -> None:
+    """Strict mode is what catches a misspelt field; lax mode would let it through."""
+    dep = copy.deepcopy(of_kind(rendered["cpu"], "Deployment")[0])
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
+    kubernetes_validate.validate(dep, K8S_VERSIONS[0], strict=False)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSIONS[0], strict=True)
+
+
+def test_schema_rejects_wrong_types(rendered: dict[str, list[Doc]]) -> None:
+    hpa = copy.deepcopy(of_kind(rendered["cpu"], "HorizontalPodAutoscaler")[0])
+    hpa["spec"]["minReplicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(hpa, K8S_VERSIONS[0], strict=True)
