@@ -1,0 +1,128 @@
+"""BentoML wiring for embedkit (thin: the work lives in embedkit.serving and embedkit.api).
+
+    bentoml serve service:EmbeddingAPI          # from the repo root; see docs/service.md
+
+Two services: ``Embedder`` owns the ONNX Runtime session (the 1.4 successor of a
+runner) and exposes two batchable APIs, bulk and query, each with its own
+adaptive-batching policy from settings; ``EmbeddingAPI`` is the HTTP front:
+it validates, tokenises, routes to a lane through ``bentoml.depends`` (which is
+what makes BentoML batch across requests) and shapes responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from embedkit import api, serving
+from embedkit.errors import EmbedkitError
+from embedkit.settings import get_settings
+
+SETTINGS = get_settings()
+
+
+@bentoml.service(**serving.embedder_config(SETTINGS))
+class Embedder:
+    model = bentoml.models.BentoModel(SETTINGS.model)
+
+    def __init__(self) -> None:
+        self.core = serving.EmbedderCore(serving.load_artifact(type(self).model), SETTINGS)
+
+    @bentoml.on_startup
+    def warm(self) -> None:
+        self.core.warmup()
+
+    def __is_ready__(self) -> bool:
+        return self.core.ready
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.bulk_max_batch_size,
+        max_latency_ms=SETTINGS.bulk_max_latency_ms,
+    )
+    def embed_bulk(self, items: list[serving.Item]) -> np.ndarray:
+        return self.core.embed(items, "bulk")
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.query_max_batch_size,
+        max_latency_ms=SETTINGS.query_max_latency_ms,
+    )
+    def embed_query(self, items: list[serving.Item]) -> np.ndarray:
+        return self.core.embed(items, "query")
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+
+async def _models(_: Request) -> Response:
+    front: serving.Front = bentoml.get_current_service().front
+    return JSONResponse(front.models())
+
+
+async def _info(_: Request) -> Response:
+    svc = bentoml.get_current_service()
+    try:
+        return JSONResponse(await svc.front.info(svc.embedder.to_async))
+    except EmbedkitError as exc:
+        return api.error_response(exc)
+
+
+# GET routes (BentoML APIs are POST-only); EdgeMiddleware covers them too.
+metadata_app = Starlette(routes=[Route("/v1/models", _models), Route("/info", _info)])
+
+
+@bentoml.asgi_app(metadata_app, path="/")
+@bentoml.service(**serving.front_config(SETTINGS))
+class EmbeddingAPI:
+    model = bentoml.models.BentoModel(SETTINGS.model)
+    embedder = bentoml.depends(Embedder)
+
+    def __init__(self) -> None:
+        self.front = serving.Front(serving.load_artifact(type(self).model), SETTINGS)
+
+    @bentoml.on_startup
+    async def start_warmup(self) -> None:
+        # In the background: the Embedder proxy is connected only after startup hooks.
+        import asyncio
+
+        self._warm_task = asyncio.get_running_loop().create_task(
+            self.front.warmup(self.embedder.to_async)
+        )
+
+    def __is_ready__(self) -> bool:
+        return self.front.ready
+
+    @bentoml.api(
+        route="/v1/embeddings", input_spec=api.EmbeddingsRequest, output_spec=api.EmbeddingsResponse
+    )
+    async def embeddings(self, **body: Any) -> Any:
+        """OpenAI-compatible embeddings (one input → query lane, several → bulk lane)."""
+        return await self.front.openai(self.embedder.to_async, body)
+
+    @bentoml.api(route="/embed", input_spec=api.EmbedRequest, output_spec=api.EmbedResponse)
+    async def embed(self, **body: Any) -> Any:
+        """Bulk embedding (throughput-tuned batching)."""
+        return await self.front.native(self.embedder.to_async, body, "bulk")
+
+    @bentoml.api(route="/embed/query", input_spec=api.EmbedRequest, output_spec=api.EmbedResponse)
+    async def embed_query(self, **body: Any) -> Any:
+        """Interactive embedding (latency-tuned batching)."""
+        return await self.front.native(self.embedder.to_async, body, "query")
+
+    @bentoml.api(
+        route="/tokenize", input_spec=api.TokenizeRequest, output_spec=api.TokenizeResponse
+    )
+    async def tokenize(self, **body: Any) -> Any:
+        """Token ids (special tokens included) and counts, as the model sees them."""
+        return await self.front.tokenize(body)
+
+
+EmbeddingAPI.add_asgi_middleware(api.EdgeMiddleware, settings=SETTINGS)

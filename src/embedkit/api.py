@@ -1,0 +1,508 @@
+"""The HTTP edge: request/response schemas, limits, auth and the one error → HTTP mapping.
+
+Nothing here runs a model or knows about BentoML services; ``embedkit.serving``
+drives the pipeline and ``service.py`` wires both into BentoML. Every error a
+client can meet leaves through :func:`error_response` as OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` body — including the
+errors BentoML itself produces (its validation 400s, its empty 5xx bodies),
+which :class:`EdgeMiddleware` rewrites, so the OpenAI client and the native
+routes see one shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from embedkit.engine import check_dimensions
+from embedkit.errors import (
+    EmbedkitError,
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamTimeout,
+)
+from embedkit.settings import Settings
+
+Lane = Literal["query", "bulk"]
+EncodingFormat = Literal["float", "base64"]
+
+# Routes that need an API key (when keys are configured), obey the body limit,
+# count against admission control and answer errors in the OpenAI shape.
+INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/tokenize"})
+METADATA_ROUTES = frozenset({"/v1/models", "/info"})
+PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
+
+
+# --- request schemas -----------------------------------------------------------
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI ``POST /v1/embeddings``. Strict types: ``[1, "a"]`` or ``[true]`` is a 400."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="A text, a list of texts, a list of token ids or a list of token-id lists."
+    )
+    model: StrictStr = Field(description="Served model name (see GET /v1/models).")
+    encoding_format: EncodingFormat = Field(
+        default="float", description="'base64': little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: StrictInt | None = Field(
+        default=None, description="Matryoshka truncation to this many dimensions (re-normalised)."
+    )
+    user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+
+
+class EmbedRequest(BaseModel):
+    """Native ``POST /embed`` and ``POST /embed/query``."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr] = Field(description="Texts to embed; empty strings are allowed.")
+    normalize: bool = Field(
+        default=True, description="L2-normalise (after truncation to `dimensions`)."
+    )
+    truncate: bool = Field(
+        default=True,
+        description="Truncate texts over the model's token limit; false answers 413 instead.",
+    )
+    dimensions: StrictInt | None = Field(
+        default=None, description="Keep only the first n dimensions."
+    )
+    encoding_format: EncodingFormat = Field(
+        default="float",
+        description="'base64': `embeddings` is one base64 string of a row-major "
+        "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
+    )
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: token ids (special tokens included) as the model sees them."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr]
+    truncate: bool = Field(default=True, description="false: texts over the limit answer 413.")
+
+
+# --- response schemas (for the OpenAPI document; bodies are written by hand) ---
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: OpenAIUsage
+
+
+class TokenUsage(BaseModel):
+    tokens: int
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]] | str
+    model: str
+    dimensions: int
+    encoding_format: EncodingFormat = "float"
+    usage: TokenUsage
+
+
+class TokenizeResponse(BaseModel):
+    ids: list[list[int]]
+    counts: list[int]
+    max_length: int
+    usage: TokenUsage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- jobs: a validated request, ready for the Embedder --------------------------
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What the pipeline needs from any embedding route, after validation and tokenisation."""
+
+    ids: list[list[int]]
+    lane: Lane
+    normalize: bool
+    dimensions: int | None
+    encoding: EncodingFormat
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(row) for row in self.ids)
+
+
+def check_count(n: int, settings: Settings, *, param: str) -> None:
+    """Empty → 400; more items than ``max_client_batch`` → 413."""
+    if n == 0:
+        raise InvalidInput(f"{param} must not be empty", param=param)
+    if n > settings.max_client_batch:
+        raise PayloadTooLarge(
+            f"{param} has {n} items, more than the limit of {settings.max_client_batch} per request",
+            param=param,
+        )
+
+
+def check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise ModelNotFound(
+            f"model {requested!r} is not served here; use {served!r} (see GET /v1/models)",
+            param="model",
+        )
+
+
+def openai_job(
+    req: EmbeddingsRequest,
+    tokenizer: Any,
+    settings: Settings,
+    *,
+    served: str,
+    model_dim: int,
+    normalize: bool,
+) -> EmbedJob:
+    """Validate an OpenAI request and tokenise it (truncating, like sentence-transformers).
+
+    Routing: one input goes to the latency-tuned query lane, several to the bulk lane.
+    ``normalize`` is the manifest's (OpenAI has no such parameter).
+    """
+    check_model(req.model, served)
+    check_dimensions(req.dimensions, model_dim)
+    raw = req.input
+    if isinstance(raw, str):
+        raw = [raw]
+    check_count(len(raw), settings, param="input")
+    if isinstance(raw[0], int):  # one token-id list (pydantic guarantees homogeneity)
+        ids = tokenizer.check_ids([raw], truncate=True)
+    elif isinstance(raw[0], list):
+        ids = tokenizer.check_ids(raw, truncate=True)
+    else:
+        ids = tokenizer.encode(raw, truncate=True)
+    return EmbedJob(
+        ids=ids,
+        lane="query" if len(ids) == 1 else "bulk",
+        normalize=normalize,
+        dimensions=req.dimensions,
+        encoding=req.encoding_format,
+    )
+
+
+def native_job(
+    req: EmbedRequest, tokenizer: Any, settings: Settings, *, lane: Lane, model_dim: int
+) -> EmbedJob:
+    check_dimensions(req.dimensions, model_dim)
+    check_count(len(req.texts), settings, param="texts")
+    ids = tokenizer.encode(req.texts, truncate=req.truncate)
+    return EmbedJob(
+        ids=ids,
+        lane=lane,
+        normalize=req.normalize,
+        dimensions=req.dimensions,
+        encoding=req.encoding_format,
+    )
+
+
+# --- response bodies ---------------------------------------------------------------
+
+
+def encode_base64(vectors: np.ndarray) -> str:
+    """Little-endian float32 bytes, base64 (what OpenAI's ``encoding_format=base64`` returns)."""
+    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_base64(data: str, dim: int) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dim)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+    if job.encoding == "base64":
+        items: Sequence[Any] = [encode_base64(row) for row in vectors]
+    else:
+        items = vectors.tolist()
+    tokens = job.tokens
+    return dumps(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def native_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+    embeddings: Any = encode_base64(vectors) if job.encoding == "base64" else vectors.tolist()
+    return dumps(
+        {
+            "embeddings": embeddings,
+            "model": model,
+            "dimensions": int(vectors.shape[1]),
+            "encoding_format": job.encoding,
+            "usage": {"tokens": job.tokens},
+        }
+    )
+
+
+def tokenize_body(ids: list[list[int]], max_length: int) -> bytes:
+    counts = [len(row) for row in ids]
+    return dumps(
+        {"ids": ids, "counts": counts, "max_length": max_length, "usage": {"tokens": sum(counts)}}
+    )
+
+
+# --- errors → HTTP (the one place) -------------------------------------------------
+
+INTERNAL_MESSAGE = "internal error while embedding; the server log has details"
+
+
+def error_status_body(exc: EmbedkitError) -> tuple[int, bytes, dict[str, str]]:
+    """Status, OpenAI-shaped JSON body and headers for an error. 5xx messages stay generic
+    for unexpected failures (no stack trace or internal detail ever leaves)."""
+    headers = {"content-type": "application/json"}
+    if isinstance(exc, Overloaded):
+        headers["retry-after"] = str(max(1, exc.retry_after_s))
+    return exc.status, dumps(exc.to_openai()), headers
+
+
+def error_response(exc: EmbedkitError) -> Any:
+    from starlette.responses import Response
+
+    _count_rejection(exc)
+    status, body, headers = error_status_body(exc)
+    return Response(body, status_code=status, headers=headers)
+
+
+def translate_upstream(exc: BaseException) -> EmbedkitError:
+    """An exception from the call to the Embedder → one of ours (never leaks its text).
+
+    BentoML's dispatcher sheds load with 503 when a batch cannot meet its deadline:
+    that is a full queue, so the client gets 429 + Retry-After.
+    """
+    import asyncio
+
+    if isinstance(exc, EmbedkitError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return UpstreamTimeout("the model did not answer in time; retry later")
+    status = getattr(getattr(exc, "error_code", None), "value", None)
+    if status in (429, 503):
+        return Overloaded("the model queue is full; retry after the indicated delay")
+    if status == 504:
+        return UpstreamTimeout("the model did not answer in time; retry later")
+    return InferenceError(INTERNAL_MESSAGE)
+
+
+def foreign_error(status: int, body: bytes) -> EmbedkitError:
+    """BentoML's own error body (validation 400, empty 5xx, 429/504 middlewares) → ours."""
+    message = ""
+    try:
+        data = json.loads(body) if body else None
+        if isinstance(data, list) and data:
+            data = data[0]
+        if isinstance(data, dict):
+            detail = data.get("detail")
+            if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+                first = detail[0]
+                loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+                message = (
+                    f"{loc}: {first.get('msg', 'invalid value')}" if loc else str(first.get("msg"))
+                )
+            elif isinstance(data.get("error"), str):
+                message = data["error"]
+    except ValueError:
+        message = ""
+    if status == 400:
+        if not message or message.startswith("Invalid JSON"):
+            message = message or "request body is not valid JSON for this route"
+        return InvalidInput(f"invalid request: {message}".replace("\n", " "))
+    if status == 413:
+        return PayloadTooLarge(message or "request too large")
+    if status == 429:
+        return Overloaded("too many requests in flight; retry later")
+    if status == 503:
+        return NotReady("the service is not ready or overloaded; retry later")
+    if status == 504:
+        return UpstreamTimeout("the request timed out")
+    if status == 415:
+        return InvalidInput("unsupported Content-Type; send application/json")
+    if 400 <= status < 500:
+        err = InvalidInput(message or "invalid request")
+        err.status = status
+        return err
+    return InferenceError(INTERNAL_MESSAGE)
+
+
+def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
+    """Bearer-token check; no keys configured means auth is off."""
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise Unauthorized("invalid API key")
+
+
+# --- the edge middleware -----------------------------------------------------------
+
+
+class EdgeMiddleware:
+    """ASGI middleware on the front service, for our routes only.
+
+    In order: auth, body-size limit (Content-Length first, then counted while
+    reading, so a huge body is never buffered), admission control (in-flight
+    requests per worker above ``max_concurrency`` → 429 + Retry-After), and the
+    rewrite of any non-OpenAI error body into ours. BentoML's own concurrency and
+    timeout middlewares sit outside this one and answer in their own shape, so
+    service.py sets their limits above ours.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        try:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            check_auth(headers.get("authorization"), self.settings.api_keys)
+            if scope["method"] == "POST":
+                receive = await self._bounded_body(headers, receive)
+            if self.in_flight >= self.settings.max_concurrency:
+                raise Overloaded(
+                    f"more than {self.settings.max_concurrency} requests in flight; retry later"
+                )
+        except EmbedkitError as exc:
+            await self._send_error(send, exc)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, _ErrorRewriter(send, self._send_error))
+        finally:
+            self.in_flight -= 1
+
+    async def _bounded_body(self, headers: dict[str, str], receive: Any) -> Any:
+        limit = self.settings.max_body_bytes
+        too_large = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _send_error(self, send: Any, exc: EmbedkitError) -> None:
+        _count_rejection(exc)
+        status, body, headers = error_status_body(exc)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _count_rejection(exc: EmbedkitError) -> None:
+    from embedkit import metrics
+
+    metrics.get().rejected_requests.labels(reason=exc.code or exc.type).inc()
+
+
+class _ErrorRewriter:
+    """Wraps ``send``: error responses whose body is not already ours are rewritten."""
+
+    def __init__(self, send: Any, send_error: Any) -> None:
+        self.send = send
+        self.send_error = send_error
+        self.start: dict[str, Any] | None = None
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                await self.send(message)
+                return
+            self.start = message
+            return
+        if self.start is None or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        status, body = self.start["status"], b"".join(self.chunks)
+        if _is_ours(body):
+            await self.send(self.start)
+            await self.send({"type": "http.response.body", "body": body})
+        else:
+            await self.send_error(self.send, foreign_error(status, body))
+
+
+def _is_ours(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return (
+        isinstance(data, dict) and isinstance(data.get("error"), dict) and "type" in data["error"]
+    )
