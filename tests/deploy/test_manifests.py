@@ -510,6 +510,24 @@ def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) ->
     assert targets == {"embedkit": "embedkit", "embedkit-canary": "embedkit-canary"}
 
 
+def test_promote_edit_makes_the_candidate_stable(
+    rendered: dict[str, list[Doc]], tmp_path: Path
+) -> None:
+    """Promote = the cpu overlay's tag set to the candidate's (what `kustomize edit set
+    image` writes); the result must still pass every check and run the candidate image."""
+    candidate = _container(rendered["canary"], "canary")["image"]
+    tree = tmp_path / "k8s"
+    shutil.copytree(K8S, tree)
+    kfile = tree / "overlays" / "cpu" / "kustomization.yaml"
+    kustomization = yaml.safe_load(kfile.read_text())
+    (entry,) = [i for i in kustomization["images"] if i["name"] == "embedkit"]
+    entry["newName"], _, entry["newTag"] = candidate.rpartition(":")
+    kfile.write_text(yaml.safe_dump(kustomization))
+    promoted = render(tree / "overlays" / "cpu")
+    assert _container(promoted)["image"] == candidate
+    assert problems_in(promoted, OVERLAY_CHECKS["cpu"]) == []
+
+
 # --- tests: every check catches the defect it exists for --------------------------------
 
 
