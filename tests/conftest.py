@@ -119,6 +119,7 @@ def build_tiny_st_model(
         from sentence_transformers.models import Dense
 
         dense = Dense(32, dense_out, activation_function=torch.nn.Tanh())
+        (directory / "2_Dense").mkdir()
         dense.save(str(directory / "2_Dense"))
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if normalize:

@@ -41,11 +41,11 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except EmbedkitError as exc:
-            err.print(f"error: {exc.message}", markup=False, highlight=False)
+            err.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
-            err.print(f"error:{where}: {exc.strerror or exc}", markup=False, highlight=False)
+            err.print(f"error:{where}: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")

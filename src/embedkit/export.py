@@ -80,8 +80,8 @@ def _pad_token(model_dir: Path, tokenizer: Any) -> tuple[str, int]:
     raise ModelSourceError(f"{model_dir}: the tokenizer defines no padding token")
 
 
-def _keep_pooled_output(onnx_path: Path) -> list[str]:
-    """Drop every graph output but the pooled embedding; return the input names."""
+def _keep_pooled_output(onnx_path: Path, dimension: int) -> list[str]:
+    """Keep only the pooled embedding output, typed ``[batch_size, dimension]``; return inputs."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -91,6 +91,8 @@ def _keep_pooled_output(onnx_path: Path) -> list[str]:
     for out in list(model.graph.output):
         if out.name != OUTPUT_NAME:
             model.graph.output.remove(out)
+        else:  # the exporter leaves the width symbolic; it is a fact of the model
+            out.type.tensor_type.shape.dim[1].dim_value = dimension
     onnx.checker.check_model(model)
     onnx.save(model, str(onnx_path))
     return [i.name for i in model.graph.input]
@@ -151,7 +153,7 @@ def export(
         artifact_dir = staging / "artifact"
         artifact_dir.mkdir()
         shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
-        inputs = _keep_pooled_output(artifact_dir / MODEL_FILE)
+        inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.dimension)
 
         say("writing tokenizer and manifest")
         from tokenizers import Tokenizer

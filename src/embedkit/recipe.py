@@ -141,7 +141,10 @@ def find_recipe(name_or_path: str | None) -> Recipe:
         recipe = Recipe.load(candidate)
         if name_or_path in {recipe.name, candidate.stem, recipe.model_id}:
             return recipe
-    if "/" in name_or_path and not path.exists():
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+    if "/" in name_or_path and looks_local:
+        raise ModelSourceError(f"model directory {name_or_path} does not exist")
+    if "/" in name_or_path:  # org/name: a hub id (needs the network)
         name = re.sub(r"[^a-z0-9._-]+", "-", name_or_path.split("/")[-1].lower())
         return Recipe(name=name, model_id=name_or_path, source=Source(hub_id=name_or_path))
     raise ModelSourceError(

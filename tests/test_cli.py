@@ -1,0 +1,125 @@
+"""The CLI: real commands, one-line errors, non-zero exits, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedkit.artifact import Artifact
+from embedkit.cli import app
+from embedkit.engine import Engine
+from embedkit.settings import Settings
+
+runner = CliRunner()
+
+
+def run(*args: str, input: str | None = None):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args), input=input)
+
+
+def assert_one_line_error(result, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr  # progress lines may precede it; the error is one line
+    assert result.stderr.rstrip().endswith(errors[0])
+    assert "Traceback" not in result.output + result.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def test_export_missing_model_dir(tmp_path: Path) -> None:
+    result = run("export", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "nope")
+
+
+def test_export_not_a_sentence_transformers_dir(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    result = run("export", "--model", str(tmp_path / "plain"), "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "not a sentence-transformers model")
+
+
+def test_export_unsupported_pooling(tmp_path: Path, default_model_dir: Path) -> None:
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(default_model_dir, src)
+    cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
+    cfg.update(pooling_mode_mean_tokens=False, pooling_mode_lasttoken=True)
+    (src / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    result = run("export", "--model", str(src), "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, "lasttoken", "not supported")
+
+
+def test_encode_matches_engine_in_input_order(fp32_artifact: Artifact) -> None:
+    texts = ["first line", "", "second, longer line with more tokens", "日本語"]
+    result = run("encode", "--model", str(fp32_artifact.path), input="\n".join(texts) + "\n")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 4
+    expected = Engine(fp32_artifact, Settings(providers=["CPUExecutionProvider"])).encode(texts)
+    np.testing.assert_allclose(np.array(rows), expected, atol=1e-6)
+
+
+def test_encode_from_file_with_dimensions(fp32_artifact: Artifact, tmp_path: Path) -> None:
+    file = tmp_path / "in.txt"
+    file.write_text("alpha\nbeta\n")
+    result = run("encode", "--model", str(fp32_artifact.path), str(file), "--dimensions", "64")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [len(r) for r in rows] == [64, 64]
+    assert np.linalg.norm(rows[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_encode_bad_inputs(fp32_artifact: Artifact, tmp_path: Path) -> None:
+    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), str(tmp_path / "missing.txt")),
+                          "missing.txt")
+    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), str(tmp_path)), "directory")
+    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--dimensions", "0",
+                              input="x\n"), "dimensions")
+    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--no-truncate",
+                              input="word " * 600 + "\n"), "tokens")
+    assert_one_line_error(run("encode", "--model", str(tmp_path / "nothing")), "nothing")
+
+
+def test_info_prints_the_manifest(fp32_artifact: Artifact) -> None:
+    result = run("info", str(fp32_artifact.path))
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_info_refuses_a_tampered_artifact(artifact_copy: Path) -> None:
+    data = bytearray((artifact_copy / "model.onnx").read_bytes())
+    data[1000] ^= 0xFF
+    (artifact_copy / "model.onnx").write_bytes(bytes(data))
+    assert_one_line_error(run("info", str(artifact_copy)), "model.onnx", "checksum")
+
+
+def test_release_registers_a_verified_model(tmp_path: Path) -> None:
+    """export → validate (contract + parity) → register, through the real CLI process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedkit.cli", "release", "--workdir", str(tmp_path), "--limit", "60"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = proc.stdout.strip().splitlines()[-1]
+    assert tag.startswith("all-minilm-l6-v2:")
+    shown = subprocess.run(
+        [sys.executable, "-m", "bentoml", "models", "get", tag, "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    meta = json.loads(shown)["metadata"]
+    assert meta["parity_passed"] is True
+    assert meta["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "toolchain.onnxruntime" in meta and meta["opset"] >= 17
+    info = run("info", tag)
+    assert info.exit_code == 0
+    manifest = json.loads(info.stdout.split("records:")[0])
+    assert manifest["parity"]["passed"] is True
+    assert all(seg["passed"] for seg in manifest["parity"]["segments"].values())
+    assert "edge/long_256" in manifest["parity"]["segments"]
