@@ -1,0 +1,150 @@
+"""Variant builders: fused FP32 parity, dynamic/static INT8 manifests, FP16 structure."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from embedkit import quantize
+from embedkit.artifact import Artifact
+from embedkit.errors import ArtifactError, InvalidInput
+from embedkit.quality import load_encoder, read_stsb
+
+FP32_DIR = Path("/tmp/embedkit-art/minilm-fp32")  # TODO(lead): switch to conftest's fp32_artifact
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def fp32() -> Artifact:
+    if not FP32_DIR.is_dir():
+        pytest.skip(f"no fp32 artifact at {FP32_DIR}")
+    return Artifact.load(FP32_DIR)
+
+
+@pytest.fixture(scope="module")
+def sentences() -> list[str]:
+    rows = read_stsb(DATA / "stsbenchmark" / "sts-test.csv")
+    return [t for r in rows[::20] for t in (r[3], r[4])]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
+
+
+# --- ISA and presets ---------------------------------------------------------------------
+
+AVX2_ONLY = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+AVX512_VNNI = "flags\t: fpu avx avx2 avx512f avx512bw avx512_vnni\n"
+
+
+def test_detect_isa_parses_flags() -> None:
+    assert quantize.detect_isa(AVX2_ONLY).level == "avx2"
+    isa = quantize.detect_isa(AVX512_VNNI)
+    assert isa.vnni and isa.avx512f and isa.level == "avx512-vnni"
+    assert quantize.detect_isa("flags : avx avx2 avx_vnni\n").level == "avx2-vnni"
+    assert quantize.detect_isa("flags : avx2 amx_tile amx_int8\n").amx
+    assert quantize.detect_isa("").level == "generic"
+    assert quantize.detect_isa().to_dict()["level"]  # this machine parses
+
+
+def test_presets_follow_isa() -> None:
+    no_vnni = quantize.candidate_presets(quantize.detect_isa(AVX2_ONLY))
+    vnni = quantize.candidate_presets(quantize.detect_isa(AVX512_VNNI))
+    assert all(p["reduce_range"] for p in no_vnni.values() if "int8" in p["kind"])
+    assert not any(p["reduce_range"] for p in vnni.values() if "int8" in p["kind"])
+    assert "fused-fp32" in vnni and "fp16" not in vnni
+    assert set(quantize.candidate_presets(gpu=True)) == {"fused-fp32", "fp16"}
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def test_fused_fp32_keeps_parity(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
+    fused = quantize.build_variant(fp32, "fused-fp32", tmp_path / "fused")
+    q = fused.manifest.quantization
+    assert q.mode == "fused-fp32" and q.settings["fusions"]["Attention"] == 6
+    assert fused.manifest.parent and fused.manifest.parent.startswith("manifest-sha256:")
+    assert fused.manifest.parity is None and fused.manifest.toolchain["onnxruntime"]
+    Artifact.load(fused.path)  # checksums hold
+    base = load_encoder(fp32).encode(sentences)
+    got = load_encoder(fused).encode(sentences)
+    assert np.abs(got - base).max() < 1e-4
+    assert _cos(got, base).min() > 0.99999
+
+
+def test_dynamic_int8_records_choices(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
+    art = quantize.build_variant(
+        fp32, "dynamic-int8", tmp_path / "dyn", weight_type="s8", per_channel=True,
+        exclude=list(quantize.SENSITIVE_NODES),
+    )
+    s = art.manifest.quantization.settings
+    assert art.manifest.quantization.mode == "dynamic-int8"
+    assert s["weight_type"] == "s8" and s["per_channel"] and not s["reduce_range"]
+    assert s["op_types"] == ["MatMul"] and s["excluded_nodes"] == 1
+    assert s["isa"]["level"] == quantize.detect_isa().level
+    assert art.model_path.stat().st_size < 0.8 * fp32.model_path.stat().st_size
+    cos = _cos(load_encoder(art).encode(sentences), load_encoder(fp32).encode(sentences))
+    assert cos.min() > 0.98
+
+
+def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path) -> None:
+    calib = DATA / "stsbenchmark" / "sts-train.csv"
+    art = quantize.build_variant(fp32, "static-int8", tmp_path / "static", calibration=calib,
+                                 size=32, method="minmax")
+    s = art.manifest.quantization.settings
+    assert s["format"] == "QDQ" and s["method"] == "minmax"
+    assert s["calibration"]["size"] == 32
+    assert s["calibration"]["sha256"] == quantize.sha256_file(calib)
+    vec = load_encoder(art).encode(["A man is playing a guitar."])
+    assert vec.shape == (1, 384) and np.isfinite(vec).all()
+
+
+def test_fp16_structure(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
+    art = quantize.build_variant(fp32, "fp16", tmp_path / "fp16")
+    info = quantize.check_fp16_structure(art)
+    assert info["fp16_weight_share"] > 0.95
+    import onnx
+
+    model = onnx.load(str(art.model_path))
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.INT64}
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # ORT 1.32's CPU provider runs this graph (measured); when it does, it must be close.
+    got = load_encoder(art).encode(sentences[:16])
+    assert _cos(got, load_encoder(fp32).encode(sentences[:16])).min() > 0.999
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+def test_bad_requests_raise_specific_errors(fp32: Artifact, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="unknown variant kind"):
+        quantize.build_variant(fp32, "int3", tmp_path / "x")
+    with pytest.raises(InvalidInput, match="unknown option"):
+        quantize.build_variant(fp32, "fused-fp32", tmp_path / "x", weight_type="s8")
+    with pytest.raises(InvalidInput, match="weight_type"):
+        quantize.build_variant(fp32, "dynamic-int8", tmp_path / "x", weight_type="s4")
+    with pytest.raises(InvalidInput, match="matches no node"):
+        quantize.build_variant(fp32, "dynamic-int8", tmp_path / "x", exclude=["nope"])
+    with pytest.raises(InvalidInput, match="calibration method"):
+        quantize.build_variant(fp32, "static-int8", tmp_path / "x", method="magic")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").write_text("x")
+    with pytest.raises(ArtifactError, match="not empty"):
+        quantize.build_variant(fp32, "fused-fp32", busy)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_variant_of_a_variant_is_refused(fp32: Artifact, tmp_path: Path) -> None:
+    fused = quantize.build_variant(fp32, "fused-fp32", tmp_path / "fused")
+    with pytest.raises(InvalidInput, match="already 'fused-fp32'"):
+        quantize.build_variant(fused, "dynamic-int8", tmp_path / "dyn")
+    assert json.loads((fused.path / "manifest.json").read_text())["quantization"]["mode"] == "fused-fp32"
