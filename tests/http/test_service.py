@@ -1,0 +1,253 @@
+"""The real service over HTTP: every route, the OpenAI client, the error table,
+parity with the in-process engine, batching seen in /metrics, >100 in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from embedkit.api import decode_base64
+
+pytestmark = pytest.mark.slow
+
+MODEL = "all-minilm-l6-v2"
+DIM = 384
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir: Path) -> list[str]:
+    out: list[str] = []
+    for line in (data_dir / "stsbenchmark" / "sts-test.csv").read_text().splitlines()[:40]:
+        fields = line.rstrip("\n").split("\t")
+        out.extend(fields[5:7])
+    return [*out, "", "word " * 400]  # an empty string and one over the 256-token limit
+
+
+@pytest.fixture(scope="module")
+def engine(fp32_artifact):  # type: ignore[no-untyped-def]
+    from embedkit.engine import Engine
+
+    return Engine(fp32_artifact)
+
+
+def post(server, path: str, body: object = None, **kw) -> httpx.Response:  # type: ignore[no-untyped-def]
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def assert_parity(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() >= 0.99999, cos.min()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+# --- routes --------------------------------------------------------------------------
+
+
+def test_probes_and_metrics_are_open(server) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert httpx.get(server.url + path, timeout=10).status_code == 200
+
+
+def test_models_lists_the_served_name(server) -> None:  # type: ignore[no-untyped-def]
+    body = httpx.get(server.url + "/v1/models", timeout=10).json()
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == MODEL and body["data"][0]["object"] == "model"
+
+
+def test_info_reports_model_provider_policy_limits(server) -> None:  # type: ignore[no-untyped-def]
+    info = httpx.get(server.url + "/info", timeout=10).json()
+    assert info["tag"] == server.tag
+    assert info["manifest"]["dimension"] == DIM
+    assert info["provider"]["active"][0] == "CPUExecutionProvider"
+    assert set(info["batching"]) == {"bulk", "query"}
+    assert info["batching"]["query"]["max_batch_size"] >= 2
+    assert info["limits"]["max_client_batch"] >= 1 and info["auth"] is False
+
+
+def test_tokenize_counts_special_tokens(server, engine) -> None:  # type: ignore[no-untyped-def]
+    body = post(server, "/tokenize", {"texts": ["hello world", ""]}).json()
+    assert body["ids"] == engine.tokenizer.encode(["hello world", ""])
+    assert body["counts"] == [4, 2] and body["usage"]["tokens"] == 6
+
+
+def test_embed_routes_match_in_process_engine(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+    want = engine.encode(texts)
+    for path in ("/embed", "/embed/query"):
+        body = post(server, path, {"texts": texts}).json()
+        assert body["model"] == MODEL and body["dimensions"] == DIM
+        assert body["usage"]["tokens"] == sum(len(r) for r in engine.tokenizer.encode(texts))
+        assert_parity(np.array(body["embeddings"], dtype=np.float32), want)
+
+
+def test_embed_base64_dimensions_and_raw(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+    body = post(server, "/embed", {"texts": texts[:8], "encoding_format": "base64",
+                                   "dimensions": 64, "normalize": False}).json()
+    got = decode_base64(body["embeddings"], 64)
+    assert body["dimensions"] == 64
+    assert_parity(got, engine.encode(texts[:8], dimensions=64, normalize=False))
+
+
+def test_openai_client_unchanged(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    batch = client.embeddings.create(model=MODEL, input=texts[:16])  # default: base64 on the wire
+    assert [d.index for d in batch.data] == list(range(16))
+    assert_parity(np.array([d.embedding for d in batch.data], dtype=np.float32),
+                  engine.encode(texts[:16]))
+    n_tokens = sum(len(r) for r in engine.tokenizer.encode(texts[:16]))
+    assert batch.usage.prompt_tokens == batch.usage.total_tokens == n_tokens
+    one = client.embeddings.create(model=MODEL, input=texts[0], dimensions=32,
+                                   encoding_format="float")
+    assert_parity(np.array([one.data[0].embedding], dtype=np.float32),
+                  engine.encode(texts[:1], dimensions=32))
+    ids = engine.tokenizer.encode(texts[:2])
+    content = [row[1:-1] for row in ids]  # OpenAI token input carries no special tokens
+    by_ids = client.embeddings.create(model=MODEL, input=content)
+    assert_parity(np.array([d.embedding for d in by_ids.data], dtype=np.float32),
+                  engine.encode(texts[:2]))
+    single_ids = client.embeddings.create(model=MODEL, input=content[0])
+    assert len(single_ids.data) == 1
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.embeddings.create(model="gpt-nope", input="x")
+
+
+# --- the error table -------------------------------------------------------------------
+
+TOO_MANY = {"texts": [""] * 2049}
+ERRORS = [
+    # (path, body, status, code, param)
+    ("/v1/embeddings", b"{not json", 400, "invalid_input", None),
+    ("/embed", b"[1, 2", 400, "invalid_input", None),
+    ("/v1/embeddings", {"model": MODEL, "input": [1, "a"]}, 400, "invalid_input", None),
+    ("/v1/embeddings", {"model": MODEL, "input": [True]}, 400, "invalid_input", None),
+    ("/v1/embeddings", {"input": "x"}, 400, "invalid_input", None),
+    ("/embed", {"texts": "just a string"}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a", None]}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "normalise": True}, 400, "invalid_input", None),
+    ("/v1/embeddings", {"model": MODEL, "input": []}, 400, "invalid_input", "input"),
+    ("/v1/embeddings", {"model": MODEL, "input": [[]]}, 400, "invalid_input", "input"),
+    ("/v1/embeddings", {"model": MODEL, "input": [10**9]}, 400, "invalid_input", "input"),
+    ("/embed", {"texts": []}, 400, "invalid_input", "texts"),
+    ("/embed/query", {"texts": []}, 400, "invalid_input", "texts"),
+    ("/tokenize", {"texts": []}, 400, "invalid_input", "texts"),
+    ("/embed", TOO_MANY, 413, "payload_too_large", "texts"),
+    ("/v1/embeddings", {"model": MODEL, "input": [""] * 2049}, 413, "payload_too_large", "input"),
+    ("/embed", {"texts": ["ok", "word " * 400], "truncate": False}, 413, "input_too_long", "input"),
+    ("/embed", {"texts": ["a"], "dimensions": 0}, 422, "invalid_dimensions", "dimensions"),
+    ("/embed/query", {"texts": ["a"], "dimensions": 385}, 422, "invalid_dimensions", "dimensions"),
+    ("/v1/embeddings", {"model": MODEL, "input": "a", "dimensions": 999}, 422,
+     "invalid_dimensions", "dimensions"),
+    ("/v1/embeddings", {"model": "other", "input": "a"}, 404, "model_not_found", "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code", "param"), ERRORS)
+def test_error_table(server, path, body, status, code, param) -> None:  # type: ignore[no-untyped-def]
+    if isinstance(body, bytes):
+        r = httpx.post(server.url + path, content=body, timeout=30,
+                       headers={"content-type": "application/json"})
+    else:
+        r = post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["param"] == param
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert "\n" not in err["message"] and "Traceback" not in err["message"]
+
+
+def test_too_long_names_the_item(server) -> None:  # type: ignore[no-untyped-def]
+    r = post(server, "/embed", {"texts": ["ok", "word " * 400], "truncate": False})
+    assert "input[1]" in r.json()["error"]["message"]
+
+
+def test_body_over_limit_is_413_before_parsing(server) -> None:  # type: ignore[no-untyped-def]
+    big = b'{"texts": ["' + b"a" * (8 * 1024 * 1024) + b'"]}'
+    r = httpx.post(server.url + "/embed", content=big, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_empty_strings_embed(server, engine) -> None:  # type: ignore[no-untyped-def]
+    body = post(server, "/embed", {"texts": ["", ""]}).json()
+    assert_parity(np.array(body["embeddings"], dtype=np.float32), engine.encode(["", ""]))
+
+
+# --- batching and concurrency ----------------------------------------------------------
+
+_HIST = re.compile(
+    r'^bentoml_service_adaptive_batch_size_(bucket|count)\{(?P<labels>[^}]*)\} (?P<value>\S+)$'
+)
+
+
+def batch_stats(metrics: str, method: str) -> tuple[float, float]:
+    """(batches, batches of size 1) observed so far for the Embedder's ``method``."""
+    total = ones = 0.0
+    for line in metrics.splitlines():
+        m = _HIST.match(line)
+        if not m or f'method_name="{method}"' not in m["labels"]:
+            continue
+        if m.group(1) == "count":
+            total += float(m["value"])
+        elif 'le="1.0"' in m["labels"]:
+            ones += float(m["value"])
+    return total, ones
+
+
+async def _burst(url: str, path: str, bodies: list[object]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(client.post(url + path, json=b) for b in bodies))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "method"),
+    [
+        ("/embed/query", {"texts": ["a short query"]}, "embed_query"),
+        ("/embed", {"texts": ["first text", "second text"]}, "embed_bulk"),
+        ("/v1/embeddings", {"model": MODEL, "input": "one text"}, "embed_query"),
+        ("/v1/embeddings", {"model": MODEL, "input": ["one", "two"]}, "embed_bulk"),
+    ],
+)
+def test_concurrent_requests_are_batched(server, path, body, method) -> None:  # type: ignore[no-untyped-def]
+    before = batch_stats(server.metrics(), method)
+    responses = asyncio.run(_burst(server.url, path, [body] * 48))
+    assert all(r.status_code == 200 for r in responses)
+    total, ones = (a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True))
+    assert 0 < total < 48, "requests were not merged into fewer batches"
+    assert ones < total, "every batch held a single request"
+
+
+def test_more_than_100_requests_in_flight(server, engine) -> None:  # type: ignore[no-untyped-def]
+    """Regression: BentoML 1.4.40's inter-service client failed beyond 100 in flight."""
+    bodies = [{"texts": [f"request number {i}"]} for i in range(150)]
+    responses = asyncio.run(_burst(server.url, "/embed/query", bodies))
+    assert [r.status_code for r in responses] == [200] * 150
+    got = np.array([r.json()["embeddings"][0] for r in responses], dtype=np.float32)
+    assert_parity(got, engine.encode([b["texts"][0] for b in bodies]))
+
+
+def test_our_metrics_are_exported(server) -> None:  # type: ignore[no-untyped-def]
+    text = server.metrics()
+    for name in (
+        "embedkit_texts_embedded_total", "embedkit_tokens_embedded_total",
+        "embedkit_padding_ratio_bucket", "embedkit_sub_batch_size_bucket",
+        "embedkit_sub_batch_tokens_bucket", "embedkit_queue_wait_seconds_bucket",
+        "embedkit_inference_seconds_bucket", "embedkit_rejected_requests_total",
+    ):
+        assert name in text, name
+    assert re.search(r'embedkit_texts_embedded_total\{route="/embed"\} [1-9]', text)
+    assert re.search(r'embedkit_rejected_requests_total\{reason="invalid_input"\} [1-9]', text)
+
+
+def test_openapi_document_lists_post_routes(server) -> None:  # type: ignore[no-untyped-def]
+    paths = httpx.get(server.url + "/docs.json", timeout=10).json()["paths"]
+    for route in ("/v1/embeddings", "/embed", "/embed/query", "/tokenize"):
+        assert "post" in paths[route]
