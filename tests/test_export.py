@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from tests.conftest import build_tiny_st_model
 
 from embedkit.artifact import Artifact
 from embedkit.contract import check_parity
@@ -16,7 +17,6 @@ from embedkit.errors import ArtifactError, ModelSourceError
 from embedkit.export import export, load_reference
 from embedkit.recipe import Recipe, Source
 from embedkit.settings import Settings
-from tests.conftest import build_tiny_st_model
 
 CPU = Settings(providers=["CPUExecutionProvider"], intra_op_threads=1)
 TEXTS = ["a short text", "", "a somewhat longer sentence with more word pieces in it", "CJK 自然言語"]

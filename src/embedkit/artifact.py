@@ -19,11 +19,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from embedkit import signing
 from embedkit.errors import ArtifactError, ChecksumMismatch
 from embedkit.recipe import EmbeddingConfig
+from embedkit.signing import Trust
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
+MANIFEST = signing.MANIFEST
+SIGNATURE = signing.SIGNATURE
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
@@ -151,12 +153,21 @@ class Artifact:
             raise ArtifactError(f"{file} is not a valid manifest: {exc.errors()[0]['msg']}") from exc
 
     @classmethod
-    def load(cls, path: Path, *, verify: bool = True, tag: str | None = None) -> Artifact:
-        """Read the manifest and (by default) check every file's sha256."""
+    def load(
+        cls, path: Path, *, verify: bool = True, tag: str | None = None, trust: Trust | None = None
+    ) -> Artifact:
+        """Read the manifest and (by default) check every file's sha256.
+
+        The signature is checked when the trust policy (by default the
+        settings' ``require_signature``/``trusted_keys``) requires it.
+        """
         manifest = cls.read_manifest(path)
         artifact = cls(Path(path), manifest, tag)
         if verify:
             artifact.verify()
+            trust = trust or Trust.from_settings()
+            if trust.require_signature:
+                signing.verify(artifact.path, trust.trusted_keys)
         return artifact
 
     def verify(self) -> None:
@@ -186,6 +197,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 
 def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
     """Checksum every file in ``directory`` and write its manifest."""
+    (Path(directory) / SIGNATURE).unlink(missing_ok=True)  # a new manifest voids an old signature
     files = sha256_tree(directory, exclude={MANIFEST, SIGNATURE})
     manifest = Manifest.model_validate({**manifest_fields, "files": files})
     write_manifest(directory, manifest)
@@ -233,15 +245,15 @@ def register(artifact: Artifact, *, labels: dict[str, str] | None = None) -> str
             else:
                 shutil.copy2(item, dest / item.name)
     tag = str(model.tag)
-    Artifact.load(Path(model.path), tag=tag)  # the stored copy must verify too
+    Artifact.load(Path(model.path), tag=tag, trust=Trust())  # the stored copy must verify too
     return tag
 
 
-def resolve(tag_or_dir: str | Path, *, verify: bool = True) -> Artifact:
-    """An artifact from a directory or a BentoML model tag, checksums verified."""
+def resolve(tag_or_dir: str | Path, *, verify: bool = True, trust: Trust | None = None) -> Artifact:
+    """An artifact from a directory or a BentoML model tag, checksums (and signature) verified."""
     path = Path(tag_or_dir)
     if path.is_dir():
-        return Artifact.load(path, verify=verify)
+        return Artifact.load(path, verify=verify, trust=trust)
     import bentoml
     from bentoml.exceptions import BentoMLException, NotFound
 
@@ -254,7 +266,7 @@ def resolve(tag_or_dir: str | Path, *, verify: bool = True) -> Artifact:
         ) from exc
     except (BentoMLException, ValueError) as exc:
         raise ArtifactError(f"{str(tag_or_dir)!r} is not a valid model tag: {exc}") from exc
-    return Artifact.load(Path(model.path), verify=verify, tag=str(model.tag))
+    return Artifact.load(Path(model.path), verify=verify, tag=str(model.tag), trust=trust)
 
 
 def manifest_json(artifact: Artifact) -> str:

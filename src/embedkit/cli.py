@@ -159,15 +159,51 @@ def release_cmd(
     limit: Annotated[
         int | None, typer.Option(help="At most this many STS sentences per genre in parity.")
     ] = None,
+    sign: Annotated[
+        Path | None, typer.Option(help="Ed25519 private key (PEM) to sign the manifest with.")
+    ] = None,
 ) -> None:
-    """Export → validate → register in the BentoML model store; prints the model tag."""
+    """Export → validate → (sign) → register in the BentoML model store; prints the model tag."""
     from embedkit.recipe import find_recipe
     from embedkit.release import release
+    from embedkit.signing import load_private_key
 
+    if sign is not None:
+        load_private_key(sign)  # fail before a minute of export, not after
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
-        result = release(recipe, workdir=workdir, limit_per_segment=limit, step=step)
+        result = release(recipe, workdir=workdir, limit_per_segment=limit, sign_key=sign, step=step)
     print(result.tag)
+
+
+@app.command()
+@one_line_errors
+def keygen(
+    private: Annotated[Path, typer.Option(help="Where to write the private key (PEM, 0600).")],
+    public: Annotated[Path, typer.Option(help="Where to write the public key (PEM).")],
+) -> None:
+    """Create an Ed25519 key pair for signing releases."""
+    from embedkit.signing import generate_keypair
+
+    if private.exists():
+        raise InvalidInput(f"{private} exists; refusing to overwrite a private key")
+    out.print(f"key id {generate_keypair(private, public)}", highlight=False)
+
+
+@app.command("verify")
+@one_line_errors
+def verify_cmd(
+    target: Annotated[str, typer.Argument(help="Model tag or artifact directory.")],
+    trusted_key: Annotated[
+        list[str], typer.Option("--trusted-key", help="Public key (PEM path or base64); repeatable.")
+    ],
+) -> None:
+    """Verify an artifact's checksums and its signature against trusted keys."""
+    from embedkit.artifact import resolve
+    from embedkit.signing import Trust
+
+    art = resolve(target, trust=Trust(True, tuple(trusted_key)))
+    out.print(f"ok: {art.tag or art.path} verified and signed by a trusted key", highlight=False)
 
 
 def _read_lines(source: Path | None) -> Iterator[str]:

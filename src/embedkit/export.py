@@ -163,7 +163,7 @@ def export(
             raise ModelSourceError(f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)")
         shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
         pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
-        artifact = finalize(
+        finalize(
             artifact_dir,
             manifest_fields(
                 recipe=recipe,

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedkit import contract
+from embedkit import contract, signing
 from embedkit.artifact import Artifact, finalize, register
 from embedkit.export import Step, export
 from embedkit.recipe import Recipe
@@ -45,9 +45,10 @@ def release(
     *,
     workdir: Path | None = None,
     limit_per_segment: int | None = None,
+    sign_key: Path | None = None,
     step: Step | None = None,
 ) -> Release:
-    """Export, validate and register ``recipe``'s model; raise ContractViolation on failure."""
+    """Export, validate, (sign) and register ``recipe``'s model; raise ContractViolation on failure."""
     say = step or (lambda _m: None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     base = Path(workdir) if workdir else ARTIFACTS_DIR
@@ -61,6 +62,8 @@ def release(
     )
     contract.require_passed(report)
     artifact = attach_parity(artifact, report, artifact.path / "records")
+    if sign_key is not None:
+        say(f"signing with key {signing.sign(artifact.path, sign_key)}")
     say("registering in the BentoML model store")
     tag = register(artifact)
     return Release(tag=tag, artifact=artifact, report=report)
