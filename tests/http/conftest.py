@@ -38,6 +38,16 @@ class Server:
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=10).text
 
+    def wait_for_line(self, needle: str, timeout: float = 90.0) -> str:
+        """The first log line containing ``needle`` (waits for it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_text().splitlines():
+                if needle in line:
+                    return line
+            time.sleep(0.3)
+        raise AssertionError(f"no log line with {needle!r}:\n{self.log_text()[-3000:]}")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -56,7 +66,11 @@ def start_server(tag: str, log: Path, env_extra: dict[str, str] | None = None) -
     fh = open(log, "wb")  # noqa: SIM115 - closed in stop_server
     proc = subprocess.Popen(
         [BENTOML, "serve", "service:EmbeddingAPI", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     fh.close()
     return Server(f"http://127.0.0.1:{port}", tag, log, proc)
@@ -94,12 +108,35 @@ def model_tag(fp32_artifact) -> str:  # type: ignore[no-untyped-def]
     return register(fp32_artifact)
 
 
+class Launcher:
+    """Starts servers for one test module and stops them all at its end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.servers: list[Server] = []
+
+    def start(self, tag: str, env: dict[str, str] | None = None, *, ready: bool = True) -> Server:
+        srv = start_server(tag, self.directory / f"serve-{len(self.servers)}.log", env)
+        self.servers.append(srv)
+        if ready:
+            wait_ready(srv)
+        return srv
+
+    def stop_all(self) -> None:
+        for srv in self.servers:
+            stop_server(srv)
+
+
 @pytest.fixture(scope="module")
-def server(model_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default configuration (auth off), shared by a module's tests."""
-    srv = start_server(model_tag, tmp_path_factory.mktemp("server") / "serve.log")
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    launch = Launcher(tmp_path_factory.mktemp("servers"))
     try:
-        wait_ready(srv)
-        yield srv
+        yield launch
     finally:
-        stop_server(srv)
+        launch.stop_all()
+
+
+@pytest.fixture(scope="module")
+def server(model_tag: str, launcher: Launcher) -> Server:
+    """The default configuration (auth off), shared by a module's tests."""
+    return launcher.start(model_tag)

@@ -86,8 +86,11 @@ def test_embed_routes_match_in_process_engine(server, engine, texts) -> None:  #
 
 
 def test_embed_base64_dimensions_and_raw(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
-    body = post(server, "/embed", {"texts": texts[:8], "encoding_format": "base64",
-                                   "dimensions": 64, "normalize": False}).json()
+    body = post(
+        server,
+        "/embed",
+        {"texts": texts[:8], "encoding_format": "base64", "dimensions": 64, "normalize": False},
+    ).json()
     got = decode_base64(body["embeddings"], 64)
     assert body["dimensions"] == 64
     assert_parity(got, engine.encode(texts[:8], dimensions=64, normalize=False))
@@ -99,19 +102,23 @@ def test_openai_client_unchanged(server, engine, texts) -> None:  # type: ignore
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     batch = client.embeddings.create(model=MODEL, input=texts[:16])  # default: base64 on the wire
     assert [d.index for d in batch.data] == list(range(16))
-    assert_parity(np.array([d.embedding for d in batch.data], dtype=np.float32),
-                  engine.encode(texts[:16]))
+    assert_parity(
+        np.array([d.embedding for d in batch.data], dtype=np.float32), engine.encode(texts[:16])
+    )
     n_tokens = sum(len(r) for r in engine.tokenizer.encode(texts[:16]))
     assert batch.usage.prompt_tokens == batch.usage.total_tokens == n_tokens
-    one = client.embeddings.create(model=MODEL, input=texts[0], dimensions=32,
-                                   encoding_format="float")
-    assert_parity(np.array([one.data[0].embedding], dtype=np.float32),
-                  engine.encode(texts[:1], dimensions=32))
+    one = client.embeddings.create(
+        model=MODEL, input=texts[0], dimensions=32, encoding_format="float"
+    )
+    assert_parity(
+        np.array([one.data[0].embedding], dtype=np.float32), engine.encode(texts[:1], dimensions=32)
+    )
     ids = engine.tokenizer.encode(texts[:2])
     content = [row[1:-1] for row in ids]  # OpenAI token input carries no special tokens
     by_ids = client.embeddings.create(model=MODEL, input=content)
-    assert_parity(np.array([d.embedding for d in by_ids.data], dtype=np.float32),
-                  engine.encode(texts[:2]))
+    assert_parity(
+        np.array([d.embedding for d in by_ids.data], dtype=np.float32), engine.encode(texts[:2])
+    )
     single_ids = client.embeddings.create(model=MODEL, input=content[0])
     assert len(single_ids.data) == 1
     with pytest.raises(NotFoundError, match="not served here"):
@@ -142,8 +149,13 @@ ERRORS = [
     ("/embed", {"texts": ["ok", "word " * 400], "truncate": False}, 413, "input_too_long", "input"),
     ("/embed", {"texts": ["a"], "dimensions": 0}, 422, "invalid_dimensions", "dimensions"),
     ("/embed/query", {"texts": ["a"], "dimensions": 385}, 422, "invalid_dimensions", "dimensions"),
-    ("/v1/embeddings", {"model": MODEL, "input": "a", "dimensions": 999}, 422,
-     "invalid_dimensions", "dimensions"),
+    (
+        "/v1/embeddings",
+        {"model": MODEL, "input": "a", "dimensions": 999},
+        422,
+        "invalid_dimensions",
+        "dimensions",
+    ),
     ("/v1/embeddings", {"model": "other", "input": "a"}, 404, "model_not_found", "model"),
 ]
 
@@ -151,8 +163,12 @@ ERRORS = [
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), ERRORS)
 def test_error_table(server, path, body, status, code, param) -> None:  # type: ignore[no-untyped-def]
     if isinstance(body, bytes):
-        r = httpx.post(server.url + path, content=body, timeout=30,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            server.url + path,
+            content=body,
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
     else:
         r = post(server, path, body)
     assert r.status_code == status, r.text
@@ -170,8 +186,9 @@ def test_too_long_names_the_item(server) -> None:  # type: ignore[no-untyped-def
 
 def test_body_over_limit_is_413_before_parsing(server) -> None:  # type: ignore[no-untyped-def]
     big = b'{"texts": ["' + b"a" * (8 * 1024 * 1024) + b'"]}'
-    r = httpx.post(server.url + "/embed", content=big, timeout=60,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/embed", content=big, timeout=60, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -183,7 +200,7 @@ def test_empty_strings_embed(server, engine) -> None:  # type: ignore[no-untyped
 # --- batching and concurrency ----------------------------------------------------------
 
 _HIST = re.compile(
-    r'^bentoml_service_adaptive_batch_size_(bucket|count)\{(?P<labels>[^}]*)\} (?P<value>\S+)$'
+    r"^bentoml_service_adaptive_batch_size_(bucket|count)\{(?P<labels>[^}]*)\} (?P<value>\S+)$"
 )
 
 
@@ -220,7 +237,9 @@ def test_concurrent_requests_are_batched(server, path, body, method) -> None:  #
     before = batch_stats(server.metrics(), method)
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
-    total, ones = (a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True))
+    total, ones = (
+        a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True)
+    )
     assert 0 < total < 48, "requests were not merged into fewer batches"
     assert ones < total, "every batch held a single request"
 
@@ -237,10 +256,14 @@ def test_more_than_100_requests_in_flight(server, engine) -> None:  # type: igno
 def test_our_metrics_are_exported(server) -> None:  # type: ignore[no-untyped-def]
     text = server.metrics()
     for name in (
-        "embedkit_texts_embedded_total", "embedkit_tokens_embedded_total",
-        "embedkit_padding_ratio_bucket", "embedkit_sub_batch_size_bucket",
-        "embedkit_sub_batch_tokens_bucket", "embedkit_queue_wait_seconds_bucket",
-        "embedkit_inference_seconds_bucket", "embedkit_rejected_requests_total",
+        "embedkit_texts_embedded_total",
+        "embedkit_tokens_embedded_total",
+        "embedkit_padding_ratio_bucket",
+        "embedkit_sub_batch_size_bucket",
+        "embedkit_sub_batch_tokens_bucket",
+        "embedkit_queue_wait_seconds_bucket",
+        "embedkit_inference_seconds_bucket",
+        "embedkit_rejected_requests_total",
     ):
         assert name in text, name
     assert re.search(r'embedkit_texts_embedded_total\{route="/embed"\} [1-9]', text)

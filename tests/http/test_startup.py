@@ -1,0 +1,40 @@
+"""Startup refuses a tampered or missing artifact with one clear log line."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def assert_never_ready(server) -> None:  # type: ignore[no-untyped-def]
+    with contextlib.suppress(httpx.HTTPError):  # not even listening: not ready either
+        assert httpx.get(server.url + "/readyz", timeout=2).status_code != 200
+
+
+def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:  # type: ignore[no-untyped-def]
+    import bentoml
+
+    from embedkit.artifact import register
+
+    tag = register(fp32_artifact)  # a fresh version: the shared one stays intact
+    with open(Path(bentoml.models.get(tag).path) / "tokenizer.json", "a") as fh:
+        fh.write(" ")
+    server = launcher.start(tag, ready=False)
+    line = server.wait_for_line("embedkit refuses to start")
+    assert "checksum mismatch for tokenizer.json" in line
+    assert_never_ready(server)
+
+
+def test_missing_model_stops_startup(launcher) -> None:  # type: ignore[no-untyped-def]
+    """BentoML itself resolves the service's BentoModel before starting workers and
+    exits naming it; our own check (same line shape as above) backs it up."""
+    server = launcher.start("all-minilm-l6-v2:doesnotexist", ready=False)
+    line = server.wait_for_line("all-minilm-l6-v2:doesnotexist")
+    assert "could not be found" in line or "is not in the BentoML model store" in line
+    server.proc.wait(timeout=60)
+    assert server.proc.returncode != 0
