@@ -1,0 +1,328 @@
+"""Unit tests of the HTTP edge: schemas, routing, limits, encoding, auth, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from pydantic import ValidationError
+
+from embedkit import api
+from embedkit.errors import (
+    EmbedkitError,
+    InferenceError,
+    InputTooLong,
+    InvalidDimensions,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamTimeout,
+)
+from embedkit.settings import Settings
+
+MODEL = "all-minilm-l6-v2"
+SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
+    from embedkit.tokens import TextTokenizer
+
+    return TextTokenizer.from_artifact(fp32_artifact)
+
+
+def openai(tokenizer, **body: Any) -> api.EmbedJob:  # type: ignore[no-untyped-def]
+    req = api.EmbeddingsRequest.model_validate({"model": MODEL, **body})
+    return api.openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=384, normalize=True)
+
+
+# --- schemas and jobs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [[1, "a"], [True], [1.5], [["a"]], [[1], "a"], None, 3, {"a": 1}])
+def test_openai_input_is_strict(value: object) -> None:
+    with pytest.raises(ValidationError):
+        api.EmbeddingsRequest.model_validate({"model": MODEL, "input": value})
+
+
+def test_openai_routing_single_to_query_many_to_bulk(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert openai(tokenizer, input="one").lane == "query"
+    assert openai(tokenizer, input=["one"]).lane == "query"
+    assert openai(tokenizer, input=["one", "two"]).lane == "bulk"
+    assert openai(tokenizer, input=[7592, 2088]).lane == "query"  # one token-id list
+    assert openai(tokenizer, input=[[7592], [2088]]).lane == "bulk"
+
+
+def test_openai_token_ids_get_special_tokens(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert openai(tokenizer, input=[7592, 2088]).ids == tokenizer.encode(["hello world"])
+    job = openai(tokenizer, input="hello world")
+    assert job.ids == [[101, 7592, 2088, 102]] and job.tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "param"),
+    [
+        ({"input": []}, InvalidInput, "input"),
+        ({"input": [[]]}, InvalidInput, "input"),
+        ({"input": [""] * 5}, PayloadTooLarge, "input"),
+        ({"input": "a", "dimensions": 0}, InvalidDimensions, "dimensions"),
+        ({"input": "a", "dimensions": 385}, InvalidDimensions, "dimensions"),
+        ({"input": "a", "model": "other"}, ModelNotFound, "model"),
+    ],
+)
+def test_openai_job_errors(tokenizer, body, error, param) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error) as info:
+        openai(tokenizer, **body)
+    assert info.value.param == param
+
+
+def test_native_job(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    req = api.EmbedRequest(
+        texts=["", "b"], normalize=False, truncate=True, dimensions=8, encoding_format="base64"
+    )
+    job = api.native_job(req, tokenizer, SETTINGS, lane="bulk", model_dim=384)
+    assert job.ids[0] == [101, 102] and not job.normalize and job.dimensions == 8
+    long = api.EmbedRequest.model_validate({"texts": ["a", "word " * 300], "truncate": False})
+    with pytest.raises(InputTooLong, match=r"input\[1\]"):
+        api.native_job(long, tokenizer, SETTINGS, lane="bulk", model_dim=384)
+    with pytest.raises(ValidationError):
+        api.EmbedRequest.model_validate({"texts": ["a"], "unknown": 1})
+
+
+# --- bodies -----------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 5), st.integers(1, 8)),
+        elements=st.floats(-1e6, 1e6, width=32),
+    )
+)
+def test_base64_roundtrip_little_endian(vectors: np.ndarray) -> None:
+    encoded = api.encode_base64(vectors)
+    np.testing.assert_array_equal(api.decode_base64(encoded, vectors.shape[1]), vectors)
+    # what the openai client does: np.frombuffer(base64.b64decode(s), dtype="float32")
+    import base64
+
+    raw = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    np.testing.assert_array_equal(raw, vectors.ravel())
+
+
+def test_openai_and_native_bodies() -> None:
+    job = api.EmbedJob(
+        ids=[[1, 2], [3]], lane="bulk", normalize=True, dimensions=None, encoding="float"
+    )
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body = json.loads(api.openai_body(vectors, job, MODEL))
+    assert body == {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.0, 1.0, 2.0]},
+            {"object": "embedding", "index": 1, "embedding": [3.0, 4.0, 5.0]},
+        ],
+        "model": MODEL,
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
+    api.EmbeddingsResponse.model_validate(body)
+    native = json.loads(api.native_body(vectors, job, MODEL))
+    assert native["embeddings"] == vectors.tolist() and native["dimensions"] == 3
+    assert native["usage"] == {"tokens": 3}
+    api.EmbedResponse.model_validate(native)
+    b64 = api.EmbedJob(ids=job.ids, lane="bulk", normalize=True, dimensions=None, encoding="base64")
+    packed = json.loads(api.native_body(vectors, b64, MODEL))
+    np.testing.assert_array_equal(api.decode_base64(packed["embeddings"], 3), vectors)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_error_status_body_and_retry_after() -> None:
+    status, body, headers = api.error_status_body(Overloaded("full", retry_after_s=3))
+    assert status == 429 and headers["retry-after"] == "3"
+    assert json.loads(body) == {
+        "error": {
+            "message": "full",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "overloaded",
+        }
+    }
+    status, _, headers = api.error_status_body(InvalidDimensions("bad", param="dimensions"))
+    assert status == 422 and "retry-after" not in headers
+
+
+class _FakeBentoError(Exception):
+    def __init__(self, status: int) -> None:
+        from http import HTTPStatus
+
+        super().__init__("Traceback (most recent call last): secret internals")
+        self.error_code = HTTPStatus(status)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (TimeoutError(), UpstreamTimeout),
+        (TimeoutError(), UpstreamTimeout),
+        (_FakeBentoError(503), Overloaded),  # dispatcher shed load: queue full
+        (_FakeBentoError(504), UpstreamTimeout),
+        (_FakeBentoError(500), InferenceError),
+        (RuntimeError("boom at /secret/path"), InferenceError),
+    ],
+)
+def test_translate_upstream_never_leaks(exc: Exception, expected: type) -> None:
+    err = api.translate_upstream(exc)
+    assert type(err) is expected
+    assert "secret" not in err.message and "Traceback" not in err.message
+
+
+def test_foreign_errors_become_ours() -> None:
+    bentoml_400 = json.dumps(
+        {
+            "error": "1 validation error for Input",
+            "detail": [{"type": "missing", "loc": ["body", "texts"], "msg": "Field required"}],
+        }
+    ).encode()
+    err = api.foreign_error(400, bentoml_400)
+    assert isinstance(err, InvalidInput) and "texts: Field required" in err.message
+    assert isinstance(api.foreign_error(429, b'{"error": "Too many requests"}'), Overloaded)
+    assert isinstance(api.foreign_error(504, b"{}"), UpstreamTimeout)
+    assert isinstance(api.foreign_error(413, b'[{"error": "x"}]'), PayloadTooLarge)
+    internal = api.foreign_error(500, b"")
+    assert internal.status == 500 and internal.message == api.INTERNAL_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [
+        (None, False),
+        ("Bearer k1", True),
+        ("bearer k2", True),
+        ("Bearer nope", False),
+        ("k1", False),
+        ("Basic k1", False),
+        ("Bearer ", False),
+    ],
+)
+def test_check_auth(header: str | None, ok: bool) -> None:
+    api.check_auth(header, [])  # no keys: auth off
+    if ok:
+        api.check_auth(header, ["k1", "k2"])
+    else:
+        with pytest.raises(Unauthorized):
+            api.check_auth(header, ["k1", "k2"])
+
+
+# --- the middleware, over an in-memory ASGI transport ------------------------------------
+
+
+def _app(status: int = 200, body: bytes = b"", hold: asyncio.Event | None = None) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        received = b""
+        while True:
+            msg = await receive()
+            received += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        if hold is not None:
+            await hold.wait()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body or received})
+
+    return app
+
+
+def _call(app: Any, settings_: Settings, *requests: dict[str, Any]) -> list[httpx.Response]:
+    edge = api.EdgeMiddleware(app, settings_)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=edge)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [await client.request(**r) for r in requests]
+
+    return asyncio.run(run())
+
+
+def test_middleware_auth_and_open_paths() -> None:
+    keyed = Settings(api_keys=["k"])
+    denied, allowed, open_ = _call(
+        _app(),
+        keyed,
+        {"method": "POST", "url": "/embed", "json": {}},
+        {"method": "POST", "url": "/embed", "json": {}, "headers": {"authorization": "Bearer k"}},
+        {"method": "GET", "url": "/metrics"},
+    )
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert allowed.status_code == 200 and open_.status_code == 200
+
+
+def test_middleware_body_limit_with_and_without_length() -> None:
+    big = b"x" * 4096
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(4):
+            yield big[:1024]
+
+    by_length, streamed, small = _call(
+        _app(),
+        SETTINGS,
+        {"method": "POST", "url": "/embed", "content": big},
+        {"method": "POST", "url": "/embed", "content": chunks()},
+        {"method": "POST", "url": "/embed", "content": b'{"a": 1}'},
+    )
+    assert by_length.status_code == streamed.status_code == 413
+    assert streamed.json()["error"]["code"] == "payload_too_large"
+    assert small.status_code == 200 and small.json() == {"a": 1}  # body replayed intact
+
+
+def test_middleware_admission_control() -> None:
+    hold = asyncio.Event()
+    edge = api.EdgeMiddleware(_app(hold=hold), SETTINGS)  # max_concurrency=1
+
+    async def run() -> tuple[int, httpx.Response]:
+        transport = httpx.ASGITransport(app=edge)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = asyncio.create_task(client.post("/embed", json={}))
+            while edge.in_flight == 0:
+                await asyncio.sleep(0.001)
+            second = await client.post("/embed", json={})
+            hold.set()
+            return (await first).status_code, second
+
+    first, second = asyncio.run(run())
+    assert first == 200 and second.status_code == 429
+    assert second.headers["retry-after"] == "1" and edge.in_flight == 0
+
+
+def test_middleware_rewrites_foreign_errors_only() -> None:
+    ours = json.dumps(EmbedkitError("x").to_openai()).encode()
+    foreign, kept, empty_500 = (
+        _call(
+            _app(400, b'{"error": "bad", "detail": []}'),
+            SETTINGS,
+            {"method": "POST", "url": "/v1/embeddings", "json": {}},
+        )[0],
+        _call(_app(500, ours), SETTINGS, {"method": "POST", "url": "/embed", "json": {}})[0],
+        _call(_app(500, b" "), SETTINGS, {"method": "POST", "url": "/embed", "json": {}})[0],
+    )
+    assert foreign.status_code == 400 and foreign.json()["error"]["type"] == "invalid_request_error"
+    assert kept.json() == json.loads(ours)
+    assert empty_500.status_code == 500
+    assert empty_500.json()["error"]["message"] == api.INTERNAL_MESSAGE
