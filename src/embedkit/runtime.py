@@ -87,7 +87,9 @@ class ShapeProfile:
     def for_engine(cls, inputs: Sequence[str], settings: Settings, max_length: int) -> ShapeProfile:
         # opt: a typical sentence (~64 tokens) in a sub-batch that fills the token budget.
         opt_length = min(max_length, 64)
-        opt_batch = max(1, min(settings.max_sub_batch_size, settings.max_batch_tokens // opt_length))
+        opt_batch = max(
+            1, min(settings.max_sub_batch_size, settings.max_batch_tokens // opt_length)
+        )
         return cls(tuple(inputs), max_length, settings.max_sub_batch_size, opt_length, opt_batch)
 
     def trt_shapes(self) -> dict[str, str]:
@@ -199,7 +201,9 @@ def create_session(
             provider_options=options,
         )
     except Exception as exc:  # ORT raises its own exception types: one line for the operator
-        raise InferenceError(f"cannot create an ONNX Runtime session for {model_path}: {exc}") from exc
+        raise InferenceError(
+            f"cannot create an ONNX Runtime session for {model_path}: {exc}"
+        ) from exc
     active = list(session.get_providers())
     fallback = not active or active[0] != expected
     reason = None
@@ -221,7 +225,9 @@ def _record_fallback(requested: str, active: str, reason: str) -> None:
         if (requested, active) in _warned:
             return
         _warned.add((requested, active))
-    log.warning("execution provider fallback: running on %s instead of %s: %s", active, requested, reason)
+    log.warning(
+        "execution provider fallback: running on %s instead of %s: %s", active, requested, reason
+    )
 
 
 def run_options(settings: Settings, device_id: int | None = None) -> ort.RunOptions:

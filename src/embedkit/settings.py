@@ -123,6 +123,13 @@ class Settings(BaseSettings):
         description="Padded-token budget of one sub-batch; measured best at 256-512 on 2 cores.",
     )
     max_sub_batch_size: int = Field(64, ge=1, description="Most texts in one ORT run.")
+    sub_batch_cost_tokens: int = Field(
+        16,
+        ge=0,
+        description="Fixed cost of one ORT run in padded-token equivalents: the batch planner "
+        "cuts a sorted batch only where the padding saved exceeds it. Higher: fewer, fuller runs "
+        "(GPU); lower: less padding (CPU).",
+    )
 
     # --- service ------------------------------------------------------------
     workers: int = Field(1, ge=1, description="Embedder worker processes (each with its own session).")

@@ -125,12 +125,16 @@ class TextTokenizer:
         :class:`InputTooLong` with ``truncate=False``.
         """
         if isinstance(ids, str | bytes) or not isinstance(ids, list | tuple) or not ids:
-            raise InvalidInput("token input must be a non-empty list of token-id lists", param="input")
+            raise InvalidInput(
+                "token input must be a non-empty list of token-id lists", param="input"
+            )
         room = self.max_length - len(self._prefix) - len(self._suffix)
         out: list[list[int]] = []
         for i, row in enumerate(ids):
             if not isinstance(row, list | tuple) or not row:
-                raise InvalidInput(f"input[{i}] must be a non-empty list of token ids", param="input")
+                raise InvalidInput(
+                    f"input[{i}] must be a non-empty list of token ids", param="input"
+                )
             for j, tid in enumerate(row):
                 if isinstance(tid, bool) or not isinstance(tid, int):
                     raise InvalidInput(
