@@ -165,3 +165,11 @@ class MissingExtra(EmbedkitError):
     status = 500
     type = "server_error"
     code = "missing_extra"
+
+
+class BuildError(EmbedkitError):
+    """Packaging a Bento failed, or produced one unfit to ship (see ``embedkit.bento.audit``)."""
+
+    status = 500
+    type = "server_error"
+    code = "build_error"

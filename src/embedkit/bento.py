@@ -1,0 +1,349 @@
+"""Bentos for CPU and GPU, built offline from one source of truth.
+
+``build(variant, model_tag)`` stages a build context (``service.py`` plus a copy
+of the ``embedkit`` package, so the image never installs the package and its
+export extra), writes the ``bentofile.yaml`` this module derives, runs
+``bentoml build`` and emits the Dockerfile ``bentoml containerize`` would use.
+
+Where each fact comes from:
+
+* serving requirements: ``[project] dependencies`` of ``pyproject.toml``, each
+  pinned with ``==``; the GPU variant swaps ``onnxruntime`` for the
+  ``onnxruntime-gpu`` pin below (both provide the module ``onnxruntime``, so an
+  image must never carry both) and adds TensorRT's libraries;
+* the model: the exact tag ``embedkit release`` printed, passed as the Bento
+  argument ``model`` (``bentoml build --arg model=TAG``). ``service.py`` reads it
+  into a ``BentoModel`` class attribute, which is what makes ``bentoml build``
+  record that one version; BentoML restores the argument whenever the Bento is
+  served (``bentoml serve TAG`` or the image), so ``:latest`` never leaks in. The
+  image also carries it as ``EMBEDKIT_MODEL`` for anything reading settings;
+* offline: ``lock_packages: false`` (locking resolves against the index) and
+  ``BENTOML_NO_LOCAL_URL=1`` (a locally installed bentoml would otherwise become
+  a ``file://`` requirement).
+
+``audit(bento_dir, variant, model_tag)`` re-reads what was built and lists every
+problem (torch & co. in the requirements, URLs, unpinned packages, the wrong
+runtime, an unpinned model, a root container user). ``build`` refuses a Bento
+whose audit is not empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedkit.errors import BuildError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = REPO_ROOT / "pyproject.toml"
+SERVICE = "service:EmbeddingAPI"
+PYTHON_VERSION = "3.11"
+# The export side of the contract: never in a serving image.
+FORBIDDEN = frozenset(
+    {"torch", "transformers", "optimum", "optimum-onnx", "sentence-transformers", "onnxscript"}
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One image flavour: its runtime package, base image and service environment."""
+
+    name: str
+    runtime: str  # the one onnxruntime distribution the image carries
+    replace: dict[str, str] = field(default_factory=dict)  # pyproject name -> pinned requirement
+    extra: tuple[str, ...] = ()
+    docker: dict[str, Any] = field(default_factory=dict)
+    envs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bento_name(self) -> str:
+        # Matches the image names deploy/k8s/overlays/{cpu,gpu} pull.
+        return f"embedkit-{self.name}"
+
+
+# onnxruntime-gpu 1.31.1 is the newest on PyPI (no 1.32.0 GPU wheel). Its wheel links
+# libcudart.so.13 / libcublas.so.13 (CUDA 13.x), libcudnn.so.9 (cuDNN 9.x) and
+# libnvinfer.so.10 (TensorRT 10.x) — read with `readelf -d` from the wheel's
+# libonnxruntime_providers_{cuda,tensorrt}.so; its metadata's `cuda`/`cudnn` extras
+# say the same (nvidia-cuda-runtime~=13.0, nvidia-cudnn-cu13~=9.0). BentoML 1.4.40's
+# `cuda_version` stops at 12.8, so the CUDA base is named directly; uv installs a
+# managed CPython 3.11 into it (Ubuntu 24.04 ships 3.12).
+ORT_GPU = "onnxruntime-gpu==1.31.1"
+TENSORRT_LIBS = "tensorrt-cu13-libs==10.16.1.11"  # TensorRT 10 (11.x has libnvinfer.so.11)
+CUDA_BASE_IMAGE = "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04"
+_SITE_PACKAGES = f"/app/.venv/lib/python{PYTHON_VERSION}/site-packages"
+
+VARIANTS: dict[str, Variant] = {
+    "cpu": Variant(
+        name="cpu",
+        runtime="onnxruntime",
+        docker={"distro": "debian", "python_version": PYTHON_VERSION},
+        envs={"EMBEDKIT_GPU": "false", "EMBEDKIT_PROVIDERS": '["CPUExecutionProvider"]'},
+    ),
+    "gpu": Variant(
+        name="gpu",
+        runtime="onnxruntime-gpu",
+        replace={"onnxruntime": ORT_GPU},
+        extra=(TENSORRT_LIBS,),
+        # The CUDA base has no Python and no pip; BentoML's Dockerfile bootstraps uv with
+        # pip, which Ubuntu 24.04 only allows system-wide with PIP_BREAK_SYSTEM_PACKAGES.
+        docker={
+            "base_image": CUDA_BASE_IMAGE,
+            "python_version": PYTHON_VERSION,
+            "system_packages": ["python3-pip"],
+        },
+        envs={
+            "EMBEDKIT_GPU": "true",
+            "EMBEDKIT_PROVIDERS": '["TensorrtExecutionProvider","CUDAExecutionProvider",'
+            '"CPUExecutionProvider"]',
+            "PIP_BREAK_SYSTEM_PACKAGES": "1",
+            # The TensorRT EP dlopens libnvinfer.so.10 from the pip wheel's directory; the
+            # base image's own entries (driver libraries) are kept.
+            "LD_LIBRARY_PATH": f"{_SITE_PACKAGES}/tensorrt_libs:"
+            "/usr/local/nvidia/lib:/usr/local/nvidia/lib64",
+        },
+    ),
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise BuildError(f"unknown Bento variant {name!r} (one of {', '.join(VARIANTS)})") from None
+
+
+# --- requirements ------------------------------------------------------------------
+
+
+def _req_name(line: str) -> str:
+    """Normalised distribution name of a requirement line (PEP 503)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else ""
+
+
+def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[str]:
+    """The image's pinned requirements: pyproject's serving dependencies, per variant."""
+    deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    out: list[str] = []
+    for dep in deps:
+        name = _req_name(dep)
+        if name in FORBIDDEN:
+            raise BuildError(f"{dep!r} is an export dependency; it must not be a serving one")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+(\[[A-Za-z0-9_,-]+\])?==[A-Za-z0-9.+!-]+", dep.strip()):
+            raise BuildError(f"serving dependency {dep!r} is not pinned with == (offline builds)")
+        out.append(variant.replace.get(name, dep.strip()))
+    return [*out, *variant.extra]
+
+
+def bentofile(variant: Variant, model_tag: str, pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The bentofile.yaml content for ``variant`` serving exactly ``model_tag``."""
+    return {
+        "service": SERVICE,
+        "name": variant.bento_name,
+        "description": f"embedkit embeddings ({variant.name}, {variant.runtime}) serving {model_tag}",
+        "labels": {"variant": variant.name, "runtime": variant.runtime, "model": model_tag},
+        "include": ["service.py", "embedkit/**"],
+        "exclude": ["**/__pycache__", "**/*.pyc"],
+        "python": {
+            "packages": serving_requirements(variant, pyproject),
+            "lock_packages": False,
+        },
+        "docker": variant.docker,
+        "envs": [
+            {"name": k, "value": v}
+            for k, v in {"EMBEDKIT_MODEL": model_tag, "HF_HUB_OFFLINE": "1", **variant.envs}.items()
+        ],
+    }
+
+
+# --- build -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Built:
+    variant: str
+    tag: str
+    path: Path  # the Bento in the store
+    dockerfile: Path  # the full containerfile `bentoml containerize` would build
+
+
+def stage_context(variant: Variant, model_tag: str, out_dir: Path) -> Path:
+    """A fresh build context: service.py, the embedkit package and the bentofile."""
+    ctx = out_dir / "context"
+    if ctx.exists():
+        shutil.rmtree(ctx)
+    ctx.mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "service.py", ctx / "service.py")
+    shutil.copytree(
+        Path(__file__).resolve().parent,
+        ctx / "embedkit",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    (ctx / "bentofile.yaml").write_text(
+        yaml.safe_dump(bentofile(variant, model_tag), sort_keys=False)
+    )
+    return ctx
+
+
+def _bento_env(variant: Variant, model_tag: str) -> dict[str, str]:
+    # The service reads these at import; bentoml build imports it to pin the model
+    # and record the service config (GPU resources). Never let a build lock or phone home.
+    return {
+        **os.environ,
+        **variant.envs,
+        "EMBEDKIT_MODEL": model_tag,
+        "BENTOML_NO_LOCAL_URL": "1",
+        "BENTOML_DO_NOT_TRACK": "True",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def build(variant_name: str, model_tag: str, out_root: Path) -> Built:
+    """Build one Bento offline; write its Dockerfile to ``out_root/<variant>/Dockerfile``."""
+    variant = get_variant(variant_name)
+    if model_tag.endswith(":latest") or ":" not in model_tag:
+        raise BuildError(f"model tag {model_tag!r} must name an exact version (name:version)")
+    out_dir = Path(out_root) / variant.name
+    ctx = stage_context(variant, model_tag, out_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", str(ctx / "bentofile.yaml"),
+         "--arg", f"model={model_tag}", "--output", "tag", str(ctx)],
+        env=_bento_env(variant, model_tag), capture_output=True, text=True, check=False,
+    )
+    (out_dir / "build.log").write_text(proc.stdout + proc.stderr)
+    found = re.search(r"__tag__:(\S+)", proc.stdout)
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BuildError(
+            f"bentoml build ({variant.name}) failed: {tail[0]} (log: {out_dir / 'build.log'})"
+        )
+    tag = found.group(1)
+    bento_path = _bento_path(tag)
+    dockerfile = out_dir / "Dockerfile"
+    _emit_containerfile(tag, dockerfile)
+    problems = audit(bento_path, variant.name, model_tag, dockerfile=dockerfile)
+    if problems:
+        raise BuildError(f"Bento {tag} is unfit to ship: {'; '.join(problems)}")
+    return Built(variant.name, tag, bento_path, dockerfile)
+
+
+def _bento_path(tag: str) -> Path:
+    import bentoml
+
+    return Path(bentoml.bentos.get(tag).path)
+
+
+def _emit_containerfile(tag: str, dest: Path) -> None:
+    """The Dockerfile `bentoml containerize` builds, written without a container engine."""
+    import bentoml
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    bentoml.container.get_containerfile(tag, output_path=str(dest))
+    if not dest.is_file():
+        raise BuildError(f"bentoml wrote no containerfile for {tag}")
+
+
+# --- audit -----------------------------------------------------------------------------
+
+
+def requirement_lines(bento_dir: Path) -> list[str]:
+    """Requirement lines of a built Bento (comments and blanks dropped)."""
+    text = (Path(bento_dir) / "env" / "python" / "requirements.txt").read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def container_user(dockerfile_text: str) -> str | None:
+    """The user the image runs as: the last ``USER`` instruction, if any."""
+    users = re.findall(r"^\s*USER\s+(\S+)", dockerfile_text, flags=re.MULTILINE)
+    return users[-1] if users else None
+
+
+def pinned_models(bento_info: dict[str, Any]) -> set[str]:
+    """Every model tag a Bento references (top level and per service, as BentoML 1.4 records
+    them); ``bentoml containerize`` copies exactly these from the store into the image."""
+    entries = list(bento_info.get("models") or [])
+    for svc in bento_info.get("services") or []:
+        entries.extend(svc.get("models") or [])
+    return {str(m["tag"] if isinstance(m, dict) else m) for m in entries}
+
+
+def audit(
+    bento_dir: Path, variant_name: str, model_tag: str, *, dockerfile: Path | None = None
+) -> list[str]:
+    """Every reason the built Bento at ``bento_dir`` must not ship; empty when fit."""
+    variant = get_variant(variant_name)
+    problems: list[str] = []
+    lines = requirement_lines(bento_dir)
+    names = {_req_name(ln) for ln in lines}
+    for ln in lines:
+        name = _req_name(ln)
+        if name in FORBIDDEN:
+            problems.append(f"export dependency in requirements: {ln}")
+        if "://" in ln or " @ " in ln or ln.startswith((".", "/", "-e")):
+            problems.append(f"requirement is a URL or local path, not a package index pin: {ln}")
+        elif not re.search(r"==[^,;\s]+", ln):
+            problems.append(f"requirement not pinned: {ln}")
+    if "bentoml" not in names:
+        problems.append("bentoml is not pinned in the requirements")
+    other = "onnxruntime-gpu" if variant.runtime == "onnxruntime" else "onnxruntime"
+    if variant.runtime not in names:
+        problems.append(f"{variant.runtime} missing from the requirements")
+    if other in names:
+        problems.append(f"{other} in a {variant.name} image (both provide the module onnxruntime)")
+
+    info = yaml.safe_load((Path(bento_dir) / "bento.yaml").read_text())
+    models = pinned_models(info)
+    if models != {model_tag}:
+        problems.append(f"bento.yaml pins models {sorted(models)}, expected exactly {model_tag!r}")
+    if (info.get("args") or {}).get("model") != model_tag:
+        problems.append(f"Bento argument model is {(info.get('args') or {}).get('model')!r}, "
+                        f"not {model_tag!r} (service.py reads it when the Bento is served)")
+    envs = {e["name"]: str(e.get("value")) for e in info.get("envs") or []}
+    if envs.get("EMBEDKIT_MODEL") != model_tag:
+        problems.append(f"EMBEDKIT_MODEL env is {envs.get('EMBEDKIT_MODEL')!r}, not {model_tag!r}")
+
+    docker_text = (dockerfile or Path(bento_dir) / "env" / "docker" / "Dockerfile").read_text()
+    user = container_user(docker_text)
+    if user is None or user in {"root", "0"} or user.startswith(("root:", "0:")):
+        problems.append(f"container runs as root (USER {user})")
+    return problems
+
+
+# --- command line (the script's entry point; the lead wires the typer command) -----------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m embedkit.bento", description="Build the embedkit Bentos offline."
+    )
+    parser.add_argument("--model-tag", required=True, help="Exact model tag (name:version).")
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                        help="Variant to build (repeatable; default: all).")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bento",
+                        help="Build output (contexts, logs, Dockerfiles).")
+    args = parser.parse_args(argv)
+    try:
+        built = [build(v, args.model_tag, args.out) for v in args.variant or list(VARIANTS)]
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for b in built:
+        print(f"{b.variant}: {b.tag} (Dockerfile: {b.dockerfile})", file=sys.stderr)
+    for b in built:  # last lines, machine-readable: one Bento tag per line
+        print(b.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
