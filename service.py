@@ -25,11 +25,14 @@ from embedkit.errors import EmbedkitError
 from embedkit.settings import get_settings
 
 SETTINGS = get_settings()
+# A built Bento pins its model version as a Bento argument (`bentoml build --arg model=TAG`,
+# kept in bento.yaml and restored whenever that Bento is served); else EMBEDKIT_MODEL.
+MODEL_TAG = str(getattr(bentoml.use_arguments(), "model", None) or SETTINGS.model)
 
 
 @bentoml.service(**serving.embedder_config(SETTINGS))
 class Embedder:
-    model = bentoml.models.BentoModel(SETTINGS.model)
+    model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         self.core = serving.EmbedderCore(serving.load_artifact(type(self).model), SETTINGS)
@@ -82,7 +85,7 @@ metadata_app = Starlette(routes=[Route("/v1/models", _models), Route("/info", _i
 @bentoml.asgi_app(metadata_app, path="/")
 @bentoml.service(**serving.front_config(SETTINGS))
 class EmbeddingAPI:
-    model = bentoml.models.BentoModel(SETTINGS.model)
+    model = bentoml.models.BentoModel(MODEL_TAG)
     embedder = bentoml.depends(Embedder)
 
     def __init__(self) -> None:
