@@ -16,20 +16,17 @@ from embedkit.artifact import Artifact
 from embedkit.errors import ArtifactError, InvalidInput
 from embedkit.quality import load_encoder, read_stsb
 
-FP32_DIR = Path("/tmp/embedkit-art/minilm-fp32")  # TODO(lead): switch to conftest's fp32_artifact
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def fp32() -> Artifact:
-    if not FP32_DIR.is_dir():
-        pytest.skip(f"no fp32 artifact at {FP32_DIR}")
-    return Artifact.load(FP32_DIR)
+def fp32(fp32_artifact: Artifact) -> Artifact:
+    return fp32_artifact
 
 
 @pytest.fixture(scope="module")
 def sentences() -> list[str]:
-    rows = read_stsb(DATA / "stsbenchmark" / "sts-test.csv")
+    rows = read_stsb("test")
     return [t for r in rows[::20] for t in (r[3], r[4])]
 
 

@@ -348,6 +348,7 @@ class SentenceCalibrationReader:
     """ORT CalibrationDataReader over real sentences, tokenised exactly as the engine does."""
 
     def __init__(self, parent: Artifact, sentences: Sequence[str], batch_size: int = 16) -> None:
+        from embedkit.engine import pad_batch
         from embedkit.quality import load_encoder
 
         tokenizer = load_encoder(parent).tokenizer
@@ -358,12 +359,10 @@ class SentenceCalibrationReader:
         width = max(len(x) for x in ids)
         self._batches: list[dict[str, np.ndarray]] = []
         for start in range(0, len(ids), batch_size):
-            chunk = ids[start : start + batch_size]
-            input_ids = np.full((len(chunk), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, seq in enumerate(chunk):
-                input_ids[row, : len(seq)] = seq
-                mask[row, : len(seq)] = 1
+            input_ids, mask = pad_batch(ids[start : start + batch_size], pad_id)
+            extra = ((0, 0), (0, width - input_ids.shape[1]))
+            input_ids = np.pad(input_ids, extra, constant_values=pad_id)
+            mask = np.pad(mask, extra, constant_values=0)
             feed = {"input_ids": input_ids, "attention_mask": mask,
                     "token_type_ids": np.zeros_like(input_ids)}
             self._batches.append({k: v for k, v in feed.items() if k in parent.manifest.inputs})
