@@ -123,3 +123,22 @@ def test_release_registers_a_verified_model(tmp_path: Path) -> None:
     assert manifest["parity"]["passed"] is True
     assert all(seg["passed"] for seg in manifest["parity"]["segments"].values())
     assert "edge/long_256" in manifest["parity"]["segments"]
+
+
+def test_quantize_then_evaluate_rejects_a_bad_variant(fp32_artifact: Artifact, tmp_path: Path) -> None:
+    """The CLI faces of quantize and evaluate: a deliberately bad variant exits 1, segments named."""
+    bad = tmp_path / "bad"
+    result = run("quantize", str(fp32_artifact.path), "--output", str(bad), "--mode", "dynamic-int8",
+                 "--weight-type", "s8", "--per-tensor", "--reduce-range")
+    assert result.exit_code == 0, result.stderr
+    report = tmp_path / "report"
+    result = run("evaluate", str(bad), "--fp32", str(fp32_artifact.path), "--out", str(report),
+                 "--max-pairs", "120", "--lang-pairs", "40")
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "rejected" in result.stdout and "stsb:" in result.stdout
+    assert (report / "quality.json").is_file() and (report / "quality.png").is_file()
+
+
+def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: Path) -> None:
+    result = run("quantize", str(fp32_artifact.path), "--output", str(tmp_path / "x"), "--mode", "int3")
+    assert_one_line_error(result, "int3")

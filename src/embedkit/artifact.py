@@ -204,20 +204,6 @@ def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
     return Artifact(Path(directory), manifest)
 
 
-def with_records(artifact: Artifact, records: dict[str, Path]) -> Artifact:
-    """Copy release records (JSON/markdown/PNG) into ``records/`` and re-checksum."""
-    target = artifact.path / "records"
-    target.mkdir(exist_ok=True)
-    names: dict[str, str] = dict(artifact.manifest.records)
-    for key, src in records.items():
-        dest = target / Path(src).name
-        shutil.copyfile(src, dest)
-        names[key] = dest.relative_to(artifact.path).as_posix()
-    fields = artifact.manifest.model_dump(exclude={"files"})
-    fields["records"] = names
-    return finalize(artifact.path, fields)
-
-
 # --- BentoML model store -------------------------------------------------------
 
 

@@ -159,21 +159,113 @@ def release_cmd(
     limit: Annotated[
         int | None, typer.Option(help="At most this many STS sentences per genre in parity.")
     ] = None,
+    variants: Annotated[
+        bool,
+        typer.Option(help="Also build fused/INT8 variants, gate them per segment, and make the "
+                     "fastest approved one the default (takes minutes)."),
+    ] = False,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(help="Register this variant even if the gate rejects it (recorded)."),
+    ] = None,
     sign: Annotated[
-        Path | None, typer.Option(help="Ed25519 private key (PEM) to sign the manifest with.")
+        Path | None, typer.Option(help="Ed25519 private key (PEM) to sign the manifests with.")
     ] = None,
 ) -> None:
-    """Export → validate → (sign) → register in the BentoML model store; prints the model tag."""
+    """Export → validate → [variants + gate] → (sign) → register; prints the default tag."""
     from embedkit.recipe import find_recipe
     from embedkit.release import release
     from embedkit.signing import load_private_key
 
     if sign is not None:
-        load_private_key(sign)  # fail before a minute of export, not after
+        load_private_key(sign)  # fail before minutes of export, not after
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
-        result = release(recipe, workdir=workdir, limit_per_segment=limit, sign_key=sign, step=step)
+        result = release(
+            recipe, workdir=workdir, limit_per_segment=limit, variants=variants,
+            force=force or (), sign_key=sign, step=step,
+        )
+    for version in result.versions[:-1]:
+        err.print(f"  registered {version.name}: {version.tag}", highlight=False)
+    if result.summary_markdown:
+        err.print(result.summary_markdown, markup=False, highlight=False)
     print(result.tag)
+
+
+@app.command()
+@one_line_errors
+def optimize(
+    parent: Annotated[str, typer.Argument(help="fp32 artifact directory or model tag.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New artifact directory.")],
+) -> None:
+    """Fused FP32 variant (ORT transformer optimiser: attention / LayerNorm / GELU fusion)."""
+    from embedkit.artifact import resolve
+    from embedkit.quantize import build_variant
+
+    with progress("optimize"):
+        art = build_variant(resolve(parent), "fused-fp32", output)
+    out.print(f"fused-fp32 → {art.path}", highlight=False)
+
+
+@app.command()
+@one_line_errors
+def quantize(
+    parent: Annotated[str, typer.Argument(help="fp32 artifact directory or model tag.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New artifact directory.")],
+    mode: Annotated[
+        str, typer.Option(help="dynamic-int8 | static-int8 | fp16 (or a preset name)")
+    ] = "dynamic-int8",
+    weight_type: Annotated[str | None, typer.Option(help="s8 | u8 (INT8 modes)")] = None,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor")] = None,
+    reduce_range: Annotated[bool | None, typer.Option("--reduce-range/--full-range")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="static calibration: minmax | entropy | percentile")
+    ] = None,
+    calibration_size: Annotated[int | None, typer.Option(help="static: calibration sentences")] = None,
+) -> None:
+    """Quantised variant (dynamic/static INT8, FP16); gate it with `embedkit evaluate`."""
+    from embedkit.artifact import resolve
+    from embedkit.quantize import build_variant, candidate_presets
+
+    presets = candidate_presets()
+    options: dict[str, Any] = {}
+    if mode in presets:
+        options = dict(presets[mode])
+        mode = options.pop("kind")
+    given = {"weight_type": weight_type, "per_channel": per_channel, "reduce_range": reduce_range,
+             "method": method, "size": calibration_size}
+    options.update({k: v for k, v in given.items() if v is not None})
+    with progress(f"quantize {mode}"):
+        art = build_variant(resolve(parent), mode, output, **options)
+    out.print(f"{mode} {art.manifest.quantization.settings} → {art.path}", highlight=False)
+
+
+@app.command()
+@one_line_errors
+def evaluate(
+    variant: Annotated[str, typer.Argument(help="Variant artifact directory or model tag.")],
+    fp32: Annotated[str, typer.Option(help="The fp32 artifact it derives from (dir or tag).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where quality.{json,md,png} go.")] = Path(
+        "quality-report"
+    ),
+    max_pairs: Annotated[int | None, typer.Option(help="Subsample STS pairs (quick run).")] = None,
+    lang_pairs: Annotated[int | None, typer.Option(help="Subsample pairs per language.")] = None,
+) -> None:
+    """Per-segment quality report (genre, file, length, language) and the gate verdict."""
+    from embedkit import quality
+    from embedkit.artifact import resolve
+
+    with progress("evaluate"):
+        report = quality.evaluate(
+            resolve(variant), fp32=resolve(fp32), out_dir=out_dir, max_pairs=max_pairs,
+            lang_pairs=lang_pairs,
+        )
+    verdict = quality.gate(report)
+    quality.write_report(report, out_dir, verdict)
+    out.print(verdict.summary(), markup=False, highlight=False)
+    out.print(f"report: {out_dir}/quality.md", highlight=False)
+    if not verdict.approved:
+        raise typer.Exit(1)
 
 
 @app.command()

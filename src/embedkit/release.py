@@ -1,15 +1,18 @@
-"""The release pipeline: export → validate (contract + parity) → register.
+"""The release pipeline: export → validate (contract + parity) → variants + gate → register.
 
-A release never registers an artifact whose contract failed. The validation
-report travels with the artifact (``records/validation.json``) and its
-summary lands in the manifest, so the model store entry carries its own proof.
+A release never registers an artifact whose contract failed, nor a variant the
+quality gate rejected (unless forced, which its manifest records). Reports
+travel with each artifact (``records/``) and their summaries land in its
+manifest, so the model store entry carries its own proof. The default version
+(the fastest approved one) is registered last, so ``NAME:latest`` is it.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,21 +26,46 @@ ARTIFACTS_DIR = Path("artifacts")
 
 
 @dataclass(frozen=True)
-class Release:
+class Registered:
+    name: str
     tag: str
+    throughput: float | None
+    approved: bool | None
+
+
+@dataclass(frozen=True)
+class Release:
+    tag: str  # the default version
     artifact: Artifact
     report: dict[str, Any]
+    versions: list[Registered] = field(default_factory=list)
+    summary_markdown: str | None = None
 
 
-def attach_parity(artifact: Artifact, report: dict[str, Any], records_dir: Path) -> Artifact:
-    """Write the validation report beside the artifact and its summary into the manifest."""
-    records_dir.mkdir(parents=True, exist_ok=True)
-    report_file = records_dir / "validation.json"
-    report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    fields = artifact.manifest.model_dump(exclude={"files"})
-    fields["parity"] = contract.parity_summary(report)
-    fields["records"] = {**fields["records"], "validation": "records/validation.json"}
+def attach_records(artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]) -> Artifact:
+    """Copy report files into ``records/`` and re-finalise the manifest with ``manifest_updates``."""
+    target = artifact.path / "records"
+    target.mkdir(exist_ok=True)
+    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    names = dict(fields["records"])
+    for key, src in records.items():
+        dest = target / Path(src).name
+        if Path(src).resolve() != dest.resolve():
+            dest.write_bytes(Path(src).read_bytes())
+        names[key] = dest.relative_to(artifact.path).as_posix()
+    fields.update(manifest_updates)
+    fields["records"] = names
     return finalize(artifact.path, fields)
+
+
+def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
+    """Store the validation report beside the artifact and its summary in the manifest."""
+    (artifact.path / "records").mkdir(exist_ok=True)
+    report_file = artifact.path / "records" / "validation.json"
+    report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return attach_records(
+        artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
+    )
 
 
 def release(
@@ -45,25 +73,67 @@ def release(
     *,
     workdir: Path | None = None,
     limit_per_segment: int | None = None,
+    variants: bool = False,
+    presets: dict[str, dict[str, Any]] | None = None,
+    force: Sequence[str] = (),
     sign_key: Path | None = None,
     step: Step | None = None,
 ) -> Release:
-    """Export, validate, (sign) and register ``recipe``'s model; raise ContractViolation on failure."""
+    """Export, validate, optionally build and gate variants, sign and register.
+
+    Raises ContractViolation when the fp32 contract fails (nothing registered).
+    """
     say = step or (lambda _m: None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     base = Path(workdir) if workdir else ARTIFACTS_DIR
     base.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
-    out.rmdir()  # export() wants to create it
-    artifact = export(recipe, out, step=say)
+    root = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
+    artifact = export(recipe, root / "fp32", step=say)
     reference_dir, _ = recipe.source.resolve()
     report = contract.validate(
         artifact, reference_dir=reference_dir, limit_per_segment=limit_per_segment, step=say
     )
     contract.require_passed(report)
-    artifact = attach_parity(artifact, report, artifact.path / "records")
-    if sign_key is not None:
-        say(f"signing with key {signing.sign(artifact.path, sign_key)}")
-    say("registering in the BentoML model store")
-    tag = register(artifact)
-    return Release(tag=tag, artifact=artifact, report=report)
+    artifact = attach_parity(artifact, report)
+
+    # (name, artifact, throughput, approved); the fp32 parent is always approved by its contract.
+    entries: list[tuple[str, Artifact, float | None, bool | None]] = []
+    summary = None
+    if variants:
+        from embedkit import quality
+
+        candidates, speeds = quality.run_candidates(
+            artifact, root / "variants", presets=presets, reference_dir=reference_dir, say=say
+        )
+        summary = quality.summary_markdown(candidates, speeds, quality.load_thresholds())
+        (root / "variants" / "summary.md").write_text(summary + "\n")
+        entries.append(("fp32", artifact, speeds.get("fp32"), True))
+        for c in candidates:
+            if not c.verdict.approved and c.name not in force:
+                say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
+                continue
+            stamped = quality.stamp_verdict(c.artifact, c.verdict, force=c.name in force)
+            files = quality.write_report(c.report, stamped.path / "records", c.verdict)
+            stamped = attach_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
+            entries.append((c.name, stamped, c.throughput, c.verdict.approved))
+    else:
+        entries.append(("fp32", artifact, None, True))
+
+    approved = [e for e in entries if e[3]]
+    default = max(approved, key=lambda e: e[2] or 0.0)
+    ordered = [e for e in entries if e is not default] + [default]  # default last → :latest
+    registered: list[Registered] = []
+    for name, art, speed, ok in ordered:
+        if sign_key is not None:
+            say(f"signing {name} with key {signing.sign(art.path, sign_key)}")
+        role = "default" if (name, art) == default[:2] else "candidate"
+        say(f"registering {name} ({role})")
+        tag = register(art, labels={"variant": name, "role": role})
+        registered.append(Registered(name, tag, speed, ok))
+    return Release(
+        tag=registered[-1].tag,
+        artifact=default[1],
+        report=report,
+        versions=registered,
+        summary_markdown=summary,
+    )
