@@ -11,7 +11,7 @@ what makes BentoML batch across requests) and shapes responses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import bentoml
 import numpy as np
@@ -128,4 +128,7 @@ class EmbeddingAPI:
         return await self.front.tokenize(body)
 
 
-EmbeddingAPI.add_asgi_middleware(api.EdgeMiddleware, settings=SETTINGS)
+# The decorator returns a bentoml.Service; type checkers still see the class.
+cast("bentoml.Service[Any]", EmbeddingAPI).add_asgi_middleware(
+    api.EdgeMiddleware, settings=SETTINGS
+)

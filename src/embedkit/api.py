@@ -329,6 +329,19 @@ def translate_upstream(exc: BaseException) -> EmbedkitError:
     return InferenceError(INTERNAL_MESSAGE)
 
 
+def _validation_message(detail: list[Any]) -> str:
+    """One line from pydantic's error list: the field path (union-member tags such as
+    ``list[int]`` dropped) and the first message; a union that matched no member says so."""
+    first = detail[0]
+    path = [str(p) for p in first.get("loc", ()) if p != "body"]
+    members = [p for p in path if "[" in p or p in ("str", "int", "bool", "float")]
+    loc = ".".join(p for p in path if p not in members)
+    msg = str(first.get("msg", "invalid value"))
+    if members and len(detail) > 1:
+        msg = f"matches none of the accepted forms (e.g. {msg.lower()})"
+    return f"{loc}: {msg}" if loc else msg
+
+
 def foreign_error(status: int, body: bytes) -> EmbedkitError:
     """BentoML's own error body (validation 400, empty 5xx, 429/504 middlewares) → ours."""
     message = ""
@@ -339,11 +352,7 @@ def foreign_error(status: int, body: bytes) -> EmbedkitError:
         if isinstance(data, dict):
             detail = data.get("detail")
             if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-                first = detail[0]
-                loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-                message = (
-                    f"{loc}: {first.get('msg', 'invalid value')}" if loc else str(first.get("msg"))
-                )
+                message = _validation_message(detail)
             elif isinstance(data.get("error"), str):
                 message = data["error"]
     except ValueError:
