@@ -18,6 +18,7 @@ Imports onnx / onnxruntime.quantization lazily: not part of the serving path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -413,7 +414,9 @@ def quantize_static_int8(
         work = dst.parent.parent / "work"
         pre = work / "pre.onnx"
         # auto_merge: the dynamic batch/sequence dims otherwise stop symbolic inference.
-        quant_pre_process(str(src), str(pre), auto_merge=True)
+        # It writes scratch files into the working directory: keep them in `work`.
+        with contextlib.chdir(work):
+            quant_pre_process(str(src), str(pre), auto_merge=True)
         reader = SentenceCalibrationReader(parent, sentences)
         excluded = _matching_nodes(pre, exclude)
         quantize_static(
