@@ -358,8 +358,7 @@ def foreign_error(status: int, body: bytes) -> EmbedkitError:
     except ValueError:
         message = ""
     if status == 400:
-        if not message or message.startswith("Invalid JSON"):
-            message = message or "request body is not valid JSON for this route"
+        message = message or "request body is not valid JSON for this route"
         return InvalidInput(f"invalid request: {message}".replace("\n", " "))
     if status == 413:
         return PayloadTooLarge(message or "request too large")
@@ -369,8 +368,6 @@ def foreign_error(status: int, body: bytes) -> EmbedkitError:
         return NotReady("the service is not ready or overloaded; retry later")
     if status == 504:
         return UpstreamTimeout("the request timed out")
-    if status == 415:
-        return InvalidInput("unsupported Content-Type; send application/json")
     if 400 <= status < 500:
         err = InvalidInput(message or "invalid request")
         err.status = status
@@ -417,6 +414,11 @@ class EdgeMiddleware:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             check_auth(headers.get("authorization"), self.settings.api_keys)
             if scope["method"] == "POST":
+                # BentoML would also accept multipart and pickle bodies (pickle → 415,
+                # a malformed multipart body → 500): our routes take JSON only.
+                media = headers.get("content-type", "application/json").split(";")[0].strip()
+                if media.lower() != "application/json":
+                    raise InvalidInput(f"Content-Type must be application/json, not {media!r}")
                 receive = await self._bounded_body(headers, receive)
             if self.in_flight >= self.settings.max_concurrency:
                 raise Overloaded(

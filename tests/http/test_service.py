@@ -179,6 +179,16 @@ def test_error_table(server, path, body, status, code, param) -> None:  # type: 
     assert "\n" not in err["message"] and "Traceback" not in err["message"]
 
 
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "application/vnd.bentoml+pickle", "text/plain"]
+)
+def test_only_json_bodies(server, content_type: str) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(
+        server.url + "/embed", content=b"hello", timeout=30, headers={"content-type": content_type}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
+
+
 def test_too_long_names_the_item(server) -> None:  # type: ignore[no-untyped-def]
     r = post(server, "/embed", {"texts": ["ok", "word " * 400], "truncate": False})
     assert "input[1]" in r.json()["error"]["message"]
