@@ -199,9 +199,11 @@ def stage_context(variant: Variant, model_tag: str, out_dir: Path) -> Path:
 def _bento_env(variant: Variant, model_tag: str) -> dict[str, str]:
     # The service reads these at import; bentoml build imports it to pin the model
     # and record the service config (GPU resources). Never let a build lock or phone home.
+    # Image-only envs (LD_LIBRARY_PATH, PIP_*) stay out of the build process.
+    service_envs = {k: v for k, v in variant.envs.items() if k.startswith("EMBEDKIT_")}
     return {
         **os.environ,
-        **variant.envs,
+        **service_envs,
         "EMBEDKIT_MODEL": model_tag,
         "BENTOML_NO_LOCAL_URL": "1",
         "BENTOML_DO_NOT_TRACK": "True",
