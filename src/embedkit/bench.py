@@ -5,7 +5,7 @@ each pair) shuffled with a fixed seed, like a real random stream: adjacent
 texts differ in length, which is what makes pad-to-longest expensive.
 
 Systems are measured *interleaved*: every batch is encoded by every system
-(in rotating order) before moving on, so a noisy neighbour on a shared CPU
+(in a seeded random order) before moving on, so a noisy neighbour on a shared CPU
 slows all of them alike and the ratios stay meaningful. Speed is reported,
 never asserted. Each system is text → float32 vectors (tokenise, run,
 normalise), with the same thread count.
@@ -146,7 +146,7 @@ def measure(
     warmup_batches: int = 2,
     before_timing: Iterable[PadCounter] = (),
 ) -> dict[str, _Timing]:
-    """Time every system on every batch, rotating who goes first (counters reset after warm-up)."""
+    """Time every system on every batch in a seeded random order (counters reset after warm-up)."""
     batches = [list(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     names = list(systems)
     for batch in batches[:warmup_batches]:
@@ -155,9 +155,12 @@ def measure(
     for counter in before_timing:
         counter.reset()
     timings = {name: _Timing() for name in names}
-    for k, batch in enumerate(batches):
-        rotation = k % len(names)
-        for name in names[rotation:] + names[:rotation]:
+    order = random.Random(batch_size)
+    for batch in batches:
+        # A fresh random order per batch: a cyclic rotation would always put the same
+        # system right after PyTorch, whose OpenMP threads keep spinning for a while.
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
             systems[name](batch)
             timings[name].seconds.append(time.perf_counter() - start)
