@@ -78,8 +78,17 @@ async def _info(_: Request) -> Response:
         return api.error_response(exc)
 
 
-# GET routes (BentoML APIs are POST-only); EdgeMiddleware covers them too.
-metadata_app = Starlette(routes=[Route("/v1/models", _models), Route("/info", _info)])
+async def _docs(_: Request) -> Response:
+    front: serving.Front = bentoml.get_current_service().front
+    spec = cast("bentoml.Service[Any]", EmbeddingAPI).openapi_spec.asdict()
+    return JSONResponse(front.openapi(spec))
+
+
+# GET routes (BentoML APIs are POST-only); EdgeMiddleware covers them too. Our
+# /docs.json shadows BentoML's (mounted apps match first) to describe our errors.
+metadata_app = Starlette(
+    routes=[Route("/v1/models", _models), Route("/info", _info), Route("/docs.json", _docs)]
+)
 
 
 @bentoml.asgi_app(metadata_app, path="/")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from embedkit.engine import check_dimensions
 from embedkit.errors import (
@@ -70,10 +70,10 @@ class EmbedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(description="Texts to embed; empty strings are allowed.")
-    normalize: bool = Field(
+    normalize: StrictBool = Field(
         default=True, description="L2-normalise (after truncation to `dimensions`)."
     )
-    truncate: bool = Field(
+    truncate: StrictBool = Field(
         default=True,
         description="Truncate texts over the model's token limit; false answers 413 instead.",
     )
@@ -92,7 +92,9 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr]
-    truncate: bool = Field(default=True, description="false: texts over the limit answer 413.")
+    truncate: StrictBool = Field(
+        default=True, description="false: texts over the limit answer 413."
+    )
 
 
 # --- response schemas (for the OpenAPI document; bodies are written by hand) ---
@@ -133,6 +135,18 @@ class TokenizeResponse(BaseModel):
     counts: list[int]
     max_length: int
     usage: TokenUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class ErrorDetail(BaseModel):
@@ -369,7 +383,8 @@ def foreign_error(status: int, body: bytes) -> EmbedkitError:
     if status == 504:
         return UpstreamTimeout("the request timed out")
     if 400 <= status < 500:
-        err = InvalidInput(message or "invalid request")
+        default = "method not allowed" if status == 405 else "invalid request"
+        err = InvalidInput(message or default)
         err.status = status
         return err
     return InferenceError(INTERNAL_MESSAGE)
@@ -385,6 +400,125 @@ def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         raise Unauthorized("invalid API key")
+
+
+# --- the OpenAPI document ------------------------------------------------------------
+
+ERROR_STATUSES = {
+    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type.",
+    "401": "Missing or invalid API key (only when keys are configured).",
+    "404": "Unknown model.",
+    "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
+    "422": "dimensions out of range.",
+    "429": "Overloaded: retry after the Retry-After header.",
+    "500": "Internal error (details only in the server log).",
+    "503": "Not ready yet.",
+    "504": "The model did not answer in time.",
+}
+
+
+def openapi_document(
+    spec: dict[str, Any], *, settings: Settings, model: str, model_dim: int, vocab_size: int
+) -> dict[str, Any]:
+    """BentoML's generated document made honest: our error body and statuses on every
+    route, the limits the server enforces as schema constraints, and the GET routes
+    (a mounted Starlette app BentoML does not describe)."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    template = "#/components/schemas/{model}"
+    models: tuple[type[BaseModel], ...] = (
+        ErrorDetail,
+        ErrorResponse,
+        ModelCard,
+        ModelList,
+        EmbeddingItem,
+        OpenAIUsage,
+        EmbeddingsResponse,
+        TokenUsage,
+        EmbedResponse,
+        TokenizeResponse,
+    )
+    for cls in models:
+        schema = cls.model_json_schema(ref_template=template)
+        schema.pop("$defs", None)
+        schemas[cls.__name__] = schema
+    # BentoML flattens `list[...] | str` response fields to the list: use ours.
+    responses = {
+        "/v1/embeddings": "EmbeddingsResponse",
+        "/embed": "EmbedResponse",
+        "/embed/query": "EmbedResponse",
+        "/tokenize": "TokenizeResponse",
+    }
+    error = {
+        "content": {
+            "application/json": {"schema": {"$ref": template.format(model="ErrorResponse")}}
+        }
+    }
+    limits = {"minItems": 1, "maxItems": settings.max_client_batch}
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1},
+        "minItems": 1,
+    }
+    for path in INFERENCE_ROUTES:
+        op = spec.get("paths", {}).get(path, {}).get("post")
+        if op is None:
+            continue
+        for code, text in ERROR_STATUSES.items():
+            op["responses"][code] = {"description": text, **error}
+        op["responses"]["200"] = {
+            "description": "OK",
+            "content": {
+                "application/json": {"schema": {"$ref": template.format(model=responses[path])}}
+            },
+        }
+        op["requestBody"]["required"] = True
+        props = op["requestBody"]["content"]["application/json"]["schema"].get("properties", {})
+        for prop in props.values():  # BentoML flattens Optional[X] to X: OpenAPI 3.0 nullable
+            if "default" in prop and prop["default"] is None:
+                prop["nullable"] = True
+        if "texts" in props:
+            props["texts"].update(limits)
+        if "dimensions" in props:
+            props["dimensions"].update(minimum=1, maximum=model_dim)
+        if "model" in props:
+            props["model"]["enum"] = [model]
+        if "input" in props:
+            props["input"].pop("type", None)  # BentoML adds "string" beside the anyOf
+            props["input"]["anyOf"] = [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, **limits},
+                ids,
+                {"type": "array", "items": ids, **limits},
+            ]
+    ok = {"description": "OK"}
+    spec.setdefault("paths", {})["/v1/models"] = {
+        "get": {
+            "responses": {
+                "200": {
+                    **ok,
+                    "content": {
+                        "application/json": {"schema": {"$ref": template.format(model="ModelList")}}
+                    },
+                },
+                "401": {"description": ERROR_STATUSES["401"], **error},
+            }
+        }
+    }
+    spec["paths"]["/info"] = {
+        "get": {
+            "responses": {
+                "200": {**ok, "content": {"application/json": {"schema": {"type": "object"}}}},
+                **{
+                    c: {"description": ERROR_STATUSES[c], **error}
+                    for c in ("401", "429", "500", "504")
+                },
+            }
+        }
+    }
+    return spec
 
 
 # --- the edge middleware -----------------------------------------------------------
@@ -464,10 +598,13 @@ class EdgeMiddleware:
 
         return replay
 
-    async def _send_error(self, send: Any, exc: EmbedkitError) -> None:
+    async def _send_error(
+        self, send: Any, exc: EmbedkitError, keep: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         _count_rejection(exc)
         status, body, headers = error_status_body(exc)
         raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        raw.extend(keep)
         raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
@@ -506,7 +643,8 @@ class _ErrorRewriter:
             await self.send(self.start)
             await self.send({"type": "http.response.body", "body": body})
         else:
-            await self.send_error(self.send, foreign_error(status, body))
+            keep = [(k, v) for k, v in self.start.get("headers", ()) if k.lower() == b"allow"]
+            await self.send_error(self.send, foreign_error(status, body), keep)
 
 
 def _is_ours(body: bytes) -> bool:

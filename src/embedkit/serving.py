@@ -166,6 +166,7 @@ class Front:
         self.dimension = self.manifest.embedding.dimension
         self.model_name = settings.served_model_name or self.manifest.name
         self.ready = False
+        self._openapi: dict[str, Any] | None = None
 
     # --- the pipeline
     async def _job(self, build: Callable[[], api.EmbedJob], n: int) -> api.EmbedJob:
@@ -268,6 +269,17 @@ class Front:
                 }
             ],
         }
+
+    def openapi(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if self._openapi is None:
+            self._openapi = api.openapi_document(
+                spec,
+                settings=self.settings,
+                model=self.model_name,
+                model_dim=self.dimension,
+                vocab_size=self.tokenizer.vocab_size,
+            )
+        return self._openapi
 
     async def info(self, embedder: Any) -> dict[str, Any]:
         s = self.settings

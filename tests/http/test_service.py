@@ -138,6 +138,7 @@ ERRORS = [
     ("/embed", {"texts": "just a string"}, 400, "invalid_input", None),
     ("/embed", {"texts": ["a", None]}, 400, "invalid_input", None),
     ("/embed", {"texts": ["a"], "normalise": True}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "truncate": 0}, 400, "invalid_input", None),
     ("/v1/embeddings", {"model": MODEL, "input": []}, 400, "invalid_input", "input"),
     ("/v1/embeddings", {"model": MODEL, "input": [[]]}, 400, "invalid_input", "input"),
     ("/v1/embeddings", {"model": MODEL, "input": [10**9]}, 400, "invalid_input", "input"),
@@ -187,6 +188,12 @@ def test_only_json_bodies(server, content_type: str) -> None:  # type: ignore[no
         server.url + "/embed", content=b"hello", timeout=30, headers={"content-type": content_type}
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
+
+
+def test_unsupported_method_keeps_allow_header(server) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.request("TRACE", server.url + "/embed", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["message"] == "method not allowed"
 
 
 def test_too_long_names_the_item(server) -> None:  # type: ignore[no-untyped-def]
@@ -280,7 +287,17 @@ def test_our_metrics_are_exported(server) -> None:  # type: ignore[no-untyped-de
     assert re.search(r'embedkit_rejected_requests_total\{reason="invalid_input"\} [1-9]', text)
 
 
-def test_openapi_document_lists_post_routes(server) -> None:  # type: ignore[no-untyped-def]
-    paths = httpx.get(server.url + "/docs.json", timeout=10).json()["paths"]
+def test_openapi_document_is_honest(server) -> None:  # type: ignore[no-untyped-def]
+    doc = httpx.get(server.url + "/docs.json", timeout=10).json()
+    paths = doc["paths"]
     for route in ("/v1/embeddings", "/embed", "/embed/query", "/tokenize"):
-        assert "post" in paths[route]
+        responses = paths[route]["post"]["responses"]
+        assert {"200", "400", "401", "413", "422", "429", "500", "504"} <= set(responses)
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorResponse"
+        )
+    assert "get" in paths["/v1/models"] and "get" in paths["/info"]
+    body = paths["/embed"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["dimensions"]["maximum"] == DIM
+    assert body["properties"]["texts"]["minItems"] == 1
+    assert "ErrorResponse" in doc["components"]["schemas"]
