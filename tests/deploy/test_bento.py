@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -28,12 +24,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from tests.servers import BENTOML, Launcher, wait_ready
 
 from embedkit import bento
 from embedkit.errors import BuildError
 
 pytestmark = pytest.mark.slow
-BENTOML = str(Path(sys.executable).parent / "bentoml")
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sentence_transformers")
 
 
@@ -214,49 +210,23 @@ def test_unknown_variant_is_a_build_error(tmp_path: Path) -> None:
 # --- the built CPU Bento, served --------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(built: dict[str, bento.Built], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`bentoml serve <CPU bento tag>` on a free loopback port, torn down by process group."""
     workdir = tmp_path_factory.mktemp("serve-bento")
-    log = workdir / "serve.log"
     # Nothing from the caller may choose the model: the Bento's own envs and pin must.
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDKIT_")}
     env["HF_HUB_OFFLINE"] = "1"
-    port = _free_port()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [BENTOML, "serve", built["cpu"].tag, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    launch = Launcher(workdir)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
+        try:
+            srv = launch.spawn(built["cpu"].tag, env, cwd=workdir, ready=False)
+            wait_ready(srv, timeout=120)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield srv.url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        launch.stop_all()
 
 
 def test_served_cpu_bento_matches_the_in_process_engine(
