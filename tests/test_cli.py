@@ -83,7 +83,8 @@ def test_encode_bad_inputs(fp32_artifact: Artifact, tmp_path: Path) -> None:
     assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--dimensions", "0",
                               input="x\n"), "dimensions")
     assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--no-truncate",
-                              input="word " * 600 + "\n"), "tokens")
+                              "--chunk", "2", input="ok\nfine\nalso ok\n" + "word " * 600 + "\n"),
+                          "line 4 has", "tokens")
     assert_one_line_error(run("encode", "--model", str(tmp_path / "nothing")), "nothing")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -338,7 +339,10 @@ def encode(
         try:
             vectors = engine.encode(buffer, normalize=normalize, dimensions=dimensions, truncate=truncate)
         except EmbedkitError as exc:
-            exc.message = exc.message.replace("item ", "line ") if offset == 0 else exc.message
+            # The engine names items of this chunk (`input[i]`); the user thinks in lines.
+            exc.message = re.sub(
+                r"input\[(\d+)\]", lambda m: f"line {offset + int(m.group(1)) + 1}", exc.message
+            )
             raise
         lines = (json.dumps(v) for v in vectors.tolist())
         sys.stdout.write("\n".join(lines) + "\n")
