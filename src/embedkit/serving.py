@@ -28,7 +28,7 @@ import numpy as np
 from embedkit import api, metrics
 from embedkit.artifact import Artifact
 from embedkit.engine import Engine, postprocess
-from embedkit.errors import ArtifactError, EmbedkitError, InferenceError
+from embedkit.errors import ArtifactError, EmbedkitError, InferenceError, Overloaded
 from embedkit.settings import Settings
 from embedkit.tokens import TextTokenizer
 
@@ -166,6 +166,7 @@ class Front:
         self.dimension = self.manifest.embedding.dimension
         self.model_name = settings.served_model_name or self.manifest.name
         self.ready = False
+        self.queued_tokens = 0  # admitted to the Embedder, not yet answered (see _admit)
         self._openapi: dict[str, Any] | None = None
 
     # --- the pipeline
@@ -174,8 +175,20 @@ class Front:
             return await asyncio.to_thread(build)
         return build()
 
+    def _admit(self, tokens: int) -> None:
+        """Token-budget admission: the Embedder's queue holds at most ``max_queued_tokens``
+        (bounded work, so bounded queueing delay); the excess gets 429 + Retry-After."""
+        limit = self.settings.max_queued_tokens
+        if self.queued_tokens and self.queued_tokens + tokens > limit:
+            raise Overloaded(
+                f"the model queue is full ({self.queued_tokens} tokens waiting, limit {limit}); "
+                "retry after the indicated delay"
+            )
+        self.queued_tokens += tokens
+
     async def embed(self, embedder: Any, job: api.EmbedJob, route: str) -> np.ndarray:
         call: Call = embedder.embed_query if job.lane == "query" else embedder.embed_bulk
+        self._admit(job.tokens)
         sent_at = time.time()
         try:
             raw = await asyncio.wait_for(
@@ -188,6 +201,8 @@ class Front:
             if isinstance(err, InferenceError):
                 log.exception("embedder call failed")
             raise err from exc
+        finally:
+            self.queued_tokens -= job.tokens
         vectors = postprocess(
             np.asarray(raw),
             normalize=job.normalize,
@@ -305,6 +320,7 @@ class Front:
                 "max_length": self.tokenizer.max_length,
                 "dimensions": [1, self.dimension],
                 "max_concurrency": s.max_concurrency,
+                "max_queued_tokens": s.max_queued_tokens,
                 "request_timeout_s": s.request_timeout_s,
             },
             "auth": bool(s.api_keys),

@@ -166,6 +166,15 @@ class Settings(BaseSettings):
         256, ge=1, description="Requests in flight per front worker before 429 with Retry-After."
     )
     request_timeout_s: int = Field(60, ge=1, description="Upstream timeout (504 above).")
+    max_queued_tokens: int = Field(
+        16_384,
+        ge=1,
+        description="Admission by work, not by request count: real tokens handed to the Embedder "
+        "and not yet answered, per front worker; a request that would push past it gets 429 + "
+        "Retry-After (a request alone is always admitted). This bounds queueing delay to about "
+        "max_queued_tokens / throughput: ~2-3 s at the ~6k tokens/s of 2 CPU cores (measured, "
+        "docs/reliability.md). Raise it with faster hardware; lower it for a tighter latency budget.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="Bearer tokens accepted on inference routes; empty disables auth.",
