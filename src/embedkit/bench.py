@@ -9,14 +9,22 @@ Systems are measured *interleaved*: every batch is encoded by every system
 slows all of them alike and the ratios stay meaningful. Speed is reported,
 never asserted. Each system is text → float32 vectors (tokenise, run,
 normalise), with the same thread count.
+
+:func:`run_bench` is the full `embedkit bench` in-process part: every system
+(PyTorch when the export extra is installed, naive ORT, the engine, the engine
+on each variant artifact) on two corpora (the STS stream and long texts made
+from it), batch sizes 1/8/32/128, plus the machine, roofline and memory
+context that :mod:`embedkit.bench_report` turns into markdown, plots and cost.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,8 @@ from embedkit.runtime import CPU, create_session
 from embedkit.settings import Settings, get_settings
 
 Encode = Callable[[list[str]], np.ndarray]
+# Progress: (calls done, calls in total, what is running); the CLI draws a bar from it.
+OnProgress = Callable[[int, int, str], None]
 
 TORCH = "pytorch-st"
 NAIVE = "naive-ort"
@@ -42,6 +52,34 @@ def sts_stream(max_texts: int | None = None, *, seed: int = 0) -> list[str]:
     texts = [s for pair in corpus.sts("test") for s in (pair.sentence1, pair.sentence2)]
     random.Random(seed).shuffle(texts)
     return texts[:max_texts] if max_texts else texts
+
+
+LONG_MIN_WORDS = 180  # ~230+ word pieces: most long texts reach the 256-token limit
+
+
+def long_stream(count: int, *, seed: int = 0) -> list[str]:
+    """``count`` long texts (consecutive sts-test sentences joined), shuffled with ``seed``.
+
+    Documents rather than queries: every text is near the model's token limit, so
+    padding matters little and the attention cost (quadratic in length) shows.
+    """
+    texts = corpus.long_texts(LONG_MIN_WORDS, count)
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def default_corpora(max_texts: int | None, long_texts: int, *, seed: int = 0) -> dict[str, list[str]]:
+    """The two corpora of `embedkit bench`: short STS sentences and long texts."""
+    out = {"sts": sts_stream(max_texts, seed=seed)}
+    if long_texts:
+        out["long"] = long_stream(long_texts, seed=seed)
+    return out
+
+
+CORPUS_NAMES = {
+    "sts": "stsbenchmark sts-test (sentence1+sentence2, shuffled)",
+    "long": f"long texts: consecutive sts-test sentences joined to >= {LONG_MIN_WORDS} words, shuffled",
+}
 
 
 @dataclass
@@ -132,10 +170,16 @@ class _Timing:
             "texts_per_s": texts / total,
             "tokens_per_s": tokens / total,
             "p50_ms": statistics.median(ms),
-            "p95_ms": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
+            "p95_ms": _rank(ms, 0.95),
+            "p99_ms": _rank(ms, 0.99),
             "calls": len(ms),
             "seconds": total,
         }
+
+
+def _rank(sorted_ms: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: a reported p99 is a real call)."""
+    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 def measure(
@@ -145,26 +189,165 @@ def measure(
     *,
     warmup_batches: int = 2,
     before_timing: Iterable[PadCounter] = (),
+    rounds: int = 1,
+    on_call: Callable[[str], None] | None = None,
 ) -> dict[str, _Timing]:
-    """Time every system on every batch in a seeded random order (counters reset after warm-up)."""
+    """Time every system on every batch in a seeded random order (counters reset after warm-up).
+
+    ``rounds`` repeats the whole pass (small corpora in the gate); ``on_call`` is
+    told after every call, for progress bars.
+    """
     batches = [list(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
     names = list(systems)
     for batch in batches[:warmup_batches]:
         for name in names:
             systems[name](batch)
+            if on_call:
+                on_call(name)
     for counter in before_timing:
         counter.reset()
     timings = {name: _Timing() for name in names}
     order = random.Random(batch_size)
-    for batch in batches:
-        # A fresh random order per batch: a cyclic rotation would always put the same
-        # system right after PyTorch, whose OpenMP threads keep spinning for a while.
-        order.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            systems[name](batch)
-            timings[name].seconds.append(time.perf_counter() - start)
+    for _ in range(rounds):
+        for batch in batches:
+            # A fresh random order per batch: a cyclic rotation would always put the same
+            # system right after PyTorch, whose OpenMP threads keep spinning for a while.
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter()
+                systems[name](batch)
+                timings[name].seconds.append(time.perf_counter() - start)
+                if on_call:
+                    on_call(name)
     return timings
+
+
+def calls_for(n_texts: int, batch_size: int, n_systems: int, *, warmup_batches: int = 2,
+              rounds: int = 1) -> int:
+    """How many calls :func:`measure` makes (the total of a progress bar)."""
+    batches = -(-n_texts // batch_size)
+    return n_systems * (min(warmup_batches, batches) + rounds * batches)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return float(psutil.Process(os.getpid()).memory_info().rss) / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class SystemSet:
+    """The systems of one benchmark run, built once and shared by every corpus."""
+
+    engine: Engine  # the main artifact's engine (tokenizer for token counts)
+    encoders: dict[str, Encode]
+    padding: dict[str, PadCounter]
+    load_rss_mb: dict[str, float]  # RSS growth while each system loaded
+    variants: dict[str, str]  # system name → artifact path
+
+
+def engine_name(variant: str) -> str:
+    return f"{ENGINE}[{variant}]"
+
+
+def build_systems(
+    artifact_dir: str | Path,
+    settings: Settings,
+    *,
+    variants: Mapping[str, str | Path] | None = None,
+    include_torch: bool = True,
+    include_plain_engine: bool = True,
+    model_dir: Path | None = None,
+) -> SystemSet:
+    """PyTorch (if importable), naive ORT, the plain and the default engine, one engine per variant."""
+    rss: dict[str, float] = {}
+    systems: dict[str, Encode] = {}
+    padding: dict[str, PadCounter] = {}
+
+    before = _rss_mb()
+    engine = Engine.load(artifact_dir, settings)
+    engine.warmup()
+    rss[ENGINE] = _rss_mb() - before
+    artifact = engine.artifact
+    if include_torch:
+        src = model_dir or _default_model_dir()
+        before = _rss_mb()
+        torch_fn = torch_encoder(src, settings.intra_op_threads) if src else None
+        if torch_fn is not None:
+            systems[TORCH] = torch_fn
+            rss[TORCH] = _rss_mb() - before
+    before = _rss_mb()
+    systems[NAIVE], padding[NAIVE] = naive_ort(artifact, settings)
+    rss[NAIVE] = _rss_mb() - before
+    if include_plain_engine:
+        before = _rss_mb()
+        plain = Engine(artifact, settings.model_copy(update={"token_aware_batching": False}))
+        systems[ENGINE_PLAIN], padding[ENGINE_PLAIN] = engine_encoder(plain)
+        rss[ENGINE_PLAIN] = _rss_mb() - before
+    systems[ENGINE], padding[ENGINE] = engine_encoder(engine)
+    paths = {ENGINE: str(artifact.path)}
+    for variant, path in (variants or {}).items():
+        name = engine_name(variant)
+        before = _rss_mb()
+        var_engine = Engine.load(path, settings)
+        var_engine.warmup()
+        rss[name] = _rss_mb() - before
+        systems[name], padding[name] = engine_encoder(var_engine)
+        paths[name] = str(var_engine.artifact.path)
+    return SystemSet(engine, systems, padding, rss, paths)
+
+
+def bench_texts(
+    systems: SystemSet,
+    texts: Sequence[str],
+    batch_sizes: Sequence[int],
+    *,
+    echo: Callable[[str], None] | None = None,
+    on_call: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Rows and ratios per batch size for one corpus (JSON-able)."""
+    tokens = sum(len(ids) for ids in systems.engine.tokenizer.encode(list(texts)))
+    out: dict[str, Any] = {}
+    for batch_size in batch_sizes:
+        timings = measure(
+            systems.encoders, texts, batch_size, before_timing=systems.padding.values(),
+            on_call=on_call,
+        )
+        rows = {name: t.summary(len(texts), tokens) for name, t in timings.items()}
+        for name, counter in systems.padding.items():
+            rows[name]["padding_ratio"] = counter.ratio
+        base = rows[NAIVE]["texts_per_s"]
+        ratios = {f"{name}/{NAIVE}": rows[name]["texts_per_s"] / base for name in rows}
+        if TORCH in rows:
+            for name in rows:
+                if name.startswith(ENGINE) and name != ENGINE_PLAIN:
+                    ratios[f"{name}/{TORCH}"] = rows[name]["texts_per_s"] / rows[TORCH]["texts_per_s"]
+        out[str(batch_size)] = {"systems": rows, "ratios": ratios}
+        if echo:
+            echo(format_batch(batch_size, rows, ratios))
+    return out
+
+
+def runtime_info(engine: Engine, settings: Settings) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    return {
+        "onnxruntime": ort.__version__,
+        "provider": engine.provider,
+        "intra_op_threads": settings.intra_op_threads,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "max_sub_batch_size": settings.max_sub_batch_size,
+        "sub_batch_cost_tokens": settings.sub_batch_cost_tokens,
+        "token_aware_batching": settings.token_aware_batching,
+        "allow_spinning": settings.allow_spinning,
+        "arena_shrinkage": settings.arena_shrinkage,
+        "io_binding": engine.runner.io_binding,
+    }
 
 
 def run_inprocess_bench(
@@ -184,64 +367,109 @@ def run_inprocess_bench(
     ``model_dir`` is the sentence-transformers source for the PyTorch baseline
     (default: the default model's package). ``echo=None`` prints nothing.
     """
-    import onnxruntime as ort
-
     settings = settings or get_settings()
-    engine = Engine.load(artifact_dir, settings)
-    engine.warmup()
-    artifact = engine.artifact
+    systems = build_systems(
+        artifact_dir, settings, include_torch=include_torch,
+        include_plain_engine=include_plain_engine, model_dir=model_dir,
+    )
     texts = sts_stream(max_texts, seed=seed)
-    tokens = sum(len(ids) for ids in engine.tokenizer.encode(texts))
-
-    systems: dict[str, Encode] = {}
-    padding: dict[str, PadCounter] = {}
-    if include_torch:
-        src = model_dir or _default_model_dir()
-        torch_fn = torch_encoder(src, settings.intra_op_threads) if src else None
-        if torch_fn is not None:
-            systems[TORCH] = torch_fn
-    systems[NAIVE], padding[NAIVE] = naive_ort(artifact, settings)
-    if include_plain_engine:
-        plain = Engine(artifact, settings.model_copy(update={"token_aware_batching": False}))
-        systems[ENGINE_PLAIN], padding[ENGINE_PLAIN] = engine_encoder(plain)
-    systems[ENGINE], padding[ENGINE] = engine_encoder(engine)
-
-    result: dict[str, Any] = {
+    artifact = systems.engine.artifact
+    batches = bench_texts(systems, texts, batch_sizes, echo=echo)
+    return {
         "corpus": {
-            "name": "stsbenchmark sts-test (sentence1+sentence2, shuffled)",
+            "name": CORPUS_NAMES["sts"],
             "seed": seed,
             "texts": len(texts),
-            "tokens": tokens,
+            "tokens": sum(len(i) for i in systems.engine.tokenizer.encode(texts)),
         },
         "artifact": {
             "name": artifact.manifest.name,
             "path": str(artifact.path),
             "quantization": artifact.manifest.quantization.mode,
         },
-        "runtime": {
-            "onnxruntime": ort.__version__,
-            "provider": engine.provider,
-            "intra_op_threads": settings.intra_op_threads,
-            "max_batch_tokens": settings.max_batch_tokens,
-            "max_sub_batch_size": settings.max_sub_batch_size,
-            "arena_shrinkage": settings.arena_shrinkage,
-            "io_binding": engine.runner.io_binding,
-        },
-        "batches": {},
+        "runtime": runtime_info(systems.engine, settings),
+        "batches": batches,
     }
-    for batch_size in batch_sizes:
-        timings = measure(systems, texts, batch_size, before_timing=padding.values())
-        rows = {name: t.summary(len(texts), tokens) for name, t in timings.items()}
-        for name, counter in padding.items():
-            rows[name]["padding_ratio"] = counter.ratio
-        base = rows[NAIVE]["texts_per_s"]
-        ratios = {f"{name}/{NAIVE}": rows[name]["texts_per_s"] / base for name in rows}
-        if TORCH in rows:
-            ratios[f"{ENGINE}/{TORCH}"] = rows[ENGINE]["texts_per_s"] / rows[TORCH]["texts_per_s"]
-        result["batches"][str(batch_size)] = {"systems": rows, "ratios": ratios}
-        if echo:
-            echo(format_batch(batch_size, rows, ratios))
-    return result
+
+
+def run_bench(
+    artifact_dir: str | Path,
+    *,
+    variants: Mapping[str, str | Path] | None = None,
+    batch_sizes: Sequence[int] = (1, 8, 32, 128),
+    max_texts: int | None = 1024,
+    long_texts: int = 128,
+    seed: int = 0,
+    include_torch: bool = True,
+    include_plain_engine: bool = True,
+    settings: Settings | None = None,
+    model_dir: Path | None = None,
+    on_progress: OnProgress | None = None,
+) -> dict[str, Any]:
+    """The in-process part of `embedkit bench`: every system × corpus × batch size, one run.
+
+    Adds machine facts, FLOPs/token and the estimated peak (:mod:`embedkit.roofline`)
+    and memory: RSS growth per system at load and the process's peak RSS.
+    """
+    from embedkit import roofline
+
+    settings = settings or get_settings()
+    corpora = default_corpora(max_texts, long_texts, seed=seed)
+    systems = build_systems(
+        artifact_dir, settings, variants=variants, include_torch=include_torch,
+        include_plain_engine=include_plain_engine, model_dir=model_dir,
+    )
+    n = len(systems.encoders)
+    total = sum(calls_for(len(t), b, n) for t in corpora.values() for b in batch_sizes)
+    done = 0
+
+    def tick(label: str) -> Callable[[str], None]:
+        def call(name: str) -> None:
+            nonlocal done
+            done += 1
+            if on_progress:
+                on_progress(done, total, f"{label}: {name}")
+
+        return call
+
+    results: dict[str, Any] = {}
+    tokenizer = systems.engine.tokenizer
+    for cname, texts in corpora.items():
+        lengths = [len(i) for i in tokenizer.encode(texts)]
+        results[cname] = {
+            "corpus": {
+                "name": CORPUS_NAMES[cname], "seed": seed, "texts": len(texts),
+                "tokens": sum(lengths), "mean_tokens": sum(lengths) / len(lengths),
+                "max_tokens": max(lengths),
+            },
+            "batches": {},
+        }
+        for b in batch_sizes:
+            results[cname]["batches"].update(
+                bench_texts(systems, texts, [b], on_call=tick(f"{cname} batch {b}"))
+            )
+    artifact = systems.engine.artifact
+    return {
+        "kind": "embedkit-bench",
+        "version": 1,
+        "artifact": {
+            "name": artifact.manifest.name,
+            "tag": artifact.tag,
+            "path": str(artifact.path),
+            "quantization": artifact.manifest.quantization.mode,
+        },
+        "systems": {
+            name: {"artifact": systems.variants.get(name), "load_rss_mb": systems.load_rss_mb.get(name)}
+            for name in systems.encoders
+        },
+        "runtime": runtime_info(systems.engine, settings),
+        "machine": roofline.machine(),
+        "model_flops": roofline.model_flops(artifact.model_path),
+        "memory": {"peak_rss_mb": peak_rss_mb(), "note": "one process holds every system"},
+        "load_average": dict(zip(("1m", "5m", "15m"), os.getloadavg(), strict=True)),
+        "batch_sizes": list(batch_sizes),
+        "corpora": results,
+    }
 
 
 def _default_model_dir() -> Path | None:
@@ -268,3 +496,17 @@ def format_batch(
             f"{ratios[f'{name}/{NAIVE}']:>9.2f}x"
         )
     return "\n".join(lines)
+
+
+def registered_variants(name: str, *, exclude_tag: str | None = None) -> dict[str, str]:
+    """The newest registered version of each variant of model ``name`` (label ``variant``)."""
+    import bentoml
+
+    newest: dict[str, Any] = {}
+    for model in bentoml.models.list(name):
+        variant = model.info.labels.get("variant")
+        if not variant or str(model.tag) == exclude_tag:
+            continue
+        if variant not in newest or model.creation_time > newest[variant].creation_time:
+            newest[variant] = model
+    return {variant: str(model.tag) for variant, model in sorted(newest.items())}

@@ -372,5 +372,179 @@ def info(target: Annotated[str, typer.Argument(help="Model tag or artifact direc
             out.print(f"  {name}: {art.path / rel}", highlight=False)
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInput(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidInput(f"{option} must list positive integers, got {text!r}")
+    return values
+
+
+def _named_targets(items: list[str] | None, option: str) -> dict[str, str]:
+    """``NAME=TAG_OR_DIR`` (or a bare tag/dir, named after itself) → {name: target}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, target = item.partition("=")
+        if not sep:
+            name, target = Path(item.rstrip("/")).name or item, item
+        if not name or not target:
+            raise InvalidInput(f"{option} takes NAME=TAG_OR_DIR, got {item!r}")
+        out[name] = target
+    return out
+
+
+@contextmanager
+def _bar(title: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar with a total (stderr); the callback takes (done, total, description)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(title, total=None)
+
+        def update(done: int, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{title}: {description}")
+
+        yield update
+
+
+@app.command()
+@one_line_errors
+def bench(
+    artifact: Annotated[
+        str | None, typer.Argument(help="Model tag or artifact directory (default: the served model).")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where bench.{json,md} and PNGs go.")] = Path(
+        "bench-report"
+    ),
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Also run the engine on this variant: NAME=TAG_OR_DIR (repeatable)."),
+    ] = None,
+    registered: Annotated[
+        bool, typer.Option(help="Add every registered variant of the model from the BentoML store.")
+    ] = True,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
+    max_texts: Annotated[int, typer.Option(help="STS sentences in the short corpus.", min=8)] = 1024,
+    long_texts: Annotated[int, typer.Option(help="Texts in the long corpus (0: skip).", min=0)] = 128,
+    torch: Annotated[bool, typer.Option(help="Include PyTorch (needs the export extra).")] = True,
+    http: Annotated[bool, typer.Option(help="Also start a server and sweep HTTP concurrency.")] = False,
+    url: Annotated[str | None, typer.Option(help="Sweep this running server instead.")] = None,
+    http_seconds: Annotated[float, typer.Option(help="Seconds per HTTP phase.", min=1)] = 10.0,
+    concurrency: Annotated[str, typer.Option(help="HTTP concurrencies.")] = "1,4,16,64",
+) -> None:
+    """PyTorch, naive ORT and the engine (+ variants) side by side; JSON, markdown and plots."""
+    from embedkit.artifact import resolve
+    from embedkit.bench import registered_variants
+    from embedkit.bench_report import bench_and_report
+    from embedkit.settings import get_settings
+
+    art = resolve(artifact or get_settings().model)
+    variants = _named_targets(variant, "--variant")
+    if registered:
+        for name, tag in registered_variants(art.manifest.name, exclude_tag=art.tag).items():
+            variants.setdefault(name, tag)
+    command = "embedkit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else ""
+    with _bar("bench") as update:
+        paths = bench_and_report(
+            art.tag or art.path, out_dir, variants=dict(variants), http=http, url=url,
+            http_seconds=http_seconds, concurrencies=tuple(_ints(concurrency, "--concurrency")),
+            batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_texts=max_texts,
+            long_texts=long_texts, include_torch=torch, command=command.strip(), on_progress=update,
+        )
+    for kind, path in paths.items():
+        out.print(f"{kind}: {path}", highlight=False)
+
+
+@app.command("profile")
+@one_line_errors
+def profile_cmd(
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(help="NAME=TAG_OR_DIR or TAG_OR_DIR (default: the served model)."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Traces, profile.json and profile.md.")] = Path(
+        "profile-report"
+    ),
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
+    batches: Annotated[int, typer.Option(help="Batches profiled per batch size.", min=1)] = 8,
+    top: Annotated[int, typer.Option(help="Operators kept per profile.", min=1)] = 10,
+) -> None:
+    """ORT profiling: top operators by share of kernel time, per variant and batch size."""
+    from embedkit.profiling import markdown, profile
+    from embedkit.settings import get_settings
+
+    named = _named_targets(targets, "TARGET") or {"default": get_settings().model}
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    with _bar("profile") as update:
+        total = len(named) * len(sizes)
+        steps = iter(range(1, total + 1))
+        report = profile(
+            named, out_dir, batch_sizes=sizes, max_batches=batches, top=top,
+            on_step=lambda what: update(next(steps), total, what),
+        )
+    out.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {out_dir}/profile.md (raw traces beside it)", highlight=False)
+
+
+@app.command()
+@one_line_errors
+def gate(
+    baseline: Annotated[
+        str, typer.Option(help="Baseline: model tag, artifact dir, runtime record or bench.json.")
+    ],
+    candidate: Annotated[
+        str | None, typer.Option(help="Candidate tag or artifact dir (default: the baseline's artifact).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Candidate setting override KEY=VALUE (repeatable); "
+                     "EMBEDKIT_* variables apply too."),
+    ] = None,
+    short: Annotated[bool, typer.Option(help="The short run CI uses.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+) -> None:
+    """Fail (exit 1) if the candidate is slower or worse than the baseline, measured in this run."""
+    from embedkit import perfgate
+    from embedkit.artifact import resolve
+    from embedkit.bench import calls_for
+    from embedkit.settings import get_settings
+
+    th = perfgate.load_thresholds()
+    if short:
+        th = th.shortened()
+    base = perfgate.load_baseline(baseline)
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in perfgate.RUNTIME_FIELDS:
+            raise InvalidInput(
+                f"--set takes KEY=VALUE with KEY one of {', '.join(perfgate.RUNTIME_FIELDS)}; got {item!r}"
+            )
+        overrides[key] = value
+    settings = perfgate.settings_from_record({"settings": overrides}, get_settings())
+    art = resolve(candidate) if candidate else base.artifact
+    changes = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    label = (candidate or "the baseline's artifact") + (f" with {changes}" if changes else "")
+    cand = perfgate.Config(label, art, settings)
+    sizes = set(th.throughput_batch_sizes) | set(th.latency_batch_sizes)
+    total = sum(calls_for(th.texts, b, 2, rounds=th.rounds) for b in sizes)
+    with _bar("gate") as update:
+        calls = iter(range(1, total + 1))
+        result = perfgate.run_gate(
+            base, cand, th, on_call=lambda name: update(next(calls, total), total, name)
+        )
+    if report:
+        report.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    out.print(result.markdown(), markup=False, highlight=False, soft_wrap=True)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
