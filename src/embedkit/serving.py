@@ -119,7 +119,12 @@ class EmbedderCore:
     """Owns the ORT engine; runs merged batches and records what they cost."""
 
     def __init__(self, artifact: Artifact, settings: Settings) -> None:
-        self.engine = Engine(artifact, settings)
+        try:
+            self.engine = Engine(artifact, settings)
+        except EmbedkitError as exc:  # strict provider refusal, unloadable graph: one line
+            log.error("embedkit refuses to start: %s", exc)
+            metrics.get().model_load_failures.labels(reason=exc.code or "engine_error").inc()
+            raise
         report = self.engine.provider_report
         if report.fallback:
             log.warning("embedkit provider fallback: %s", report.reason)
@@ -189,18 +194,8 @@ class Front:
     async def embed(self, embedder: Any, job: api.EmbedJob, route: str) -> np.ndarray:
         call: Call = embedder.embed_query if job.lane == "query" else embedder.embed_bulk
         self._admit(job.tokens)
-        sent_at = time.time()
         try:
-            raw = await asyncio.wait_for(
-                call([(sent_at, row) for row in job.ids]), self.settings.request_timeout_s
-            )
-        except EmbedkitError:
-            raise
-        except Exception as exc:  # the proxy's BentoML/aiohttp errors: translated, never leaked
-            err = api.translate_upstream(exc)
-            if isinstance(err, InferenceError):
-                log.exception("embedder call failed")
-            raise err from exc
+            raw = await self._call(call, job.ids)
         finally:
             self.queued_tokens -= job.tokens
         vectors = postprocess(
@@ -213,6 +208,35 @@ class Front:
         m.texts_embedded.labels(route=route).inc(len(job.ids))
         m.tokens_embedded.labels(route=route).inc(job.tokens)
         return vectors
+
+    async def _call(self, call: Call, ids: list[list[int]]) -> Any:
+        """One call to the Embedder, retried once if the connection broke.
+
+        The proxy reuses keep-alive connections that the Embedder's server closes
+        when idle (uvicorn: 5 s); a request racing that close fails with "Can not
+        write request body" before the Embedder saw it — a 500 under plain load
+        (tests/load). A worker restart breaks connections the same way. Embedding
+        is idempotent, so one retry is safe; anything else is translated, never leaked.
+        """
+        for attempt in (1, 2):
+            sent_at = time.time()
+            try:
+                return await asyncio.wait_for(
+                    call([(sent_at, row) for row in ids]), self.settings.request_timeout_s
+                )
+            except EmbedkitError:
+                raise
+            except Exception as exc:  # the proxy's BentoML/aiohttp errors
+                if attempt == 1 and _broken_connection(exc):
+                    # before ready the Embedder is simply not up yet: no warning then
+                    level = logging.WARNING if self.ready else logging.DEBUG
+                    log.log(level, "embedder connection broke (%s); retrying once", exc)
+                    continue
+                err = api.translate_upstream(exc)
+                if isinstance(err, InferenceError):
+                    log.exception("embedder call failed")
+                raise err from exc
+        raise AssertionError("unreachable")
 
     async def _guard(self, work: Awaitable[bytes]) -> Any:
         from starlette.responses import Response
@@ -368,6 +392,13 @@ class Front:
                 )
         self.ready = True
         log.info("embedkit front service warm and ready (model %s)", self.model_name)
+
+
+def _broken_connection(exc: BaseException) -> bool:
+    """A connection-level failure (reset, closed, refused), not a timeout or an answer."""
+    import aiohttp
+
+    return isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, TimeoutError)
 
 
 def _iso_to_epoch(stamp: str) -> float:
