@@ -97,6 +97,11 @@ class Manifest(BaseModel):
     records: dict[str, str] = Field(
         default_factory=dict, description="Release records stored beside the artifact (name → file)."
     )
+    performance: dict[str, Any] | None = Field(
+        None,
+        description="Flat summary of the release records (bench.*, runtime.*, profile.*), "
+        "copied into the model store metadata.",
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def summary(self) -> dict[str, Any]:
@@ -116,6 +121,7 @@ class Manifest(BaseModel):
             "parity_passed": None if self.parity is None else self.parity.get("passed"),
             "created_at": self.created_at,
             **{f"toolchain.{k}": v for k, v in sorted(self.toolchain.items())},
+            **(self.performance or {}),
         }
         return {k: v for k, v in summary.items() if v is not None}
 

@@ -172,8 +172,13 @@ def release_cmd(
     sign: Annotated[
         Path | None, typer.Option(help="Ed25519 private key (PEM) to sign the manifests with.")
     ] = None,
+    bench: Annotated[
+        bool,
+        typer.Option(help="Store a short benchmark and profiler summary with each version "
+                     "(~10 s each); the runtime parameters are always stored."),
+    ] = True,
 ) -> None:
-    """Export → validate → [variants + gate] → (sign) → register; prints the default tag."""
+    """Export → validate → [variants + gate] → records → (sign) → register; prints the default tag."""
     from embedkit.recipe import find_recipe
     from embedkit.release import release
     from embedkit.signing import load_private_key
@@ -184,7 +189,7 @@ def release_cmd(
     with progress(f"release {recipe.name}") as step:
         result = release(
             recipe, workdir=workdir, limit_per_segment=limit, variants=variants,
-            force=force or (), sign_key=sign, step=step,
+            force=force or (), sign_key=sign, step=step, bench=bench,
         )
     for version in result.versions[:-1]:
         err.print(f"  registered {version.name}: {version.tag}", highlight=False)

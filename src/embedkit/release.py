@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedkit import contract, signing
+from embedkit import contract, records, signing
 from embedkit.artifact import Artifact, finalize, register
 from embedkit.export import Step, export
 from embedkit.recipe import Recipe
@@ -78,8 +78,12 @@ def release(
     force: Sequence[str] = (),
     sign_key: Path | None = None,
     step: Step | None = None,
+    bench: bool = True,
 ) -> Release:
     """Export, validate, optionally build and gate variants, sign and register.
+
+    Every registered version carries release records (:mod:`embedkit.records`): its
+    runtime parameters and, with ``bench``, a short benchmark and profiler summary.
 
     Raises ContractViolation when the fp32 contract fails (nothing registered).
     """
@@ -124,15 +128,19 @@ def release(
     ordered = [e for e in entries if e is not default] + [default]  # default last → :latest
     registered: list[Registered] = []
     for name, art, speed, ok in ordered:
+        role = "default" if (name, art) == default[:2] else "candidate"
+        # Records before signing: attaching them re-finalises the manifest.
+        say(f"release records for {name}" + (" (short benchmark, profile)" if bench else ""))
+        files, perf = records.write_records(art, name, root / "records" / name, bench=bench)
+        art = attach_records(art, files, {"performance": perf})
         if sign_key is not None:
             say(f"signing {name} with key {signing.sign(art.path, sign_key)}")
-        role = "default" if (name, art) == default[:2] else "candidate"
         say(f"registering {name} ({role})")
         tag = register(art, labels={"variant": name, "role": role})
         registered.append(Registered(name, tag, speed, ok))
     return Release(
         tag=registered[-1].tag,
-        artifact=default[1],
+        artifact=art,  # the default, registered last, with its records
         report=report,
         versions=registered,
         summary_markdown=summary,
