@@ -82,6 +82,9 @@ def embedder_config(settings: Settings) -> dict[str, Any]:
         "resources": resources,
         "traffic": {"timeout": settings.request_timeout_s},
         "runner_connection": {"max_requests": 1_000_000_000, "max_age": 1e9},
+        # Internal hop: the front's access log already records the request; a line per
+        # batch here costs CPU the model needs.
+        "logging": {"access": {"enabled": False}},
     }
 
 
@@ -96,6 +99,7 @@ def front_config(settings: Settings) -> dict[str, Any]:
         "name": "embedkit",
         "workers": 1,
         "traffic": {"timeout": settings.request_timeout_s + 5},
+        "logging": {"access": {"enabled": settings.access_log}},
     }
 
 

@@ -175,6 +175,11 @@ class Settings(BaseSettings):
         "max_queued_tokens / throughput: ~2-3 s at the ~6k tokens/s of 2 CPU cores (measured, "
         "docs/reliability.md). Raise it with faster hardware; lower it for a tighter latency budget.",
     )
+    access_log: bool = Field(
+        True,
+        description="One log line per HTTP request on the front service. Off saves CPU at "
+        "hundreds of requests/s; the inner service never logs per batch.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="Bearer tokens accepted on inference routes; empty disables auth.",
