@@ -16,7 +16,14 @@ from typing import Any
 from embedkit import cost, roofline
 from embedkit.bench import ENGINE, NAIVE, TORCH
 
-COST_BATCH = "32"  # the batch size whose throughput prices a configuration (bulk embedding)
+COST_BATCH = 32  # the batch size whose throughput prices a configuration (bulk embedding)
+
+
+def cost_batch(batches: dict[str, Any]) -> str:
+    """COST_BATCH if measured, else the largest measured batch size below it (else the smallest)."""
+    sizes = sorted(int(b) for b in batches)
+    below = [b for b in sizes if b <= COST_BATCH]
+    return str(below[-1] if below else sizes[0])
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, *, command: str = "") -> dict[str, Path]:
@@ -43,10 +50,11 @@ def _pct(x: float | None) -> str:
 
 def cost_table(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Cost rows for every system measured at batch 32 on the STS corpus, plus GPU rows."""
-    sts = result.get("corpora", {}).get("sts", {}).get("batches", {}).get(COST_BATCH)
-    if not sts:
+    batches = result.get("corpora", {}).get("sts", {}).get("batches")
+    if not batches:
         return []
-    measured = {f"{name} (b{COST_BATCH})": row["texts_per_s"] for name, row in sts["systems"].items()}
+    b = cost_batch(batches)
+    measured = {f"{name} (b{b})": row["texts_per_s"] for name, row in batches[b]["systems"].items()}
     return cost.cost_rows(measured, result["machine"]["cores"], cost.load_prices())
 
 
@@ -185,7 +193,7 @@ def _cost_section(result: dict[str, Any]) -> list[str]:
         "## Cost per 1,000 embeddings",
         "",
         f"Prices from `config/prices.yaml` (edit it). CPU throughput: this run, STS corpus, batch "
-        f"{COST_BATCH}; the 16-vCPU class is scaled linearly from the 2-core measurement. GPU "
+        f"{cost_batch(result['corpora']['sts']['batches'])}; the 16-vCPU class is scaled linearly from the 2-core measurement. GPU "
         "throughput is not measured here: each row carries its source (published or estimate).",
         "",
         "| hardware | configuration | texts/s | USD per 1k | USD per 1M | throughput source |",
@@ -257,12 +265,12 @@ def plot(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     bars = []
     for cname, run in corpora.items():
-        batch = run["batches"].get(COST_BATCH) or list(run["batches"].values())[-1]
+        batch = run["batches"][cost_batch(run["batches"])]
         for name, row in batch["systems"].items():
             bars.append((f"{name}\n{cname}", row["texts_per_s"]))
     ax.bar(range(len(bars)), [v for _, v in bars], color="tab:blue")
     ax.set_xticks(range(len(bars)), [n for n, _ in bars], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"texts/s at batch {COST_BATCH}")
+    ax.set_ylabel(f"texts/s at batch {cost_batch(next(iter(corpora.values()))['batches'])}")
     ax.set_title("per system and variant")
     fig.tight_layout()
     paths["variants_png"] = out_dir / "variants.png"

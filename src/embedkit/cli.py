@@ -513,6 +513,9 @@ def gate(
     ] = None,
     short: Annotated[bool, typer.Option(help="The short run CI uses.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Thresholds file (default: config/perf-gate.yaml).")
+    ] = None,
 ) -> None:
     """Fail (exit 1) if the candidate is slower or worse than the baseline, measured in this run."""
     from embedkit import perfgate
@@ -520,7 +523,7 @@ def gate(
     from embedkit.bench import calls_for
     from embedkit.settings import get_settings
 
-    th = perfgate.load_thresholds()
+    th = perfgate.load_thresholds(config) if config else perfgate.load_thresholds()
     if short:
         th = th.shortened()
     base = perfgate.load_baseline(baseline)

@@ -1,0 +1,207 @@
+"""Benchmark, profile, release records, cost and the performance gate (real sessions, small runs).
+
+Speed is never asserted as an absolute: the gate tests check that a candidate
+much slower by construction fails (1 thread and token-aware batching off: 0.35-0.56×
+the default at batch 32/128 on the shared 2-core CI machine, limit 0.80) and that the
+default against itself passes (0.89-1.03 measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedkit import bench, bench_http, cost, perfgate, profiling, records, roofline
+from embedkit.artifact import finalize, register
+from embedkit.bench_report import bench_and_report
+from embedkit.cli import app
+from embedkit.errors import InvalidInput
+from embedkit.release import attach_records
+from embedkit.settings import get_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def int8_variant(fp32_artifact, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from embedkit.quantize import build_variant
+
+    out = tmp_path_factory.mktemp("variants") / "dynamic-int8"
+    return build_variant(fp32_artifact, "dynamic-int8", out, weight_type="s8", per_channel=True)
+
+
+def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_variant, tmp_path):  # type: ignore[no-untyped-def]
+    pytest.importorskip("sentence_transformers", reason="PyTorch baseline needs the export extra")
+    paths = bench_and_report(
+        fp32_artifact.path, tmp_path, variants={"int8": int8_variant.path},
+        batch_sizes=(1, 8), max_texts=24, long_texts=3, command="embedkit bench (test)",
+    )
+    for key in ("json", "markdown", "throughput_png", "variants_png"):
+        assert paths[key].is_file(), key
+    for key in ("throughput_png", "variants_png"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(paths["json"].read_text())
+    assert set(result["corpora"]) == {"sts", "long"}
+    assert result["corpora"]["long"]["corpus"]["mean_tokens"] > 150  # long texts really are long
+    names = {bench.TORCH, bench.NAIVE, bench.ENGINE_PLAIN, bench.ENGINE, "engine[int8]"}
+    for run in result["corpora"].values():
+        assert set(run["batches"]) == {"1", "8"}
+        for batch in run["batches"].values():
+            assert set(batch["systems"]) == names
+            row = batch["systems"][bench.ENGINE]
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+            assert row["texts_per_s"] > 0
+            assert f"{bench.ENGINE}/{bench.TORCH}" in batch["ratios"]
+    assert result["memory"]["peak_rss_mb"] > 100
+    assert result["machine"]["cores"] >= 1 and result["machine"]["isa"]["level"]
+    # 6 layers × (4·384² + 2·384·1536) weights × 2 FLOPs: all-MiniLM-L6-v2, counted from the graph.
+    assert result["model_flops"]["weight_flops_per_token"] == 21_233_664
+    assert {r["hardware"] for r in result["cost"]} >= {"cpu-2vcpu", "t4", "h100"}
+    md = paths["markdown"].read_text()
+    for name in names:
+        assert f"| {name} |" in md or f"| **{name}** |" in md
+    assert "× naive ORT" in md and "× PyTorch" in md and "% est. peak" in md
+    assert "## Cost per 1,000 embeddings" in md and "throughput.png" in md
+
+
+def test_http_sweep_against_a_started_service(fp32_artifact):  # type: ignore[no-untyped-def]
+    service = bench_http.start_service(fp32_artifact.path)
+    try:
+        asyncio.run(bench_http.wait_ready(service.url, proc=service.proc))
+        texts = bench.sts_stream(200)
+        result = bench_http.run_http_bench(
+            service.url, texts, concurrencies=(1, 4), seconds=1.5, settle_s=0.5, bulk_size=8,
+        )
+    finally:
+        service.stop()
+    assert not service.home.exists()
+    for route in ("interactive", "bulk"):
+        rows = result["routes"][route]["concurrency"]
+        assert set(rows) == {"1", "4"}
+        for row in rows.values():
+            assert row["requests"] > 0 and row["errors"] == 0
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+
+
+# --- the gate --------------------------------------------------------------------------
+
+
+def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+    report = tmp_path / "gate.json"
+    res = runner.invoke(
+        app, ["gate", "--baseline", str(fp32_artifact.path), "--short", "--report", str(report)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "performance gate: PASSED" in res.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and set(data["throughput"]) == {"1", "32", "128"}
+
+
+def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+    # The configured thresholds, timed at batch 128 only: the slow candidate is slow by
+    # construction, and measuring it at every batch size would only cost CI time.
+    config = perfgate.load_thresholds().model_dump()
+    config.update(throughput_batch_sizes=[128], latency_batch_sizes=[], texts=256, rounds=2)
+    path = tmp_path / "perf-gate.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    res = runner.invoke(app, [
+        "gate", "--baseline", str(fp32_artifact.path), "--config", str(path),
+        "--set", "intra_op_threads=1", "--set", "token_aware_batching=false",
+    ])
+    assert res.exit_code == 1, res.output
+    assert "performance gate: FAILED" in res.output
+    assert "FAIL: throughput at batch 128" in res.output  # padding 2.5-3× its real tokens there
+
+
+def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_copy):  # type: ignore[no-untyped-def]
+    from embedkit.artifact import Artifact
+
+    base = perfgate.load_baseline(artifact_copy)
+    fields = base.artifact.manifest.model_dump(mode="json", exclude={"files"})
+    rejected_dir = artifact_copy.parent / "rejected"
+    shutil.copytree(artifact_copy, rejected_dir)
+    fields["quantization"] = {"mode": "dynamic-int8", "approved": False}
+    rejected = finalize(rejected_dir, fields)
+    th = perfgate.load_thresholds().shortened().model_copy(
+        update={"texts": 32, "rounds": 1, "throughput_batch_sizes": [8], "latency_batch_sizes": []}
+    )
+    cand = perfgate.Config("rejected", Artifact.load(rejected.path), get_settings())
+    result = perfgate.run_gate(base, cand, th)
+    assert not result.passed
+    assert any("no approved quality verdict (rejected)" in f for f in result.failures)
+
+
+def test_gate_config_and_records_reject_bad_input(tmp_path):  # type: ignore[no-untyped-def]
+    bad = tmp_path / "perf.yaml"
+    bad.write_text("throughput_drop_max: 2\n")
+    with pytest.raises(InvalidInput, match="invalid"):
+        perfgate.load_thresholds(bad)
+    with pytest.raises(InvalidInput, match="unknown settings: nope"):
+        perfgate.settings_from_record({"settings": {"nope": 1}})
+    assert perfgate.settings_from_record({"settings": {"intra_op_threads": 1}}).intra_op_threads == 1
+    res = runner.invoke(app, ["gate", "--baseline", str(tmp_path), "--set", "threads"])
+    assert res.exit_code == 1 and "error:" in res.output
+
+
+# --- profile, release records, info ------------------------------------------------------
+
+
+def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+    report = profiling.profile({"fp32": fp32_artifact.path}, tmp_path, batch_sizes=(8,), max_batches=2)
+    summary = report["variants"]["fp32"]["8"]
+    assert Path(summary["trace"]).is_file()  # the raw Chrome trace is kept
+    ops = summary["top_ops"]
+    assert ops and abs(sum(o["share"] for o in ops) - 1) < 0.2
+    assert ops == sorted(ops, key=lambda o: o["ms"], reverse=True)
+    assert "MatMul" in {o["op"] for o in ops[:3]}  # a transformer encoder is matmul-bound
+    assert (tmp_path / "profile.md").read_text().count("| fp32 |") == 1
+
+
+def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+    import bentoml
+
+    from embedkit.artifact import Artifact
+
+    shutil.copytree(fp32_artifact.path, tmp_path / "art")
+    art = Artifact.load(tmp_path / "art")
+    files, summary = records.write_records(art, "fp32", tmp_path / "records")
+    art = attach_records(art, files, {"performance": summary})
+    tag = register(art, labels={"variant": "fp32", "role": "default"})
+    res = runner.invoke(app, ["info", tag])
+    assert res.exit_code == 0, res.output
+    listed = {line.split(":")[0].strip() for line in res.output.split("records:")[1].splitlines() if ":" in line}
+    assert {"runtime", "bench", "profile"} <= listed
+    stored = Path(bentoml.models.get(tag).path)
+    runtime = json.loads((stored / "records" / "runtime.json").read_text())
+    assert runtime["variant"] == "fp32" and runtime["settings"]["intra_op_threads"] >= 1
+    assert json.loads((stored / "records" / "profile.json").read_text())["variants"]["fp32"]["32"]["top_ops"]
+    metadata = bentoml.models.get(tag).info.metadata
+    assert metadata["bench.texts_per_s_b32"] > 0 and metadata["runtime.variant"] == "fp32"
+    # The gate restores the baseline's recorded runtime parameters.
+    base = perfgate.load_baseline(tag)
+    assert base.settings.intra_op_threads == runtime["settings"]["intra_op_threads"]
+
+
+# --- pure functions -------------------------------------------------------------------------
+
+
+def test_cost_and_roofline_arithmetic(tmp_path):  # type: ignore[no-untyped-def]
+    assert cost.per_1k(3.6, 1.0) == pytest.approx(1.0)  # $3.60/h at 1 text/s → $1 per 1k
+    table = cost.load_prices()
+    rows = cost.cost_rows({"engine (b32)": 100.0}, 2, table)
+    by_hw = {r["hardware"]: r for r in rows if r["config"] == "engine (b32)"}
+    assert by_hw["cpu-16vcpu"]["texts_per_s"] == pytest.approx(800.0)
+    assert all(r["throughput_source"] for r in rows)
+    bad = tmp_path / "prices.yaml"
+    bad.write_text("hardware: {t4: {kind: gpu, hourly_usd: 1}}\n")  # no price_source
+    with pytest.raises(InvalidInput):
+        cost.load_prices(bad)
+    assert roofline.cpu_ghz("cpu MHz\t\t: 2000.0\ncpu MHz\t\t: 3000.0\n") == pytest.approx(2.5)
+    flops = {"available": True, "weight_flops_per_token": 1e6, "attention_flops_per_token_per_position": 10}
+    got = roofline.achieved(1000.0, flops, 100.0, peak_gflops=2.02)
+    assert got["gflops"] == pytest.approx(1.001) and got["share_of_peak"] == pytest.approx(1.001 / 2.02)
