@@ -259,7 +259,15 @@ def decode_base64(data: str, dim: int) -> np.ndarray:
     return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dim)
 
 
+try:  # A/B in progress (docs/benchmarks/serving-tuning.md)
+    import orjson as _orjson
+except ImportError:  # pragma: no cover
+    _orjson = None
+
+
 def dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(obj)
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -530,7 +538,8 @@ class EdgeMiddleware:
     In order: auth, body-size limit (Content-Length first, then counted while
     reading, so a huge body is never buffered), admission control (in-flight
     requests per worker above ``max_concurrency`` → 429 + Retry-After), and the
-    rewrite of any non-OpenAI error body into ours. BentoML's own concurrency and
+    rewrite of any non-OpenAI error body into ours; a request whose client
+    disconnects is cancelled. BentoML's own concurrency and
     timeout middlewares sit outside this one and answer in their own shape, so
     service.py sets their limits above ours.
     """
@@ -544,6 +553,7 @@ class EdgeMiddleware:
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
             await self.app(scope, receive, send)
             return
+        raw_receive = receive
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             check_auth(headers.get("authorization"), self.settings.api_keys)
@@ -563,7 +573,11 @@ class EdgeMiddleware:
             return
         self.in_flight += 1
         try:
-            await self.app(scope, receive, _ErrorRewriter(send, self._send_error))
+            app = self.app(scope, receive, _ErrorRewriter(send, self._send_error))
+            if scope["method"] == "POST":  # body fully read: raw_receive now only reports a disconnect
+                await _drop_if_disconnected(app, raw_receive)
+            else:
+                await app
         finally:
             self.in_flight -= 1
 
@@ -608,6 +622,34 @@ class EdgeMiddleware:
         raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drop_if_disconnected(app: Any, receive: Any) -> None:
+    """Run the request, cancelling it if the client goes away first: work nobody will
+    read is dropped (the front sends big jobs to the Embedder in chunks, so at most
+    the chunk in flight still runs) instead of holding queue slots and CPU."""
+    import asyncio
+
+    from embedkit import metrics
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(app)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            metrics.get().dropped_requests.inc()
+        await asyncio.gather(task, return_exceptions=True)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+    finally:
+        for t in (task, watcher):
+            t.cancel()
 
 
 def _count_rejection(exc: EmbedkitError) -> None:

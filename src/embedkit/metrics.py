@@ -21,6 +21,7 @@ class Metrics:
     texts_embedded: Any  # Counter{route}
     tokens_embedded: Any  # Counter{route}
     rejected_requests: Any  # Counter{reason}: client mistakes and overload, by error code
+    dropped_requests: Any  # Counter: requests cancelled because their client disconnected
     padding_ratio: Any  # Histogram: padded tokens / real tokens of one inference call
     sub_batch_size: Any  # Histogram: texts per ORT run
     sub_batch_tokens: Any  # Histogram: padded tokens per ORT run
@@ -57,6 +58,10 @@ def get() -> Metrics:
             "embedkit_rejected_requests_total",
             "Requests answered with an error, by error code (invalid_input, overloaded, ...).",
             ["reason"],
+        ),
+        dropped_requests=Counter(
+            "embedkit_dropped_requests_total",
+            "Requests cancelled because the client disconnected before the answer.",
         ),
         padding_ratio=Histogram(
             "embedkit_padding_ratio",

@@ -197,11 +197,20 @@ class Front:
 
     async def embed(self, embedder: Any, job: api.EmbedJob, route: str) -> np.ndarray:
         call: Call = embedder.embed_query if job.lane == "query" else embedder.embed_bulk
+        # Chunks of the lane's batch size, one after another: the Embedder would split a
+        # big job the same way, but a cancelled request (client gone) then stops after
+        # the chunk in flight instead of leaving the whole job in the Embedder's queue.
+        s = self.settings
+        size = s.query_max_batch_size if job.lane == "query" else s.bulk_max_batch_size
         self._admit(job.tokens)
         try:
-            raw = await self._call(call, job.ids)
+            parts = [
+                np.asarray(await self._call(call, job.ids[i : i + size]))
+                for i in range(0, len(job.ids), size)
+            ]
         finally:
             self.queued_tokens -= job.tokens
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
         vectors = postprocess(
             np.asarray(raw),
             normalize=job.normalize,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -118,3 +120,33 @@ def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> Non
         assert set(run(burst())) <= {200, 429}
     growth = lt.tree_rss(server.proc.pid) / rss_start - 1
     assert growth < 0.05, f"server RSS grew {growth:.1%} over 30 mixed long/short requests"
+
+
+def test_client_disconnect_drops_its_work(server, corpus) -> None:  # type: ignore[no-untyped-def]
+    """A client that gives up on a ~6 s bulk request: the server cancels it, the Embedder
+    goes idle after the chunk in flight instead of computing the rest for nobody."""
+    embedder = next(
+        p for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "embedder" in p.cmdline()
+    )
+    texts = (corpus.texts[: corpus.long_from] * 4)[:1536]
+
+    def cpu() -> float:
+        t = embedder.cpu_times()
+        return t.user + t.system
+
+    def dropped() -> float:
+        m = re.search(r"^embedkit_dropped_requests_total ([0-9.e+]+)", server.metrics(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    before = dropped()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/embed", json={"texts": texts}, timeout=httpx.Timeout(60, read=1.5))
+    time.sleep(2.0)  # the chunk in flight at the disconnect finishes
+    start = cpu()
+    time.sleep(3.0)
+    busy = cpu() - start
+    assert busy < 0.6, f"the Embedder kept working {busy:.1f} CPU-s after its client left"
+    assert dropped() == before + 1
+    one = httpx.post(server.url + "/embed/query", json={"texts": [corpus.texts[0]]}, timeout=30)
+    assert one.status_code == 200
