@@ -326,3 +326,45 @@ def test_middleware_rewrites_foreign_errors_only() -> None:
     assert kept.json() == json.loads(ours)
     assert empty_500.status_code == 500
     assert empty_500.json()["error"]["message"] == api.INTERNAL_MESSAGE
+
+
+def test_middleware_cancels_a_request_whose_client_left() -> None:
+    """The client disconnects while the app is still working: the app is cancelled
+    (its work dropped), nothing is sent, admission is released."""
+    cancelled = asyncio.Event()
+
+    async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    edge = api.EdgeMiddleware(slow_app, SETTINGS)
+    messages = [
+        {"type": "http.request", "body": b"{}", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if len(messages) == 1:
+            await asyncio.sleep(0.05)  # the client leaves a moment after sending
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/embed",
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+    async def run() -> None:
+        await asyncio.wait_for(edge(scope, receive, send), timeout=5)
+
+    asyncio.run(run())
+    assert cancelled.is_set() and sent == [] and edge.in_flight == 0
