@@ -27,6 +27,7 @@ import numpy as np
 
 from embedkit import api, metrics
 from embedkit.artifact import Artifact
+from embedkit.coalesce import Coalescer
 from embedkit.engine import Engine, postprocess
 from embedkit.errors import ArtifactError, EmbedkitError, InferenceError, Overloaded
 from embedkit.settings import Settings
@@ -177,6 +178,7 @@ class Front:
         self.ready = False
         self.queued_tokens = 0  # admitted to the Embedder, not yet answered (see _admit)
         self._openapi: dict[str, Any] | None = None
+        self._coalescers: dict[str, Coalescer] = {}  # per lane; the proxy never changes
 
     # --- the pipeline
     async def _job(self, build: Callable[[], api.EmbedJob], n: int) -> api.EmbedJob:
@@ -204,9 +206,9 @@ class Front:
         size = s.query_max_batch_size if job.lane == "query" else s.bulk_max_batch_size
         self._admit(job.tokens)
         try:
+            send = self._sender(job.lane, call)
             parts = [
-                np.asarray(await self._call(call, job.ids[i : i + size]))
-                for i in range(0, len(job.ids), size)
+                np.asarray(await send(job.ids[i : i + size])) for i in range(0, len(job.ids), size)
             ]
         finally:
             self.queued_tokens -= job.tokens
@@ -221,6 +223,18 @@ class Front:
         m.texts_embedded.labels(route=route).inc(len(job.ids))
         m.tokens_embedded.labels(route=route).inc(job.tokens)
         return vectors
+
+    def _sender(self, lane: api.Lane, call: Call) -> Callable[[list[list[int]]], Awaitable[Any]]:
+        """One Embedder call per chunk, or via the lane's :class:`Coalescer` (shared by
+        concurrent requests) when ``front_coalescing`` is on."""
+        if not self.settings.front_coalescing:
+            return lambda ids: self._call(call, ids)
+        merger = self._coalescers.get(lane)
+        if merger is None:
+            s = self.settings
+            size = s.query_max_batch_size if lane == "query" else s.bulk_max_batch_size
+            merger = self._coalescers[lane] = Coalescer(lambda ids: self._call(call, ids), size)
+        return merger.submit
 
     async def _call(self, call: Call, ids: list[list[int]]) -> Any:
         """One call to the Embedder, retried once if the connection broke.

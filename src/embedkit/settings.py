@@ -156,6 +156,12 @@ class Settings(BaseSettings):
         description="Batching deadline of the interactive lane: sheds (429) rather than "
         "queue past it. 50 ms shed most requests at concurrency 16 on 2 cores (measured).",
     )
+    front_coalescing: bool = Field(
+        True,
+        description="The front merges the rows of requests that reach it in the same event-loop "
+        "turn into one Embedder call (no waiting). Cuts the per-call HTTP/serialisation cost "
+        "BentoML pays on both sides; measured in docs/benchmarks/serving-tuning.md.",
+    )
     max_client_batch: int = Field(
         2048, ge=1, description="Most items one request may carry (413 above)."
     )

@@ -254,11 +254,13 @@ def test_concurrent_requests_are_batched(server, path, body, method) -> None:  #
     before = batch_stats(server.metrics(), method)
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
-    total, ones = (
+    total, _ = (
         a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True)
     )
+    # The front merges requests that arrive together into one Embedder call
+    # (embedkit.coalesce) and BentoML merges queued calls, so one batch can hold many
+    # requests: fewer batches than requests is the proof either way merged them.
     assert 0 < total < 48, "requests were not merged into fewer batches"
-    assert ones < total, "every batch held a single request"
 
 
 def test_more_than_100_requests_in_flight(server, engine) -> None:  # type: ignore[no-untyped-def]
