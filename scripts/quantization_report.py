@@ -45,7 +45,9 @@ def main(argv: list[str]) -> int:
         say=lambda m: print(f"[{time.time() - started:6.0f}s] {m}", flush=True),
     )
     th = quality.load_thresholds()
-    default = quality.pick_default([c for c in candidates if c.report.mode != "none"])
+    best = quality.pick_default([c for c in candidates if c.report.mode != "none"])
+    # The fp32 parent competes too (release.py): a variant is default only if faster.
+    default = best.name if best and (best.throughput or 0) > speeds["fp32"] else "fp32 (parent)"
     quality.plot_deltas({c.name: c.report for c in candidates}, DOCS / "quantization.png")
     encoder = type(quality.load_encoder(parent)).__name__
     body = "\n".join([
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> int:
         + " ".join(argv),
         "```",
         "",
-        f"Default chosen by the gate: **{default.name if default else 'none approved'}**.",
+        f"Default chosen by the gate: **{default}** (fastest approved: "
+        f"{best.name if best else 'no variant'} vs the fp32 parent).",
         "",
         quality.summary_markdown(candidates, speeds, th),
         "![per-segment deltas](quantization.png)",
