@@ -572,7 +572,13 @@ class EdgeMiddleware:
         try:
             app = self.app(scope, receive, _ErrorRewriter(send, self._send_error))
             if scope["method"] == "POST":  # body fully read: raw_receive now only reports a disconnect
-                await _drop_if_disconnected(app, raw_receive)
+                if await _drop_if_disconnected(app, raw_receive):
+                    # Nobody reads this, but BentoML's timeout middleware (outside us) waits
+                    # for a response start until request_timeout_s and would hold the
+                    # request task — and a graceful shutdown — that long. 499: nginx's
+                    # "client closed request", also what the access log then shows.
+                    await send({"type": "http.response.start", "status": 499, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
             else:
                 await app
         finally:
@@ -621,10 +627,11 @@ class EdgeMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _drop_if_disconnected(app: Any, receive: Any) -> None:
+async def _drop_if_disconnected(app: Any, receive: Any) -> bool:
     """Run the request, cancelling it if the client goes away first: work nobody will
     read is dropped (the front sends big jobs to the Embedder in chunks, so at most
-    the chunk in flight still runs) instead of holding queue slots and CPU."""
+    the chunk in flight still runs) instead of holding queue slots and CPU.
+    True if it was dropped."""
     import asyncio
 
     from embedkit import metrics
@@ -637,13 +644,15 @@ async def _drop_if_disconnected(app: Any, receive: Any) -> None:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
+        dropped = not task.done()
+        if dropped:
             task.cancel()
             metrics.get().dropped_requests.inc()
         await asyncio.gather(task, return_exceptions=True)
         error = None if task.cancelled() else task.exception()
         if error is not None:
             raise error
+        return dropped
     finally:
         for t in (task, watcher):
             t.cancel()

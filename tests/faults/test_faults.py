@@ -200,5 +200,9 @@ def test_embedder_killed_mid_load_restarts_and_recovers(model_tag, launcher, cor
         time.sleep(1)
     assert embedder_pid(server) != victim and server.proc.poll() is None
     assert np.abs(got - corpus.expected([1], dimensions=None, normalize=True)[0]).max() <= lt.TOLERANCE
+    # Normal service again: right vectors, no errors but deliberate shedding (the new
+    # worker's dispatcher serves its first calls unbatched, so a query may hit its deadline).
     after = asyncio.run(lt.closed_loop(server.url, corpus, duration_s=4, concurrency=4, model=MODEL))
-    assert all(o.status == 200 and o.wrong == 0 for o in after), lt.summarize(after, 4).by_status
+    report = lt.summarize(after, 4)
+    assert report.wrong_vectors == 0 and set(report.by_status) <= {"200", "429"}, report.by_status
+    assert report.by_status.get("200", 0) >= 0.9 * report.requests, report.by_status
