@@ -178,8 +178,9 @@ class Settings(BaseSettings):
         description="Admission by work, not by request count: real tokens handed to the Embedder "
         "and not yet answered, per front worker; a request that would push past it gets 429 + "
         "Retry-After (a request alone is always admitted). This bounds queueing delay to about "
-        "max_queued_tokens / throughput: ~2-3 s at the ~6k tokens/s of 2 CPU cores (measured, "
-        "docs/reliability.md). Raise it with faster hardware; lower it for a tighter latency budget.",
+        "max_queued_tokens / token throughput: served p99 3.9-7.1 s at 5x overload on 2 shared "
+        "cores, vs 37 s bounded by request count only (docs/reliability.md). Raise it with faster "
+        "hardware; lower it for a tighter latency budget (more 429s).",
     )
     access_log: bool = Field(
         True,
