@@ -370,3 +370,9 @@ def test_middleware_cancels_a_request_whose_client_left() -> None:
     asyncio.run(run())
     assert cancelled.is_set() and edge.in_flight == 0
     assert [m.get("status") for m in sent if m["type"] == "http.response.start"] == [499]
+
+
+def test_dumps_handles_integers_beyond_64_bits() -> None:
+    import json
+
+    assert json.loads(api.dumps({"n": 10**30, "v": [0.5]})) == {"n": 10**30, "v": [0.5]}

@@ -264,8 +264,13 @@ def dumps(obj: Any) -> bytes:
     """Compact JSON, the same numbers as ``json.dumps`` (floats come from ``tolist()``:
     float64 shortest repr either way; non-ASCII text stays UTF-8 instead of ``\\u`` escapes)
     but ~15x faster on 384 floats (docs/benchmarks/serving-tuning.md). orjson writes NaN as
-    null where json refused it; ``engine.postprocess`` already refuses non-finite vectors."""
-    return orjson.dumps(obj)
+    null where json refused it; ``engine.postprocess`` already refuses non-finite vectors.
+    orjson refuses integers beyond 64 bits; such a body (a client's echoed value) goes
+    through the stdlib instead of failing."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
