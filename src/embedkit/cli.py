@@ -178,7 +178,7 @@ def release_cmd(
                      "(~10 s each); the runtime parameters are always stored."),
     ] = True,
 ) -> None:
-    """Export → validate → [variants + gate] → records → (sign) → register; prints the default tag."""
+    """Export → validate → variants and gate (optional) → records → sign → register; prints the tag."""
     from embedkit.recipe import find_recipe
     from embedkit.release import release
     from embedkit.signing import load_private_key
