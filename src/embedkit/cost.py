@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from embedkit.errors import InvalidInput
+from embedkit.configfile import load_yaml
 
 PRICES = Path(__file__).resolve().parents[2] / "config" / "prices.yaml"
 
@@ -43,12 +42,7 @@ class PriceTable(BaseModel):
 
 
 def load_prices(path: Path = PRICES) -> PriceTable:
-    try:
-        return PriceTable.model_validate(yaml.safe_load(Path(path).read_text()))
-    except FileNotFoundError as exc:
-        raise InvalidInput(f"price table {path} not found") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise InvalidInput(f"price table {path} is invalid: {str(exc).splitlines()[0]}") from exc
+    return load_yaml(path, PriceTable, "price table")
 
 
 def per_1k(hourly_usd: float, texts_per_s: float) -> float:

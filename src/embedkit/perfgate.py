@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from embedkit.artifact import Artifact, resolve
+from embedkit.configfile import load_yaml
 from embedkit.errors import InvalidInput
 from embedkit.settings import Settings, get_settings
 
@@ -65,12 +65,7 @@ class PerfThresholds(BaseModel):
 
 
 def load_thresholds(path: Path = CONFIG) -> PerfThresholds:
-    try:
-        return PerfThresholds.model_validate(yaml.safe_load(Path(path).read_text()))
-    except FileNotFoundError as exc:
-        raise InvalidInput(f"performance gate config {path} not found") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise InvalidInput(f"performance gate config {path} is invalid: {str(exc).splitlines()[0]}") from exc
+    return load_yaml(path, PerfThresholds, "performance gate config")
 
 
 # --- runtime records ---------------------------------------------------------------------

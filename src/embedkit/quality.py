@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from embedkit import corpus as corpus_data
 from embedkit.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, finalize
+from embedkit.configfile import load_yaml
 from embedkit.errors import InvalidInput
 from embedkit.settings import Settings
 
@@ -414,12 +414,7 @@ class GateThresholds(BaseModel):
 
 
 def load_thresholds(path: Path = GATE_CONFIG) -> GateThresholds:
-    try:
-        return GateThresholds.model_validate(yaml.safe_load(Path(path).read_text()))
-    except OSError as exc:
-        raise InvalidInput(f"cannot read gate config {path}: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise InvalidInput(f"gate config {path} is invalid: {str(exc).splitlines()[0]}") from exc
+    return load_yaml(path, GateThresholds, "gate config")
 
 
 class GateFailure(BaseModel):

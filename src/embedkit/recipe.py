@@ -15,9 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from embedkit.configfile import load_yaml
 from embedkit.errors import ModelSourceError, UnsupportedModel
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -112,14 +112,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-            return cls.model_validate(data)
-        except OSError as exc:
-            raise ModelSourceError(f"cannot read recipe {path}: {exc.strerror}") from exc
-        except (yaml.YAMLError, ValidationError) as exc:
-            first = str(exc).splitlines()[0]
-            raise ModelSourceError(f"recipe {path} is invalid: {first}") from exc
+        return load_yaml(path, cls, "recipe", error=ModelSourceError)
 
     @classmethod
     def for_directory(cls, path: Path) -> Recipe:
