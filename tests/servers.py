@@ -12,7 +12,6 @@ directory that starts servers.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from embedkit.bench_http import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -104,13 +105,7 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
 
 
 def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(timeout=10)
+    stop_process_group(server.proc)
 
 
 class Launcher:
