@@ -143,3 +143,11 @@ def test_quantize_then_evaluate_rejects_a_bad_variant(fp32_artifact: Artifact, t
 def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: Path) -> None:
     result = run("quantize", str(fp32_artifact.path), "--output", str(tmp_path / "x"), "--mode", "int3")
     assert_one_line_error(result, "int3")
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the settings; regenerate it when they change."""
+    result = run("config", "--markdown")
+    assert result.exit_code == 0
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == result.stdout, "run: embedkit config --markdown > docs/configuration.md"

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     # --- which model ------------------------------------------------------
     model: str = Field(
         "all-minilm-l6-v2:latest",
-        description="BentoML model tag (or artifact directory for CLI use) to serve.",
+        description="BentoML model tag to serve (a path is refused: served models come only "
+        "from the model store).",
     )
     served_model_name: str | None = Field(
         None,
