@@ -6,7 +6,7 @@ every segment, gates it and times all of them side by side at batch 32.
 Rewrites the part of docs/quantization.md between the `measured` markers.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/quantization_report.py \
-        --fp32 /tmp/embedkit-art/minilm-fp32 --out /tmp/embedkit-variants
+        --out /tmp/embedkit-variants
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ BAD = {"kind": "dynamic-int8", "weight_type": "s8", "per_channel": False, "reduc
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fp32", type=Path, default=Path("/tmp/embedkit-art/minilm-fp32"))
+    ap.add_argument("--fp32", type=Path, default=None, help="default: artifacts/bench-fp32")
     ap.add_argument("--out", type=Path, default=Path("/tmp/embedkit-variants"))
     ap.add_argument("--max-pairs", type=int, default=None, help="subsample STSb and languages")
     ap.add_argument("--lang-pairs", type=int, default=None, help="subsample languages only")
     args = ap.parse_args(argv)
 
-    parent = Artifact.load(args.fp32)
+    from embedkit.bench import default_artifact
+
+    parent = Artifact.load(default_artifact(args.fp32))
     isa = quantize.detect_isa()
     presets = {**quantize.candidate_presets(isa), "dynamic-int8-s8-rr (bad)": BAD}
     started = time.time()

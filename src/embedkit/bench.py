@@ -510,3 +510,19 @@ def registered_variants(name: str, *, exclude_tag: str | None = None) -> dict[st
         if variant not in newest or model.creation_time > newest[variant].creation_time:
             newest[variant] = model
     return {variant: str(model.tag) for variant, model in sorted(newest.items())}
+
+
+BENCH_ARTIFACT = Path(__file__).resolve().parents[2] / "artifacts" / "bench-fp32"
+
+
+def default_artifact(given: str | Path | None = None) -> Path:
+    """The artifact the benchmark scripts use when none is given: the default model's
+    fp32 export under ``artifacts/bench-fp32``, exported (real Optimum path) on first use."""
+    if given:
+        return Path(given)
+    if not (BENCH_ARTIFACT / "manifest.json").is_file():
+        from embedkit.export import export
+        from embedkit.recipe import find_recipe
+
+        export(find_recipe(None), BENCH_ARTIFACT)
+    return BENCH_ARTIFACT
