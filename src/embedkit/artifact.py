@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,27 @@ def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
     manifest = Manifest.model_validate({**manifest_fields, "files": files})
     write_manifest(directory, manifest)
     return Artifact(Path(directory), manifest)
+
+
+def staging_dir(output: Path) -> Path:
+    """Refuse an ``output`` that holds anything (artifacts are immutable) and return a
+    temporary folder beside it to build in; :func:`move_into_place` finishes the job."""
+    output = Path(output)
+    if (output / MANIFEST).exists():
+        raise ArtifactError(f"{output} already holds an artifact; artifacts are immutable")
+    if output.exists() and any(output.iterdir()):
+        raise ArtifactError(f"output directory {output} is not empty; artifacts are immutable")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+
+
+def move_into_place(built: Path, output: Path) -> Artifact:
+    """Move a finished artifact directory to ``output`` (absent or empty) and load it."""
+    output = Path(output)
+    if output.exists():
+        output.rmdir()
+    shutil.move(built, output)
+    return Artifact.load(output)
 
 
 # --- BentoML model store -------------------------------------------------------

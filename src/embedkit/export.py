@@ -17,13 +17,20 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from embedkit import toolchain
-from embedkit.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, finalize, sha256_tree
+from embedkit.artifact import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Artifact,
+    finalize,
+    move_into_place,
+    sha256_tree,
+    staging_dir,
+)
 from embedkit.errors import ArtifactError, MissingExtra, ModelSourceError
 from embedkit.recipe import EmbeddingConfig, Recipe, read_embedding_config
 
@@ -112,11 +119,17 @@ def export(
     """
     say = step or (lambda _msg: None)
     output = Path(output)
-    if (output / "manifest.json").exists():
-        raise ArtifactError(f"{output} already holds an artifact; artifacts are immutable")
-    if output.exists() and any(output.iterdir()):
-        raise ArtifactError(f"output directory {output} is not empty")
+    staging = staging_dir(output)
+    try:
+        return _export_into(recipe, output, staging, opset=opset, say=say)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
+
+def _export_into(
+    recipe: Recipe, output: Path, staging: Path, *, opset: int | None, say: Step
+) -> Artifact:
+    """The export proper, built inside ``staging`` (owned and removed by :func:`export`)."""
     say("resolving model source")
     model_dir, model_version = recipe.source.resolve()
     config = read_embedding_config(model_dir)
@@ -132,55 +145,47 @@ def export(
     unnormalized = SentenceTransformer(modules=modules, device="cpu")
     unnormalized.max_seq_length = config.max_seq_length
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    say("exporting with Optimum")
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_dir = staging / "optimum"
     try:
-        say("exporting with Optimum")
-        from optimum.exporters.onnx import onnx_export_from_model
-
-        onnx_dir = staging / "optimum"
-        try:
-            onnx_export_from_model(
-                unnormalized,
-                onnx_dir,
-                opset=opset or recipe.opset,
-                library_name="sentence_transformers",
-                task="feature-extraction",
-                do_validation=False,  # our contract check is stricter and runs next
-            )
-        except Exception as exc:  # Optimum raises many types; one clear line for the user
-            raise ArtifactError(f"Optimum export failed: {exc}") from exc
-        artifact_dir = staging / "artifact"
-        artifact_dir.mkdir()
-        shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
-        inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.dimension)
-
-        say("writing tokenizer and manifest")
-        from tokenizers import Tokenizer
-
-        src_tokenizer = model_dir / TOKENIZER_FILE
-        if not src_tokenizer.is_file():
-            raise ModelSourceError(f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)")
-        shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
-        pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
-        finalize(
-            artifact_dir,
-            manifest_fields(
-                recipe=recipe,
-                model_version=model_version,
-                source_sha256=source_checksum(model_dir),
-                config=config,
-                pad=(pad_token, pad_id),
-                inputs=inputs,
-                opset=opset or recipe.opset,
-            ),
+        onnx_export_from_model(
+            unnormalized,
+            onnx_dir,
+            opset=opset or recipe.opset,
+            library_name="sentence_transformers",
+            task="feature-extraction",
+            do_validation=False,  # our contract check is stricter and runs next
         )
-        if output.exists():
-            output.rmdir()
-        shutil.move(artifact_dir, output)
-        return Artifact.load(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except Exception as exc:  # Optimum raises many types; one clear line for the user
+        raise ArtifactError(f"Optimum export failed: {exc}") from exc
+    artifact_dir = staging / "artifact"
+    artifact_dir.mkdir()
+    shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
+    inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.dimension)
+
+    say("writing tokenizer and manifest")
+    from tokenizers import Tokenizer
+
+    src_tokenizer = model_dir / TOKENIZER_FILE
+    if not src_tokenizer.is_file():
+        raise ModelSourceError(f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)")
+    shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
+    pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
+    finalize(
+        artifact_dir,
+        manifest_fields(
+            recipe=recipe,
+            model_version=model_version,
+            source_sha256=source_checksum(model_dir),
+            config=config,
+            pad=(pad_token, pad_id),
+            inputs=inputs,
+            opset=opset or recipe.opset,
+        ),
+    )
+    return move_into_place(artifact_dir, output)
 
 
 def manifest_fields(

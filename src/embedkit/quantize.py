@@ -23,7 +23,6 @@ import inspect
 import logging
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,9 @@ from embedkit.artifact import (
     TOKENIZER_FILE,
     Artifact,
     finalize,
+    move_into_place,
     sha256_file,
+    staging_dir,
 )
 from embedkit.errors import ArtifactError, InvalidInput
 
@@ -168,10 +169,7 @@ def _staged(
     """Run ``build(src_model, dst_model) -> settings`` in a staging dir; finalize; move in place."""
     _check_parent(parent)
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise ArtifactError(f"output directory {output} is not empty; artifacts are immutable")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    staging = staging_dir(output)
     try:
         work = staging / "work"
         art = staging / "artifact"
@@ -190,10 +188,7 @@ def _staged(
             parity=None,
         )
         finalize(art, fields)
-        if output.exists():
-            output.rmdir()
-        shutil.move(art, output)
-        return Artifact.load(output)
+        return move_into_place(art, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
