@@ -87,3 +87,115 @@ def test_a_cancelled_request_leaves_the_shared_call_to_the_others() -> None:
         return await stays
 
     assert asyncio.run(main())[:, 0].tolist() == [2.0]
+
+
+# --- continuous batching (max_in_flight) ------------------------------------------------
+
+
+class GatedEmbedder(FakeEmbedder):
+    """Each call waits until the test opens its gate, so calls can be held in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, rows: list[list[int]]) -> np.ndarray:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.calls.append(rows)
+        await gate.wait()
+        return np.array([[float(r[0])] * 3 for r in rows], dtype=np.float32)
+
+
+async def _turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def _drain(fake: GatedEmbedder, waiters: list[asyncio.Future[np.ndarray]]) -> None:
+    """Let every call return, one at a time, in order."""
+    opened = 0
+    while not all(w.done() for w in waiters):
+        await _turns()
+        while opened < len(fake.gates):
+            fake.gates[opened].set()
+            opened += 1
+
+
+def test_continuous_batching_holds_arrivals_until_the_call_in_flight_returns() -> None:
+    async def main() -> tuple[GatedEmbedder, list[np.ndarray], list[int]]:
+        fake = GatedEmbedder()
+        merger = Coalescer(fake, max_rows=16, max_in_flight=1)
+        first = asyncio.ensure_future(merger.submit([[1]]))
+        await _turns()
+        later = [asyncio.ensure_future(merger.submit([[i]])) for i in (2, 3, 4, 5, 6, 7)]
+        await _turns()
+        held = [len(fake.calls), merger.queued]  # a lone request left at once; the rest wait
+        await _drain(fake, [first, *later])
+        return fake, [await w for w in (first, *later)], held
+
+    fake, results, held = asyncio.run(main())
+    assert held == [1, 6]
+    # When the first call returns, 7 requests are live (its own come back next): the
+    # waiting six leave as calls of ceil(7 / 2) = 4 and 2, in arrival order.
+    assert fake.calls == [[[1]], [[2], [3], [4], [5]], [[6], [7]]]
+    assert [r[:, 0].tolist() for r in results] == [[float(i)] for i in range(1, 8)]
+
+
+def test_continuous_batching_splits_a_crowd_so_two_calls_overlap() -> None:
+    """16 requests waiting at once leave as 8 + 8: while the model runs the first
+    half, the front serves the other; one call of 16 would leave it idle."""
+
+    async def main() -> GatedEmbedder:
+        fake = GatedEmbedder()
+        merger = Coalescer(fake, max_rows=16, max_in_flight=1)
+        waiters = [asyncio.ensure_future(merger.submit([[i]])) for i in range(16)]
+        await _turns()
+        fake.gates[0].set()
+        await _turns()
+        fake.gates[1].set()
+        await asyncio.gather(*waiters)
+        return fake
+
+    assert [len(c) for c in asyncio.run(main()).calls] == [8, 8]
+
+
+def test_a_request_cancelled_while_queued_is_never_sent() -> None:
+    async def main() -> GatedEmbedder:
+        fake = GatedEmbedder()
+        merger = Coalescer(fake, max_rows=16, max_in_flight=1)
+        first = asyncio.ensure_future(merger.submit([[1]]))
+        await _turns()
+        gone = asyncio.ensure_future(merger.submit([[2]]))
+        stays = asyncio.ensure_future(merger.submit([[3]]))
+        await _turns()
+        gone.cancel()
+        fake.gates[0].set()
+        await _turns()
+        fake.gates[1].set()
+        await asyncio.gather(first, stays)
+        return fake
+
+    assert asyncio.run(main()).calls == [[[1]], [[3]]]
+
+
+def test_a_failed_call_frees_its_slot_for_the_queue() -> None:
+    async def main() -> list[object]:
+        calls: list[list[list[int]]] = []
+
+        async def flaky(rows: list[list[int]]) -> np.ndarray:
+            calls.append(rows)
+            await asyncio.sleep(0.01)
+            if len(calls) == 1:
+                raise Overloaded("queue full")
+            return np.ones((len(rows), 3), dtype=np.float32)
+
+        merger = Coalescer(flaky, max_rows=16, max_in_flight=1)
+        first = asyncio.ensure_future(merger.submit([[1]]))
+        await _turns()
+        second = asyncio.ensure_future(merger.submit([[2]]))
+        return list(await asyncio.gather(first, second, return_exceptions=True))
+
+    first, second = asyncio.run(main())
+    assert isinstance(first, Overloaded)
+    assert isinstance(second, np.ndarray) and second.shape == (1, 3)

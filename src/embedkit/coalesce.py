@@ -1,25 +1,36 @@
-"""Front-side coalescing: requests that reach the front together share one Embedder call.
+"""Front-side batching: concurrent requests of one lane share Embedder calls.
 
 Every call to the Embedder is a full HTTP round trip through BentoML on both sides
 (client request, server middlewares, (de)serialisation, the dispatcher's queue),
 and on 2 cores that fixed cost rivalled the inference of a single text
-(docs/benchmarks/serving-tuning.md). Under concurrent load, requests arrive in
-clumps (a batch of answers goes out, its clients send their next requests at
-once), so the rows of every request that reaches the hand-off in the same
-event-loop turn are sent as one call, split back per request on return. No timer:
-nothing waits for company; a lone request leaves on the next loop turn, so
-latency at low load is unchanged. BentoML's adaptive batching still merges the
-calls that queue up inside the Embedder.
+(docs/benchmarks/serving-tuning.md). So the rows of requests that reach the
+hand-off together are sent as one call and split back per request on return.
+
+Two policies, both without timers (nothing ever waits for company):
+
+* ``max_in_flight=None`` — coalescing: whatever reached the hand-off in the same
+  event-loop turn leaves on the next turn. BentoML's adaptive batching then merges
+  the calls that queue up inside the Embedder.
+* ``max_in_flight=k`` — continuous batching (what TEI and vLLM do): at most ``k``
+  calls of the lane are out; requests arriving meanwhile queue here and leave
+  together, as one call of up to ``max_rows`` rows, the moment a call returns.
+  A lone request still leaves at once. This keeps the Embedder's own queue short,
+  which matters because BentoML 1.4's dispatcher learns its hold-back ("cork")
+  time from how long jobs queued, including behind a running batch: under steady
+  closed-loop load it learned to hold batches back while the model sat idle and
+  fell into a slow mode for seconds at a time (docs/benchmarks/http.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 
 Send = Callable[[list[list[int]]], Awaitable[object]]
+_Waiter = tuple[list[list[int]], "asyncio.Future[np.ndarray]"]
 
 
 class Coalescer:
@@ -28,42 +39,64 @@ class Coalescer:
     ``send`` performs one Embedder call (timeout, retry and error translation included)
     and returns a ``[rows, dim]`` array-like. A failed call fails every request in it
     with the same error, as a failed batch inside the Embedder would. A waiter that is
-    cancelled (client gone) leaves the shared call running for the others.
+    cancelled (client gone) before its call leaves is dropped; once in a call, the call
+    runs on for the others.
     """
 
-    def __init__(self, send: Send, max_rows: int) -> None:
+    def __init__(self, send: Send, max_rows: int, max_in_flight: int | None = None) -> None:
         self._send = send
         self._max_rows = max(1, max_rows)
-        self._pending: list[tuple[list[list[int]], asyncio.Future[np.ndarray]]] = []
-        self._rows = 0
+        self._max_in_flight = max_in_flight
+        self._pending: deque[_Waiter] = deque()
+        self._in_flight = 0
+        self._live_rows = 0  # submitted and not yet answered (queued here or in a call)
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs until done
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a call (not yet sent)."""
+        return len(self._pending)
 
     async def submit(self, ids: list[list[int]]) -> np.ndarray:
         """Raw vectors for ``ids`` (at most ``max_rows`` rows), in order."""
         loop = asyncio.get_running_loop()
-        if self._rows + len(ids) > self._max_rows:
-            self._flush()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
         self._pending.append((ids, fut))
-        self._rows += len(ids)
-        if self._rows >= self._max_rows:
-            self._flush()
-        elif not self._scheduled:
+        self._live_rows += len(ids)
+        if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_soon(self._pump)
         return await fut
 
-    def _flush(self) -> None:
+    def _pump(self) -> None:
+        """Send pending requests as calls of at most ``max_rows`` rows, within the limit."""
         self._scheduled = False
-        if not self._pending:
-            return
-        group, self._pending, self._rows = self._pending, [], 0
-        task = asyncio.get_running_loop().create_task(self._run(group))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        limit = self._max_in_flight
+        while self._pending and (limit is None or self._in_flight < limit):
+            cap = self._max_rows
+            if limit is not None:  # pipeline: leave rows for the next call to overlap
+                cap = min(cap, max(1, -(-self._live_rows // (limit + 1))))
+            group: list[_Waiter] = []
+            rows = 0
+            while self._pending:
+                ids, fut = self._pending[0]
+                if fut.done():  # cancelled before it left: nothing to send
+                    self._pending.popleft()
+                    self._live_rows -= len(ids)
+                    continue
+                if group and rows + len(ids) > cap:
+                    break
+                group.append(self._pending.popleft())
+                rows += len(ids)
+            if not group:
+                return
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, group: list[tuple[list[list[int]], asyncio.Future[np.ndarray]]]) -> None:
+    async def _run(self, group: list[_Waiter]) -> None:
         rows = group[0][0] if len(group) == 1 else [row for ids, _ in group for row in ids]
         try:
             raw = np.asarray(await self._send(rows))
@@ -74,9 +107,17 @@ class Coalescer:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        start = 0
-        for ids, fut in group:
-            end = start + len(ids)
-            if not fut.done():
-                fut.set_result(raw[start:end])
-            start = end
+        else:
+            start = 0
+            for ids, fut in group:
+                end = start + len(ids)
+                if not fut.done():
+                    fut.set_result(raw[start:end])
+                start = end
+        finally:
+            # The next call leaves now (the model is free), sized while this group's
+            # requests still count as live: they come back as the call after it.
+            self._in_flight -= 1
+            if self._pending:
+                self._pump()
+            self._live_rows -= len(rows)

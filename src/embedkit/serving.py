@@ -81,6 +81,21 @@ def settle_gc(settings: Settings) -> None:
         gc.set_threshold(20_000, 50, 100)
 
 
+def tracing_config(settings: Settings) -> dict[str, Any]:
+    """BentoML ``tracing`` options: with tracing off, every URL is excluded from its
+    OpenTelemetry middleware, which otherwise makes (and drops) a span per request."""
+    if settings.tracing:
+        return {}
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if BentoMLContainer.config.tracing.exporter_type.get():
+        log.warning(
+            "a BentoML tracing exporter is configured but EMBEDKIT_TRACING is off: "
+            "embedkit's services are excluded from tracing (set EMBEDKIT_TRACING=true)"
+        )
+    return {"tracing": {"excluded_urls": [".*"]}}
+
+
 def embedder_config(settings: Settings) -> dict[str, Any]:
     """``@bentoml.service`` options of the inner service (resources, workers, threads).
 
@@ -102,6 +117,7 @@ def embedder_config(settings: Settings) -> dict[str, Any]:
         # Internal hop: the front's access log already records the request; a line per
         # batch here costs CPU the model needs.
         "logging": {"access": {"enabled": False}},
+        **tracing_config(settings),
     }
 
 
@@ -117,6 +133,7 @@ def front_config(settings: Settings) -> dict[str, Any]:
         "workers": 1,
         "traffic": {"timeout": settings.request_timeout_s + 5},
         "logging": {"access": {"enabled": settings.access_log}},
+        **tracing_config(settings),
     }
 
 
@@ -250,7 +267,11 @@ class Front:
         if merger is None:
             s = self.settings
             size = s.query_max_batch_size if lane == "query" else s.bulk_max_batch_size
-            merger = self._coalescers[lane] = Coalescer(lambda ids: self._call(call, ids), size)
+            # Interactive lane: continuous batching, one call per Embedder worker in flight.
+            in_flight = s.workers if lane == "query" and s.query_continuous_batching else None
+            merger = self._coalescers[lane] = Coalescer(
+                lambda ids: self._call(call, ids), size, max_in_flight=in_flight
+            )
         return merger.submit
 
     async def _call(self, call: Call, ids: list[list[int]]) -> Any:

@@ -163,6 +163,13 @@ class Settings(BaseSettings):
         "turn into one Embedder call (no waiting). Cuts the per-call HTTP/serialisation cost "
         "BentoML pays on both sides; measured in docs/benchmarks/serving-tuning.md.",
     )
+    query_continuous_batching: bool = Field(
+        True,
+        description="Interactive lane: the front keeps one Embedder call in flight per Embedder "
+        "worker and sends the requests that arrived meanwhile together when one returns (sized "
+        "so two calls overlap), instead of handing each over at once for BentoML's dispatcher, "
+        "whose learned hold-back time grows with queueing. Needs front_coalescing.",
+    )
     max_client_batch: int = Field(
         2048, ge=1, description="Most items one request may carry (413 above)."
     )
@@ -192,6 +199,13 @@ class Settings(BaseSettings):
         True,
         description="One log line per HTTP request on the front service. Off saves CPU at "
         "hundreds of requests/s; the inner service never logs per batch.",
+    )
+    tracing: bool = Field(
+        False,
+        description="Let BentoML's OpenTelemetry middleware open a span per request on both "
+        "services. It runs even with no exporter configured (spans are made and dropped): a "
+        "third of the front's CPU per single-text request (docs/benchmarks/http.md). Turn on "
+        "together with BentoML's `tracing:` exporter configuration.",
     )
     api_keys: list[str] = Field(
         default_factory=list,

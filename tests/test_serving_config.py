@@ -1,0 +1,21 @@
+"""The BentoML service options embedkit derives from its settings."""
+
+from __future__ import annotations
+
+from opentelemetry.util.http import ExcludeList
+
+from embedkit import serving
+from embedkit.settings import Settings
+
+
+def test_tracing_off_excludes_every_route_from_bentoml_spans() -> None:
+    for config in (serving.front_config(Settings()), serving.embedder_config(Settings())):
+        excluded = ExcludeList(config["tracing"]["excluded_urls"])
+        for url in ("http://h/embed/query", "http://h/v1/embeddings", "http://h/embed_query"):
+            assert excluded.url_disabled(url)
+
+
+def test_tracing_on_leaves_bentoml_tracing_alone() -> None:
+    on = Settings(tracing=True)
+    assert "tracing" not in serving.front_config(on)
+    assert "tracing" not in serving.embedder_config(on)
