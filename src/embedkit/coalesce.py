@@ -101,23 +101,27 @@ class Coalescer:
         try:
             raw = np.asarray(await self._send(rows))
         except BaseException as exc:  # handed to every waiter
+            self._release(len(rows))
             for _, fut in group:
                 if not fut.done():
                     fut.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        else:
-            start = 0
-            for ids, fut in group:
-                end = start + len(ids)
-                if not fut.done():
-                    fut.set_result(raw[start:end])
-                start = end
-        finally:
-            # The next call leaves now (the model is free), sized while this group's
-            # requests still count as live: they come back as the call after it.
-            self._in_flight -= 1
-            if self._pending:
-                self._pump()
-            self._live_rows -= len(rows)
+        self._release(len(rows))
+        start = 0
+        for ids, fut in group:
+            end = start + len(ids)
+            if not fut.done():
+                fut.set_result(raw[start:end])
+            start = end
+
+    def _release(self, rows: int) -> None:
+        """A call returned: the next one leaves *before* its results are handed out, so
+        it is not queued behind the event-loop work of answering those requests (that
+        put ~2 ms of idle model time between batches). It is sized while the returned
+        requests still count as live: their clients come back as the call after it."""
+        self._in_flight -= 1
+        if self._pending:
+            self._pump()
+        self._live_rows -= rows
