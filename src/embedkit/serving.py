@@ -137,15 +137,20 @@ def front_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def batching_policy(settings: Settings) -> dict[str, dict[str, int]]:
+def batching_policy(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each lane's policy as ``/info`` shows it: BentoML's knobs and the front's part."""
+    front = "coalescing" if settings.front_coalescing else "none"
+    query_front = "continuous" if front == "coalescing" and settings.query_continuous_batching else front
     return {
         "bulk": {
             "max_batch_size": settings.bulk_max_batch_size,
             "max_latency_ms": settings.bulk_max_latency_ms,
+            "front": front,
         },
         "query": {
             "max_batch_size": settings.query_max_batch_size,
             "max_latency_ms": settings.query_max_latency_ms,
+            "front": query_front,
         },
     }
 
@@ -413,6 +418,7 @@ class Front:
                 "request_timeout_s": s.request_timeout_s,
             },
             "auth": bool(s.api_keys),
+            "tracing": s.tracing,
             "ready": self.ready,
         }
 

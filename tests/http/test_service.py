@@ -67,6 +67,9 @@ def test_info_reports_model_provider_policy_limits(server) -> None:  # type: ign
     assert info["provider"]["active"][0] == "CPUExecutionProvider"
     assert set(info["batching"]) == {"bulk", "query"}
     assert info["batching"]["query"]["max_batch_size"] >= 2
+    assert info["batching"]["query"]["front"] == "continuous"
+    assert info["batching"]["bulk"]["front"] == "coalescing"
+    assert info["tracing"] is False
     assert info["limits"]["max_client_batch"] >= 1 and info["auth"] is False
 
 
