@@ -106,6 +106,11 @@ VARIANTS: dict[str, Variant] = {
             "EMBEDKIT_GPU": "true",
             "EMBEDKIT_PROVIDERS": '["TensorrtExecutionProvider","CUDAExecutionProvider",'
             '"CPUExecutionProvider"]',
+            # A GPU batch takes a few ms, about one front→Embedder round trip: holding the
+            # next query call in the front (continuous batching) would idle the device
+            # for that trip; BentoML's queue in the Embedder keeps it fed instead.
+            # Not measured on a GPU (docs/service.md).
+            "EMBEDKIT_QUERY_CONTINUOUS_BATCHING": "false",
             "PIP_BREAK_SYSTEM_PACKAGES": "1",
             # The TensorRT EP dlopens libnvinfer.so.10 from the pip wheel's directory; the
             # base image's own entries (driver libraries) are kept.

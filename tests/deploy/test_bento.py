@@ -107,6 +107,7 @@ def test_service_resources_follow_the_variant(built: dict[str, bento.Built]) -> 
     gpu_envs = {e["name"]: e["value"] for e in _info(built["gpu"])["envs"]}
     assert gpu_envs["EMBEDKIT_GPU"] == "true"
     assert gpu_envs["EMBEDKIT_PROVIDERS"].startswith('["TensorrtExecutionProvider"')
+    assert gpu_envs["EMBEDKIT_QUERY_CONTINUOUS_BATCHING"] == "false"
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
