@@ -199,3 +199,9 @@ def test_runtime_errors_become_inference_errors(fp32_artifact) -> None:  # type:
 def test_missing_model_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(InferenceError, match="cannot create an ONNX Runtime session"):
         create_session(tmp_path / "nope.onnx", Settings(), fixed_providers=[CPU])
+
+
+def test_default_spinning_is_bounded() -> None:
+    so = session_options(Settings())
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.intra_op.spin_duration_us") == "200"

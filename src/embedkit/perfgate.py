@@ -37,8 +37,8 @@ CONFIG = Path(__file__).resolve().parents[2] / "config" / "perf-gate.yaml"
 # Settings that define how a model is run: recorded with a release, restored for the baseline.
 RUNTIME_FIELDS = (
     "providers", "intra_op_threads", "inter_op_threads", "execution_mode",
-    "graph_optimization_level", "allow_spinning", "enable_cpu_mem_arena", "enable_mem_pattern",
-    "arena_shrinkage", "io_binding", "token_aware_batching", "max_batch_tokens",
+    "graph_optimization_level", "allow_spinning", "spin_duration_us", "enable_cpu_mem_arena",
+    "enable_mem_pattern", "arena_shrinkage", "io_binding", "token_aware_batching", "max_batch_tokens",
     "max_sub_batch_size", "sub_batch_cost_tokens", "workers", "bulk_max_batch_size",
     "bulk_max_latency_ms", "query_max_batch_size", "query_max_latency_ms",
 )

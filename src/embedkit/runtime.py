@@ -115,6 +115,10 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     spin = "1" if settings.allow_spinning else "0"
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if settings.allow_spinning:
+        spin_us = str(settings.spin_duration_us)
+        so.add_session_config_entry("session.intra_op.spin_duration_us", spin_us)
+        so.add_session_config_entry("session.inter_op.spin_duration_us", spin_us)
     if settings.profiling_dir is not None:
         Path(settings.profiling_dir).mkdir(parents=True, exist_ok=True)
         so.enable_profiling = True
