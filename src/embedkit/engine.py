@@ -208,6 +208,7 @@ class Engine:
                 "enable_mem_pattern": s.enable_mem_pattern,
                 "arena_shrinkage": s.arena_shrinkage,
                 "allow_spinning": s.allow_spinning,
+                "spin_duration_us": s.spin_duration_us if s.allow_spinning else 0,
                 "io_binding": self.runner.io_binding,
                 "device": self.runner.device,
             },
