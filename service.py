@@ -1,4 +1,4 @@
-"""BentoML wiring for embedkit (thin: the work lives in embedkit.serving and embedkit.api).
+"""BentoML wiring for embedkit (thin: the work lives in embedkit.serve.serving and embedkit.serve.api).
 
     bentoml serve service:EmbeddingAPI          # from the repo root; see docs/service.md
 
@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from embedkit import api, serving
-from embedkit.errors import EmbedkitError
-from embedkit.settings import get_settings
+from embedkit.core.errors import EmbedkitError
+from embedkit.core.settings import get_settings
+from embedkit.serve import api, serving
 
 SETTINGS = get_settings()
 # A built Bento pins its model version as a Bento argument (`bentoml build --arg model=TAG`,

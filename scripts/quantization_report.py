@@ -20,8 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from embedkit import quality, quantize
-from embedkit.artifact import Artifact
+from embedkit.model.artifact import Artifact
+from embedkit.quality import evaluate as quality
+from embedkit.variants import quantize
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
@@ -36,14 +37,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lang-pairs", type=int, default=None, help="subsample languages only")
     args = ap.parse_args(argv)
 
-    from embedkit.bench import default_artifact
+    from embedkit.bench.inprocess import default_artifact
 
     parent = Artifact.load(default_artifact(args.fp32))
     isa = quantize.detect_isa()
     presets = {**quantize.candidate_presets(isa), "dynamic-int8-s8-rr (bad)": BAD}
     started = time.time()
     candidates, speeds = quality.run_candidates(
-        parent, args.out, presets=presets, max_pairs=args.max_pairs, lang_pairs=args.lang_pairs,
+        parent,
+        args.out,
+        presets=presets,
+        max_pairs=args.max_pairs,
+        lang_pairs=args.lang_pairs,
         say=lambda m: print(f"[{time.time() - started:6.0f}s] {m}", flush=True),
     )
     th = quality.load_thresholds()
@@ -52,29 +57,30 @@ def main(argv: list[str]) -> int:
     default = best.name if best and (best.throughput or 0) > speeds["fp32"] else "fp32 (parent)"
     quality.plot_deltas({c.name: c.report for c in candidates}, DOCS / "quantization.png")
     encoder = type(quality.load_encoder(parent)).__name__
-    body = "\n".join([
-        BEGIN,
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
-        f"({os.cpu_count()} cores, ISA `{isa.level}`: {isa.to_dict()}), "
-        f"encoder `{encoder}`, {candidates[0].report.texts} texts per variant, "
-        f"{time.time() - started:.0f} s in all. Command:",
-        "",
-        "```",
-        "HF_HUB_OFFLINE=1 .venv/bin/python scripts/quantization_report.py "
-        + " ".join(argv),
-        "```",
-        "",
-        f"Default chosen by the gate: **{default}** (fastest approved: "
-        f"{best.name if best else 'no variant'} vs the fp32 parent).",
-        "",
-        quality.summary_markdown(candidates, speeds, th),
-        "![per-segment deltas](quantization.png)",
-        "",
-        "#### Gate failures, per variant",
-        "",
-        *[f"- **{c.name}**: {c.verdict.summary()}" for c in candidates],
-        END,
-    ])
+    body = "\n".join(
+        [
+            BEGIN,
+            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
+            f"({os.cpu_count()} cores, ISA `{isa.level}`: {isa.to_dict()}), "
+            f"encoder `{encoder}`, {candidates[0].report.texts} texts per variant, "
+            f"{time.time() - started:.0f} s in all. Command:",
+            "",
+            "```",
+            "HF_HUB_OFFLINE=1 .venv/bin/python scripts/quantization_report.py " + " ".join(argv),
+            "```",
+            "",
+            f"Default chosen by the gate: **{default}** (fastest approved: "
+            f"{best.name if best else 'no variant'} vs the fp32 parent).",
+            "",
+            quality.summary_markdown(candidates, speeds, th),
+            "![per-segment deltas](quantization.png)",
+            "",
+            "#### Gate failures, per variant",
+            "",
+            *[f"- **{c.name}**: {c.verdict.summary()}" for c in candidates],
+            END,
+        ]
+    )
     doc = DOCS / "quantization.md"
     text = doc.read_text() if doc.is_file() else f"# Quantization\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

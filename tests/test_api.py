@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
 
-from embedkit import api
-from embedkit.errors import (
+from embedkit.core.errors import (
     EmbedkitError,
     InferenceError,
     InputTooLong,
@@ -27,7 +26,8 @@ from embedkit.errors import (
     Unauthorized,
     UpstreamTimeout,
 )
-from embedkit.settings import Settings
+from embedkit.core.settings import Settings
+from embedkit.serve import api
 
 MODEL = "all-minilm-l6-v2"
 SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
@@ -35,7 +35,7 @@ SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
 
 @pytest.fixture(scope="module")
 def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
-    from embedkit.tokens import TextTokenizer
+    from embedkit.runtime.tokens import TextTokenizer
 
     return TextTokenizer.from_artifact(fp32_artifact)
 

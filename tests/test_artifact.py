@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.artifact import MODEL_FILE, Artifact, register, resolve
-from embedkit.errors import ArtifactError, ChecksumMismatch
+from embedkit.core.errors import ArtifactError, ChecksumMismatch
+from embedkit.model.artifact import MODEL_FILE, Artifact, register, resolve
 
 
 def flip_byte(path: Path, offset: int = 4096) -> None:
@@ -26,8 +26,15 @@ def test_manifest_records_what_matters(fp32_artifact: Artifact) -> None:
     assert len(m.source_sha256) == 64
     assert m.opset >= 17
     assert m.quantization.mode == "none"
-    assert {"torch", "transformers", "sentence-transformers", "optimum", "onnx", "onnxruntime",
-            "embedkit"} <= set(m.toolchain)
+    assert {
+        "torch",
+        "transformers",
+        "sentence-transformers",
+        "optimum",
+        "onnx",
+        "onnxruntime",
+        "embedkit",
+    } <= set(m.toolchain)
     assert set(m.files) == {"model.onnx", "tokenizer.json"}
     assert m.inputs == ["input_ids", "attention_mask"]
     assert m.tokenizer.max_length == 256
@@ -75,7 +82,9 @@ def test_register_creates_a_new_version_each_time(fp32_artifact: Artifact) -> No
     # `bentoml models get` shows the manifest summary as metadata.
     out = subprocess.run(
         [sys.executable, "-m", "bentoml", "models", "get", tag1, "-o", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     info = json.loads(out)
     assert info["metadata"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"

@@ -16,20 +16,22 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedkit import bench, bench_http, cost, perfgate, profiling, records, roofline
-from embedkit.artifact import finalize, register
-from embedkit.bench_report import bench_and_report
+from embedkit.bench import cost, perfgate, profiling, records, roofline
+from embedkit.bench import http as bench_http
+from embedkit.bench import inprocess as bench
+from embedkit.bench.report import bench_and_report
 from embedkit.cli import app
-from embedkit.errors import InvalidInput
+from embedkit.core.errors import InvalidInput
+from embedkit.core.settings import get_settings
+from embedkit.model.artifact import finalize, register
 from embedkit.release import attach_records
-from embedkit.settings import get_settings
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def int8_variant(fp32_artifact, tmp_path_factory):  # type: ignore[no-untyped-def]
-    from embedkit.quantize import build_variant
+    from embedkit.variants.quantize import build_variant
 
     out = tmp_path_factory.mktemp("variants") / "dynamic-int8"
     return build_variant(fp32_artifact, "dynamic-int8", out, weight_type="s8", per_channel=True)
@@ -38,8 +40,13 @@ def int8_variant(fp32_artifact, tmp_path_factory):  # type: ignore[no-untyped-de
 def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_variant, tmp_path):  # type: ignore[no-untyped-def]
     pytest.importorskip("sentence_transformers", reason="PyTorch baseline needs the export extra")
     paths = bench_and_report(
-        fp32_artifact.path, tmp_path, variants={"int8": int8_variant.path},
-        batch_sizes=(1, 8), max_texts=24, long_texts=3, command="embedkit bench (test)",
+        fp32_artifact.path,
+        tmp_path,
+        variants={"int8": int8_variant.path},
+        batch_sizes=(1, 8),
+        max_texts=24,
+        long_texts=3,
+        command="embedkit bench (test)",
     )
     for key in ("json", "markdown", "throughput_png", "variants_png"):
         assert paths[key].is_file(), key
@@ -75,7 +82,12 @@ def test_http_sweep_against_a_started_service(fp32_artifact):  # type: ignore[no
         asyncio.run(bench_http.wait_ready(service.url, proc=service.proc))
         texts = bench.sts_stream(200)
         result = bench_http.run_http_bench(
-            service.url, texts, concurrencies=(1, 4), seconds=1.5, settle_s=0.5, bulk_size=8,
+            service.url,
+            texts,
+            concurrencies=(1, 4),
+            seconds=1.5,
+            settle_s=0.5,
+            bulk_size=8,
         )
     finally:
         service.stop()
@@ -109,17 +121,27 @@ def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):  # t
     config.update(throughput_batch_sizes=[128], latency_batch_sizes=[], texts=256, rounds=2)
     path = tmp_path / "perf-gate.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    res = runner.invoke(app, [
-        "gate", "--baseline", str(fp32_artifact.path), "--config", str(path),
-        "--set", "intra_op_threads=1", "--set", "token_aware_batching=false",
-    ])
+    res = runner.invoke(
+        app,
+        [
+            "gate",
+            "--baseline",
+            str(fp32_artifact.path),
+            "--config",
+            str(path),
+            "--set",
+            "intra_op_threads=1",
+            "--set",
+            "token_aware_batching=false",
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert "performance gate: FAILED" in res.output
     assert "FAIL: throughput at batch 128" in res.output  # padding 2.5-3× its real tokens there
 
 
 def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_copy):  # type: ignore[no-untyped-def]
-    from embedkit.artifact import Artifact
+    from embedkit.model.artifact import Artifact
 
     base = perfgate.load_baseline(artifact_copy)
     fields = base.artifact.manifest.model_dump(mode="json", exclude={"files"})
@@ -127,8 +149,17 @@ def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_cop
     shutil.copytree(artifact_copy, rejected_dir)
     fields["quantization"] = {"mode": "dynamic-int8", "approved": False}
     rejected = finalize(rejected_dir, fields)
-    th = perfgate.load_thresholds().shortened().model_copy(
-        update={"texts": 32, "rounds": 1, "throughput_batch_sizes": [8], "latency_batch_sizes": []}
+    th = (
+        perfgate.load_thresholds()
+        .shortened()
+        .model_copy(
+            update={
+                "texts": 32,
+                "rounds": 1,
+                "throughput_batch_sizes": [8],
+                "latency_batch_sizes": [],
+            }
+        )
     )
     cand = perfgate.Config("rejected", Artifact.load(rejected.path), get_settings())
     result = perfgate.run_gate(base, cand, th)
@@ -143,7 +174,9 @@ def test_gate_config_and_records_reject_bad_input(tmp_path):  # type: ignore[no-
         perfgate.load_thresholds(bad)
     with pytest.raises(InvalidInput, match="unknown settings: nope"):
         perfgate.settings_from_record({"settings": {"nope": 1}})
-    assert perfgate.settings_from_record({"settings": {"intra_op_threads": 1}}).intra_op_threads == 1
+    assert (
+        perfgate.settings_from_record({"settings": {"intra_op_threads": 1}}).intra_op_threads == 1
+    )
     res = runner.invoke(app, ["gate", "--baseline", str(tmp_path), "--set", "threads"])
     assert res.exit_code == 1 and "error:" in res.output
 
@@ -152,7 +185,9 @@ def test_gate_config_and_records_reject_bad_input(tmp_path):  # type: ignore[no-
 
 
 def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
-    report = profiling.profile({"fp32": fp32_artifact.path}, tmp_path, batch_sizes=(8,), max_batches=2)
+    report = profiling.profile(
+        {"fp32": fp32_artifact.path}, tmp_path, batch_sizes=(8,), max_batches=2
+    )
     summary = report["variants"]["fp32"]["8"]
     assert Path(summary["trace"]).is_file()  # the raw Chrome trace is kept
     ops = summary["top_ops"]
@@ -165,7 +200,7 @@ def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):  
 def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
     import bentoml
 
-    from embedkit.artifact import Artifact
+    from embedkit.model.artifact import Artifact
 
     shutil.copytree(fp32_artifact.path, tmp_path / "art")
     art = Artifact.load(tmp_path / "art")
@@ -174,12 +209,18 @@ def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path): 
     tag = register(art, labels={"variant": "fp32", "role": "default"})
     res = runner.invoke(app, ["info", tag])
     assert res.exit_code == 0, res.output
-    listed = {line.split(":")[0].strip() for line in res.output.split("records:")[1].splitlines() if ":" in line}
+    listed = {
+        line.split(":")[0].strip()
+        for line in res.output.split("records:")[1].splitlines()
+        if ":" in line
+    }
     assert {"runtime", "bench", "profile"} <= listed
     stored = Path(bentoml.models.get(tag).path)
     runtime = json.loads((stored / "records" / "runtime.json").read_text())
     assert runtime["variant"] == "fp32" and runtime["settings"]["intra_op_threads"] >= 1
-    assert json.loads((stored / "records" / "profile.json").read_text())["variants"]["fp32"]["32"]["top_ops"]
+    assert json.loads((stored / "records" / "profile.json").read_text())["variants"]["fp32"]["32"][
+        "top_ops"
+    ]
     metadata = bentoml.models.get(tag).info.metadata
     assert metadata["bench.texts_per_s_b32"] > 0 and metadata["runtime.variant"] == "fp32"
     # The gate restores the baseline's recorded runtime parameters.
@@ -202,6 +243,12 @@ def test_cost_and_roofline_arithmetic(tmp_path):  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidInput):
         cost.load_prices(bad)
     assert roofline.cpu_ghz("cpu MHz\t\t: 2000.0\ncpu MHz\t\t: 3000.0\n") == pytest.approx(2.5)
-    flops = {"available": True, "weight_flops_per_token": 1e6, "attention_flops_per_token_per_position": 10}
+    flops = {
+        "available": True,
+        "weight_flops_per_token": 1e6,
+        "attention_flops_per_token_per_position": 10,
+    }
     got = roofline.achieved(1000.0, flops, 100.0, peak_gflops=2.02)
-    assert got["gflops"] == pytest.approx(1.001) and got["share_of_peak"] == pytest.approx(1.001 / 2.02)
+    assert got["gflops"] == pytest.approx(1.001) and got["share_of_peak"] == pytest.approx(
+        1.001 / 2.02
+    )

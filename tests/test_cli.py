@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from embedkit.artifact import Artifact
 from embedkit.cli import app
-from embedkit.engine import Engine
-from embedkit.settings import Settings
+from embedkit.core.settings import Settings
+from embedkit.model.artifact import Artifact
+from embedkit.runtime.engine import Engine
 
 runner = CliRunner()
 
@@ -77,14 +77,30 @@ def test_encode_from_file_with_dimensions(fp32_artifact: Artifact, tmp_path: Pat
 
 
 def test_encode_bad_inputs(fp32_artifact: Artifact, tmp_path: Path) -> None:
-    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), str(tmp_path / "missing.txt")),
-                          "missing.txt")
-    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), str(tmp_path)), "directory")
-    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--dimensions", "0",
-                              input="x\n"), "dimensions")
-    assert_one_line_error(run("encode", "--model", str(fp32_artifact.path), "--no-truncate",
-                              "--chunk", "2", input="ok\nfine\nalso ok\n" + "word " * 600 + "\n"),
-                          "line 4 has", "tokens")
+    assert_one_line_error(
+        run("encode", "--model", str(fp32_artifact.path), str(tmp_path / "missing.txt")),
+        "missing.txt",
+    )
+    assert_one_line_error(
+        run("encode", "--model", str(fp32_artifact.path), str(tmp_path)), "directory"
+    )
+    assert_one_line_error(
+        run("encode", "--model", str(fp32_artifact.path), "--dimensions", "0", input="x\n"),
+        "dimensions",
+    )
+    assert_one_line_error(
+        run(
+            "encode",
+            "--model",
+            str(fp32_artifact.path),
+            "--no-truncate",
+            "--chunk",
+            "2",
+            input="ok\nfine\nalso ok\n" + "word " * 600 + "\n",
+        ),
+        "line 4 has",
+        "tokens",
+    )
     assert_one_line_error(run("encode", "--model", str(tmp_path / "nothing")), "nothing")
 
 
@@ -104,15 +120,28 @@ def test_info_refuses_a_tampered_artifact(artifact_copy: Path) -> None:
 def test_release_registers_a_verified_model(tmp_path: Path) -> None:
     """export → validate (contract + parity) → register, through the real CLI process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "embedkit.cli", "release", "--workdir", str(tmp_path), "--limit", "60"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "embedkit.cli",
+            "release",
+            "--workdir",
+            str(tmp_path),
+            "--limit",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tag = proc.stdout.strip().splitlines()[-1]
     assert tag.startswith("all-minilm-l6-v2:")
     shown = subprocess.run(
         [sys.executable, "-m", "bentoml", "models", "get", tag, "-o", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     meta = json.loads(shown)["metadata"]
     assert meta["parity_passed"] is True
@@ -126,22 +155,46 @@ def test_release_registers_a_verified_model(tmp_path: Path) -> None:
     assert "edge/long_256" in manifest["parity"]["segments"]
 
 
-def test_quantize_then_evaluate_rejects_a_bad_variant(fp32_artifact: Artifact, tmp_path: Path) -> None:
+def test_quantize_then_evaluate_rejects_a_bad_variant(
+    fp32_artifact: Artifact, tmp_path: Path
+) -> None:
     """The CLI faces of quantize and evaluate: a deliberately bad variant exits 1, segments named."""
     bad = tmp_path / "bad"
-    result = run("quantize", str(fp32_artifact.path), "--output", str(bad), "--mode", "dynamic-int8",
-                 "--weight-type", "s8", "--per-tensor", "--reduce-range")
+    result = run(
+        "quantize",
+        str(fp32_artifact.path),
+        "--output",
+        str(bad),
+        "--mode",
+        "dynamic-int8",
+        "--weight-type",
+        "s8",
+        "--per-tensor",
+        "--reduce-range",
+    )
     assert result.exit_code == 0, result.stderr
     report = tmp_path / "report"
-    result = run("evaluate", str(bad), "--fp32", str(fp32_artifact.path), "--out", str(report),
-                 "--max-pairs", "120", "--lang-pairs", "40")
+    result = run(
+        "evaluate",
+        str(bad),
+        "--fp32",
+        str(fp32_artifact.path),
+        "--out",
+        str(report),
+        "--max-pairs",
+        "120",
+        "--lang-pairs",
+        "40",
+    )
     assert result.exit_code == 1, result.stdout + result.stderr
     assert "rejected" in result.stdout and "stsb:" in result.stdout
     assert (report / "quality.json").is_file() and (report / "quality.png").is_file()
 
 
 def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: Path) -> None:
-    result = run("quantize", str(fp32_artifact.path), "--output", str(tmp_path / "x"), "--mode", "int3")
+    result = run(
+        "quantize", str(fp32_artifact.path), "--output", str(tmp_path / "x"), "--mode", "int3"
+    )
     assert_one_line_error(result, "int3")
 
 
@@ -150,4 +203,6 @@ def test_configuration_reference_is_current() -> None:
     result = run("config", "--markdown")
     assert result.exit_code == 0
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == result.stdout, "run: embedkit config --markdown > docs/configuration.md"
+    assert doc.read_text() == result.stdout, (
+        "run: embedkit config --markdown > docs/configuration.md"
+    )

@@ -1,4 +1,4 @@
-"""embedkit.coalesce: requests arriving together share one Embedder call, split back exactly."""
+"""embedkit.serve.coalesce: requests arriving together share one Embedder call, split back exactly."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from embedkit.coalesce import Coalescer
-from embedkit.errors import Overloaded
+from embedkit.core.errors import Overloaded
+from embedkit.serve.coalesce import Coalescer
 
 
 class FakeEmbedder:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedkit import contract
-from embedkit.artifact import Artifact, finalize
-from embedkit.engine import Engine
-from embedkit.settings import Settings
+from embedkit.core.settings import Settings
+from embedkit.model.artifact import Artifact, finalize
+from embedkit.quality import contract
+from embedkit.runtime.engine import Engine
 
 CPU = Settings(providers=["CPUExecutionProvider"])
 
@@ -25,13 +25,18 @@ def test_operator_inventory(fp32_artifact: Artifact) -> None:
     assert section["passed"] and section["cpu_session"] == "ok"
     assert section["opsets"]["ai.onnx"] == fp32_artifact.manifest.opset
     assert "ai.onnx::MatMul" in section["ops"]
-    assert set(section["gpu_unsupported_ops"]) == {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    assert set(section["gpu_unsupported_ops"]) == {
+        "CUDAExecutionProvider",
+        "TensorrtExecutionProvider",
+    }
     assert section["gpu_unsupported_ops"]["CUDAExecutionProvider"] == []
 
 
 def test_operator_check_fails_on_a_broken_graph(artifact_copy: Path) -> None:
     (artifact_copy / "model.onnx").write_bytes(b"not an onnx graph")
-    broken = finalize(artifact_copy, Artifact.read_manifest(artifact_copy).model_dump(exclude={"files"}))
+    broken = finalize(
+        artifact_copy, Artifact.read_manifest(artifact_copy).model_dump(exclude={"files"})
+    )
     with pytest.raises(Exception):  # noqa: B017 - onnx.load itself refuses garbage
         contract.check_operators(broken, CPU)
 
@@ -46,7 +51,15 @@ def test_version_ranges() -> None:
 def test_shape_matrix_small(engine: Engine) -> None:
     section = contract.check_shapes(engine, batches=(1, 7))
     assert section["passed"]
-    assert {c["seq_len"] for c in section["cells"]} >= {1, 2, 127, 128, 129, 256, ">256 (truncated)"}
+    assert {c["seq_len"] for c in section["cells"]} >= {
+        1,
+        2,
+        127,
+        128,
+        129,
+        256,
+        ">256 (truncated)",
+    }
 
 
 def test_batch_invariance(engine: Engine) -> None:

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedkit.engine import Engine, Telemetry, pad_batch, plan_sub_batches, postprocess
-from embedkit.errors import InferenceError, InputTooLong, InvalidDimensions, InvalidInput
-from embedkit.settings import Settings
+from embedkit.core.errors import InferenceError, InputTooLong, InvalidDimensions, InvalidInput
+from embedkit.core.settings import Settings
+from embedkit.runtime.engine import Engine, Telemetry, pad_batch, plan_sub_batches, postprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MIN_COSINE = 0.99999  # fp32 parity thresholds (per vector)
@@ -35,11 +35,11 @@ def engine(fp32_artifact) -> Engine:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def parity_texts(data_dir: Path) -> list[str]:
     """Shuffled STS test sentences plus texts over 256 word pieces (truncated)."""
-    from embedkit import corpus
+    from embedkit.model import evaldata
 
-    texts = corpus.sts_sentences("test")
+    texts = evaldata.sts_sentences("test")
     random.Random(0).shuffle(texts)
-    return texts[:400] + corpus.long_texts(260, 4) + ["", "Ünïcödé façade — 🙂"]
+    return texts[:400] + evaldata.long_texts(260, 4) + ["", "Ünïcödé façade — 🙂"]
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +243,8 @@ def test_embed_ids_rejects_bad_ids(engine: Engine) -> None:
 def test_engine_never_imports_torch(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
     code = (
         "import sys\n"
-        "from embedkit.engine import Engine\n"
-        "from embedkit.settings import Settings\n"
+        "from embedkit.runtime.engine import Engine\n"
+        "from embedkit.core.settings import Settings\n"
         f"e = Engine.load({str(fp32_artifact.path)!r}, Settings(intra_op_threads=1))\n"
         "v = e.encode(['hello world', 'no torch here'], dimensions=32)\n"
         "assert v.shape == (2, 32), v.shape\n"

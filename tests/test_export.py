@@ -10,30 +10,41 @@ import onnx
 import pytest
 from tests.conftest import build_tiny_st_model
 
-from embedkit.artifact import Artifact
-from embedkit.contract import check_parity
-from embedkit.engine import Engine
-from embedkit.errors import ArtifactError, ModelSourceError
-from embedkit.export import export, load_reference
-from embedkit.recipe import Recipe, Source
-from embedkit.settings import Settings
+from embedkit.core.errors import ArtifactError, ModelSourceError
+from embedkit.core.settings import Settings
+from embedkit.model.artifact import Artifact
+from embedkit.model.export import export, load_reference
+from embedkit.model.recipe import Recipe, Source
+from embedkit.quality.contract import check_parity
+from embedkit.runtime.engine import Engine
 
 CPU = Settings(providers=["CPUExecutionProvider"], intra_op_threads=1)
-TEXTS = ["a short text", "", "a somewhat longer sentence with more word pieces in it", "CJK 自然言語"]
+TEXTS = [
+    "a short text",
+    "",
+    "a somewhat longer sentence with more word pieces in it",
+    "CJK 自然言語",
+]
 
 
 def test_graph_returns_only_the_pooled_embedding(fp32_artifact: Artifact) -> None:
     model = onnx.load(str(fp32_artifact.model_path), load_external_data=False)
-    outputs = [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim])
-               for o in model.graph.output]
+    outputs = [
+        (o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim])
+        for o in model.graph.output
+    ]
     assert outputs == [("sentence_embedding", ["batch_size", 384])]
-    inputs = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert inputs == {"input_ids": ["batch_size", "sequence_length"],
-                      "attention_mask": ["batch_size", "sequence_length"]}
+    inputs = {
+        i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+    }
+    assert inputs == {
+        "input_ids": ["batch_size", "sequence_length"],
+        "attention_mask": ["batch_size", "sequence_length"],
+    }
 
 
 def test_existing_artifact_is_never_overwritten(fp32_artifact: Artifact) -> None:
-    from embedkit.recipe import find_recipe
+    from embedkit.model.recipe import find_recipe
 
     with pytest.raises(ArtifactError, match="immutable"):
         export(find_recipe(None), fp32_artifact.path)
@@ -49,7 +60,12 @@ def test_not_a_sentence_transformers_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("pooling", "normalize", "dense"),
-    [("cls", False, None), ("max", True, None), ("mean_sqrt_len_tokens", False, 16), ("mean", True, 8)],
+    [
+        ("cls", False, None),
+        ("max", True, None),
+        ("mean_sqrt_len_tokens", False, 16),
+        ("mean", True, 8),
+    ],
 )
 def test_tiny_models_match_pytorch(
     tmp_path: Path, default_model_dir: Path, pooling: str, normalize: bool, dense: int | None
@@ -74,7 +90,9 @@ def test_tiny_models_match_pytorch(
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
-def test_export_of_copied_model_records_local_version(tmp_path: Path, default_model_dir: Path) -> None:
+def test_export_of_copied_model_records_local_version(
+    tmp_path: Path, default_model_dir: Path
+) -> None:
     src = tmp_path / "copy"
     shutil.copytree(default_model_dir, src)
     recipe = Recipe.for_directory(src)

@@ -6,47 +6,79 @@ from pathlib import Path
 
 import pytest
 
-from embedkit import quality, quantize
-from embedkit.artifact import Artifact
-from embedkit.errors import InvalidInput
-from embedkit.quality import CosineStats, GateThresholds, QualityReport, SegmentResult
+from embedkit.core.errors import InvalidInput
+from embedkit.model.artifact import Artifact
+from embedkit.quality import evaluate as quality
+from embedkit.quality.evaluate import CosineStats, GateThresholds, QualityReport, SegmentResult
+from embedkit.variants import quantize
 
-TH = GateThresholds(spearman_drop_max={"stsb": 0.5, "lang": 1.0, "length": None},
-                    cosine_p1_min=0.99, overlap_min=0.95)
+TH = GateThresholds(
+    spearman_drop_max={"stsb": 0.5, "lang": 1.0, "length": None},
+    cosine_p1_min=0.99,
+    overlap_min=0.95,
+)
 
 
-def _seg(name: str, group: str, drop: float | None, p1: float = 0.999, overlap: float = 1.0) -> SegmentResult:
+def _seg(
+    name: str, group: str, drop: float | None, p1: float = 0.999, overlap: float = 1.0
+) -> SegmentResult:
     cos = CosineStats(min=p1 - 0.001, p1=p1, mean=0.999)
-    return SegmentResult(name=name, group=group, pairs=50, spearman_reference=80.0,
-                         spearman=None if drop is None else 80.0 - drop, drop_vs_reference=drop,
-                         cosine_fp32=cos, cosine_reference=cos, overlap_fp32=overlap,
-                         overlap_reference=overlap)
+    return SegmentResult(
+        name=name,
+        group=group,
+        pairs=50,
+        spearman_reference=80.0,
+        spearman=None if drop is None else 80.0 - drop,
+        drop_vs_reference=drop,
+        cosine_fp32=cos,
+        cosine_reference=cos,
+        overlap_fp32=overlap,
+        overlap_reference=overlap,
+    )
 
 
 def _report(*segments: SegmentResult) -> QualityReport:
-    return QualityReport(artifact="x", mode="dynamic-int8", settings={}, model_sha256="a",
-                         fp32_model_sha256="b", reference_source_sha256="c", texts=1,
-                         seconds=0.0, segments=list(segments))
+    return QualityReport(
+        artifact="x",
+        mode="dynamic-int8",
+        settings={},
+        model_sha256="a",
+        fp32_model_sha256="b",
+        reference_source_sha256="c",
+        texts=1,
+        seconds=0.0,
+        segments=list(segments),
+    )
 
 
 # --- gate logic (pure) -------------------------------------------------------------------
 
 
 def test_gate_approves_only_when_every_segment_holds() -> None:
-    ok = _report(_seg("stsb:all", "stsb", 0.4), _seg("lang:de", "lang", 0.9),
-                 _seg("length:>32", "length", 3.0))  # length drop is not gated
+    ok = _report(
+        _seg("stsb:all", "stsb", 0.4),
+        _seg("lang:de", "lang", 0.9),
+        _seg("length:>32", "length", 3.0),
+    )  # length drop is not gated
     assert quality.gate(ok, TH).approved
 
 
 def test_gate_names_each_failing_segment_and_margin() -> None:
-    verdict = quality.gate(_report(
-        _seg("stsb:all", "stsb", 0.1),
-        _seg("stsb:file:answer-answer", "stsb", 0.8),
-        _seg("lang:ja", "lang", 1.5, p1=0.985),
-        _seg("length:>256 (generated)", "length", None, overlap=0.9),
-    ), TH)
+    verdict = quality.gate(
+        _report(
+            _seg("stsb:all", "stsb", 0.1),
+            _seg("stsb:file:answer-answer", "stsb", 0.8),
+            _seg("lang:ja", "lang", 1.5, p1=0.985),
+            _seg("length:>256 (generated)", "length", None, overlap=0.9),
+        ),
+        TH,
+    )
     assert not verdict.approved
-    assert verdict.failing_segments == ["lang:ja", "length:>256 (generated)", "stsb:file:answer-answer"]
+    assert verdict.failing_segments == [
+        "lang:ja",
+        "length:>256 (generated)",
+        "stsb:file:answer-answer",
+    ]
     by = {(f.segment, f.metric): f.by for f in verdict.failures}
     assert by[("stsb:file:answer-answer", "spearman_drop")] == pytest.approx(0.3)
     assert by[("lang:ja", "spearman_drop")] == pytest.approx(0.5)
@@ -77,10 +109,20 @@ def test_neighbour_overlap_detects_reordering() -> None:
 
 
 def test_corpus_segments(fp32_artifact: Artifact) -> None:
-    corpus = quality.build_corpus(fp32_artifact.tokenizer_path, languages=("en", "ja"), max_pairs=200)
+    corpus = quality.build_corpus(
+        fp32_artifact.tokenizer_path, languages=("en", "ja"), max_pairs=200
+    )
     names = {s.name for s in corpus.segments}
-    assert {"stsb:all", "stsb:genre:main-forums", "stsb:file:answer-answer", "stsb:file:track5.en-en",
-            "length:<=8", "length:>32", "length:>256 (generated)", "lang:ja"} <= names
+    assert {
+        "stsb:all",
+        "stsb:genre:main-forums",
+        "stsb:file:answer-answer",
+        "stsb:file:track5.en-en",
+        "length:<=8",
+        "length:>32",
+        "length:>256 (generated)",
+        "lang:ja",
+    } <= names
     long = next(s for s in corpus.segments if s.name == "length:>128 (generated)")
     assert long.gold is None and len(long.s1) >= 10
     with pytest.raises(InvalidInput, match="unknown language"):
@@ -93,11 +135,19 @@ FAST = {"groups": ("stsb", "length", "lang"), "languages": ("en", "de", "ja"), "
 
 
 @pytest.fixture(scope="module")
-def variants(fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Artifact]:
+def variants(
+    fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Artifact]:
     root = tmp_path_factory.mktemp("variants")
     return {
-        "bad": quantize.build_variant(fp32_artifact, "dynamic-int8", root / "bad", weight_type="s8",
-                                      per_channel=False, reduce_range=True),
+        "bad": quantize.build_variant(
+            fp32_artifact,
+            "dynamic-int8",
+            root / "bad",
+            weight_type="s8",
+            per_channel=False,
+            reduce_range=True,
+        ),
         # Fused FP32 is the variant that passes on this CPU (no INT8 setting does:
         # docs/quantization.md); it proves the gate can also approve.
         "good": quantize.build_variant(fp32_artifact, "fused-fp32", root / "good"),
@@ -107,13 +157,20 @@ def variants(fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) 
 def test_bad_variant_is_rejected_naming_segments(
     fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path, tmp_path: Path
 ) -> None:
-    report = quality.evaluate(variants["bad"], fp32=fp32_artifact, reference_dir=default_model_dir,
-                              out_dir=tmp_path, **FAST)
+    report = quality.evaluate(
+        variants["bad"],
+        fp32=fp32_artifact,
+        reference_dir=default_model_dir,
+        out_dir=tmp_path,
+        **FAST,
+    )
     verdict = quality.gate(report)
     assert not verdict.approved
     failing = verdict.failing_segments
     # s8 + reduce-range breaks fidelity everywhere, not only on average.
-    assert {"stsb:all", "stsb:file:answer-answer", "lang:ja", "length:>256 (generated)"} <= set(failing)
+    assert {"stsb:all", "stsb:file:answer-answer", "lang:ja", "length:>256 (generated)"} <= set(
+        failing
+    )
     assert all(f.by > 0 for f in verdict.failures)
     assert {"quality.json", "quality.md", "quality.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "lang:ja" in (tmp_path / "quality.md").read_text()
@@ -124,20 +181,31 @@ def test_bad_variant_is_rejected_naming_segments(
 def test_fused_variant_passes_fast_gate(
     fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path
 ) -> None:
-    report = quality.evaluate(variants["good"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST)
+    report = quality.evaluate(
+        variants["good"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST
+    )
     verdict = quality.gate(report)
     assert verdict.approved, verdict.summary()
     fp32_self = report.segment("stsb:all")
     assert fp32_self.spearman_fp32 == pytest.approx(fp32_self.spearman_reference, abs=0.05)
     stamped = quality.stamp_verdict(variants["good"], verdict)
-    assert stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
+    assert (
+        stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
+    )
     Artifact.load(stamped.path)
 
 
 def test_force_is_recorded(fp32_artifact: Artifact, tmp_path: Path) -> None:
     art = quantize.build_variant(fp32_artifact, "dynamic-int8", tmp_path / "v", per_channel=False)
-    rejected = quality.GateVerdict(approved=False, segments_checked=1, failures=[
-        quality.GateFailure(segment="lang:ja", metric="cosine_p1", value=0.9, threshold=0.99, by=0.09)])
+    rejected = quality.GateVerdict(
+        approved=False,
+        segments_checked=1,
+        failures=[
+            quality.GateFailure(
+                segment="lang:ja", metric="cosine_p1", value=0.9, threshold=0.99, by=0.09
+            )
+        ],
+    )
     forced = quality.stamp_verdict(art, rejected, force=True)
     q = forced.manifest.quantization
     assert q.approved is False and q.forced is True

@@ -11,10 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from embedkit import quantize
-from embedkit.artifact import Artifact
-from embedkit.errors import ArtifactError, InvalidInput
-from embedkit.quality import load_encoder, read_stsb
+from embedkit.core.errors import ArtifactError, InvalidInput
+from embedkit.model.artifact import Artifact
+from embedkit.quality.evaluate import load_encoder, read_stsb
+from embedkit.variants import quantize
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -79,7 +79,11 @@ def test_fused_fp32_keeps_parity(fp32: Artifact, tmp_path: Path, sentences: list
 
 def test_dynamic_int8_records_choices(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
     art = quantize.build_variant(
-        fp32, "dynamic-int8", tmp_path / "dyn", weight_type="s8", per_channel=True,
+        fp32,
+        "dynamic-int8",
+        tmp_path / "dyn",
+        weight_type="s8",
+        per_channel=True,
         exclude=list(quantize.SENSITIVE_NODES),
     )
     s = art.manifest.quantization.settings
@@ -94,8 +98,9 @@ def test_dynamic_int8_records_choices(fp32: Artifact, tmp_path: Path, sentences:
 
 def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path) -> None:
     calib = DATA / "stsbenchmark" / "sts-train.csv"
-    art = quantize.build_variant(fp32, "static-int8", tmp_path / "static", calibration=calib,
-                                 size=32, method="minmax")
+    art = quantize.build_variant(
+        fp32, "static-int8", tmp_path / "static", calibration=calib, size=32, method="minmax"
+    )
     s = art.manifest.quantization.settings
     assert s["format"] == "QDQ" and s["method"] == "minmax"
     assert s["calibration"]["size"] == 32
@@ -144,4 +149,7 @@ def test_variant_of_a_variant_is_refused(fp32: Artifact, tmp_path: Path) -> None
     fused = quantize.build_variant(fp32, "fused-fp32", tmp_path / "fused")
     with pytest.raises(InvalidInput, match="already 'fused-fp32'"):
         quantize.build_variant(fused, "dynamic-int8", tmp_path / "dyn")
-    assert json.loads((fused.path / "manifest.json").read_text())["quantization"]["mode"] == "fused-fp32"
+    assert (
+        json.loads((fused.path / "manifest.json").read_text())["quantization"]["mode"]
+        == "fused-fp32"
+    )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.errors import ModelSourceError, UnsupportedModel
-from embedkit.recipe import Pooling, Recipe, find_recipe, read_embedding_config
+from embedkit.core.errors import ModelSourceError, UnsupportedModel
+from embedkit.model.recipe import Pooling, Recipe, find_recipe, read_embedding_config
 
 
 def test_default_recipe_reads_model_config(default_model_dir: Path) -> None:
@@ -46,14 +46,19 @@ def _copy_with_pooling(src: Path, dest: Path, **flags: bool) -> Path:
 
 
 def test_unsupported_pooling_mode(default_model_dir: Path, tmp_path: Path) -> None:
-    model = _copy_with_pooling(default_model_dir, tmp_path / "m", pooling_mode_weightedmean_tokens=True)
+    model = _copy_with_pooling(
+        default_model_dir, tmp_path / "m", pooling_mode_weightedmean_tokens=True
+    )
     with pytest.raises(UnsupportedModel, match="weightedmean"):
         read_embedding_config(model)
 
 
 def test_two_pooling_modes_refused(default_model_dir: Path, tmp_path: Path) -> None:
     model = _copy_with_pooling(
-        default_model_dir, tmp_path / "m", pooling_mode_cls_token=True, pooling_mode_mean_tokens=True
+        default_model_dir,
+        tmp_path / "m",
+        pooling_mode_cls_token=True,
+        pooling_mode_mean_tokens=True,
     )
     with pytest.raises(UnsupportedModel, match="exactly one mode"):
         read_embedding_config(model)

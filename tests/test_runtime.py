@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedkit import metrics, runtime
-from embedkit.errors import InferenceError, ProviderUnavailable
-from embedkit.runtime import (
+from embedkit.core import metrics
+from embedkit.core.errors import InferenceError, ProviderUnavailable
+from embedkit.core.settings import Settings
+from embedkit.runtime import session as runtime
+from embedkit.runtime.session import (
     CPU,
     CUDA,
     TENSORRT,
@@ -22,7 +24,6 @@ from embedkit.runtime import (
     provider_options,
     session_options,
 )
-from embedkit.settings import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CPU_ONLY = CUDA not in available_providers()
@@ -37,7 +38,7 @@ def _fallbacks(requested: str, active: str) -> float:
 
 
 def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    from embedkit.engine import pad_batch
+    from embedkit.runtime.engine import pad_batch
 
     return pad_batch(rows, 0)
 
@@ -57,7 +58,7 @@ def test_cuda_on_cpu_build_falls_back_visibly(
 ) -> None:  # type: ignore[no-untyped-def]
     runtime._warned.clear()
     before = _fallbacks(CUDA, CPU)
-    with caplog.at_level(logging.WARNING, logger="embedkit.runtime"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.runtime.session"):
         for _ in range(2):
             session, report = create_session(
                 fp32_artifact.model_path, Settings(), fixed_providers=[CUDA, CPU]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from opentelemetry.util.http import ExcludeList
 
-from embedkit import serving
-from embedkit.settings import Settings
+from embedkit.core.settings import Settings
+from embedkit.serve import serving
 
 
 def test_tracing_off_excludes_every_route_from_bentoml_spans() -> None:

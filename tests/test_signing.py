@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from embedkit import signing
-from embedkit.artifact import Artifact, finalize
-from embedkit.errors import SignatureError
-from embedkit.signing import Trust
+from embedkit.core.errors import SignatureError
+from embedkit.model import signing
+from embedkit.model.artifact import Artifact, finalize
+from embedkit.model.signing import Trust
 
 
 @pytest.fixture()
@@ -22,7 +22,9 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def test_signed_artifact_loads_with_a_trusted_key(artifact_copy: Path, keys: tuple[Path, Path]) -> None:
+def test_signed_artifact_loads_with_a_trusted_key(
+    artifact_copy: Path, keys: tuple[Path, Path]
+) -> None:
     private, public = keys
     kid = signing.sign(artifact_copy, private)
     assert Artifact.load(artifact_copy, trust=Trust(True, (str(public),)))
@@ -39,7 +41,9 @@ def test_unsigned_artifact_is_refused(artifact_copy: Path, keys: tuple[Path, Pat
     Artifact.load(artifact_copy, trust=Trust(False, ()))  # signing optional: loads
 
 
-def test_untrusted_signer_is_refused(artifact_copy: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:
+def test_untrusted_signer_is_refused(
+    artifact_copy: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
     other_private, other_public = tmp_path / "other.key", tmp_path / "other.pub"
     signing.generate_keypair(other_private, other_public)
     signing.sign(artifact_copy, other_private)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from embedkit.artifact import TokenizerSpec
-from embedkit.errors import InputTooLong, InvalidInput
-from embedkit.tokens import TextTokenizer, validate_texts
+from embedkit.core.errors import InputTooLong, InvalidInput
+from embedkit.model.artifact import TokenizerSpec
+from embedkit.runtime.tokens import TextTokenizer, validate_texts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,9 +51,9 @@ def test_manifest_overrides_tokenizer_json(tok: TextTokenizer) -> None:
 
 
 def test_matches_the_reference_tokenizer(tok: TextTokenizer, reference, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    from embedkit import corpus
+    from embedkit.model import evaldata
 
-    texts = corpus.sts_sentences("test")[:300] + corpus.long_texts(260, 3)
+    texts = evaldata.sts_sentences("test")[:300] + evaldata.long_texts(260, 3)
     expected = reference.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
     assert tok.encode(texts) == expected
 

@@ -37,15 +37,16 @@ import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from embedkit.errors import BuildError
+from embedkit.core.errors import BuildError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PYPROJECT = REPO_ROOT / "pyproject.toml"
+# Project files, relative to the working directory (the project root, like every command).
+PYPROJECT = Path("pyproject.toml")
 SERVICE = "service:EmbeddingAPI"
 PYTHON_VERSION = "3.11"
 # The export side of the contract: never in a serving image.
@@ -145,7 +146,9 @@ def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[
         name = _req_name(dep)
         if name in FORBIDDEN:
             raise BuildError(f"{dep!r} is an export dependency; it must not be a serving one")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+(\[[A-Za-z0-9_,-]+\])?==[A-Za-z0-9.+!-]+", dep.strip()):
+        if not re.fullmatch(
+            r"[A-Za-z0-9._-]+(\[[A-Za-z0-9_,-]+\])?==[A-Za-z0-9.+!-]+", dep.strip()
+        ):
             raise BuildError(f"serving dependency {dep!r} is not pinned with == (offline builds)")
         out.append(variant.replace.get(name, dep.strip()))
     return [*out, *variant.extra]
@@ -189,9 +192,9 @@ def stage_context(variant: Variant, model_tag: str, out_dir: Path) -> Path:
     if ctx.exists():
         shutil.rmtree(ctx)
     ctx.mkdir(parents=True)
-    shutil.copy2(REPO_ROOT / "service.py", ctx / "service.py")
+    shutil.copy2("service.py", ctx / "service.py")
     shutil.copytree(
-        Path(__file__).resolve().parent,
+        Path(str(resources.files("embedkit"))),
         ctx / "embedkit",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
@@ -224,9 +227,23 @@ def build(variant_name: str, model_tag: str, out_root: Path) -> Built:
     out_dir = Path(out_root) / variant.name
     ctx = stage_context(variant, model_tag, out_dir)
     proc = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", str(ctx / "bentofile.yaml"),
-         "--arg", f"model={model_tag}", "--output", "tag", str(ctx)],
-        env=_bento_env(variant, model_tag), capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "build",
+            "-f",
+            str(ctx / "bentofile.yaml"),
+            "--arg",
+            f"model={model_tag}",
+            "--output",
+            "tag",
+            str(ctx),
+        ],
+        env=_bento_env(variant, model_tag),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     (out_dir / "build.log").write_text(proc.stdout + proc.stderr)
     found = re.search(r"__tag__:(\S+)", proc.stdout)
@@ -314,8 +331,10 @@ def audit(
     if models != {model_tag}:
         problems.append(f"bento.yaml pins models {sorted(models)}, expected exactly {model_tag!r}")
     if (info.get("args") or {}).get("model") != model_tag:
-        problems.append(f"Bento argument model is {(info.get('args') or {}).get('model')!r}, "
-                        f"not {model_tag!r} (service.py reads it when the Bento is served)")
+        problems.append(
+            f"Bento argument model is {(info.get('args') or {}).get('model')!r}, "
+            f"not {model_tag!r} (service.py reads it when the Bento is served)"
+        )
     envs = {e["name"]: str(e.get("value")) for e in info.get("envs") or []}
     if envs.get("EMBEDKIT_MODEL") != model_tag:
         problems.append(f"EMBEDKIT_MODEL env is {envs.get('EMBEDKIT_MODEL')!r}, not {model_tag!r}")
@@ -335,10 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m embedkit.bento", description="Build the embedkit Bentos offline."
     )
     parser.add_argument("--model-tag", required=True, help="Exact model tag (name:version).")
-    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
-                        help="Variant to build (repeatable; default: all).")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bento",
-                        help="Build output (contexts, logs, Dockerfiles).")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="Variant to build (repeatable; default: all).",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("build") / "bento",
+        help="Build output (contexts, logs, Dockerfiles).",
+    )
     args = parser.parse_args(argv)
     try:
         built = [build(v, args.model_tag, args.out) for v in args.variant or list(VARIANTS)]

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from embedkit.errors import EmbedkitError, InvalidInput
+from embedkit.core.errors import EmbedkitError, InvalidInput
 
 app = typer.Typer(
     name="embedkit",
@@ -46,7 +46,12 @@ def one_line_errors(fn: F) -> F:
             raise typer.Exit(1) from None
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
-            err.print(f"error:{where}: {exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
+            err.print(
+                f"error:{where}: {exc.strerror or exc}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -89,8 +94,8 @@ def export_cmd(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the recipe's).")] = None,
 ) -> None:
     """Export a sentence-transformers model to a pooled ONNX artifact."""
-    from embedkit.export import export
-    from embedkit.recipe import find_recipe
+    from embedkit.model.export import export
+    from embedkit.model.recipe import find_recipe
 
     recipe = find_recipe(model)
     with progress(f"export {recipe.name}") as step:
@@ -112,9 +117,9 @@ def validate(
     ] = None,
 ) -> None:
     """Check operators, shapes, batch invariance and parity; exit 1 on failure."""
-    from embedkit import contract
-    from embedkit.artifact import resolve
-    from embedkit.recipe import find_recipe
+    from embedkit.model.artifact import resolve
+    from embedkit.model.recipe import find_recipe
+    from embedkit.quality import contract
 
     art = resolve(artifact)
     recipe = find_recipe(reference or art.manifest.name)
@@ -142,13 +147,18 @@ def _print_contract(result: dict[str, Any]) -> None:
             table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
     for name, seg in result.get("parity", {}).get("segments", {}).items():
         table.add_row(
-            f"parity {name}", str(seg["count"]), f"{seg['min_cosine']:.7f}",
-            f"{seg['max_abs_diff']:.2e}", "pass" if seg["passed"] else "FAIL",
+            f"parity {name}",
+            str(seg["count"]),
+            f"{seg['min_cosine']:.7f}",
+            f"{seg['max_abs_diff']:.2e}",
+            "pass" if seg["passed"] else "FAIL",
         )
     out.print(table)
     gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
     for provider, ops in gpu.items():
-        out.print(f"{provider}: {'all ops implemented' if not ops else 'not implemented: ' + ', '.join(ops)}")
+        out.print(
+            f"{provider}: {'all ops implemented' if not ops else 'not implemented: ' + ', '.join(ops)}"
+        )
     out.print("PASSED" if result.get("passed") else "FAILED", style="bold")
 
 
@@ -162,8 +172,10 @@ def release_cmd(
     ] = None,
     variants: Annotated[
         bool,
-        typer.Option(help="Also build fused/INT8 variants, gate them per segment, and make the "
-                     "fastest approved one the default (takes minutes)."),
+        typer.Option(
+            help="Also build fused/INT8 variants, gate them per segment, and make the "
+            "fastest approved one the default (takes minutes)."
+        ),
     ] = False,
     force: Annotated[
         list[str] | None,
@@ -174,22 +186,30 @@ def release_cmd(
     ] = None,
     bench: Annotated[
         bool,
-        typer.Option(help="Store a short benchmark and profiler summary with each version "
-                     "(~10 s each); the runtime parameters are always stored."),
+        typer.Option(
+            help="Store a short benchmark and profiler summary with each version "
+            "(~10 s each); the runtime parameters are always stored."
+        ),
     ] = True,
 ) -> None:
     """Export → validate → variants and gate (optional) → records → sign → register; prints the tag."""
-    from embedkit.recipe import find_recipe
+    from embedkit.model.recipe import find_recipe
+    from embedkit.model.signing import load_private_key
     from embedkit.release import release
-    from embedkit.signing import load_private_key
 
     if sign is not None:
         load_private_key(sign)  # fail before minutes of export, not after
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
         result = release(
-            recipe, workdir=workdir, limit_per_segment=limit, variants=variants,
-            force=force or (), sign_key=sign, step=step, bench=bench,
+            recipe,
+            workdir=workdir,
+            limit_per_segment=limit,
+            variants=variants,
+            force=force or (),
+            sign_key=sign,
+            step=step,
+            bench=bench,
         )
     for version in result.versions[:-1]:
         err.print(f"  registered {version.name}: {version.tag}", highlight=False)
@@ -205,8 +225,8 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="New artifact directory.")],
 ) -> None:
     """Fused FP32 variant (ORT transformer optimiser: attention / LayerNorm / GELU fusion)."""
-    from embedkit.artifact import resolve
-    from embedkit.quantize import build_variant
+    from embedkit.model.artifact import resolve
+    from embedkit.variants.quantize import build_variant
 
     with progress("optimize"):
         art = build_variant(resolve(parent), "fused-fp32", output)
@@ -227,19 +247,26 @@ def quantize(
     method: Annotated[
         str | None, typer.Option(help="static calibration: minmax | entropy | percentile")
     ] = None,
-    calibration_size: Annotated[int | None, typer.Option(help="static: calibration sentences")] = None,
+    calibration_size: Annotated[
+        int | None, typer.Option(help="static: calibration sentences")
+    ] = None,
 ) -> None:
     """Quantised variant (dynamic/static INT8, FP16); gate it with `embedkit evaluate`."""
-    from embedkit.artifact import resolve
-    from embedkit.quantize import build_variant, candidate_presets
+    from embedkit.model.artifact import resolve
+    from embedkit.variants.quantize import build_variant, candidate_presets
 
     presets = candidate_presets()
     options: dict[str, Any] = {}
     if mode in presets:
         options = dict(presets[mode])
         mode = options.pop("kind")
-    given = {"weight_type": weight_type, "per_channel": per_channel, "reduce_range": reduce_range,
-             "method": method, "size": calibration_size}
+    given = {
+        "weight_type": weight_type,
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "method": method,
+        "size": calibration_size,
+    }
     options.update({k: v for k, v in given.items() if v is not None})
     with progress(f"quantize {mode}"):
         art = build_variant(resolve(parent), mode, output, **options)
@@ -258,12 +285,15 @@ def evaluate(
     lang_pairs: Annotated[int | None, typer.Option(help="Subsample pairs per language.")] = None,
 ) -> None:
     """Per-segment quality report (genre, file, length, language) and the gate verdict."""
-    from embedkit import quality
-    from embedkit.artifact import resolve
+    from embedkit.model.artifact import resolve
+    from embedkit.quality import evaluate as quality
 
     with progress("evaluate"):
         report = quality.evaluate(
-            resolve(variant), fp32=resolve(fp32), out_dir=out_dir, max_pairs=max_pairs,
+            resolve(variant),
+            fp32=resolve(fp32),
+            out_dir=out_dir,
+            max_pairs=max_pairs,
             lang_pairs=lang_pairs,
         )
     verdict = quality.gate(report)
@@ -281,7 +311,7 @@ def keygen(
     public: Annotated[Path, typer.Option(help="Where to write the public key (PEM).")],
 ) -> None:
     """Create an Ed25519 key pair for signing releases."""
-    from embedkit.signing import generate_keypair
+    from embedkit.model.signing import generate_keypair
 
     if private.exists():
         raise InvalidInput(f"{private} exists; refusing to overwrite a private key")
@@ -293,12 +323,13 @@ def keygen(
 def verify_cmd(
     target: Annotated[str, typer.Argument(help="Model tag or artifact directory.")],
     trusted_key: Annotated[
-        list[str], typer.Option("--trusted-key", help="Public key (PEM path or base64); repeatable.")
+        list[str],
+        typer.Option("--trusted-key", help="Public key (PEM path or base64); repeatable."),
     ],
 ) -> None:
     """Verify an artifact's checksums and its signature against trusted keys."""
-    from embedkit.artifact import resolve
-    from embedkit.signing import Trust
+    from embedkit.model.artifact import resolve
+    from embedkit.model.signing import Trust
 
     art = resolve(target, trust=Trust(True, tuple(trusted_key)))
     out.print(f"ok: {art.tag or art.path} verified and signed by a trusted key", highlight=False)
@@ -331,7 +362,7 @@ def encode(
     chunk: Annotated[int, typer.Option(help="Texts per engine call.", min=1)] = 256,
 ) -> None:
     """Embed texts (one per line) and print one JSON array per line, in input order."""
-    from embedkit.engine import Engine
+    from embedkit.runtime.engine import Engine
 
     engine = Engine.load(model)
     buffer: list[str] = []
@@ -342,7 +373,9 @@ def encode(
         if not buffer:
             return
         try:
-            vectors = engine.encode(buffer, normalize=normalize, dimensions=dimensions, truncate=truncate)
+            vectors = engine.encode(
+                buffer, normalize=normalize, dimensions=dimensions, truncate=truncate
+            )
         except EmbedkitError as exc:
             # The engine names items of this chunk (`input[i]`); the user thinks in lines.
             exc.message = re.sub(
@@ -366,18 +399,25 @@ def encode(
 @app.command()
 @one_line_errors
 def config(
-    markdown: Annotated[bool, typer.Option(help="Print the reference table (docs/configuration.md).")] = False,
+    markdown: Annotated[
+        bool, typer.Option(help="Print the reference table (docs/configuration.md).")
+    ] = False,
 ) -> None:
     """Show the effective settings (from EMBEDKIT_* variables), or document them all."""
-    from embedkit.settings import Settings, get_settings
+    from embedkit.core.settings import Settings, get_settings
 
     if not markdown:
         out.print_json(get_settings().model_dump_json())
         return
-    rows = ["# Configuration", "",
-            "Every field of `embedkit.settings.Settings` is read from `EMBEDKIT_<FIELD>` "
-            "(lists as JSON). Generated by `embedkit config --markdown`.", "",
-            "| variable | default | what and why |", "|---|---|---|"]
+    rows = [
+        "# Configuration",
+        "",
+        "Every field of `embedkit.core.settings.Settings` is read from `EMBEDKIT_<FIELD>` "
+        "(lists as JSON). Generated by `embedkit config --markdown`.",
+        "",
+        "| variable | default | what and why |",
+        "|---|---|---|",
+    ]
     for name, field in Settings.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
         if name == "intra_op_threads":
@@ -391,7 +431,7 @@ def config(
 @one_line_errors
 def info(target: Annotated[str, typer.Argument(help="Model tag or artifact directory.")]) -> None:
     """Print an artifact's manifest (after verifying its checksums)."""
-    from embedkit.artifact import manifest_json, resolve
+    from embedkit.model.artifact import manifest_json, resolve
 
     art = resolve(target)
     out.print_json(manifest_json(art))
@@ -431,8 +471,13 @@ def _bar(title: str) -> Iterator[Callable[[int, int, str], None]]:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
     ) as bar:
         task = bar.add_task(title, total=None)
 
@@ -446,11 +491,12 @@ def _bar(title: str) -> Iterator[Callable[[int, int, str], None]]:
 @one_line_errors
 def bench(
     artifact: Annotated[
-        str | None, typer.Argument(help="Model tag or artifact directory (default: the served model).")
+        str | None,
+        typer.Argument(help="Model tag or artifact directory (default: the served model)."),
     ] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where bench.{json,md} and PNGs go.")] = Path(
-        "bench-report"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where bench.{json,md} and PNGs go.")
+    ] = Path("bench-report"),
     variant: Annotated[
         list[str] | None,
         typer.Option(help="Also run the engine on this variant: NAME=TAG_OR_DIR (repeatable)."),
@@ -459,19 +505,25 @@ def bench(
         bool, typer.Option(help="Add every registered variant of the model from the BentoML store.")
     ] = True,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,128",
-    max_texts: Annotated[int, typer.Option(help="STS sentences in the short corpus.", min=8)] = 1024,
-    long_texts: Annotated[int, typer.Option(help="Texts in the long corpus (0: skip).", min=0)] = 128,
+    max_texts: Annotated[
+        int, typer.Option(help="STS sentences in the short corpus.", min=8)
+    ] = 1024,
+    long_texts: Annotated[
+        int, typer.Option(help="Texts in the long corpus (0: skip).", min=0)
+    ] = 128,
     torch: Annotated[bool, typer.Option(help="Include PyTorch (needs the export extra).")] = True,
-    http: Annotated[bool, typer.Option(help="Also start a server and sweep HTTP concurrency.")] = False,
+    http: Annotated[
+        bool, typer.Option(help="Also start a server and sweep HTTP concurrency.")
+    ] = False,
     url: Annotated[str | None, typer.Option(help="Sweep this running server instead.")] = None,
     http_seconds: Annotated[float, typer.Option(help="Seconds per HTTP phase.", min=1)] = 10.0,
     concurrency: Annotated[str, typer.Option(help="HTTP concurrencies.")] = "1,4,16,64",
 ) -> None:
     """PyTorch, naive ORT and the engine (+ variants) side by side; JSON, markdown and plots."""
-    from embedkit.artifact import resolve
-    from embedkit.bench import registered_variants
-    from embedkit.bench_report import bench_and_report
-    from embedkit.settings import get_settings
+    from embedkit.bench.inprocess import registered_variants
+    from embedkit.bench.report import bench_and_report
+    from embedkit.core.settings import get_settings
+    from embedkit.model.artifact import resolve
 
     art = resolve(artifact or get_settings().model)
     variants = _named_targets(variant, "--variant")
@@ -481,10 +533,19 @@ def bench(
     command = "embedkit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else ""
     with _bar("bench") as update:
         paths = bench_and_report(
-            art.tag or art.path, out_dir, variants=dict(variants), http=http, url=url,
-            http_seconds=http_seconds, concurrencies=tuple(_ints(concurrency, "--concurrency")),
-            batch_sizes=_ints(batch_sizes, "--batch-sizes"), max_texts=max_texts,
-            long_texts=long_texts, include_torch=torch, command=command.strip(), on_progress=update,
+            art.tag or art.path,
+            out_dir,
+            variants=dict(variants),
+            http=http,
+            url=url,
+            http_seconds=http_seconds,
+            concurrencies=tuple(_ints(concurrency, "--concurrency")),
+            batch_sizes=_ints(batch_sizes, "--batch-sizes"),
+            max_texts=max_texts,
+            long_texts=long_texts,
+            include_torch=torch,
+            command=command.strip(),
+            on_progress=update,
         )
     for kind, path in paths.items():
         out.print(f"{kind}: {path}", highlight=False)
@@ -497,16 +558,16 @@ def profile_cmd(
         list[str] | None,
         typer.Argument(help="NAME=TAG_OR_DIR or TAG_OR_DIR (default: the served model)."),
     ] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Traces, profile.json and profile.md.")] = Path(
-        "profile-report"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Traces, profile.json and profile.md.")
+    ] = Path("profile-report"),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
     batches: Annotated[int, typer.Option(help="Batches profiled per batch size.", min=1)] = 8,
     top: Annotated[int, typer.Option(help="Operators kept per profile.", min=1)] = 10,
 ) -> None:
     """ORT profiling: top operators by share of kernel time, per variant and batch size."""
-    from embedkit.profiling import markdown, profile
-    from embedkit.settings import get_settings
+    from embedkit.bench.profiling import markdown, profile
+    from embedkit.core.settings import get_settings
 
     named = _named_targets(targets, "TARGET") or {"default": get_settings().model}
     sizes = _ints(batch_sizes, "--batch-sizes")
@@ -514,7 +575,11 @@ def profile_cmd(
         total = len(named) * len(sizes)
         steps = iter(range(1, total + 1))
         report = profile(
-            named, out_dir, batch_sizes=sizes, max_batches=batches, top=top,
+            named,
+            out_dir,
+            batch_sizes=sizes,
+            max_batches=batches,
+            top=top,
             on_step=lambda what: update(next(steps), total, what),
         )
     out.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
@@ -528,12 +593,16 @@ def gate(
         str, typer.Option(help="Baseline: model tag, artifact dir, runtime record or bench.json.")
     ],
     candidate: Annotated[
-        str | None, typer.Option(help="Candidate tag or artifact dir (default: the baseline's artifact).")
+        str | None,
+        typer.Option(help="Candidate tag or artifact dir (default: the baseline's artifact)."),
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Candidate setting override KEY=VALUE (repeatable); "
-                     "EMBEDKIT_* variables apply too."),
+        typer.Option(
+            "--set",
+            help="Candidate setting override KEY=VALUE (repeatable); "
+            "EMBEDKIT_* variables apply too.",
+        ),
     ] = None,
     short: Annotated[bool, typer.Option(help="The short run CI uses.")] = False,
     report: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
@@ -542,10 +611,10 @@ def gate(
     ] = None,
 ) -> None:
     """Fail (exit 1) if the candidate is slower or worse than the baseline, measured in this run."""
-    from embedkit import perfgate
-    from embedkit.artifact import resolve
-    from embedkit.bench import calls_for
-    from embedkit.settings import get_settings
+    from embedkit.bench import perfgate
+    from embedkit.bench.inprocess import calls_for
+    from embedkit.core.settings import get_settings
+    from embedkit.model.artifact import resolve
 
     th = perfgate.load_thresholds(config) if config else perfgate.load_thresholds()
     if short:

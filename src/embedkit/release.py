@@ -17,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedkit import contract, records, signing
-from embedkit.artifact import Artifact, finalize, register
-from embedkit.export import Step, export
-from embedkit.recipe import Recipe
-
-ARTIFACTS_DIR = Path("artifacts")
+from embedkit.bench import records
+from embedkit.core.settings import get_settings
+from embedkit.model import signing
+from embedkit.model.artifact import Artifact, finalize, register
+from embedkit.model.export import Step, export
+from embedkit.model.recipe import Recipe
+from embedkit.quality import contract
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class Release:
     summary_markdown: str | None = None
 
 
-def attach_records(artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]) -> Artifact:
+def attach_records(
+    artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]
+) -> Artifact:
     """Copy report files into ``records/`` and re-finalise the manifest with ``manifest_updates``."""
     target = artifact.path / "records"
     target.mkdir(exist_ok=True)
@@ -82,14 +85,14 @@ def release(
 ) -> Release:
     """Export, validate, optionally build and gate variants, sign and register.
 
-    Every registered version carries release records (:mod:`embedkit.records`): its
+    Every registered version carries release records (:mod:`embedkit.bench.records`): its
     runtime parameters and, with ``bench``, a short benchmark and profiler summary.
 
     Raises ContractViolation when the fp32 contract fails (nothing registered).
     """
     say = step or (lambda _m: None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    base = Path(workdir) if workdir else ARTIFACTS_DIR
+    base = Path(workdir) if workdir else get_settings().artifacts_dir
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
     artifact = export(recipe, root / "fp32", step=say)
@@ -104,7 +107,7 @@ def release(
     entries: list[tuple[str, Artifact, float | None, bool | None]] = []
     summary = None
     if variants:
-        from embedkit import quality
+        from embedkit.quality import evaluate as quality
 
         candidates, speeds = quality.run_candidates(
             artifact, root / "variants", presets=presets, reference_dir=reference_dir, say=say

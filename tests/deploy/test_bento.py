@@ -27,7 +27,7 @@ import yaml
 from tests.servers import BENTOML, Launcher, wait_ready
 
 from embedkit import bento
-from embedkit.errors import BuildError
+from embedkit.core.errors import BuildError
 
 pytestmark = pytest.mark.slow
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sentence_transformers")
@@ -36,7 +36,7 @@ EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sen
 @pytest.fixture(scope="module")
 def tags(fp32_artifact) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """(pinned, newer): two versions of the same model; the Bentos pin the first."""
-    from embedkit.artifact import register
+    from embedkit.model.artifact import register
 
     return register(fp32_artifact), register(fp32_artifact)
 
@@ -212,7 +212,9 @@ def test_unknown_variant_is_a_build_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(built: dict[str, bento.Built], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(
+    built: dict[str, bento.Built], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """`bentoml serve <CPU bento tag>` on a free loopback port, torn down by process group."""
     workdir = tmp_path_factory.mktemp("serve-bento")
     # Nothing from the caller may choose the model: the Bento's own envs and pin must.
@@ -231,16 +233,20 @@ def served(built: dict[str, bento.Built], tmp_path_factory: pytest.TempPathFacto
 
 
 def test_served_cpu_bento_matches_the_in_process_engine(
-    served: str, fp32_artifact, tags: tuple[str, str]  # type: ignore[no-untyped-def]
+    served: str,
+    fp32_artifact,
+    tags: tuple[str, str],  # type: ignore[no-untyped-def]
 ) -> None:
     from openai import OpenAI
 
-    from embedkit.engine import Engine
+    from embedkit.runtime.engine import Engine
 
     texts = ["A man is playing a guitar.", "Ein Mann spielt Gitarre.", "", "日本語のテキスト 🎸"]
     client = OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=60)
     resp = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
-    got = np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
+    got = np.array(
+        [d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32
+    )
     want = Engine(fp32_artifact).encode(texts)
     assert got.shape == want.shape == (len(texts), 384)
     assert float(np.max(np.abs(got - want))) <= 1e-4

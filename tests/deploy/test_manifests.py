@@ -30,7 +30,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from embedkit.settings import Settings
+from embedkit.core.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "canary")
@@ -53,7 +53,9 @@ def render(directory: Path) -> list[Doc]:
     """``kubectl kustomize`` one kustomization into its documents (no cluster needed)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl not on PATH: it is part of the CI machine image (kustomize v5 built in)")
+        pytest.fail(
+            "kubectl not on PATH: it is part of the CI machine image (kustomize v5 built in)"
+        )
     done = subprocess.run(
         [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
     )
@@ -179,7 +181,9 @@ def check_probes(docs: list[Doc]) -> list[str]:
             if path is not None and get.get("path") != path:
                 problems.append(f"{ident(dep)}: {probe} path {get.get('path')!r}, want {path}")
             if port_number(c, get.get("port", "")) != HTTP_PORT:
-                problems.append(f"{ident(dep)}: {probe} port {get.get('port')!r} is not {HTTP_PORT}")
+                problems.append(
+                    f"{ident(dep)}: {probe} port {get.get('port')!r} is not {HTTP_PORT}"
+                )
     return problems
 
 
@@ -207,7 +211,9 @@ def check_security(docs: list[Doc]) -> list[str]:
         if pod.get("automountServiceAccountToken") is not False:
             problems.append(f"{who}: automountServiceAccountToken is not false")
         if pod.get("enableServiceLinks") is not False:
-            problems.append(f"{who}: enableServiceLinks is not false (EMBEDKIT_PORT-style collisions)")
+            problems.append(
+                f"{who}: enableServiceLinks is not false (EMBEDKIT_PORT-style collisions)"
+            )
     return problems
 
 
@@ -232,7 +238,9 @@ def check_config(docs: list[Doc]) -> list[str]:
     for dep, pod, c in containers(docs):
         refs = [s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s]
         refs += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
-        problems += [f"{ident(dep)}: ConfigMap {r} is not in the render" for r in refs if r not in names]
+        problems += [
+            f"{ident(dep)}: ConfigMap {r} is not in the render" for r in refs if r not in names
+        ]
         env = container_env(docs, c)
         for key in env:
             field = key.removeprefix("EMBEDKIT_").lower()
@@ -299,7 +307,8 @@ def check_signature(docs: list[Doc]) -> list[str]:
         } | d.get("stringData", {})
     problems = [
         f"ConfigMap or Secret {name}: carries a private key"
-        for name, data in files.items() if "PRIVATE KEY" in json.dumps(data)
+        for name, data in files.items()
+        if "PRIVATE KEY" in json.dumps(data)
     ]
     for dep, pod, c in containers(docs):
         s = settings_from(container_env(docs, c))
@@ -318,7 +327,9 @@ def check_signature(docs: list[Doc]) -> list[str]:
             path = PurePosixPath(key)
             pem = files.get(mounted.get(str(path.parent)) or "", {}).get(path.name)
             if pem is None:
-                problems.append(f"{ident(dep)}: trusted key {key} is not mounted from a ConfigMap/Secret")
+                problems.append(
+                    f"{ident(dep)}: trusted key {key} is not mounted from a ConfigMap/Secret"
+                )
             elif not isinstance(load_pem_public_key(pem.encode()), Ed25519PublicKey):
                 problems.append(f"{ident(dep)}: trusted key {key} is not an Ed25519 public key")
     return problems
@@ -334,11 +345,15 @@ def check_autoscaling(docs: list[Doc]) -> list[str]:
         if hpa["apiVersion"] != "autoscaling/v2":
             problems.append(f"{ident(hpa)}: not autoscaling/v2")
         if ref.get("kind") != "Deployment" or ref.get("name") not in deployments:
-            problems.append(f"{ident(hpa)}: targets {ref.get('kind')}/{ref.get('name')}, not a Deployment here")
+            problems.append(
+                f"{ident(hpa)}: targets {ref.get('kind')}/{ref.get('name')}, not a Deployment here"
+            )
         targeted[ref.get("name")] = targeted.get(ref.get("name"), 0) + 1
         cpu = [
-            m for m in hpa["spec"].get("metrics", [])
-            if m.get("type") == "Resource" and m["resource"]["name"] == "cpu"
+            m
+            for m in hpa["spec"].get("metrics", [])
+            if m.get("type") == "Resource"
+            and m["resource"]["name"] == "cpu"
             and m["resource"]["target"]["type"] == "Utilization"
         ]
         if not cpu:
@@ -359,9 +374,12 @@ def check_traffic(docs: list[Doc]) -> list[str]:
     for dep, _, c in containers(docs):
         labels = dep["spec"]["template"]["metadata"].get("labels", {})
         served = [
-            s for s in services if selects(s["spec"].get("selector", {}), labels)
+            s
+            for s in services
+            if selects(s["spec"].get("selector", {}), labels)
             and any(
-                p["port"] == HTTP_PORT and port_number(c, p.get("targetPort", p["port"])) == HTTP_PORT
+                p["port"] == HTTP_PORT
+                and port_number(c, p.get("targetPort", p["port"])) == HTTP_PORT
                 for p in s["spec"]["ports"]
             )
         ]
@@ -374,22 +392,34 @@ def check_traffic(docs: list[Doc]) -> list[str]:
 
 def check_metrics_scrape(docs: list[Doc]) -> list[str]:
     """Prometheus scrape annotations on the pod template, pointing at /metrics on 3000."""
-    want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
-            "prometheus.io/path": "/metrics"}
+    want = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(HTTP_PORT),
+        "prometheus.io/path": "/metrics",
+    }
     problems = []
     for dep in of_kind(docs, "Deployment"):
         notes = dep["spec"]["template"]["metadata"].get("annotations", {})
         problems += [
             f"{ident(dep)}: annotation {k}={notes.get(k)!r}, want {v!r}"
-            for k, v in want.items() if notes.get(k) != v
+            for k, v in want.items()
+            if notes.get(k) != v
         ]
     return problems
 
 
 COMMON_CHECKS: tuple[Check, ...] = (
-    check_images, check_probes, check_security, check_resources, check_config,
-    check_threads, check_writable_paths, check_signature, check_autoscaling,
-    check_traffic, check_metrics_scrape,
+    check_images,
+    check_probes,
+    check_security,
+    check_resources,
+    check_config,
+    check_threads,
+    check_writable_paths,
+    check_signature,
+    check_autoscaling,
+    check_traffic,
+    check_metrics_scrape,
 )
 
 
@@ -399,7 +429,9 @@ def check_cpu(docs: list[Doc]) -> list[str]:
     for dep, _, c in containers(docs):
         s = settings_from(container_env(docs, c))
         if s.providers != ["CPUExecutionProvider"] or s.gpu:
-            problems.append(f"{ident(dep)}: CPU deployment with providers {s.providers}, gpu={s.gpu}")
+            problems.append(
+                f"{ident(dep)}: CPU deployment with providers {s.providers}, gpu={s.gpu}"
+            )
         if GPU in c.get("resources", {}).get("limits", {}):
             problems.append(f"{ident(dep)}: CPU deployment requests a GPU")
     return problems
@@ -438,7 +470,10 @@ def check_canary(docs: list[Doc]) -> list[str]:
     share = canary["metadata"].get("annotations", {}).get(SHARE)
     if share is None:
         return [*problems, f"{ident(canary)}: no {SHARE} annotation"]
-    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h["spec"]
+        for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
     st, ca = hpas[stable["metadata"]["name"]], hpas[canary["metadata"]["name"]]
     for bound in ("minReplicas", "maxReplicas"):
         got = 100 * ca[bound] / (ca[bound] + st[bound])
@@ -505,8 +540,10 @@ def test_canary_render_holds_only_canary_objects(rendered: dict[str, list[Doc]])
 def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) -> None:
     """Guards the kustomize name-reference pitfall (kubernetes-sigs/kustomize#5251)."""
     docs = deployment_sets(rendered)["cpu+canary"]
-    targets = {h["metadata"]["name"]: h["spec"]["scaleTargetRef"]["name"]
-               for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    targets = {
+        h["metadata"]["name"]: h["spec"]["scaleTargetRef"]["name"]
+        for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
     assert targets == {"embedkit": "embedkit", "embedkit-canary": "embedkit-canary"}
 
 
@@ -551,7 +588,9 @@ def _config(docs: list[Doc], key: str, value: str | None, track: str = "stable")
 
 
 def _hpa(docs: list[Doc], name: str) -> Doc:
-    return next(h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["metadata"]["name"] == name)
+    return next(
+        h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["metadata"]["name"] == name
+    )
 
 
 def _set_image(docs: list[Doc], image: str) -> None:
@@ -560,81 +599,230 @@ def _set_image(docs: list[Doc], image: str) -> None:
 
 # (target, mutation, check, expected fragment of the reported problem)
 MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
-    ("cpu", lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu:latest"),
-     check_images, "latest tag"),
-    ("cpu", lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu"),
-     check_images, "has no tag"),
+    (
+        "cpu",
+        lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu:latest"),
+        check_images,
+        "latest tag",
+    ),
+    (
+        "cpu",
+        lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu"),
+        check_images,
+        "has no tag",
+    ),
     ("cpu", lambda d: _container(d).pop("livenessProbe"), check_probes, "livenessProbe missing"),
     ("cpu", lambda d: _container(d).pop("startupProbe"), check_probes, "startupProbe missing"),
-    ("cpu", lambda d: _container(d)["readinessProbe"]["httpGet"].update(path="/livez"),
-     check_probes, "readinessProbe path"),
-    ("cpu", lambda d: _container(d)["livenessProbe"]["httpGet"].update(port=8080),
-     check_probes, "is not 3000"),
-    ("cpu", lambda d: _container(d)["securityContext"].update(runAsUser=0), check_security,
-     "runAsUser"),
-    ("cpu", lambda d: (_container(d)["securityContext"].pop("runAsNonRoot"),
-                       _pod(d)["securityContext"].pop("runAsNonRoot")), check_security,
-     "runAsNonRoot"),
-    ("cpu", lambda d: _container(d)["securityContext"].update(readOnlyRootFilesystem=False),
-     check_security, "readOnlyRootFilesystem"),
-    ("cpu", lambda d: _container(d)["securityContext"].update(allowPrivilegeEscalation=True),
-     check_security, "allowPrivilegeEscalation"),
-    ("cpu", lambda d: _container(d)["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
-     check_security, "drop ALL"),
-    ("cpu", lambda d: _pod(d).pop("automountServiceAccountToken"), check_security,
-     "automountServiceAccountToken"),
-    ("cpu", lambda d: _pod(d).update(enableServiceLinks=True), check_security, "enableServiceLinks"),
-    ("cpu", lambda d: _container(d)["resources"]["limits"].pop("memory"), check_resources,
-     "memory request and limit"),
-    ("cpu", lambda d: _container(d)["resources"]["requests"].update(cpu="3"), check_resources,
-     "above limit"),
-    ("cpu", lambda d: _config(d, "EMBEDKIT_INTRA_OP_THREAD", "2"), check_config, "is not a setting"),
-    ("cpu", lambda d: _config(d, "EMBEDKIT_PROVIDERS", "CPUExecutionProvider"), check_config,
-     "do not parse"),
-    ("cpu", lambda d: _container(d)["envFrom"][0]["configMapRef"].update(name="gone"),
-     check_config, "not in the render"),
+    (
+        "cpu",
+        lambda d: _container(d)["readinessProbe"]["httpGet"].update(path="/livez"),
+        check_probes,
+        "readinessProbe path",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["livenessProbe"]["httpGet"].update(port=8080),
+        check_probes,
+        "is not 3000",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["securityContext"].update(runAsUser=0),
+        check_security,
+        "runAsUser",
+    ),
+    (
+        "cpu",
+        lambda d: (
+            _container(d)["securityContext"].pop("runAsNonRoot"),
+            _pod(d)["securityContext"].pop("runAsNonRoot"),
+        ),
+        check_security,
+        "runAsNonRoot",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["securityContext"].update(readOnlyRootFilesystem=False),
+        check_security,
+        "readOnlyRootFilesystem",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+        check_security,
+        "allowPrivilegeEscalation",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+        check_security,
+        "drop ALL",
+    ),
+    (
+        "cpu",
+        lambda d: _pod(d).pop("automountServiceAccountToken"),
+        check_security,
+        "automountServiceAccountToken",
+    ),
+    (
+        "cpu",
+        lambda d: _pod(d).update(enableServiceLinks=True),
+        check_security,
+        "enableServiceLinks",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["resources"]["limits"].pop("memory"),
+        check_resources,
+        "memory request and limit",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["resources"]["requests"].update(cpu="3"),
+        check_resources,
+        "above limit",
+    ),
+    (
+        "cpu",
+        lambda d: _config(d, "EMBEDKIT_INTRA_OP_THREAD", "2"),
+        check_config,
+        "is not a setting",
+    ),
+    (
+        "cpu",
+        lambda d: _config(d, "EMBEDKIT_PROVIDERS", "CPUExecutionProvider"),
+        check_config,
+        "do not parse",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["envFrom"][0]["configMapRef"].update(name="gone"),
+        check_config,
+        "not in the render",
+    ),
     ("cpu", lambda d: _config(d, "EMBEDKIT_INTRA_OP_THREADS", "8"), check_threads, "!= CPU limit"),
     ("cpu", lambda d: _config(d, "EMBEDKIT_WORKERS", "2"), check_threads, "!= CPU limit"),
     ("cpu", lambda d: _config(d, "RAYON_NUM_THREADS", None), check_threads, "RAYON_NUM_THREADS"),
-    ("cpu", lambda d: _container(d).update(volumeMounts=[
-        m for m in _container(d)["volumeMounts"] if m["mountPath"] != "/tmp"]),
-     check_writable_paths, "(/tmp) is not on a writable emptyDir"),
-    ("cpu", lambda d: _container(d)["env"].append({"name": "BENTOML_HOME", "value": "/home/bentoml"}),
-     check_writable_paths, "BENTOML_HOME"),
-    ("gpu", lambda d: _config(d, "EMBEDKIT_TRT_ENGINE_CACHE_DIR", "/opt/trt"),
-     check_writable_paths, "trt_engine_cache_dir"),
-    ("cpu", lambda d: _config(d, "EMBEDKIT_REQUIRE_SIGNATURE", "false"), check_signature,
-     "REQUIRE_SIGNATURE"),
-    ("cpu", lambda d: _config(d, "EMBEDKIT_TRUSTED_KEYS", '["/etc/elsewhere/k.pub"]'),
-     check_signature, "is not mounted"),
-    ("cpu", lambda d: of_kind(d, "ConfigMap")[0]["data"].update(
-        k="-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n"),
-     check_signature, "private key"),
-    ("cpu", lambda d: _hpa(d, "embedkit")["spec"]["scaleTargetRef"].update(name="embedkit-api"),
-     check_autoscaling, "not a Deployment here"),
-    ("cpu", lambda d: _hpa(d, "embedkit")["spec"].update(metrics=[]), check_autoscaling,
-     "no CPU utilisation"),
-    ("cpu", lambda d: of_kind(d, "Deployment")[0]["spec"].update(replicas=2), check_autoscaling,
-     "sets replicas"),
-    ("cpu", lambda d: of_kind(d, "PodDisruptionBudget")[0]["spec"]["selector"].update(
-        matchLabels={"app": "other"}), check_traffic, "no PodDisruptionBudget"),
-    ("cpu", lambda d: of_kind(d, "Service")[0]["spec"]["ports"][0].update(port=80), check_traffic,
-     "no Service"),
-    ("cpu", lambda d: of_kind(d, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"].pop(
-        "prometheus.io/scrape"), check_metrics_scrape, "prometheus.io/scrape"),
-    ("cpu", lambda d: _config(d, "EMBEDKIT_PROVIDERS", '["CUDAExecutionProvider"]'), check_cpu,
-     "CPU deployment with providers"),
-    ("gpu", lambda d: _container(d)["resources"]["limits"].pop(GPU), check_gpu, "no nvidia.com/gpu"),
+    (
+        "cpu",
+        lambda d: _container(d).update(
+            volumeMounts=[m for m in _container(d)["volumeMounts"] if m["mountPath"] != "/tmp"]
+        ),
+        check_writable_paths,
+        "(/tmp) is not on a writable emptyDir",
+    ),
+    (
+        "cpu",
+        lambda d: _container(d)["env"].append({"name": "BENTOML_HOME", "value": "/home/bentoml"}),
+        check_writable_paths,
+        "BENTOML_HOME",
+    ),
+    (
+        "gpu",
+        lambda d: _config(d, "EMBEDKIT_TRT_ENGINE_CACHE_DIR", "/opt/trt"),
+        check_writable_paths,
+        "trt_engine_cache_dir",
+    ),
+    (
+        "cpu",
+        lambda d: _config(d, "EMBEDKIT_REQUIRE_SIGNATURE", "false"),
+        check_signature,
+        "REQUIRE_SIGNATURE",
+    ),
+    (
+        "cpu",
+        lambda d: _config(d, "EMBEDKIT_TRUSTED_KEYS", '["/etc/elsewhere/k.pub"]'),
+        check_signature,
+        "is not mounted",
+    ),
+    (
+        "cpu",
+        lambda d: of_kind(d, "ConfigMap")[0]["data"].update(
+            k="-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n"
+        ),
+        check_signature,
+        "private key",
+    ),
+    (
+        "cpu",
+        lambda d: _hpa(d, "embedkit")["spec"]["scaleTargetRef"].update(name="embedkit-api"),
+        check_autoscaling,
+        "not a Deployment here",
+    ),
+    (
+        "cpu",
+        lambda d: _hpa(d, "embedkit")["spec"].update(metrics=[]),
+        check_autoscaling,
+        "no CPU utilisation",
+    ),
+    (
+        "cpu",
+        lambda d: of_kind(d, "Deployment")[0]["spec"].update(replicas=2),
+        check_autoscaling,
+        "sets replicas",
+    ),
+    (
+        "cpu",
+        lambda d: of_kind(d, "PodDisruptionBudget")[0]["spec"]["selector"].update(
+            matchLabels={"app": "other"}
+        ),
+        check_traffic,
+        "no PodDisruptionBudget",
+    ),
+    (
+        "cpu",
+        lambda d: of_kind(d, "Service")[0]["spec"]["ports"][0].update(port=80),
+        check_traffic,
+        "no Service",
+    ),
+    (
+        "cpu",
+        lambda d: of_kind(d, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"].pop(
+            "prometheus.io/scrape"
+        ),
+        check_metrics_scrape,
+        "prometheus.io/scrape",
+    ),
+    (
+        "cpu",
+        lambda d: _config(d, "EMBEDKIT_PROVIDERS", '["CUDAExecutionProvider"]'),
+        check_cpu,
+        "CPU deployment with providers",
+    ),
+    (
+        "gpu",
+        lambda d: _container(d)["resources"]["limits"].pop(GPU),
+        check_gpu,
+        "no nvidia.com/gpu",
+    ),
     ("gpu", lambda d: _pod(d).pop("tolerations"), check_gpu, "toleration"),
     ("gpu", lambda d: _pod(d).pop("nodeSelector"), check_gpu, "nodeSelector"),
-    ("gpu", lambda d: _config(d, "EMBEDKIT_STRICT_PROVIDERS", "false"), check_gpu, "STRICT_PROVIDERS"),
-    ("cpu+canary", lambda d: _hpa(d, "embedkit-canary")["spec"].update(maxReplicas=12),
-     check_canary, "maxReplicas gives 50.0 %"),
-    ("cpu+canary", lambda d: _container(d, "canary").update(image=_container(d)["image"]),
-     check_canary, "runs the stable image"),
-    ("cpu+canary", lambda d: d.remove(next(x for x in of_kind(d, "Deployment")
-                                           if x["metadata"]["labels"][TRACK] == "canary")),
-     check_canary, "one stable and one canary"),
+    (
+        "gpu",
+        lambda d: _config(d, "EMBEDKIT_STRICT_PROVIDERS", "false"),
+        check_gpu,
+        "STRICT_PROVIDERS",
+    ),
+    (
+        "cpu+canary",
+        lambda d: _hpa(d, "embedkit-canary")["spec"].update(maxReplicas=12),
+        check_canary,
+        "maxReplicas gives 50.0 %",
+    ),
+    (
+        "cpu+canary",
+        lambda d: _container(d, "canary").update(image=_container(d)["image"]),
+        check_canary,
+        "runs the stable image",
+    ),
+    (
+        "cpu+canary",
+        lambda d: d.remove(
+            next(x for x in of_kind(d, "Deployment") if x["metadata"]["labels"][TRACK] == "canary")
+        ),
+        check_canary,
+        "one stable and one canary",
+    ),
 ]
 
 
@@ -644,8 +832,11 @@ MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
     ids=[f"{t}-{c.__name__}-{e}" for t, _, c, e in MUTATIONS],
 )
 def test_check_catches_defect(
-    rendered: dict[str, list[Doc]], target: str, mutate: Callable[[list[Doc]], object],
-    check: Check, expected: str,
+    rendered: dict[str, list[Doc]],
+    target: str,
+    mutate: Callable[[list[Doc]], object],
+    check: Check,
+    expected: str,
 ) -> None:
     docs = copy.deepcopy(deployment_sets(rendered)[target])
     assert check(docs) == [], "the unmutated render must pass"

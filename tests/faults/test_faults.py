@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 
-from embedkit import loadtest as lt
+from embedkit.bench import loadtest as lt
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def fresh_version(artifact_dir: Path) -> tuple[str, Path]:
     """Register ``artifact_dir`` as a new model version; its tag and store path."""
     import bentoml
 
-    from embedkit.artifact import Artifact, register
+    from embedkit.model.artifact import Artifact, register
 
     tag = register(Artifact.load(artifact_dir, verify=False))
     return tag, Path(bentoml.models.get(tag).path)
@@ -100,7 +100,7 @@ def test_one_flipped_byte_in_the_graph_refuses_startup(fp32_artifact, launcher) 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from embedkit import signing
+    from embedkit.model import signing
 
     d = tmp_path_factory.mktemp("keys")
     signing.generate_keypair(d / "release.key", d / "release.pub")
@@ -108,11 +108,15 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_signature_required_refuses_unsigned_serves_signed(
-    fp32_artifact, launcher, keys, corpus, tmp_path  # type: ignore[no-untyped-def]
+    fp32_artifact,
+    launcher,
+    keys,
+    corpus,
+    tmp_path,  # type: ignore[no-untyped-def]
 ) -> None:
     import shutil
 
-    from embedkit import signing
+    from embedkit.model import signing
 
     private, public = keys
     env = {"EMBEDKIT_REQUIRE_SIGNATURE": "true", "EMBEDKIT_TRUSTED_KEYS": json.dumps([str(public)])}
@@ -199,10 +203,14 @@ def test_embedder_killed_mid_load_restarts_and_recovers(model_tag, launcher, cor
         assert time.monotonic() < deadline, server.log_text()[-3000:]
         time.sleep(1)
     assert embedder_pid(server) != victim and server.proc.poll() is None
-    assert np.abs(got - corpus.expected([1], dimensions=None, normalize=True)[0]).max() <= lt.TOLERANCE
+    assert (
+        np.abs(got - corpus.expected([1], dimensions=None, normalize=True)[0]).max() <= lt.TOLERANCE
+    )
     # Normal service again: right vectors, no errors but deliberate shedding (the new
     # worker's dispatcher serves its first calls unbatched, so a query may hit its deadline).
-    after = asyncio.run(lt.closed_loop(server.url, corpus, duration_s=4, concurrency=4, model=MODEL))
+    after = asyncio.run(
+        lt.closed_loop(server.url, corpus, duration_s=4, concurrency=4, model=MODEL)
+    )
     report = lt.summarize(after, 4)
     assert report.wrong_vectors == 0 and set(report.by_status) <= {"200", "429"}, report.by_status
     assert report.by_status.get("200", 0) >= 0.9 * report.requests, report.by_status

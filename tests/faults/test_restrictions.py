@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from embedkit import loadtest as lt
+from embedkit.bench import loadtest as lt
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,11 @@ def _nobody_can_run_workers() -> str | None:
     0700 /root (a pyenv install), which a real image never does."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         return "needs root and setpriv to drop to nobody"
-    probe = as_nobody(sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', '0'], check=True)")
+    probe = as_nobody(
+        sys.executable,
+        "-c",
+        "import subprocess, sys; subprocess.run([sys.executable, '-c', '0'], check=True)",
+    )
     if probe.returncode != 0:
         return f"nobody cannot exec this venv's interpreter ({os.path.realpath(sys.executable)}): {probe.stderr.strip().splitlines()[-1:]}"
     return None
@@ -71,7 +75,11 @@ def test_serves_as_non_root_from_a_read_only_store(model_tag, launcher, sandbox,
     model_dir = home / "models" / stored.parent.name / stored.name
     before = sorted(p.name for p in model_dir.rglob("*"))
     # The sandbox really is what it claims: nobody cannot write the store, the repo or the venv.
-    for target in (model_dir / "probe", Path(lt.__file__).parent / "probe", Path(shutil.which("bentoml") or "/").parent / "probe"):
+    for target in (
+        model_dir / "probe",
+        Path(lt.__file__).parent / "probe",
+        Path(shutil.which("bentoml") or "/").parent / "probe",
+    ):
         assert as_nobody("touch", str(target)).returncode != 0, target
 
     env = {

@@ -10,19 +10,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from embedkit import api
-from embedkit.errors import EmbedkitError
-from embedkit.settings import Settings
+from embedkit.core.errors import EmbedkitError
+from embedkit.core.settings import Settings
+from embedkit.serve import api
 
 SETTINGS = Settings(max_client_batch=16)
 MODEL = "all-minilm-l6-v2"
 DIM = 384
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 texts = st.text(max_size=300)
@@ -40,7 +48,7 @@ formats = st.sampled_from(["float", "base64"]) | json_scalars
 
 @pytest.fixture(scope="module")
 def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
-    from embedkit.tokens import TextTokenizer
+    from embedkit.runtime.tokens import TextTokenizer
 
     return TextTokenizer.from_artifact(fp32_artifact)
 
@@ -69,9 +77,7 @@ def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, An
     except ValidationError:
         return  # BentoML answers these 400 (rewritten into our body by EdgeMiddleware)
     try:
-        job = api.openai_job(
-            req, tokenizer, SETTINGS, served=MODEL, model_dim=DIM, normalize=True
-        )
+        job = api.openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=DIM, normalize=True)
     except EmbedkitError as exc:
         _client_error(exc)
         return
@@ -94,7 +100,9 @@ def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, An
     ),
     lane=st.sampled_from(["query", "bulk"]),
 )
-def test_native_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, Any], lane: api.Lane) -> None:  # type: ignore[no-untyped-def]
+def test_native_request_is_a_job_or_a_client_error(
+    tokenizer, body: dict[str, Any], lane: api.Lane
+) -> None:  # type: ignore[no-untyped-def]
     try:
         req = api.EmbedRequest.model_validate(body)
     except ValidationError:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embedkit.errors import EmbedkitError, InvalidDimensions, InvalidInput
+from embedkit.core.errors import EmbedkitError, InvalidDimensions, InvalidInput
 
 DIM = 384
 any_text = st.text(max_size=80) | st.text(
@@ -19,7 +19,7 @@ any_text = st.text(max_size=80) | st.text(
 
 @pytest.fixture(scope="module")
 def engine(fp32_artifact):  # type: ignore[no-untyped-def]
-    from embedkit.engine import Engine
+    from embedkit.runtime.engine import Engine
 
     return Engine(fp32_artifact)
 
@@ -30,7 +30,9 @@ def engine(fp32_artifact):  # type: ignore[no-untyped-def]
     dimensions=st.none() | st.integers(min_value=-2, max_value=DIM + 2),
     normalize=st.booleans(),
 )
-def test_encode_any_unicode_batch(engine, texts: list[str], dimensions: int | None, normalize: bool) -> None:  # type: ignore[no-untyped-def]
+def test_encode_any_unicode_batch(
+    engine, texts: list[str], dimensions: int | None, normalize: bool
+) -> None:  # type: ignore[no-untyped-def]
     try:
         got = engine.encode(texts, dimensions=dimensions, normalize=normalize)
     except InvalidDimensions:
@@ -49,7 +51,10 @@ def test_encode_any_unicode_batch(engine, texts: list[str], dimensions: int | No
 @settings(max_examples=60, deadline=None)
 @given(
     items=st.lists(
-        st.none() | st.integers() | st.binary(max_size=5) | st.lists(st.text(max_size=3), max_size=2),
+        st.none()
+        | st.integers()
+        | st.binary(max_size=5)
+        | st.lists(st.text(max_size=3), max_size=2),
         min_size=1,
         max_size=4,
     )

@@ -23,19 +23,32 @@ MAX_TIME_S = 60
 
 def test_no_generated_request_gets_a_5xx(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cmd = [
-        ST, "run", server.url + "/docs.json",
-        "--checks", "not_a_server_error",
-        "--max-examples", str(MAX_EXAMPLES),
-        "--max-time", str(MAX_TIME_S),
-        "--seed", "8",
-        "--generation-database", "none",
-        "--request-timeout", "60",
-        "--workers", "2",
+        ST,
+        "run",
+        server.url + "/docs.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--max-time",
+        str(MAX_TIME_S),
+        "--seed",
+        "8",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "60",
+        "--workers",
+        "2",
         "--no-color",
-        "--report", "junit",
-        "--report-dir", str(tmp_path),
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=MAX_TIME_S + 120, cwd=tmp_path)
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=MAX_TIME_S + 120, cwd=tmp_path
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-6000:]
     # Every route was really exercised (the JUnit report lists one case per operation).

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit.api import decode_base64
+from embedkit.serve.api import decode_base64
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def texts(data_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def engine(fp32_artifact):  # type: ignore[no-untyped-def]
-    from embedkit.engine import Engine
+    from embedkit.runtime.engine import Engine
 
     return Engine(fp32_artifact)
 
@@ -257,11 +257,9 @@ def test_concurrent_requests_are_batched(server, path, body, method) -> None:  #
     before = batch_stats(server.metrics(), method)
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
-    total, _ = (
-        a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True)
-    )
+    total, _ = (a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True))
     # The front merges requests that arrive together into one Embedder call
-    # (embedkit.coalesce) and BentoML merges queued calls, so one batch can hold many
+    # (embedkit.serve.coalesce) and BentoML merges queued calls, so one batch can hold many
     # requests: fewer batches than requests is the proof either way merged them.
     assert 0 < total < 48, "requests were not merged into fewer batches"
 

@@ -19,7 +19,7 @@ def assert_never_ready(server) -> None:  # type: ignore[no-untyped-def]
 def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:  # type: ignore[no-untyped-def]
     import bentoml
 
-    from embedkit.artifact import register
+    from embedkit.model.artifact import register
 
     tag = register(fp32_artifact)  # a fresh version: the shared one stays intact
     with open(Path(bentoml.models.get(tag).path) / "tokenizer.json", "a") as fh:

@@ -13,8 +13,8 @@ __all__ = ["launcher", "model_tag", "server"]
 @pytest.fixture(scope="session")
 def corpus(fp32_artifact, data_dir: Path):  # type: ignore[no-untyped-def]
     """400 short + 20 long distinct texts with their expected raw vectors (in-process engine)."""
-    from embedkit import loadtest
-    from embedkit.engine import Engine
+    from embedkit.bench import loadtest
+    from embedkit.runtime.engine import Engine
 
     texts = loadtest.sts_texts(data_dir, n_short=400, n_long=20)
     return loadtest.build_corpus(Engine(fp32_artifact), texts, n_long=20)

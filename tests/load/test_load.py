@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from embedkit import loadtest as lt
+from embedkit.bench import loadtest as lt
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,9 @@ def workers(server) -> set[int]:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def baseline(server, corpus) -> Baseline:  # type: ignore[no-untyped-def]
     """10 s at the soak's concurrency: warms every shape, measures capacity."""
-    out = run(lt.closed_loop(server.url, corpus, duration_s=10, concurrency=CONCURRENCY, model=MODEL))
+    out = run(
+        lt.closed_loop(server.url, corpus, duration_s=10, concurrency=CONCURRENCY, model=MODEL)
+    )
     report = lt.summarize(out, 10)
     assert report.wrong_vectors == 0
     return Baseline(report.requests_per_s, lt.median_latency(out))
@@ -57,10 +59,15 @@ def baseline(server, corpus) -> Baseline:  # type: ignore[no-untyped-def]
 def test_soak_mixed_workload_every_vector_right(server, corpus, baseline, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rss_start = lt.tree_rss(server.proc.pid)
     out = run(
-        lt.closed_loop(server.url, corpus, duration_s=SOAK_S, concurrency=CONCURRENCY, model=MODEL, seed=1)
+        lt.closed_loop(
+            server.url, corpus, duration_s=SOAK_S, concurrency=CONCURRENCY, model=MODEL, seed=1
+        )
     )
     report = lt.summarize(
-        out, SOAK_S, rss_start=rss_start, rss_end=lt.tree_rss(server.proc.pid),
+        out,
+        SOAK_S,
+        rss_start=rss_start,
+        rss_end=lt.tree_rss(server.proc.pid),
         meta={"concurrency": CONCURRENCY},
     )
     lt.dump(report, tmp_path / "soak.json")
@@ -86,20 +93,30 @@ def test_overload_sheds_excess_keeps_serving_and_recovers(server, corpus, baseli
     served = [o for o in out if o.status == 200]
     # ...while the rest keeps being served, within the budget (bounded queue, not 60 s).
     assert len(served) >= 0.5 * baseline.requests_per_s * BURST_S, report.by_status
-    assert report.latency_s["p99"] is not None and report.latency_s["p99"] <= SERVED_LATENCY_BUDGET_S
+    assert (
+        report.latency_s["p99"] is not None and report.latency_s["p99"] <= SERVED_LATENCY_BUDGET_S
+    )
     # No worker crashed or was replaced.
     assert server.proc.poll() is None and workers(server) == before
     # Recovery: interactive latency back to normal within seconds of the burst.
     after = run(
         lt.closed_loop(
-            server.url, corpus, duration_s=5, concurrency=2, model=MODEL, seed=3,
+            server.url,
+            corpus,
+            duration_s=5,
+            concurrency=2,
+            model=MODEL,
+            seed=3,
             mix={"query": 0.5, "openai_one": 0.5},
         )
     )
     assert all(o.status == 200 for o in after), lt.summarize(after, 5).by_status
     recovered = lt.median_latency(after)
-    assert recovered <= max(3 * baseline.interactive_median_s, baseline.interactive_median_s + 0.25), (
-        recovered, baseline,
+    assert recovered <= max(
+        3 * baseline.interactive_median_s, baseline.interactive_median_s + 0.25
+    ), (
+        recovered,
+        baseline,
     )
 
 
@@ -126,7 +143,8 @@ def test_client_disconnect_drops_its_work(server, corpus) -> None:  # type: igno
     """A client that gives up on a ~6 s bulk request: the server cancels it, the Embedder
     goes idle after the chunk in flight instead of computing the rest for nobody."""
     embedder = next(
-        p for p in psutil.Process(server.proc.pid).children(recursive=True)
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
         if "embedder" in p.cmdline()
     )
     texts = (corpus.texts[: corpus.long_from] * 4)[:1536]
@@ -141,7 +159,9 @@ def test_client_disconnect_drops_its_work(server, corpus) -> None:  # type: igno
 
     before = dropped()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/embed", json={"texts": texts}, timeout=httpx.Timeout(60, read=1.5))
+        httpx.post(
+            server.url + "/embed", json={"texts": texts}, timeout=httpx.Timeout(60, read=1.5)
+        )
     time.sleep(2.0)  # the chunk in flight at the disconnect finishes
     start = cpu()
     time.sleep(3.0)

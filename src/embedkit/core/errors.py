@@ -1,0 +1,175 @@
+"""The one error hierarchy.
+
+Every error a user can cause or meet carries its HTTP status, an OpenAI-style
+error ``type`` and, where it applies, the offending request parameter. The
+HTTP layer maps these in one place (``embedkit.serve.api``); the CLI prints
+``str(error)`` on one line. Nothing here knows about a web framework.
+"""
+
+from __future__ import annotations
+
+
+class EmbedkitError(Exception):
+    """Base class: a clear, one-line message plus how to surface it."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_openai(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# --- client mistakes (4xx) -------------------------------------------------
+
+
+class InvalidInput(EmbedkitError):
+    """Malformed or wrongly typed input (bad JSON, empty list, None items...)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_input"
+
+
+class Unauthorized(EmbedkitError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(EmbedkitError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(EmbedkitError):
+    """Too many items, too large a body, or a text over the token limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class InputTooLong(PayloadTooLarge):
+    """A text exceeds the model's token limit while truncation is off."""
+
+    code = "input_too_long"
+
+
+class InvalidDimensions(EmbedkitError):
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_dimensions"
+
+
+class Overloaded(EmbedkitError):
+    """Admission refused: the queue is full. Clients should retry later."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# --- our side (5xx) ----------------------------------------------------------
+
+
+class NotReady(EmbedkitError):
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+
+class UpstreamTimeout(EmbedkitError):
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class InferenceError(EmbedkitError):
+    """The model produced something unusable (NaN/Inf) or the runtime failed."""
+
+    status = 500
+    type = "server_error"
+    code = "inference_error"
+
+
+# --- artifacts, configuration and tooling -------------------------------------
+
+
+class ArtifactError(EmbedkitError):
+    """An artifact is missing, malformed, tampered with or unsigned."""
+
+    status = 503
+    type = "server_error"
+    code = "artifact_error"
+
+
+class ChecksumMismatch(ArtifactError):
+    code = "checksum_mismatch"
+
+
+class SignatureError(ArtifactError):
+    code = "signature_error"
+
+
+class ModelSourceError(EmbedkitError):
+    """The export source is not a usable sentence-transformers model."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_model_source"
+
+
+class UnsupportedModel(ModelSourceError):
+    """The model uses a feature we cannot export faithfully (e.g. a pooling mode)."""
+
+    code = "unsupported_model"
+
+
+class ProviderUnavailable(EmbedkitError):
+    """Strict provider routing refused a fallback."""
+
+    status = 503
+    type = "server_error"
+    code = "provider_unavailable"
+
+
+class ContractViolation(EmbedkitError):
+    """Validation of an artifact failed (parity, shapes, operators)."""
+
+    status = 500
+    type = "server_error"
+    code = "contract_violation"
+
+
+class MissingExtra(EmbedkitError):
+    """An optional dependency group is needed (e.g. ``pip install embedkit[export]``)."""
+
+    status = 500
+    type = "server_error"
+    code = "missing_extra"
+
+
+class BuildError(EmbedkitError):
+    """Packaging a Bento failed, or produced one unfit to ship (see ``embedkit.bento.audit``)."""
+
+    status = 500
+    type = "server_error"
+    code = "build_error"

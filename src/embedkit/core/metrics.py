@@ -1,0 +1,95 @@
+"""Prometheus metrics of our own, beside BentoML's.
+
+Metrics are created lazily on first use: BentoML workers set
+``PROMETHEUS_MULTIPROC_DIR`` after importing the service module, and a
+``prometheus_client`` metric created before that is invisible to ``/metrics``.
+So nothing here touches prometheus_client at import time; call :func:`get`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metrics:
+    provider_fallback: Any  # Counter{requested, active}
+    model_load_failures: Any  # Counter{reason}
+    # --- serving (the BentoML services) ---
+    texts_embedded: Any  # Counter{route}
+    tokens_embedded: Any  # Counter{route}
+    rejected_requests: Any  # Counter{reason}: client mistakes and overload, by error code
+    dropped_requests: Any  # Counter: requests cancelled because their client disconnected
+    padding_ratio: Any  # Histogram: padded tokens / real tokens of one inference call
+    sub_batch_size: Any  # Histogram: texts per ORT run
+    sub_batch_tokens: Any  # Histogram: padded tokens per ORT run
+    queue_wait: (
+        Any  # Histogram{api}: front hand-off → inner batch start (transport + batching wait)
+    )
+    inference_time: Any  # Histogram{api}: one batched inference call in the Embedder
+
+
+@lru_cache(maxsize=1)
+def get() -> Metrics:
+    from prometheus_client import Counter, Histogram
+
+    seconds = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+    return Metrics(
+        provider_fallback=Counter(
+            "embedkit_provider_fallback_total",
+            "Sessions whose first requested available provider did not attach.",
+            ["requested", "active"],
+        ),
+        model_load_failures=Counter(
+            "embedkit_model_load_failures_total",
+            "Artifacts refused at load (checksum, signature, missing files).",
+            ["reason"],
+        ),
+        texts_embedded=Counter(
+            "embedkit_texts_embedded_total", "Texts (or token-id inputs) embedded.", ["route"]
+        ),
+        tokens_embedded=Counter(
+            "embedkit_tokens_embedded_total",
+            "Real tokens embedded (special tokens included, padding excluded).",
+            ["route"],
+        ),
+        rejected_requests=Counter(
+            "embedkit_rejected_requests_total",
+            "Requests answered with an error, by error code (invalid_input, overloaded, ...).",
+            ["reason"],
+        ),
+        dropped_requests=Counter(
+            "embedkit_dropped_requests_total",
+            "Requests cancelled because the client disconnected before the answer.",
+        ),
+        padding_ratio=Histogram(
+            "embedkit_padding_ratio",
+            "Padded tokens / real tokens of one batched inference call (1.0 = no padding).",
+            buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+        ),
+        sub_batch_size=Histogram(
+            "embedkit_sub_batch_size",
+            "Texts per ONNX Runtime run (after token-aware splitting).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        ),
+        sub_batch_tokens=Histogram(
+            "embedkit_sub_batch_tokens",
+            "Padded tokens per ONNX Runtime run.",
+            buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+        ),
+        queue_wait=Histogram(
+            "embedkit_queue_wait_seconds",
+            "From the front service handing a request over to the Embedder batch starting.",
+            ["api"],
+            buckets=seconds,
+        ),
+        inference_time=Histogram(
+            "embedkit_inference_seconds",
+            "One batched inference call in the Embedder (all its sub-batches).",
+            ["api"],
+            buckets=seconds,
+        ),
+    )

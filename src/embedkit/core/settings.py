@@ -1,0 +1,259 @@
+"""One typed settings object for the whole project.
+
+Every field can be set by an ``EMBEDKIT_<FIELD>`` environment variable (lists
+as JSON, e.g. ``EMBEDKIT_PROVIDERS='["CPUExecutionProvider"]'``) and most by a
+CLI flag. Each description states the trade-off; ``docs/configuration.md`` is
+generated from these descriptions (``embedkit config --markdown``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROVIDERS = [
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+]
+
+
+def _default_threads() -> int:
+    # The cores this process may use (cgroup/affinity aware), not the host's:
+    # ORT's own default oversubscribes a CPU-limited container.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDKIT_", extra="ignore", frozen=True)
+
+    # --- which model ------------------------------------------------------
+    model: str = Field(
+        "all-minilm-l6-v2:latest",
+        description="BentoML model tag to serve (a path is refused: served models come only "
+        "from the model store).",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Name clients pass as `model` in /v1/embeddings; defaults to the artifact's name.",
+    )
+
+    # --- ONNX Runtime session ----------------------------------------------
+    providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="Execution-provider priority; filtered by what the installed onnxruntime offers.",
+    )
+    strict_providers: bool = Field(
+        False,
+        description="Refuse to start when the first requested available provider does not attach, "
+        "instead of falling back (visible in logs, /info and metrics).",
+    )
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ORT graph optimisation; 'all' adds layout transforms (CPU)."
+    )
+    intra_op_threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        description="Threads inside one operator. Set to the worker's CPU share; ORT's default "
+        "uses every host core and oversubscribes containers.",
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, description="Threads across independent operators (only used in parallel mode)."
+    )
+    execution_mode: Literal["sequential", "parallel"] = Field(
+        "sequential", description="Transformer graphs are a chain; parallel mode rarely helps."
+    )
+    enable_cpu_mem_arena: bool = Field(
+        True, description="CPU memory arena: faster allocation, but grows with new shapes."
+    )
+    enable_mem_pattern: bool = Field(
+        False,
+        description="Memory pattern planning; only pays off for fixed shapes, which embeddings lack.",
+    )
+    arena_shrinkage: bool = Field(
+        True,
+        description="Shrink the CPU arena after each run so varied sequence lengths do not grow "
+        "the process without bound.",
+    )
+    allow_spinning: bool = Field(
+        True,
+        description="Let ORT worker threads spin between ops instead of sleeping, for at most "
+        "spin_duration_us: they catch the next op of a run without a wake-up. Bounded this way "
+        "it served +10 % single-text requests/s on the idle 2-core machine (median of 5 A/B "
+        "pairs); ORT's own, longer spin halved throughput on a shared host. Turn off where "
+        "other busy processes share the cores.",
+    )
+    spin_duration_us: int = Field(
+        200,
+        ge=0,
+        description="With allow_spinning: how long an idle ORT worker spins before it sleeps "
+        "(ORT's session.intra_op/inter_op.spin_duration_us); bounds the CPU spinning can waste "
+        "after each run.",
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Bind inputs/outputs to device memory. 'auto': on for CUDA/TensorRT, off on CPU "
+        "(measured: no gain on CPU).",
+    )
+    profiling_dir: Path | None = Field(
+        None, description="If set, ORT writes a profiling trace here (costly; for diagnosis only)."
+    )
+    optimized_model_path: Path | None = Field(
+        None, description="If set, ORT saves the optimised graph here on session creation."
+    )
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device to run on.")
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested",
+        description="CUDA arena growth; kSameAsRequested wastes less memory on varied shapes.",
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN algorithm search (transformers have few convolutions)."
+    )
+    trt_fp16: bool = Field(True, description="Let TensorRT run in FP16.")
+    trt_engine_cache_dir: Path = Field(
+        Path("/tmp/embedkit-trt-cache"),
+        description="Where TensorRT caches built engines (building one takes minutes).",
+    )
+
+    # --- engine -----------------------------------------------------------
+    token_aware_batching: bool = Field(
+        True,
+        description="Sort a batch by token length and split it into sub-batches under "
+        "max_batch_tokens; off pads the whole batch to its longest text.",
+    )
+    max_batch_tokens: int = Field(
+        512,
+        ge=1,
+        description="Padded-token budget of one sub-batch; measured best at 256-512 on 2 cores.",
+    )
+    max_sub_batch_size: int = Field(64, ge=1, description="Most texts in one ORT run.")
+    sub_batch_cost_tokens: int = Field(
+        32,
+        ge=0,
+        description="Fixed cost of one ORT run in padded-token equivalents: the batch planner "
+        "cuts a sorted batch only where the padding saved exceeds it. Higher: fewer, fuller runs "
+        "(GPU); lower: less padding (CPU).",
+    )
+
+    # --- service ------------------------------------------------------------
+    workers: int = Field(
+        1, ge=1, description="Embedder worker processes (each with its own session)."
+    )
+    gpu: bool = Field(False, description="Request a GPU for the Embedder service (GPU Bento).")
+    bulk_max_batch_size: int = Field(
+        128, ge=2, description="Adaptive batching: most texts merged into one bulk inference call."
+    )
+    bulk_max_latency_ms: int = Field(
+        60_000,
+        ge=1,
+        description="BentoML 1.4's batching deadline for the bulk lane: queued work whose "
+        "estimated finish passes it is shed (429). Not a wait window (BentoML learns that); "
+        "a low value sheds big requests, whose split chunks keep their enqueue time. "
+        "Default: the request timeout (docs/service.md).",
+    )
+    query_max_batch_size: int = Field(
+        16, ge=2, description="Adaptive batching for the interactive route (latency first)."
+    )
+    query_max_latency_ms: int = Field(
+        1_000,
+        ge=1,
+        description="Batching deadline of the interactive lane: sheds (429) rather than "
+        "queue past it. 50 ms shed most requests at concurrency 16 on 2 cores (measured).",
+    )
+    front_coalescing: bool = Field(
+        True,
+        description="The front merges the rows of requests that reach it in the same event-loop "
+        "turn into one Embedder call (no waiting). Cuts the per-call HTTP/serialisation cost "
+        "BentoML pays on both sides; measured in docs/benchmarks/serving-tuning.md.",
+    )
+    query_continuous_batching: bool = Field(
+        True,
+        description="Interactive lane: the front keeps one Embedder call in flight per Embedder "
+        "worker and sends the requests that arrived meanwhile together when one returns (sized "
+        "so two calls overlap), instead of handing each over at once for BentoML's dispatcher, "
+        "whose learned hold-back time grows with queueing. Needs front_coalescing.",
+    )
+    max_client_batch: int = Field(
+        2048, ge=1, description="Most items one request may carry (413 above)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_concurrency: int = Field(
+        256, ge=1, description="Requests in flight per front worker before 429 with Retry-After."
+    )
+    request_timeout_s: int = Field(60, ge=1, description="Upstream timeout (504 above).")
+    max_queued_tokens: int = Field(
+        16_384,
+        ge=1,
+        description="Admission by work, not by request count: real tokens handed to the Embedder "
+        "and not yet answered, per front worker; a request that would push past it gets 429 + "
+        "Retry-After (a request alone is always admitted). This bounds queueing delay to about "
+        "max_queued_tokens / token throughput: served p99 3.9-7.1 s at 5x overload on 2 shared "
+        "cores, vs 37 s bounded by request count only (docs/reliability.md). Raise it with faster "
+        "hardware; lower it for a tighter latency budget (more 429s).",
+    )
+    gc_tuning: bool = Field(
+        True,
+        description="After warm-up, freeze startup objects out of Python's garbage collector "
+        "and collect less often: full collections were the p99 tail (160-250 ms -> ~60 ms).",
+    )
+    access_log: bool = Field(
+        True,
+        description="One log line per HTTP request on the front service. Off saves CPU at "
+        "hundreds of requests/s; the inner service never logs per batch.",
+    )
+    tracing: bool = Field(
+        False,
+        description="Let BentoML's OpenTelemetry middleware open a span per request on both "
+        "services. It runs even with no exporter configured (spans are made and dropped): a "
+        "third of the front's CPU per single-text request (docs/benchmarks/http.md). Turn on "
+        "together with BentoML's `tracing:` exporter configuration.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted on inference routes; empty disables auth.",
+    )
+
+    # --- project files ------------------------------------------------------
+    # Relative paths resolve against the working directory: the project root, where the
+    # README's commands, the scripts and the tests run.
+    models_dir: Path = Field(
+        Path("models"), description="Model recipes (`<name>.yaml`) that `--model NAME` finds."
+    )
+    config_dir: Path = Field(
+        Path("config"),
+        description="Thresholds and prices: quality-gate.yaml, perf-gate.yaml, prices.yaml.",
+    )
+    data_dir: Path = Field(
+        Path("../shared/data"),
+        description="Evaluation data (STS Benchmark splits, stsb-multi-mt dev sets) for the "
+        "parity contract, calibration, the quality gate and the benchmarks.",
+    )
+    artifacts_dir: Path = Field(
+        Path("artifacts"),
+        description="Working folder of releases and benchmarks (exported and derived artifacts).",
+    )
+
+    # --- artifact trust -----------------------------------------------------
+    require_signature: bool = Field(
+        False, description="Serve only artifacts signed by a key in trusted_keys."
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (base64 raw or PEM file paths) trusted to sign artifacts.",
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

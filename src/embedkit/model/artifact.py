@@ -1,0 +1,294 @@
+"""Artifacts: an ONNX graph, its tokenizer and an immutable manifest.
+
+An artifact directory holds ``model.onnx``, ``tokenizer.json`` and
+``manifest.json`` (plus ``manifest.sig`` once signed). The manifest records
+where the model came from, with which toolchain it was built, how it embeds and
+the sha256 of every file; loading recomputes every checksum and refuses a
+mismatch naming the file. Registered artifacts live in the BentoML model store
+under a new version each time; nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from embedkit.core.errors import ArtifactError, ChecksumMismatch
+from embedkit.model import signing
+from embedkit.model.recipe import EmbeddingConfig
+from embedkit.model.signing import Trust
+
+MANIFEST = signing.MANIFEST
+SIGNATURE = signing.SIGNATURE
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT_VERSION = 1
+BENTOML_MODULE = "embedkit"
+# Files BentoML writes into a stored model's directory; not part of the artifact.
+_STORE_FILES = {"model.yaml", "custom_objects.pkl"}
+_CHUNK = 1 << 20
+
+QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", "fp16"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: Path, *, exclude: set[str] | None = None) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, keyed by POSIX relative path."""
+    exclude = exclude or set()
+    out: dict[str, str] = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in exclude:
+            out[rel] = sha256_file(path)
+    return out
+
+
+class TokenizerSpec(BaseModel):
+    """Tokenisation as the manifest fixes it (not as tokenizer.json happens to carry it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_length: int = Field(ge=1)
+    truncation_side: Literal["right", "left"] = "right"
+    do_lower_case: bool = False
+    pad_token: str
+    pad_id: int = Field(ge=0)
+
+
+class Quantization(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: QuantizationMode = "none"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    approved: bool | None = Field(None, description="Quality-gate verdict; None if not gated.")
+    forced: bool = Field(False, description="Registered despite failing the gate (--force).")
+
+
+class Manifest(BaseModel):
+    """Everything needed to trust, load and reproduce an artifact."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format_version: int = FORMAT_VERSION
+    name: str
+    model_id: str
+    model_version: str
+    source_sha256: str = Field(description="sha256 over the source model's files (sorted).")
+    embedding: EmbeddingConfig
+    tokenizer: TokenizerSpec
+    inputs: list[str] = Field(description="Graph inputs, in the order the graph declares them.")
+    output: str = "sentence_embedding"
+    opset: int
+    quantization: Quantization = Field(default_factory=Quantization)
+    toolchain: dict[str, str]
+    files: dict[str, str] = Field(description="sha256 of every file except manifest and signature.")
+    parity: dict[str, Any] | None = None
+    parent: str | None = Field(
+        None, description="Tag or source manifest this variant derives from."
+    )
+    records: dict[str, str] = Field(
+        default_factory=dict,
+        description="Release records stored beside the artifact (name → file).",
+    )
+    performance: dict[str, Any] | None = Field(
+        None,
+        description="Flat summary of the release records (bench.*, runtime.*, profile.*), "
+        "copied into the model store metadata.",
+    )
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def summary(self) -> dict[str, Any]:
+        """Flat metadata for the BentoML model store and /info (no None: BentoML refuses it)."""
+        summary = {
+            "model_id": self.model_id,
+            "model_version": self.model_version,
+            "dimension": self.embedding.dimension,
+            "pooling": self.embedding.pooling.value,
+            "max_seq_length": self.embedding.max_seq_length,
+            "normalize": self.embedding.normalize,
+            "opset": self.opset,
+            "quantization": self.quantization.mode,
+            "approved": self.quantization.approved,
+            "source_sha256": self.source_sha256,
+            "model_sha256": self.files.get(MODEL_FILE, ""),
+            "parity_passed": None if self.parity is None else self.parity.get("passed"),
+            "created_at": self.created_at,
+            **{f"toolchain.{k}": v for k, v in sorted(self.toolchain.items())},
+            **(self.performance or {}),
+        }
+        return {k: v for k, v in summary.items() if v is not None}
+
+
+class Artifact:
+    """A verified artifact directory. Construct with :meth:`load`."""
+
+    def __init__(self, path: Path, manifest: Manifest, tag: str | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.tag = tag
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @classmethod
+    def read_manifest(cls, path: Path) -> Manifest:
+        file = Path(path) / MANIFEST
+        if not Path(path).is_dir():
+            raise ArtifactError(f"artifact directory {path} does not exist")
+        try:
+            return Manifest.model_validate_json(file.read_text())
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{path} is not an embedkit artifact (no {MANIFEST})") from exc
+        except ValidationError as exc:
+            raise ArtifactError(
+                f"{file} is not a valid manifest: {exc.errors()[0]['msg']}"
+            ) from exc
+
+    @classmethod
+    def load(
+        cls, path: Path, *, verify: bool = True, tag: str | None = None, trust: Trust | None = None
+    ) -> Artifact:
+        """Read the manifest and (by default) check every file's sha256.
+
+        The signature is checked when the trust policy (by default the
+        settings' ``require_signature``/``trusted_keys``) requires it.
+        """
+        manifest = cls.read_manifest(path)
+        artifact = cls(Path(path), manifest, tag)
+        if verify:
+            artifact.verify()
+            trust = trust or Trust.from_settings()
+            if trust.require_signature:
+                signing.verify(artifact.path, trust.trusted_keys)
+        return artifact
+
+    def verify(self) -> None:
+        """Recompute every checksum; raise naming the first file that differs or is missing."""
+        expected = self.manifest.files
+        for name in (MODEL_FILE, TOKENIZER_FILE):
+            if name not in expected:
+                raise ArtifactError(f"manifest of {self.path} does not list {name}")
+        for rel, digest in sorted(expected.items()):
+            file = self.path / rel
+            if not file.is_file():
+                raise ChecksumMismatch(f"artifact file {rel} is missing from {self.path}")
+            actual = sha256_file(file)
+            if actual != digest:
+                raise ChecksumMismatch(
+                    f"checksum mismatch for {rel} in {self.path}: "
+                    f"expected sha256 {digest[:12]}…, found {actual[:12]}… — refusing to load"
+                )
+        extra = set(sha256_tree(self.path, exclude={MANIFEST, SIGNATURE, *_STORE_FILES})) - set(
+            expected
+        )
+        if extra:
+            raise ChecksumMismatch(f"files not covered by the manifest: {', '.join(sorted(extra))}")
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    (Path(directory) / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+
+
+def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
+    """Checksum every file in ``directory`` and write its manifest."""
+    (Path(directory) / SIGNATURE).unlink(missing_ok=True)  # a new manifest voids an old signature
+    files = sha256_tree(directory, exclude={MANIFEST, SIGNATURE})
+    manifest = Manifest.model_validate({**manifest_fields, "files": files})
+    write_manifest(directory, manifest)
+    return Artifact(Path(directory), manifest)
+
+
+def staging_dir(output: Path) -> Path:
+    """Refuse an ``output`` that holds anything (artifacts are immutable) and return a
+    temporary folder beside it to build in; :func:`move_into_place` finishes the job."""
+    output = Path(output)
+    if (output / MANIFEST).exists():
+        raise ArtifactError(f"{output} already holds an artifact; artifacts are immutable")
+    if output.exists() and any(output.iterdir()):
+        raise ArtifactError(f"output directory {output} is not empty; artifacts are immutable")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+
+
+def move_into_place(built: Path, output: Path) -> Artifact:
+    """Move a finished artifact directory to ``output`` (absent or empty) and load it."""
+    output = Path(output)
+    if output.exists():
+        output.rmdir()
+    shutil.move(built, output)
+    return Artifact.load(output)
+
+
+# --- BentoML model store -------------------------------------------------------
+
+
+def register(artifact: Artifact, *, labels: dict[str, str] | None = None) -> str:
+    """Copy a verified artifact into the BentoML model store as a new version; return its tag."""
+    import bentoml
+
+    artifact.verify()
+    manifest = artifact.manifest
+    all_labels = {
+        "quantization": manifest.quantization.mode,
+        "format": f"embedkit-v{manifest.format_version}",
+        **(labels or {}),
+    }
+    with bentoml.models.create(
+        manifest.name,
+        module=BENTOML_MODULE,
+        labels=all_labels,
+        metadata=manifest.summary(),
+    ) as model:
+        dest = Path(model.path)
+        for item in artifact.path.iterdir():
+            if item.is_dir():
+                shutil.copytree(item, dest / item.name)
+            else:
+                shutil.copy2(item, dest / item.name)
+    tag = str(model.tag)
+    Artifact.load(Path(model.path), tag=tag, trust=Trust())  # the stored copy must verify too
+    return tag
+
+
+def resolve(tag_or_dir: str | Path, *, verify: bool = True, trust: Trust | None = None) -> Artifact:
+    """An artifact from a directory or a BentoML model tag, checksums (and signature) verified."""
+    path = Path(tag_or_dir)
+    if path.is_dir():
+        return Artifact.load(path, verify=verify, trust=trust)
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        model = bentoml.models.get(str(tag_or_dir))
+    except NotFound as exc:
+        raise ArtifactError(
+            f"no artifact directory or BentoML model {str(tag_or_dir)!r} "
+            "(run `embedkit release` first)"
+        ) from exc
+    except (BentoMLException, ValueError) as exc:
+        raise ArtifactError(f"{str(tag_or_dir)!r} is not a valid model tag: {exc}") from exc
+    return Artifact.load(Path(model.path), verify=verify, tag=str(model.tag), trust=trust)
+
+
+def manifest_json(artifact: Artifact) -> str:
+    return json.dumps(artifact.manifest.model_dump(mode="json"), indent=2)

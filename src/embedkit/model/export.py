@@ -1,0 +1,222 @@
+"""Optimum export of a sentence-transformers model to a pooled ONNX artifact.
+
+The exported graph takes ``input_ids``/``attention_mask`` (plus
+``token_type_ids`` only if the model declares it) and returns only the pooled
+``sentence_embedding [batch, dim]``: the per-token tensor never leaves the
+session. Normalisation is left out of the graph on purpose and applied by the
+engine from the manifest, so a client can still ask for raw vectors and
+Matryoshka truncation re-normalises correctly.
+
+Imports torch, sentence-transformers and Optimum lazily: never import this
+module from the serving path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from embedkit.core.errors import ArtifactError, MissingExtra, ModelSourceError
+from embedkit.model import toolchain
+from embedkit.model.artifact import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Artifact,
+    finalize,
+    move_into_place,
+    sha256_tree,
+    staging_dir,
+)
+from embedkit.model.recipe import EmbeddingConfig, Recipe, read_embedding_config
+
+log = logging.getLogger(__name__)
+OUTPUT_NAME = "sentence_embedding"
+Step = Callable[[str], None]
+
+
+def require_export_extra() -> None:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+        import sentence_transformers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(
+            f"export needs the export extra ({exc.name} is missing): pip install 'embedkit[export]'"
+        ) from exc
+
+
+def source_checksum(model_dir: Path) -> str:
+    """One sha256 over the source model's files (relative path + file digest, sorted)."""
+    digest = hashlib.sha256()
+    for rel, file_digest in sha256_tree(model_dir).items():
+        digest.update(f"{rel}\0{file_digest}\n".encode())
+    return digest.hexdigest()
+
+
+def load_reference(model_dir: Path) -> Any:
+    """The PyTorch SentenceTransformer encoder: the reference for parity."""
+    require_export_extra()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
+        raise ModelSourceError(
+            f"cannot load {model_dir} as a sentence-transformers model: {exc}"
+        ) from exc
+
+
+def _pad_token(model_dir: Path, tokenizer: Any) -> tuple[str, int]:
+    import json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = model_dir / name
+        if file.is_file():
+            token = json.loads(file.read_text()).get("pad_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+                return token, int(tokenizer.token_to_id(token))
+    padding = tokenizer.padding
+    if padding:
+        return str(padding["pad_token"]), int(padding["pad_id"])
+    raise ModelSourceError(f"{model_dir}: the tokenizer defines no padding token")
+
+
+def _keep_pooled_output(onnx_path: Path, dimension: int) -> list[str]:
+    """Keep only the pooled embedding output, typed ``[batch_size, dimension]``; return inputs."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    outputs = [o.name for o in model.graph.output]
+    if OUTPUT_NAME not in outputs:
+        raise ArtifactError(f"exported graph has no {OUTPUT_NAME!r} output (got {outputs})")
+    for out in list(model.graph.output):
+        if out.name != OUTPUT_NAME:
+            model.graph.output.remove(out)
+        else:  # the exporter leaves the width symbolic; it is a fact of the model
+            out.type.tensor_type.shape.dim[1].dim_value = dimension
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_path))
+    return [i.name for i in model.graph.input]
+
+
+def export(
+    recipe: Recipe,
+    output: Path,
+    *,
+    opset: int | None = None,
+    step: Step | None = None,
+) -> Artifact:
+    """Export ``recipe``'s model to a new fp32 artifact directory ``output``.
+
+    The artifact is written to a temporary folder beside ``output`` and moved
+    into place only when complete; an existing artifact is never overwritten.
+    """
+    say = step or (lambda _msg: None)
+    output = Path(output)
+    staging = staging_dir(output)
+    try:
+        return _export_into(recipe, output, staging, opset=opset, say=say)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_into(
+    recipe: Recipe, output: Path, staging: Path, *, opset: int | None, say: Step
+) -> Artifact:
+    """The export proper, built inside ``staging`` (owned and removed by :func:`export`)."""
+    say("resolving model source")
+    model_dir, model_version = recipe.source.resolve()
+    config = read_embedding_config(model_dir)
+    require_export_extra()
+
+    say("loading the PyTorch encoder")
+    reference = load_reference(model_dir)
+    # Export Transformer → Pooling (→ Dense) without Normalize: the engine normalises.
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize
+
+    modules = [m for m in reference if not isinstance(m, Normalize)]
+    unnormalized = SentenceTransformer(modules=modules, device="cpu")
+    unnormalized.max_seq_length = config.max_seq_length
+
+    say("exporting with Optimum")
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_dir = staging / "optimum"
+    try:
+        onnx_export_from_model(
+            unnormalized,
+            onnx_dir,
+            opset=opset or recipe.opset,
+            library_name="sentence_transformers",
+            task="feature-extraction",
+            do_validation=False,  # our contract check is stricter and runs next
+        )
+    except Exception as exc:  # Optimum raises many types; one clear line for the user
+        raise ArtifactError(f"Optimum export failed: {exc}") from exc
+    artifact_dir = staging / "artifact"
+    artifact_dir.mkdir()
+    shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
+    inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.dimension)
+
+    say("writing tokenizer and manifest")
+    from tokenizers import Tokenizer
+
+    src_tokenizer = model_dir / TOKENIZER_FILE
+    if not src_tokenizer.is_file():
+        raise ModelSourceError(
+            f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)"
+        )
+    shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
+    pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
+    finalize(
+        artifact_dir,
+        manifest_fields(
+            recipe=recipe,
+            model_version=model_version,
+            source_sha256=source_checksum(model_dir),
+            config=config,
+            pad=(pad_token, pad_id),
+            inputs=inputs,
+            opset=opset or recipe.opset,
+        ),
+    )
+    return move_into_place(artifact_dir, output)
+
+
+def manifest_fields(
+    *,
+    recipe: Recipe,
+    model_version: str,
+    source_sha256: str,
+    config: EmbeddingConfig,
+    pad: tuple[str, int],
+    inputs: list[str],
+    opset: int,
+) -> dict[str, Any]:
+    return {
+        "name": recipe.name,
+        "model_id": recipe.model_id,
+        "model_version": model_version,
+        "source_sha256": source_sha256,
+        "embedding": config.model_dump(),
+        "tokenizer": {
+            "max_length": config.max_seq_length,
+            "truncation_side": "right",
+            "do_lower_case": config.do_lower_case,
+            "pad_token": pad[0],
+            "pad_id": pad[1],
+        },
+        "inputs": inputs,
+        "output": OUTPUT_NAME,
+        "opset": opset,
+        "toolchain": toolchain.versions(),
+    }

@@ -1,0 +1,229 @@
+"""Model recipes (``models/<name>.yaml``) and the sentence-transformers config they point at.
+
+A recipe says *where* a model comes from and how to export it. *How it embeds*
+(pooling, max length, normalisation, lowercasing) is read from the model's own
+sentence-transformers files, never guessed. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from embedkit.core.configfile import load_yaml
+from embedkit.core.errors import ModelSourceError, UnsupportedModel
+from embedkit.core.settings import get_settings
+
+DEFAULT_RECIPE = "all-minilm-l6-v2"
+_TAG_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+
+class Pooling(StrEnum):
+    MEAN = "mean"
+    CLS = "cls"
+    MAX = "max"
+    MEAN_SQRT_LEN = "mean_sqrt_len_tokens"
+    LASTTOKEN = "lasttoken"
+    WEIGHTEDMEAN = "weightedmean"
+
+
+# Modes whose exported graph we have verified against sentence-transformers.
+SUPPORTED_POOLING = {Pooling.MEAN, Pooling.CLS, Pooling.MAX, Pooling.MEAN_SQRT_LEN}
+_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": Pooling.MEAN,
+    "pooling_mode_cls_token": Pooling.CLS,
+    "pooling_mode_max_tokens": Pooling.MAX,
+    "pooling_mode_mean_sqrt_len_tokens": Pooling.MEAN_SQRT_LEN,
+    "pooling_mode_lasttoken": Pooling.LASTTOKEN,
+    "pooling_mode_weightedmean_tokens": Pooling.WEIGHTEDMEAN,
+}
+_KNOWN_MODULES = {
+    "sentence_transformers.models.Transformer",
+    "sentence_transformers.models.Pooling",
+    "sentence_transformers.models.Normalize",
+    "sentence_transformers.models.Dense",
+}
+
+
+class Source(BaseModel):
+    """Exactly one of: a Python package carrying the weights, a local path, or a hub id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    package: str | None = None
+    path: Path | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Source:
+        if sum(x is not None for x in (self.package, self.path, self.hub_id)) != 1:
+            raise ValueError("a source needs exactly one of package, path, hub_id")
+        return self
+
+    def resolve(self) -> tuple[Path, str]:
+        """Local model directory and a version string for the manifest."""
+        if self.package is not None:
+            try:
+                module = importlib.import_module(self.package)
+            except ImportError as exc:
+                raise ModelSourceError(
+                    f"model package {self.package!r} is not installed "
+                    "(pip install 'embedkit[export]')"
+                ) from exc
+            dist = self.package.replace("_", "-")
+            version = importlib.metadata.version(dist)
+            return Path(module.get_model_path()), f"{dist}=={version}"
+        if self.path is not None:
+            return Path(self.path), self.revision or "local"
+        # A hub id needs the network; resolve it through huggingface_hub's cache.
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as exc:  # pragma: no cover - comes with the export extra
+            raise ModelSourceError("hub ids need the export extra") from exc
+        assert self.hub_id is not None
+        try:
+            local = snapshot_download(self.hub_id, revision=self.revision)
+        except Exception as exc:  # offline, unknown id, ...: one clear line
+            raise ModelSourceError(f"cannot fetch {self.hub_id!r} from the hub: {exc}") from exc
+        return Path(local), self.revision or "main"
+
+
+class Recipe(BaseModel):
+    """How to obtain and export one model (``models/<name>.yaml``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(description="Artifact / BentoML model name (lowercase, - _ . allowed).")
+    model_id: str = Field(description="Upstream identifier, recorded in the manifest.")
+    source: Source
+    opset: int = Field(18, ge=14, le=21)
+
+    @model_validator(mode="after")
+    def _tag_name(self) -> Recipe:
+        if not _TAG_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} is not a valid BentoML model name")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> Recipe:
+        return load_yaml(path, cls, "recipe", error=ModelSourceError)
+
+    @classmethod
+    def for_directory(cls, path: Path) -> Recipe:
+        """An ad-hoc recipe for a local sentence-transformers directory."""
+        name = re.sub(r"[^a-z0-9._-]+", "-", Path(path).resolve().name.lower()).strip("-._")
+        return cls(name=name or "model", model_id=str(path), source=Source(path=Path(path)))
+
+
+def find_recipe(name_or_path: str | None) -> Recipe:
+    """A recipe by name (``models/<name>.yaml``), recipe file, model directory or hub id."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        return Recipe.load(path)
+    if path.is_dir():
+        return Recipe.for_directory(path)
+    models_dir = get_settings().models_dir
+    for candidate in sorted(models_dir.glob("*.y*ml")):
+        recipe = Recipe.load(candidate)
+        if name_or_path in {recipe.name, candidate.stem, recipe.model_id}:
+            return recipe
+    looks_local = (
+        path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+    )
+    if "/" in name_or_path and looks_local:
+        raise ModelSourceError(f"model directory {name_or_path} does not exist")
+    if "/" in name_or_path:  # org/name: a hub id (needs the network)
+        name = re.sub(r"[^a-z0-9._-]+", "-", name_or_path.split("/")[-1].lower())
+        return Recipe(name=name, model_id=name_or_path, source=Source(hub_id=name_or_path))
+    raise ModelSourceError(
+        f"{name_or_path!r} is neither a model directory, a recipe file, nor a recipe in {models_dir}"
+    )
+
+
+class EmbeddingConfig(BaseModel):
+    """How a sentence-transformers model turns tokens into one vector, read from its files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pooling: Pooling
+    max_seq_length: int = Field(ge=1)
+    normalize: bool
+    do_lower_case: bool
+    dimension: int = Field(ge=1)
+    has_dense: bool = False
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ModelSourceError(f"cannot read {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+
+
+def read_embedding_config(model_dir: Path) -> EmbeddingConfig:
+    """Pooling, max length, normalisation and lowercasing from the model's own config."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelSourceError(f"model directory {model_dir} does not exist")
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        raise ModelSourceError(
+            f"{model_dir} is not a sentence-transformers model (no modules.json)"
+        )
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list) or not modules:
+        raise ModelSourceError(f"{modules_file} lists no modules")
+    types = [m.get("type", "") for m in modules]
+    unknown = [t for t in types if t not in _KNOWN_MODULES]
+    if unknown:
+        raise UnsupportedModel(f"unsupported sentence-transformers module(s): {', '.join(unknown)}")
+    if types[0] != "sentence_transformers.models.Transformer":
+        raise UnsupportedModel("the first module must be a sentence_transformers Transformer")
+    pooling_modules = [m for m in modules if m["type"].endswith(".Pooling")]
+    if len(pooling_modules) != 1:
+        raise UnsupportedModel("exactly one Pooling module is required")
+
+    pooling_cfg = _read_json(model_dir / pooling_modules[0]["path"] / "config.json")
+    modes = [mode for key, mode in _POOLING_KEYS.items() if pooling_cfg.get(key)]
+    if len(modes) != 1:
+        raise UnsupportedModel(
+            f"pooling must use exactly one mode, found {[m.value for m in modes] or 'none'}"
+        )
+    pooling = modes[0]
+    if pooling not in SUPPORTED_POOLING:
+        raise UnsupportedModel(
+            f"pooling mode {pooling.value!r} is not supported "
+            f"(supported: {', '.join(sorted(p.value for p in SUPPORTED_POOLING))})"
+        )
+
+    sbert_file = model_dir / "sentence_bert_config.json"
+    sbert = _read_json(sbert_file) if sbert_file.is_file() else {}
+    max_len = sbert.get("max_seq_length")
+    if max_len is None:
+        hf = _read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+        max_len = hf.get("max_position_embeddings")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ModelSourceError(f"{model_dir}: cannot determine max_seq_length")
+
+    dimension = int(pooling_cfg.get("word_embedding_dimension", 0))
+    has_dense = any(t.endswith(".Dense") for t in types)
+    if has_dense:
+        dense = [m for m in modules if m["type"].endswith(".Dense")][-1]
+        dimension = int(_read_json(model_dir / dense["path"] / "config.json")["out_features"])
+    return EmbeddingConfig(
+        pooling=pooling,
+        max_seq_length=max_len,
+        normalize=any(t.endswith(".Normalize") for t in types),
+        do_lower_case=bool(sbert.get("do_lower_case", False)),
+        dimension=dimension,
+        has_dense=has_dense,
+    )

@@ -1,0 +1,327 @@
+"""The conversion contract: operators, dynamic shapes, batch invariance, parity.
+
+``validate(artifact)`` runs every check and returns one JSON-able report with a
+section per check; the artifact passes only if every section passes. Parity is
+measured through the serving engine (the same code path the service runs)
+against the PyTorch ``SentenceTransformer.encode`` reference, so what is
+verified is what is served.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedkit.core.errors import ContractViolation
+from embedkit.core.settings import Settings
+from embedkit.model import evaldata
+from embedkit.model.artifact import Artifact
+
+# fp32 parity thresholds, per vector (issue #2).
+MIN_COSINE = 0.99999
+MAX_ABS_DIFF = 1e-4
+# Batch invariance: same text, different batch-mates and padding.
+INVARIANCE_ABS = 1e-5
+SHAPE_BATCHES = (1, 2, 7, 32, 128)
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+Step = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cosine: float = MIN_COSINE
+    max_abs_diff: float = MAX_ABS_DIFF
+
+
+# --- operators ----------------------------------------------------------------
+
+
+def _ep_kernel_table() -> dict[str, Any]:
+    text = resources.files("embedkit").joinpath("data/ep_kernels.json").read_text()
+    return dict(json.loads(text))
+
+
+def _version_covered(ranges: Sequence[str], opset: int) -> bool:
+    """Whether an OperatorKernels.md version list ('13+', '[7, 12]', '11', '*') covers ``opset``."""
+    for spec in ranges:
+        spec = spec.strip()
+        if spec == "*":
+            return True
+        if spec.endswith("+") and opset >= int(spec[:-1]):
+            return True
+        if m := re.fullmatch(r"\[(\d+),\s*(\d+)\]", spec):
+            if int(m.group(1)) <= opset <= int(m.group(2)):
+                return True
+        elif spec.isdigit() and int(spec) == opset:
+            return True
+    return False
+
+
+def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
+    """Op inventory, opset, CPU session build, and ops the GPU EPs do not implement."""
+    import onnx
+
+    from embedkit.runtime import session
+
+    model = onnx.load(str(artifact.model_path), load_external_data=False)
+    opsets = {(imp.domain or "ai.onnx"): imp.version for imp in model.opset_import}
+    ops = Counter(((n.domain or "ai.onnx"), n.op_type) for n in model.graph.node)
+    section: dict[str, Any] = {
+        "opsets": opsets,
+        "ops": {f"{d}::{op}": count for (d, op), count in sorted(ops.items())},
+    }
+    try:
+        session.create_session(
+            artifact.model_path, settings, fixed_providers=["CPUExecutionProvider"]
+        )
+        section["cpu_session"] = "ok"
+        cpu_ok = True
+    except Exception as exc:  # any ORT failure to build a session is the finding itself
+        section["cpu_session"] = f"failed: {exc}"
+        cpu_ok = False
+
+    table = _ep_kernel_table()
+    unsupported: dict[str, list[str]] = {}
+    for provider in GPU_PROVIDERS:
+        missing = []
+        for domain, op in sorted(ops):
+            if (domain, op) == ("ai.onnx", "Constant"):  # folded into initializers, no kernel
+                continue
+            versions = table.get(provider, {}).get(domain, {}).get(op)
+            if versions is None or not _version_covered(versions, opsets.get(domain, 1)):
+                missing.append(f"{domain}::{op}")
+        unsupported[provider] = missing
+    section["gpu_unsupported_ops"] = unsupported
+    section["gpu_table_source"] = table.get("source", {})
+    section["note"] = (
+        "GPU support is read from ORT's registered-kernel tables (docs/OperatorKernels.md) and the "
+        "onnx-tensorrt operator list; unsupported nodes fall back to CPU at run time. On a GPU host, "
+        "session option session.disable_cpu_ep_fallback=1 makes this strict."
+    )
+    section["passed"] = cpu_ok
+    return section
+
+
+# --- shapes -------------------------------------------------------------------
+
+
+def check_shapes(engine: Any, *, batches: Sequence[int] = SHAPE_BATCHES) -> dict[str, Any]:
+    """Run the raw graph over batch × sequence-length combinations; all outputs finite."""
+    max_len = engine.tokenizer.max_length
+    seq_lens = sorted(
+        {1, 2, 16, 127, 128, 129, max_len} - {x for x in (127, 128, 129) if x > max_len}
+    )
+    rng = np.random.default_rng(0)
+    vocab = engine.tokenizer.vocab_size
+    cells = []
+    passed = True
+    for batch in batches:
+        for seq in seq_lens:
+            ids = [list(rng.integers(1000, vocab, size=seq)) for _ in range(batch)]
+            vectors, _ = engine.embed_ids(ids)
+            ok = vectors.shape == (batch, engine.dimension) and bool(np.isfinite(vectors).all())
+            passed &= ok
+            cells.append({"batch": batch, "seq_len": seq, "ok": ok})
+    # Beyond max_len, the tokenizer truncates: the graph never sees more than max_len.
+    overlong = evaldata.long_texts(max_len * 2, 2)
+    ids = engine.tokenizer.encode(overlong, truncate=True)
+    truncated_ok = all(len(x) == max_len for x in ids)
+    vectors, _ = engine.embed_ids(ids)
+    truncated_ok &= bool(np.isfinite(vectors).all())
+    passed &= truncated_ok
+    cells.append({"batch": len(ids), "seq_len": f">{max_len} (truncated)", "ok": truncated_ok})
+    return {"passed": passed, "seq_lens": seq_lens, "batches": list(batches), "cells": cells}
+
+
+# --- batch invariance ---------------------------------------------------------
+
+
+def check_batch_invariance(engine: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """A text's vector must not depend on its batch-mates or on padding."""
+    texts = list(texts)
+    alone = np.vstack([engine.encode([t]) for t in texts])
+    together = engine.encode(texts)
+    shuffled_order = np.random.default_rng(1).permutation(len(texts))
+    shuffled = engine.encode([texts[i] for i in shuffled_order])[np.argsort(shuffled_order)]
+    # Pad every text to the longest one in a single run: the worst case for padding.
+    naive = type(engine)(
+        engine.artifact,
+        engine.settings.model_copy(
+            update={"token_aware_batching": False, "max_sub_batch_size": len(texts)}
+        ),
+    )
+    padded = naive.encode(texts)
+    diffs = {
+        "batched": float(np.abs(alone - together).max()),
+        "shuffled": float(np.abs(alone - shuffled).max()),
+        "padded_to_longest": float(np.abs(alone - padded).max()),
+    }
+    return {
+        "passed": all(v <= INVARIANCE_ABS for v in diffs.values()),
+        "tolerance_abs": INVARIANCE_ABS,
+        "texts": len(texts),
+        "max_abs_diff": diffs,
+    }
+
+
+# --- parity -------------------------------------------------------------------
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Per-vector cosine and absolute difference statistics."""
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    dot = (ref * cand).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+    abs_diff = np.abs(ref - cand).max(axis=1)
+    return {
+        "count": len(ref),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": float(abs_diff.max()),
+        "worst_index": int(np.argmin(cos)),
+    }
+
+
+def parity_segments(split: str = "test", *, limit: int | None = None) -> dict[str, list[str]]:
+    """Parity inputs by segment: STS sentences per genre plus generated edge cases."""
+    segments: dict[str, list[str]] = {}
+    for pair in evaldata.sts(split):
+        bucket = segments.setdefault(f"sts/{pair.genre}", [])
+        for s in (pair.sentence1, pair.sentence2):
+            if limit is None or len(bucket) < limit:
+                bucket.append(s)
+    for name, texts in evaldata.edge_cases().items():
+        segments[f"edge/{name}"] = texts
+    return {k: list(dict.fromkeys(v)) for k, v in segments.items()}
+
+
+def check_parity(
+    engine: Any,
+    reference: Any,
+    segments: dict[str, list[str]],
+    thresholds: Thresholds = Thresholds(),
+    *,
+    step: Step | None = None,
+) -> dict[str, Any]:
+    """Engine vs PyTorch ``SentenceTransformer.encode``, per segment and overall."""
+    say = step or (lambda _m: None)
+    out: dict[str, Any] = {"thresholds": vars(thresholds), "segments": {}}
+    all_ref, all_cand = [], []
+    for name, texts in segments.items():
+        say(f"parity {name} ({len(texts)} texts)")
+        ref = reference.encode(
+            texts,
+            batch_size=32,
+            convert_to_numpy=True,
+            normalize_embeddings=False,
+            show_progress_bar=False,
+        )
+        cand = engine.encode(texts)
+        stats = compare(ref, cand)
+        stats["passed"] = (
+            stats["min_cosine"] >= thresholds.min_cosine
+            and stats["max_abs_diff"] <= thresholds.max_abs_diff
+        )
+        if not stats["passed"]:
+            stats["worst_text"] = texts[stats["worst_index"]][:120]
+        out["segments"][name] = stats
+        all_ref.append(ref)
+        all_cand.append(cand)
+    overall = compare(np.vstack(all_ref), np.vstack(all_cand))
+    out["overall"] = overall
+    out["passed"] = all(s["passed"] for s in out["segments"].values())
+    return out
+
+
+# --- the whole contract -------------------------------------------------------
+
+
+def validate(
+    artifact: Artifact,
+    *,
+    reference_dir: Path | None,
+    settings: Settings | None = None,
+    split: str = "test",
+    limit_per_segment: int | None = None,
+    shape_batches: Sequence[int] = SHAPE_BATCHES,
+    step: Step | None = None,
+) -> dict[str, Any]:
+    """Run every contract check; the report's ``passed`` is the conjunction."""
+    from embedkit.model.export import load_reference, source_checksum
+    from embedkit.runtime.engine import Engine
+
+    say = step or (lambda _m: None)
+    settings = settings or Settings(providers=["CPUExecutionProvider"])
+    report: dict[str, Any] = {
+        "artifact": str(artifact.path),
+        "tag": artifact.tag,
+        "name": artifact.manifest.name,
+        "quantization": artifact.manifest.quantization.mode,
+    }
+    say("operators")
+    report["operators"] = check_operators(artifact, settings)
+    if not report["operators"]["passed"]:
+        report["passed"] = False
+        return report
+    engine = Engine(artifact, settings)
+    say("shape matrix")
+    report["shapes"] = check_shapes(engine, batches=shape_batches)
+    segments = parity_segments(split, limit=limit_per_segment)
+    sample = [t for texts in segments.values() for t in texts[:4]]
+    say("batch invariance")
+    report["batch_invariance"] = check_batch_invariance(engine, sample)
+    if reference_dir is None:
+        report["parity"] = {"passed": False, "error": "no PyTorch reference model given"}
+    else:
+        say("loading the PyTorch reference")
+        source_ok = source_checksum(reference_dir) == artifact.manifest.source_sha256
+        reference = load_reference(reference_dir)
+        report["parity"] = check_parity(engine, reference, segments, step=say)
+        report["parity"]["reference_dir"] = str(reference_dir)
+        report["parity"]["reference_matches_source"] = source_ok
+        if not source_ok:
+            report["parity"]["passed"] = False
+            report["parity"]["error"] = "reference model files differ from the artifact's source"
+    report["passed"] = all(
+        report[k]["passed"] for k in ("operators", "shapes", "batch_invariance", "parity")
+    )
+    return report
+
+
+def parity_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The compact parity record stored in the manifest."""
+    parity = report.get("parity", {})
+    return {
+        "passed": bool(report.get("passed")),
+        "thresholds": parity.get("thresholds"),
+        "overall": parity.get("overall"),
+        "segments": {
+            name: {k: s[k] for k in ("count", "min_cosine", "max_abs_diff", "passed")}
+            for name, s in parity.get("segments", {}).items()
+        },
+        "checks": {
+            k: report[k]["passed"]
+            for k in ("operators", "shapes", "batch_invariance")
+            if k in report
+        },
+    }
+
+
+def require_passed(report: dict[str, Any]) -> None:
+    if not report.get("passed"):
+        failed = [
+            k
+            for k in ("operators", "shapes", "batch_invariance", "parity")
+            if not report.get(k, {}).get("passed", False)
+        ]
+        raise ContractViolation(f"contract failed: {', '.join(failed)}")

@@ -1,0 +1,159 @@
+"""Tokenisation for the serving path: Rust ``tokenizers`` configured from the manifest.
+
+``tokenizer.json`` files carry whatever padding/truncation their author saved
+(all-MiniLM-L6-v2's says 128 tokens, its model says 256). The manifest is the
+contract, so both are reset here and truncation is set from
+:class:`~embedkit.model.artifact.TokenizerSpec`. Ids come back unpadded: the engine
+pads each sub-batch only to its own longest text.
+
+Used by the engine and by the HTTP front service (which loads no ONNX session),
+so this module imports neither onnxruntime nor torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenizers import Tokenizer
+
+from embedkit.core.errors import ArtifactError, InputTooLong, InvalidInput
+from embedkit.model.artifact import TokenizerSpec
+
+if TYPE_CHECKING:
+    from embedkit.model.artifact import Artifact
+
+
+def validate_texts(texts: object) -> list[str]:
+    """A non-empty list of strings, or :class:`InvalidInput` naming the first bad item.
+
+    Empty strings are accepted (sentence-transformers embeds them as just the
+    special tokens). A bare string is refused rather than split into characters.
+    """
+    if isinstance(texts, str) or not isinstance(texts, list | tuple):
+        raise InvalidInput(
+            f"input must be a list of strings, got {type(texts).__name__}", param="input"
+        )
+    if not texts:
+        raise InvalidInput("input must not be an empty list", param="input")
+    for i, text in enumerate(texts):
+        if text is None:
+            raise InvalidInput(f"input[{i}] is null; every item must be a string", param="input")
+        if not isinstance(text, str):
+            raise InvalidInput(
+                f"input[{i}] is a {type(text).__name__}; every item must be a string",
+                param="input",
+            )
+    return list(texts)
+
+
+class TextTokenizer:
+    """Texts → token ids with special tokens, truncated per the manifest, never padded.
+
+    Thread-safe: the two underlying tokenizers are configured once here and only
+    read afterwards (toggling truncation per call would race between threads).
+    """
+
+    def __init__(self, tokenizer_json: Path, spec: TokenizerSpec) -> None:
+        try:
+            full = Tokenizer.from_file(str(tokenizer_json))
+            truncating = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # the Rust loader raises bare Exceptions
+            raise ArtifactError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
+        for tok in (full, truncating):
+            tok.no_padding()
+            tok.no_truncation()
+        truncating.enable_truncation(
+            spec.max_length, strategy="longest_first", direction=spec.truncation_side
+        )
+        self._full = full
+        self._truncating = truncating
+        self.spec = spec
+        self.max_length = spec.max_length
+        self.pad_id = spec.pad_id
+        self.vocab_size = int(full.get_vocab_size(with_added_tokens=True))
+        self._prefix, self._suffix = self._special_frame(full)
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> TextTokenizer:
+        return cls(artifact.tokenizer_path, artifact.manifest.tokenizer)
+
+    @staticmethod
+    def _special_frame(tok: Tokenizer) -> tuple[list[int], list[int]]:
+        """The special ids the post-processor puts before and after content ([CLS] … [SEP])."""
+        enc = tok.encode("a")
+        content = [i for i, special in enumerate(enc.special_tokens_mask) if not special]
+        if not content:  # pragma: no cover - a tokenizer that cannot encode "a"
+            return [], []
+        return list(enc.ids[: content[0]]), list(enc.ids[content[-1] + 1 :])
+
+    def _lower(self, texts: Sequence[str]) -> Sequence[str]:
+        # sentence-transformers lowercases in Python before tokenising; so do we.
+        return [t.lower() for t in texts] if self.spec.do_lower_case else texts
+
+    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> list[list[int]]:
+        """Token ids (special tokens included, unpadded) of ``texts`` in one batch call.
+
+        With ``truncate=False`` a text longer than ``max_length`` raises
+        :class:`InputTooLong` naming its index and token count.
+        """
+        texts = self._lower(texts)
+        tok = self._truncating if truncate else self._full
+        encodings = tok.encode_batch(list(texts), add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        if not truncate:
+            for i, row in enumerate(ids):
+                if len(row) > self.max_length:
+                    raise InputTooLong(
+                        f"input[{i}] has {len(row)} tokens, more than the model's limit of "
+                        f"{self.max_length} (truncation is off)",
+                        param="input",
+                    )
+        return ids
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated token counts (special tokens included), e.g. for usage accounting."""
+        return [len(e.ids) for e in self._full.encode_batch(list(self._lower(texts)))]
+
+    def check_ids(self, ids: Sequence[Sequence[int]], *, truncate: bool = True) -> list[list[int]]:
+        """Validate client-supplied token ids and frame them like :meth:`encode` does.
+
+        Clients send content tokens (OpenAI's token-array input), so the model's
+        special tokens are added here. Each list must be non-empty and hold ints
+        in ``[0, vocab_size)``. Too long: truncated on the manifest's side, or
+        :class:`InputTooLong` with ``truncate=False``.
+        """
+        if isinstance(ids, str | bytes) or not isinstance(ids, list | tuple) or not ids:
+            raise InvalidInput(
+                "token input must be a non-empty list of token-id lists", param="input"
+            )
+        room = self.max_length - len(self._prefix) - len(self._suffix)
+        out: list[list[int]] = []
+        for i, row in enumerate(ids):
+            if not isinstance(row, list | tuple) or not row:
+                raise InvalidInput(
+                    f"input[{i}] must be a non-empty list of token ids", param="input"
+                )
+            for j, tid in enumerate(row):
+                if isinstance(tid, bool) or not isinstance(tid, int):
+                    raise InvalidInput(
+                        f"input[{i}][{j}] is a {type(tid).__name__}, not a token id", param="input"
+                    )
+                if not 0 <= tid < self.vocab_size:
+                    raise InvalidInput(
+                        f"input[{i}][{j}] = {tid} is outside the vocabulary [0, {self.vocab_size})",
+                        param="input",
+                    )
+            content = list(row)
+            if len(content) > room:
+                if not truncate:
+                    raise InputTooLong(
+                        f"input[{i}] has {len(content) + len(self._prefix) + len(self._suffix)} "
+                        f"tokens, more than the model's limit of {self.max_length} "
+                        "(truncation is off)",
+                        param="input",
+                    )
+                content = content[-room:] if self.spec.truncation_side == "left" else content[:room]
+            out.append([*self._prefix, *content, *self._suffix])
+        return out

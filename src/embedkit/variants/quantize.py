@@ -1,0 +1,561 @@
+"""Graph optimisation, INT8 quantisation and FP16 conversion of an fp32 artifact.
+
+Every variant is a NEW artifact directory derived from an fp32 parent: the
+tokenizer is copied, a new ``model.onnx`` is written and the manifest records
+the mode, every choice made (including the CPU instruction set it was built
+for and the calibration data's checksum), the parent and a fresh toolchain.
+Parity is left ``None``: whether a variant is good enough is decided by the
+per-segment quality gate (:mod:`embedkit.quality.evaluate`), never here.
+
+Why the settings are exposed rather than fixed: on CPUs without VNNI the u8×s8
+integer kernels saturate int16 intermediates, and the same model quantised
+with different weight type / reduce-range / per-channel choices ranges from
+unusable to near-lossless (``docs/quantization.md``). A model quantised for one
+ISA can misbehave on another, so the detected ISA goes into the manifest.
+
+Imports onnx / onnxruntime.quantization lazily: not part of the serving path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from embedkit.core.errors import ArtifactError, InvalidInput
+from embedkit.model import evaldata, toolchain
+from embedkit.model.artifact import (
+    MANIFEST,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    Artifact,
+    finalize,
+    move_into_place,
+    sha256_file,
+    staging_dir,
+)
+
+log = logging.getLogger(__name__)
+
+VariantKind = Literal["fused-fp32", "dynamic-int8", "static-int8", "fp16"]
+KINDS: tuple[str, ...] = ("fused-fp32", "dynamic-int8", "static-int8", "fp16")
+WEIGHT_TYPES = ("s8", "u8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+# --- CPU instruction set ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """The integer-matmul-relevant instruction-set flags of this CPU."""
+
+    avx2: bool
+    avx512f: bool
+    avx512_vnni: bool
+    avx_vnni: bool
+    amx: bool
+
+    @property
+    def vnni(self) -> bool:
+        return self.avx512_vnni or self.avx_vnni
+
+    @property
+    def level(self) -> str:
+        """One label for presets and the manifest, best capability first."""
+        if self.amx:
+            return "amx"
+        if self.avx512_vnni:
+            return "avx512-vnni"
+        if self.avx512f:
+            return "avx512"
+        if self.avx_vnni:
+            return "avx2-vnni"
+        return "avx2" if self.avx2 else "generic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "level": self.level}
+
+
+def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
+    """Parse the ``flags`` line of /proc/cpuinfo (or the given text)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # pragma: no cover - non-Linux: assume nothing
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return CpuIsa(
+        avx2="avx2" in flags,
+        avx512f="avx512f" in flags,
+        avx512_vnni="avx512_vnni" in flags,
+        avx_vnni="avx_vnni" in flags,
+        amx=any(f.startswith("amx") for f in flags),
+    )
+
+
+# The FFN output projection of the first layer dominates the INT8 error of
+# BERT-style encoders (measured: docs/quantization.md); keeping that one MatMul
+# in fp32 costs ~5% of the integer speed-up. Node names of Optimum's BERT export.
+SENSITIVE_NODES = ("layer.0/output/dense/MatMul",)
+
+
+def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[str, dict[str, Any]]:
+    """Named variants worth building for the target: ``{name: {"kind": ..., **options}}``.
+
+    On AVX2 without VNNI the u8×s8 kernels (vpmaddubsw) can saturate int16
+    sums, so s8 weights get reduce-range there; with VNNI (vpdpbusd sums in
+    int32) full-range s8 is used. Per-tensor s8 and u8 weights are not offered:
+    measured too inaccurate (s8) or slower than fp32 (u8 takes the slow u8×u8
+    path). Per-channel scales are what make s8 accurate. The gate decides; these
+    are only the candidates. ``gpu`` targets get fused FP32 and FP16 only.
+    """
+    isa = isa or detect_isa()
+    presets: dict[str, dict[str, Any]] = {"fused-fp32": {"kind": "fused-fp32"}}
+    if gpu:
+        presets["fp16"] = {"kind": "fp16"}
+        return presets
+    rr = not isa.vnni
+    suffix = "-rr" if rr else ""
+    base = {"kind": "dynamic-int8", "weight_type": "s8", "per_channel": True, "reduce_range": rr}
+    presets[f"dynamic-int8-s8-pc{suffix}"] = dict(base)
+    presets[f"dynamic-int8-s8-pc{suffix}-mixed"] = {**base, "exclude": list(SENSITIVE_NODES)}
+    presets[f"dynamic-int8-s8-pc{suffix}-fused"] = {**base, "fused": True}
+    presets["static-int8-qdq-percentile"] = {
+        "kind": "static-int8",
+        "method": "percentile",
+        "per_channel": True,
+        "reduce_range": rr,
+        "exclude": list(SENSITIVE_NODES),
+    }
+    return presets
+
+
+# --- shared plumbing ----------------------------------------------------------------
+
+
+def _check_parent(parent: Artifact) -> None:
+    mode = parent.manifest.quantization.mode
+    if mode != "none":
+        raise InvalidInput(
+            f"variants are built from an fp32 export, but {parent.path} is already '{mode}'"
+        )
+
+
+def _parent_ref(parent: Artifact) -> str:
+    if parent.tag:
+        return parent.tag
+    return "manifest-sha256:" + sha256_file(parent.path / MANIFEST)
+
+
+def _staged(
+    parent: Artifact,
+    output: Path,
+    build: Callable[[Path, Path], dict[str, Any]],
+    mode: VariantKind,
+) -> Artifact:
+    """Run ``build(src_model, dst_model) -> settings`` in a staging dir; finalize; move in place."""
+    _check_parent(parent)
+    output = Path(output)
+    staging = staging_dir(output)
+    try:
+        work = staging / "work"
+        art = staging / "artifact"
+        work.mkdir()
+        art.mkdir()
+        settings = build(parent.model_path, art / MODEL_FILE)
+        shutil.copyfile(parent.tokenizer_path, art / TOKENIZER_FILE)
+        _strip_to_declared_output(art / MODEL_FILE, parent.manifest.output)
+        fields = parent.manifest.model_dump(
+            mode="json", exclude={"files", "created_at", "records", "parity", "quantization"}
+        )
+        fields.update(
+            quantization={"mode": mode, "settings": settings},
+            parent=_parent_ref(parent),
+            toolchain=toolchain.versions(),
+            parity=None,
+        )
+        finalize(art, fields)
+        return move_into_place(art, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _strip_to_declared_output(model_path: Path, output: str) -> None:
+    """Tools may leave or rename outputs; the artifact contract is one named output."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    names = [o.name for o in model.graph.output]
+    if output not in names:
+        raise ArtifactError(f"variant graph lost its {output!r} output (has {names})")
+    if names != [output]:
+        for out in list(model.graph.output):
+            if out.name != output:
+                model.graph.output.remove(out)
+        onnx.save(model, str(model_path))
+
+
+# --- variants -----------------------------------------------------------------------
+
+
+def optimize_fp32(parent: Artifact, output: Path) -> Artifact:
+    """Fused FP32: ORT's transformer optimiser (attention, LayerNorm, GELU, embedding fusions).
+
+    ``opt_level=0`` keeps the saved graph portable across providers: only the
+    Python-side fusions are applied; ORT's own provider-specific rewrites still
+    run at session creation. Fused attention assumes right-side padding, which
+    is what our tokenizer does.
+    """
+
+    def build(src: Path, dst: Path) -> dict[str, Any]:
+        stats = _fuse(src, dst)
+        return {
+            "optimizer": "onnxruntime.transformers.optimizer",
+            "model_type": "bert",
+            "opt_level": 0,
+            "fusions": stats,
+        }
+
+    return _staged(parent, output, build, "fused-fp32")
+
+
+def _fuse(src: Path, dst: Path) -> dict[str, int]:
+    from onnxruntime.transformers import optimizer
+
+    # num_heads/hidden_size 0: detected from the graph's Reshape constants (works for
+    # Optimum-exported BERT-style graphs); the attention check below catches a miss.
+    model = optimizer.optimize_model(
+        str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0
+    )
+    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+    if not stats.get("Attention") and not stats.get("MultiHeadAttention"):
+        raise ArtifactError(
+            f"the transformer optimiser fused no attention ({stats}); not a BERT graph?"
+        )
+    model.save_model_to_file(str(dst))
+    return stats
+
+
+def _matching_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
+    """Names of nodes containing any pattern; a pattern matching nothing is an error."""
+    if not patterns:
+        return []
+    import onnx
+
+    names = [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+    out = []
+    for pattern in patterns:
+        hits = [n for n in names if pattern in n]
+        if not hits:
+            raise InvalidInput(f"exclude pattern {pattern!r} matches no node of the graph")
+        out += hits
+    return sorted(set(out))
+
+
+def _weight_type(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    if name not in WEIGHT_TYPES:
+        raise InvalidInput(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, got {name!r}")
+    return QuantType.QInt8 if name == "s8" else QuantType.QUInt8
+
+
+def quantize_dynamic_int8(
+    parent: Artifact,
+    output: Path,
+    *,
+    weight_type: str = "s8",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    op_types: Sequence[str] | None = None,
+    fused: bool = False,
+    exclude: Sequence[str] = (),
+) -> Artifact:
+    """Dynamic INT8 (weights quantised offline, activations per batch at run time).
+
+    ``op_types`` defaults to MatMul (plus Attention on a fused graph); Gather
+    (embeddings) stays fp32 because quantising it costs accuracy for no speed.
+    ``fused`` first applies :func:`optimize_fp32`'s fusions. ``exclude`` keeps
+    nodes whose name contains any of the given substrings in fp32 (mixed
+    precision for the few layers that dominate the error).
+    """
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    wtype = _weight_type(weight_type)
+    ops = list(op_types) if op_types else (["MatMul", "Attention"] if fused else ["MatMul"])
+    isa = detect_isa()
+
+    def build(src: Path, dst: Path) -> dict[str, Any]:
+        fusions: dict[str, int] = {}
+        if fused:
+            fused_path = dst.parent.parent / "work" / "fused.onnx"
+            fusions = _fuse(src, fused_path)
+            src = fused_path
+        excluded = _matching_nodes(src, exclude)
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=wtype,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            op_types_to_quantize=ops,
+            nodes_to_exclude=excluded,
+            # Contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape
+            # inference on a fused graph; their outputs are float32.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        return {
+            "weight_type": weight_type,
+            "activation_type": "u8",
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "op_types": ops,
+            "fused": fused,
+            "fusions": fusions,
+            "exclude": list(exclude),
+            "excluded_nodes": len(excluded),
+            "isa": isa.to_dict(),
+        }
+
+    return _staged(parent, output, build, "dynamic-int8")
+
+
+# --- static INT8 ----------------------------------------------------------------------
+
+
+def read_calibration_sentences(path: Path, size: int, *, seed: int = 0) -> list[str]:
+    """Unique sentences from an STS-Benchmark-format TSV (both sides), sampled reproducibly."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read calibration data {path}: {exc.strerror}") from exc
+    seen: dict[str, None] = {}
+    for line in lines:
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) >= 7:
+            seen.setdefault(fields[5], None)
+            seen.setdefault(fields[6], None)
+    sentences = list(seen)
+    if not sentences:
+        raise InvalidInput(f"{path} holds no STS-Benchmark sentence pairs")
+    if size < 1:
+        raise InvalidInput(f"calibration size must be >= 1, got {size}")
+    random.Random(seed).shuffle(sentences)
+    return sentences[:size]
+
+
+class SentenceCalibrationReader:
+    """ORT CalibrationDataReader over real sentences, tokenised exactly as the engine does."""
+
+    def __init__(self, parent: Artifact, sentences: Sequence[str], batch_size: int = 16) -> None:
+        from embedkit.quality.evaluate import load_encoder
+        from embedkit.runtime.engine import pad_batch
+
+        tokenizer = load_encoder(parent).tokenizer
+        pad_id = parent.manifest.tokenizer.pad_id
+        ids = tokenizer.encode(list(sentences))
+        # One width for every batch: the histogram calibrators (entropy, percentile)
+        # stack activations across batches and need equal shapes.
+        width = max(len(x) for x in ids)
+        self._batches: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(ids), batch_size):
+            input_ids, mask = pad_batch(ids[start : start + batch_size], pad_id)
+            extra = ((0, 0), (0, width - input_ids.shape[1]))
+            input_ids = np.pad(input_ids, extra, constant_values=pad_id)
+            mask = np.pad(mask, extra, constant_values=0)
+            feed = {
+                "input_ids": input_ids,
+                "attention_mask": mask,
+                "token_type_ids": np.zeros_like(input_ids),
+            }
+            self._batches.append({k: v for k, v in feed.items() if k in parent.manifest.inputs})
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def quantize_static_int8(
+    parent: Artifact,
+    output: Path,
+    *,
+    calibration: Path | None = None,
+    size: int = 512,
+    method: str = "percentile",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    op_types: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    seed: int = 0,
+) -> Artifact:
+    """Static INT8 in QDQ format, activation ranges calibrated on real sentences.
+
+    The graph is pre-processed (symbolic shape inference + ORT basic
+    optimisation) first, as ORT recommends. The calibration file's sha256, the
+    number of sentences and the sampling seed go into the manifest.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if method not in methods:
+        raise InvalidInput(
+            f"calibration method must be one of {', '.join(methods)}, got {method!r}"
+        )
+    calibration = (
+        Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
+    )
+    sentences = read_calibration_sentences(calibration, size, seed=seed)
+    ops = list(op_types) if op_types else ["MatMul"]
+    isa = detect_isa()
+
+    def build(src: Path, dst: Path) -> dict[str, Any]:
+        work = dst.parent.parent / "work"
+        pre = work / "pre.onnx"
+        # auto_merge: the dynamic batch/sequence dims otherwise stop symbolic inference.
+        # It writes scratch files into the working directory: keep them in `work`.
+        with contextlib.chdir(work):
+            quant_pre_process(str(src), str(pre), auto_merge=True)
+        reader = SentenceCalibrationReader(parent, sentences)
+        excluded = _matching_nodes(pre, exclude)
+        quantize_static(
+            str(pre),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            nodes_to_exclude=excluded,
+            op_types_to_quantize=ops,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options={"MatMulConstBOnly": True},
+        )
+        return {
+            "format": "QDQ",
+            "method": method,
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "activation_type": "u8",
+            "weight_type": "s8",
+            "op_types": ops,
+            "exclude": list(exclude),
+            "excluded_nodes": len(excluded),
+            "isa": isa.to_dict(),
+            "calibration": {
+                "file": calibration.name,
+                "sha256": sha256_file(calibration),
+                "size": len(sentences),
+                "seed": seed,
+            },
+        }
+
+    return _staged(parent, output, build, "static-int8")
+
+
+# --- FP16 --------------------------------------------------------------------------------
+
+
+def convert_fp16(parent: Artifact, output: Path) -> Artifact:
+    """FP16 for GPUs: fuse for GPU, convert weights/compute to fp16, keep float32 I/O.
+
+    Built and structurally validated anywhere (:func:`check_fp16_structure`);
+    numerically meaningful only on a GPU provider — ORT's CPU provider lacks
+    fp16 kernels for most ops and either fails or falls back slowly.
+    """
+    from onnxruntime.transformers import optimizer
+
+    def build(src: Path, dst: Path) -> dict[str, Any]:
+        model = optimizer.optimize_model(
+            str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, use_gpu=True
+        )
+        stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(dst))
+        return {"keep_io_types": True, "fused_for_gpu": True, "fusions": stats}
+
+    artifact = _staged(parent, output, build, "fp16")
+    check_fp16_structure(artifact)
+    return artifact
+
+
+def check_fp16_structure(artifact: Artifact) -> dict[str, Any]:
+    """onnx.checker passes, graph I/O stay float32 and float weights are fp16; else raise."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(artifact.model_path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ArtifactError(f"fp16 graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    out_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    if any(t != TensorProto.FLOAT for t in out_types.values()):
+        raise ArtifactError(f"fp16 graph outputs must stay float32, got {out_types}")
+    floats = [
+        i
+        for i in model.graph.initializer
+        if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+    ]
+    fp16 = sum(i.data_type == TensorProto.FLOAT16 for i in floats)
+    fp16_bytes = sum(len(i.raw_data) for i in floats if i.data_type == TensorProto.FLOAT16)
+    all_bytes = sum(len(i.raw_data) or 4 * len(i.float_data) for i in floats)
+    share = fp16_bytes / all_bytes if all_bytes else 0.0
+    if share < 0.95:
+        raise ArtifactError(f"only {share:.0%} of float weight bytes are fp16")
+    return {
+        "initializers_fp16": fp16,
+        "initializers_float": len(floats),
+        "fp16_weight_share": share,
+    }
+
+
+# --- dispatch -----------------------------------------------------------------------------
+
+_BUILDERS: dict[str, Callable[..., Artifact]] = {
+    "fused-fp32": optimize_fp32,
+    "dynamic-int8": quantize_dynamic_int8,
+    "static-int8": quantize_static_int8,
+    "fp16": convert_fp16,
+}
+
+
+def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> Artifact:
+    """Build one variant of ``parent`` into ``output`` (see the per-kind functions for options)."""
+    try:
+        builder = _BUILDERS[kind]
+    except KeyError:
+        raise InvalidInput(f"unknown variant kind {kind!r} (one of {', '.join(KINDS)})") from None
+    accepted = set(inspect.signature(builder).parameters) - {"parent", "output"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise InvalidInput(
+            f"unknown option(s) for {kind}: {', '.join(unknown)} (accepted: {', '.join(sorted(accepted))})"
+        )
+    return builder(parent, output, **options)
