@@ -27,6 +27,7 @@ from embedkit.core.errors import (
     UpstreamTimeout,
 )
 from embedkit.core.settings import Settings
+from embedkit.runtime.vectors import decode_base64, encode_base64
 from embedkit.serve import api
 
 MODEL = "all-minilm-l6-v2"
@@ -110,8 +111,8 @@ def test_native_job(tokenizer) -> None:  # type: ignore[no-untyped-def]
     )
 )
 def test_base64_roundtrip_little_endian(vectors: np.ndarray) -> None:
-    encoded = api.encode_base64(vectors)
-    np.testing.assert_array_equal(api.decode_base64(encoded, vectors.shape[1]), vectors)
+    encoded = encode_base64(vectors)
+    np.testing.assert_array_equal(decode_base64(encoded, vectors.shape[1]), vectors)
     # what the openai client does: np.frombuffer(base64.b64decode(s), dtype="float32")
     import base64
 
@@ -141,7 +142,7 @@ def test_openai_and_native_bodies() -> None:
     api.EmbedResponse.model_validate(native)
     b64 = api.EmbedJob(ids=job.ids, lane="bulk", normalize=True, dimensions=None, encoding="base64")
     packed = json.loads(api.native_body(vectors, b64, MODEL))
-    np.testing.assert_array_equal(api.decode_base64(packed["embeddings"], 3), vectors)
+    np.testing.assert_array_equal(decode_base64(packed["embeddings"], 3), vectors)
 
 
 # --- errors ------------------------------------------------------------------------------

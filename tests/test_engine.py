@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidDimensions, InvalidInput
 from embedkit.core.settings import Settings
-from embedkit.runtime.engine import Engine, Telemetry, pad_batch, plan_sub_batches, postprocess
+from embedkit.runtime.engine import Engine, Telemetry, plan_sub_batches
+from embedkit.runtime.tokens import pad_batch
+from embedkit.runtime.vectors import postprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MIN_COSINE = 0.99999  # fp32 parity thresholds (per vector)

@@ -38,7 +38,7 @@ def _fallbacks(requested: str, active: str) -> float:
 
 
 def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    from embedkit.runtime.engine import pad_batch
+    from embedkit.runtime.tokens import pad_batch
 
     return pad_batch(rows, 0)
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit.serve.api import decode_base64
+from embedkit.runtime.vectors import decode_base64
 
 pytestmark = pytest.mark.slow
 

@@ -34,8 +34,10 @@ import numpy as np
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.engine import Engine, pad_batch, postprocess
+from embedkit.runtime.engine import Engine
 from embedkit.runtime.session import CPU, create_session
+from embedkit.runtime.tokens import pad_batch
+from embedkit.runtime.vectors import postprocess
 
 Encode = Callable[[list[str]], np.ndarray]
 # Progress: (calls done, calls in total, what is running); the CLI draws a bar from it.

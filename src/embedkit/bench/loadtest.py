@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from embedkit.core.errors import InvalidInput
-from embedkit.runtime.engine import postprocess
+from embedkit.runtime.vectors import decode_base64, postprocess
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 TOLERANCE = 1e-4  # max |Δ| per component, as the HTTP parity tests (batching changes padding only)
@@ -157,7 +157,6 @@ def make_shot(rng: random.Random, corpus: Corpus, kind: str, model: str) -> Shot
 
 def decode(data: dict[str, Any], shot: Shot, width: int) -> np.ndarray:
     """The vectors of a 200 answer, in request order."""
-    from embedkit.serve.api import decode_base64
 
     if "embeddings" in data:  # native
         emb = data["embeddings"]

@@ -5,7 +5,7 @@ sentences pads to ~2.5× its real tokens. So a batch is sorted by token length,
 cut into sub-batches under a padded-token budget and a size cap, each padded
 only to its own longest text, run, and put back in the caller's order.
 Post-processing (L2 normalisation, Matryoshka truncation, NaN/Inf check) is
-plain numpy in :func:`postprocess`, which the HTTP front service reuses.
+plain numpy in :mod:`embedkit.runtime.vectors`, which the HTTP front service shares.
 
 Never import torch or transformers from here (a test checks it).
 """
@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.core.errors import InferenceError, InputTooLong, InvalidDimensions, InvalidInput
+from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import Artifact, resolve
 from embedkit.runtime.session import ProviderReport, Runner, ShapeProfile, create_session
-from embedkit.runtime.tokens import TextTokenizer, validate_texts
-
-_NORM_EPS = 1e-12  # as torch.nn.functional.normalize, which sentence-transformers uses
+from embedkit.runtime.tokens import TextTokenizer, pad_batch, validate_texts
+from embedkit.runtime.vectors import check_dimensions, postprocess
 
 
 @dataclass(frozen=True)
@@ -59,47 +58,6 @@ class Telemetry:
             "sub_batch_sizes": list(self.sub_batch_sizes),
             "sub_batch_padded": list(self.sub_batch_padded),
         }
-
-
-def check_dimensions(dimensions: object, model_dim: int) -> int | None:
-    """``None`` (full size) or an int in ``[1, model_dim]``; else :class:`InvalidDimensions`."""
-    if dimensions is None:
-        return None
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int | np.integer):
-        raise InvalidDimensions(
-            f"dimensions must be an integer, got {type(dimensions).__name__}", param="dimensions"
-        )
-    if not 1 <= int(dimensions) <= model_dim:
-        raise InvalidDimensions(
-            f"dimensions must be between 1 and {model_dim} for this model, got {dimensions}",
-            param="dimensions",
-        )
-    return int(dimensions)
-
-
-def postprocess(
-    vectors: np.ndarray, *, normalize: bool, dimensions: int | None, model_dim: int
-) -> np.ndarray:
-    """Matryoshka-truncate, then L2-normalise if asked; float32; refuse NaN/Inf.
-
-    Truncation comes first so a truncated vector is re-normalised to unit length.
-    """
-    dims = check_dimensions(dimensions, model_dim)
-    out = np.asarray(vectors, dtype=np.float32)
-    if out.ndim != 2 or out.shape[1] != model_dim:
-        raise InferenceError(f"expected vectors of shape [n, {model_dim}], got {list(out.shape)}")
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise InferenceError(
-            f"the model produced NaN/Inf for {rows.size} input(s), first at index {int(rows[0])}"
-        )
-    if dims is not None and dims < model_dim:
-        out = out[:, :dims]
-    if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out = out / np.maximum(norms, _NORM_EPS)
-    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def plan_sub_batches(
@@ -141,17 +99,6 @@ def plan_sub_batches(
         j = cut[j]
     groups.reverse()
     return groups
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest row (ORT's attention fusion assumes right padding)."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for k, row in enumerate(rows):
-        ids[k, : len(row)] = row
-        mask[k, : len(row)] = 1
-    return ids, mask
 
 
 class Engine:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from embedkit.core.errors import ArtifactError, InputTooLong, InvalidInput
@@ -157,3 +158,14 @@ class TextTokenizer:
                 content = content[-room:] if self.spec.truncation_side == "left" else content[:room]
             out.append([*self._prefix, *content, *self._suffix])
         return out
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest row (ORT's attention fusion assumes right padding)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)] = row
+        mask[k, : len(row)] = 1
+    return ids, mask

@@ -11,7 +11,6 @@ routes see one shape.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from embedkit.core.errors import (
     UpstreamTimeout,
 )
 from embedkit.core.settings import Settings
-from embedkit.runtime.engine import check_dimensions
+from embedkit.runtime.vectors import check_dimensions, encode_base64
 
 Lane = Literal["query", "bulk"]
 EncodingFormat = Literal["float", "base64"]
@@ -251,20 +250,11 @@ def native_job(
 # --- response bodies ---------------------------------------------------------------
 
 
-def encode_base64(vectors: np.ndarray) -> str:
-    """Little-endian float32 bytes, base64 (what OpenAI's ``encoding_format=base64`` returns)."""
-    return base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode("ascii")
-
-
-def decode_base64(data: str, dim: int) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(-1, dim)
-
-
 def dumps(obj: Any) -> bytes:
     """Compact JSON, the same numbers as ``json.dumps`` (floats come from ``tolist()``:
     float64 shortest repr either way; non-ASCII text stays UTF-8 instead of ``\\u`` escapes)
     but ~15x faster on 384 floats (docs/benchmarks/serving-tuning.md). orjson writes NaN as
-    null where json refused it; ``engine.postprocess`` already refuses non-finite vectors.
+    null where json refused it; ``vectors.postprocess`` already refuses non-finite vectors.
     orjson refuses integers beyond 64 bits; such a body (a client's echoed value) goes
     through the stdlib instead of failing."""
     try:

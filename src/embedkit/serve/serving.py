@@ -30,8 +30,9 @@ from embedkit.core import metrics
 from embedkit.core.errors import ArtifactError, EmbedkitError, InferenceError, Overloaded
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.engine import Engine, postprocess
+from embedkit.runtime.engine import Engine
 from embedkit.runtime.tokens import TextTokenizer
+from embedkit.runtime.vectors import postprocess
 from embedkit.serve import api
 from embedkit.serve.coalesce import Coalescer
 

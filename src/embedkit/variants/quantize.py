@@ -364,7 +364,7 @@ class SentenceCalibrationReader:
 
     def __init__(self, parent: Artifact, sentences: Sequence[str], batch_size: int = 16) -> None:
         from embedkit.quality.evaluate import load_encoder
-        from embedkit.runtime.engine import pad_batch
+        from embedkit.runtime.tokens import pad_batch
 
         tokenizer = load_encoder(parent).tokenizer
         pad_id = parent.manifest.tokenizer.pad_id
