@@ -86,10 +86,9 @@ class Settings(BaseSettings):
     allow_spinning: bool = Field(
         True,
         description="Let ORT worker threads spin between ops instead of sleeping, for at most "
-        "spin_duration_us: they catch the next op of a run without a wake-up. Bounded this way "
-        "it served +10 % single-text requests/s on the idle 2-core machine (median of 5 A/B "
-        "pairs); ORT's own, longer spin halved throughput on a shared host. Turn off where "
-        "other busy processes share the cores.",
+        "spin_duration_us: they catch the next op of a run without a wake-up, at the cost of CPU "
+        "burnt while spinning. Pays on cores the model has to itself; turn off where other busy "
+        "processes share the cores (docs/benchmarks/defaults.md).",
     )
     spin_duration_us: int = Field(
         200,
@@ -101,7 +100,7 @@ class Settings(BaseSettings):
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Bind inputs/outputs to device memory. 'auto': on for CUDA/TensorRT, off on CPU "
-        "(measured: no gain on CPU).",
+        "(no gain there: inputs already live in host memory).",
     )
     profiling_dir: Path | None = Field(
         None, description="If set, ORT writes a profiling trace here (costly; for diagnosis only)."
@@ -132,7 +131,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         512,
         ge=1,
-        description="Padded-token budget of one sub-batch; measured best at 256-512 on 2 cores.",
+        description="Padded-token budget of one sub-batch: larger runs amortise per-run cost, "
+        "smaller ones keep activations in cache (docs/benchmarks/defaults.md).",
     )
     max_sub_batch_size: int = Field(64, ge=1, description="Most texts in one ORT run.")
     sub_batch_cost_tokens: int = Field(
@@ -166,7 +166,8 @@ class Settings(BaseSettings):
         1_000,
         ge=1,
         description="Batching deadline of the interactive lane: sheds (429) rather than "
-        "queue past it. 50 ms shed most requests at concurrency 16 on 2 cores (measured).",
+        "queue past it. Too low sheds most requests under ordinary load, because BentoML "
+        "estimates a batch's finish pessimistically (docs/benchmarks/defaults.md).",
     )
     front_coalescing: bool = Field(
         True,
@@ -197,14 +198,14 @@ class Settings(BaseSettings):
         description="Admission by work, not by request count: real tokens handed to the Embedder "
         "and not yet answered, per front worker; a request that would push past it gets 429 + "
         "Retry-After (a request alone is always admitted). This bounds queueing delay to about "
-        "max_queued_tokens / token throughput: served p99 3.9-7.1 s at 5x overload on 2 shared "
-        "cores, vs 37 s bounded by request count only (docs/reliability.md). Raise it with faster "
+        "max_queued_tokens / token throughput (docs/reliability.md). Raise it with faster "
         "hardware; lower it for a tighter latency budget (more 429s).",
     )
     gc_tuning: bool = Field(
         True,
         description="After warm-up, freeze startup objects out of Python's garbage collector "
-        "and collect less often: full collections were the p99 tail (160-250 ms -> ~60 ms).",
+        "and collect less often: full collections over the startup objects were the p99 tail "
+        "(docs/benchmarks/defaults.md).",
     )
     access_log: bool = Field(
         True,
@@ -214,9 +215,9 @@ class Settings(BaseSettings):
     tracing: bool = Field(
         False,
         description="Let BentoML's OpenTelemetry middleware open a span per request on both "
-        "services. It runs even with no exporter configured (spans are made and dropped): a "
-        "third of the front's CPU per single-text request (docs/benchmarks/http.md). Turn on "
-        "together with BentoML's `tracing:` exporter configuration.",
+        "services. It runs even with no exporter configured (spans are made and dropped), which "
+        "costs front CPU on every request (docs/benchmarks/defaults.md). Turn on together with "
+        "BentoML's `tracing:` exporter configuration.",
     )
     api_keys: list[str] = Field(
         default_factory=list,
