@@ -158,7 +158,8 @@ def test_release_registers_a_verified_model(tmp_path: Path) -> None:
 def test_quantize_then_evaluate_rejects_a_bad_variant(
     fp32_artifact: Artifact, tmp_path: Path
 ) -> None:
-    """The CLI faces of quantize and evaluate: a deliberately bad variant exits 1, segments named."""
+    """The CLI faces of quantize and evaluate: a deliberately bad variant exits 1, naming
+    its segments."""
     bad = tmp_path / "bad"
     result = run(
         "quantize",

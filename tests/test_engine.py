@@ -1,4 +1,5 @@
-"""Engine: parity with sentence-transformers, token-aware batching, post-processing, bad input, memory."""
+"""Engine: parity with sentence-transformers, token-aware batching, post-processing, bad
+input, memory."""
 
 from __future__ import annotations
 

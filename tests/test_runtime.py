@@ -1,4 +1,5 @@
-"""Session factory, provider routing with visible fallback, and the Runner (plain vs I/O binding)."""
+"""Session factory, provider routing with visible fallback, and the Runner (plain vs I/O
+binding)."""
 
 from __future__ import annotations
 

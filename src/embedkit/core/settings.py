@@ -43,13 +43,15 @@ class Settings(BaseSettings):
     )
     served_model_name: str | None = Field(
         None,
-        description="Name clients pass as `model` in /v1/embeddings; defaults to the artifact's name.",
+        description="Name clients pass as `model` in /v1/embeddings; defaults to the "
+        "artifact's name.",
     )
 
     # --- ONNX Runtime session ----------------------------------------------
     providers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROVIDERS),
-        description="Execution-provider priority; filtered by what the installed onnxruntime offers.",
+        description="Execution-provider priority; filtered by what the installed onnxruntime "
+        "offers.",
     )
     strict_providers: bool = Field(
         False,
@@ -76,7 +78,8 @@ class Settings(BaseSettings):
     )
     enable_mem_pattern: bool = Field(
         False,
-        description="Memory pattern planning; only pays off for fixed shapes, which embeddings lack.",
+        description="Memory pattern planning; only pays off for fixed shapes, which embeddings "
+        "lack.",
     )
     arena_shrinkage: bool = Field(
         True,
@@ -99,8 +102,8 @@ class Settings(BaseSettings):
     )
     io_binding: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Bind inputs/outputs to device memory. 'auto': on for CUDA/TensorRT, off on CPU "
-        "(no gain there: inputs already live in host memory).",
+        description="Bind inputs/outputs to device memory. 'auto': on for CUDA/TensorRT, off on "
+        "CPU (no gain there: inputs already live in host memory).",
     )
     profiling_dir: Path | None = Field(
         None, description="If set, ORT writes a profiling trace here (costly; for diagnosis only)."

@@ -144,7 +144,8 @@ def find_recipe(name_or_path: str | None) -> Recipe:
         name = re.sub(r"[^a-z0-9._-]+", "-", name_or_path.split("/")[-1].lower())
         return Recipe(name=name, model_id=name_or_path, source=Source(hub_id=name_or_path))
     raise ModelSourceError(
-        f"{name_or_path!r} is neither a model directory, a recipe file, nor a recipe in {models_dir}"
+        f"{name_or_path!r} is neither a model directory, a recipe file, "
+        f"nor a recipe in {models_dir}"
     )
 
 

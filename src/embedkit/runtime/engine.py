@@ -168,7 +168,8 @@ class Engine:
         }
 
     def embed_ids(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, Telemetry]:
-        """Raw pooled float32 ``[n, dim]`` for token-id lists (with special tokens), caller order."""
+        """Raw pooled float32 ``[n, dim]`` for token-id lists (special tokens included), in
+        the caller's order."""
         if not ids:
             raise InvalidInput("input must not be an empty list", param="input")
         lengths = [len(row) for row in ids]

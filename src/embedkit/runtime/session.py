@@ -213,7 +213,10 @@ def create_session(
     reason = None
     if fallback:
         if expected not in available:
-            reason = f"{expected} is not available in this onnxruntime build (available: {', '.join(available)})"
+            reason = (
+                f"{expected} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)})"
+            )
         else:
             reason = f"{expected} is available but did not attach (see the onnxruntime log above)"
         _record_fallback(expected, active[0] if active else "none", reason)
