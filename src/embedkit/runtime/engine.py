@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +47,7 @@ class Telemetry:
         return self.padded_tokens / self.tokens if self.tokens else 1.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "texts": self.texts,
-            "tokens": self.tokens,
-            "padded_tokens": self.padded_tokens,
-            "padding_ratio": self.padding_ratio,
-            "sub_batches": self.sub_batches,
-            "inference_s": self.inference_s,
-            "provider": self.provider,
-            "sub_batch_sizes": list(self.sub_batch_sizes),
-            "sub_batch_padded": list(self.sub_batch_padded),
-        }
+        return {**asdict(self), "padding_ratio": self.padding_ratio}
 
 
 def plan_sub_batches(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,7 @@ class ProviderReport:
     reason: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "requested": self.requested,
-            "available": self.available,
-            "active": self.active,
-            "fallback": self.fallback,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
