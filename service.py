@@ -1,4 +1,4 @@
-"""BentoML wiring for embedkit (thin: the work lives in embedkit.serve.serving and embedkit.serve.api).
+"""BentoML wiring for embedkit; thin: the work lives in the ``embedkit.serve`` modules.
 
     bentoml serve service:EmbeddingAPI          # from the repo root; see docs/service.md
 
@@ -7,6 +7,11 @@ runner) and exposes two batchable APIs, bulk and query, each with its own
 adaptive-batching policy from settings; ``EmbeddingAPI`` is the HTTP front:
 it validates, tokenises, routes to a lane through ``bentoml.depends`` (which is
 what makes BentoML batch across requests) and shapes responses.
+
+Where the work is: ``serve.embedder`` (the Embedder's engine), ``serve.front`` (the
+routes' work and warm-up), ``serve.schemas`` (request/response bodies),
+``serve.middleware`` (auth, limits, admission, error rewriting), ``serve.options``
+(service options from settings) and ``serve.startup`` (artifact loading).
 """
 
 from __future__ import annotations
@@ -22,7 +27,21 @@ from starlette.routing import Route
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
-from embedkit.serve import api, serving
+from embedkit.serve.embedder import EmbedderCore
+from embedkit.serve.front import Front
+from embedkit.serve.http_errors import error_response
+from embedkit.serve.middleware import EdgeMiddleware
+from embedkit.serve.options import embedder_config, front_config
+from embedkit.serve.schemas import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    Item,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from embedkit.serve.startup import load_artifact
 
 SETTINGS = get_settings()
 # A built Bento pins its model version as a Bento argument (`bentoml build --arg model=TAG`,
@@ -30,12 +49,12 @@ SETTINGS = get_settings()
 MODEL_TAG = str(getattr(bentoml.use_arguments(), "model", None) or SETTINGS.model)
 
 
-@bentoml.service(**serving.embedder_config(SETTINGS))
+@bentoml.service(**embedder_config(SETTINGS))
 class Embedder:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.core = serving.EmbedderCore(serving.load_artifact(type(self).model), SETTINGS)
+        self.core = EmbedderCore(load_artifact(type(self).model), SETTINGS)
 
     @bentoml.on_startup
     def warm(self) -> None:
@@ -49,7 +68,7 @@ class Embedder:
         max_batch_size=SETTINGS.bulk_max_batch_size,
         max_latency_ms=SETTINGS.bulk_max_latency_ms,
     )
-    def embed_bulk(self, items: list[serving.Item]) -> np.ndarray:
+    def embed_bulk(self, items: list[Item]) -> np.ndarray:
         return self.core.embed(items, "bulk")
 
     @bentoml.api(
@@ -57,7 +76,7 @@ class Embedder:
         max_batch_size=SETTINGS.query_max_batch_size,
         max_latency_ms=SETTINGS.query_max_latency_ms,
     )
-    def embed_query(self, items: list[serving.Item]) -> np.ndarray:
+    def embed_query(self, items: list[Item]) -> np.ndarray:
         return self.core.embed(items, "query")
 
     @bentoml.api
@@ -66,7 +85,7 @@ class Embedder:
 
 
 async def _models(_: Request) -> Response:
-    front: serving.Front = bentoml.get_current_service().front
+    front: Front = bentoml.get_current_service().front
     return JSONResponse(front.models())
 
 
@@ -75,11 +94,11 @@ async def _info(_: Request) -> Response:
     try:
         return JSONResponse(await svc.front.info(svc.embedder.to_async))
     except EmbedkitError as exc:
-        return api.error_response(exc)
+        return error_response(exc)
 
 
 async def _docs(_: Request) -> Response:
-    front: serving.Front = bentoml.get_current_service().front
+    front: Front = bentoml.get_current_service().front
     spec = cast("bentoml.Service[Any]", EmbeddingAPI).openapi_spec.asdict()
     return JSONResponse(front.openapi(spec))
 
@@ -92,13 +111,13 @@ metadata_app = Starlette(
 
 
 @bentoml.asgi_app(metadata_app, path="/")
-@bentoml.service(**serving.front_config(SETTINGS))
+@bentoml.service(**front_config(SETTINGS))
 class EmbeddingAPI:
     model = bentoml.models.BentoModel(MODEL_TAG)
     embedder = bentoml.depends(Embedder)
 
     def __init__(self) -> None:
-        self.front = serving.Front(serving.load_artifact(type(self).model), SETTINGS)
+        self.front = Front(load_artifact(type(self).model), SETTINGS)
 
     @bentoml.on_startup
     async def start_warmup(self) -> None:
@@ -113,31 +132,27 @@ class EmbeddingAPI:
         return self.front.ready
 
     @bentoml.api(
-        route="/v1/embeddings", input_spec=api.EmbeddingsRequest, output_spec=api.EmbeddingsResponse
+        route="/v1/embeddings", input_spec=EmbeddingsRequest, output_spec=EmbeddingsResponse
     )
     async def embeddings(self, **body: Any) -> Any:
         """OpenAI-compatible embeddings (one input → query lane, several → bulk lane)."""
         return await self.front.openai(self.embedder.to_async, body)
 
-    @bentoml.api(route="/embed", input_spec=api.EmbedRequest, output_spec=api.EmbedResponse)
+    @bentoml.api(route="/embed", input_spec=EmbedRequest, output_spec=EmbedResponse)
     async def embed(self, **body: Any) -> Any:
         """Bulk embedding (throughput-tuned batching)."""
         return await self.front.native(self.embedder.to_async, body, "bulk")
 
-    @bentoml.api(route="/embed/query", input_spec=api.EmbedRequest, output_spec=api.EmbedResponse)
+    @bentoml.api(route="/embed/query", input_spec=EmbedRequest, output_spec=EmbedResponse)
     async def embed_query(self, **body: Any) -> Any:
         """Interactive embedding (latency-tuned batching)."""
         return await self.front.native(self.embedder.to_async, body, "query")
 
-    @bentoml.api(
-        route="/tokenize", input_spec=api.TokenizeRequest, output_spec=api.TokenizeResponse
-    )
+    @bentoml.api(route="/tokenize", input_spec=TokenizeRequest, output_spec=TokenizeResponse)
     async def tokenize(self, **body: Any) -> Any:
         """Token ids (special tokens included) and counts, as the model sees them."""
         return await self.front.tokenize(body)
 
 
 # The decorator returns a bentoml.Service; type checkers still see the class.
-cast("bentoml.Service[Any]", EmbeddingAPI).add_asgi_middleware(
-    api.EdgeMiddleware, settings=SETTINGS
-)
+cast("bentoml.Service[Any]", EmbeddingAPI).add_asgi_middleware(EdgeMiddleware, settings=SETTINGS)

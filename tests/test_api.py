@@ -28,7 +28,21 @@ from embedkit.core.errors import (
 )
 from embedkit.core.settings import Settings
 from embedkit.runtime.vectors import decode_base64, encode_base64
-from embedkit.serve import api
+from embedkit.serve.bodies import dumps, native_body, openai_body
+from embedkit.serve.http_errors import (
+    INTERNAL_MESSAGE,
+    error_status_body,
+    foreign_error,
+    translate_upstream,
+)
+from embedkit.serve.jobs import EmbedJob, native_job, openai_job
+from embedkit.serve.middleware import EdgeMiddleware, check_auth
+from embedkit.serve.schemas import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+)
 
 MODEL = "all-minilm-l6-v2"
 SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
@@ -41,9 +55,9 @@ def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
     return TextTokenizer.from_artifact(fp32_artifact)
 
 
-def openai(tokenizer, **body: Any) -> api.EmbedJob:  # type: ignore[no-untyped-def]
-    req = api.EmbeddingsRequest.model_validate({"model": MODEL, **body})
-    return api.openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=384, normalize=True)
+def openai(tokenizer, **body: Any) -> EmbedJob:  # type: ignore[no-untyped-def]
+    req = EmbeddingsRequest.model_validate({"model": MODEL, **body})
+    return openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=384, normalize=True)
 
 
 # --- schemas and jobs ------------------------------------------------------------------
@@ -52,7 +66,7 @@ def openai(tokenizer, **body: Any) -> api.EmbedJob:  # type: ignore[no-untyped-d
 @pytest.mark.parametrize("value", [[1, "a"], [True], [1.5], [["a"]], [[1], "a"], None, 3, {"a": 1}])
 def test_openai_input_is_strict(value: object) -> None:
     with pytest.raises(ValidationError):
-        api.EmbeddingsRequest.model_validate({"model": MODEL, "input": value})
+        EmbeddingsRequest.model_validate({"model": MODEL, "input": value})
 
 
 def test_openai_routing_single_to_query_many_to_bulk(tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -87,16 +101,16 @@ def test_openai_job_errors(tokenizer, body, error, param) -> None:  # type: igno
 
 
 def test_native_job(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    req = api.EmbedRequest(
+    req = EmbedRequest(
         texts=["", "b"], normalize=False, truncate=True, dimensions=8, encoding_format="base64"
     )
-    job = api.native_job(req, tokenizer, SETTINGS, lane="bulk", model_dim=384)
+    job = native_job(req, tokenizer, SETTINGS, lane="bulk", model_dim=384)
     assert job.ids[0] == [101, 102] and not job.normalize and job.dimensions == 8
-    long = api.EmbedRequest.model_validate({"texts": ["a", "word " * 300], "truncate": False})
+    long = EmbedRequest.model_validate({"texts": ["a", "word " * 300], "truncate": False})
     with pytest.raises(InputTooLong, match=r"input\[1\]"):
-        api.native_job(long, tokenizer, SETTINGS, lane="bulk", model_dim=384)
+        native_job(long, tokenizer, SETTINGS, lane="bulk", model_dim=384)
     with pytest.raises(ValidationError):
-        api.EmbedRequest.model_validate({"texts": ["a"], "unknown": 1})
+        EmbedRequest.model_validate({"texts": ["a"], "unknown": 1})
 
 
 # --- bodies -----------------------------------------------------------------------------
@@ -121,11 +135,11 @@ def test_base64_roundtrip_little_endian(vectors: np.ndarray) -> None:
 
 
 def test_openai_and_native_bodies() -> None:
-    job = api.EmbedJob(
+    job = EmbedJob(
         ids=[[1, 2], [3]], lane="bulk", normalize=True, dimensions=None, encoding="float"
     )
     vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
-    body = json.loads(api.openai_body(vectors, job, MODEL))
+    body = json.loads(openai_body(vectors, job, MODEL))
     assert body == {
         "object": "list",
         "data": [
@@ -135,13 +149,13 @@ def test_openai_and_native_bodies() -> None:
         "model": MODEL,
         "usage": {"prompt_tokens": 3, "total_tokens": 3},
     }
-    api.EmbeddingsResponse.model_validate(body)
-    native = json.loads(api.native_body(vectors, job, MODEL))
+    EmbeddingsResponse.model_validate(body)
+    native = json.loads(native_body(vectors, job, MODEL))
     assert native["embeddings"] == vectors.tolist() and native["dimensions"] == 3
     assert native["usage"] == {"tokens": 3}
-    api.EmbedResponse.model_validate(native)
-    b64 = api.EmbedJob(ids=job.ids, lane="bulk", normalize=True, dimensions=None, encoding="base64")
-    packed = json.loads(api.native_body(vectors, b64, MODEL))
+    EmbedResponse.model_validate(native)
+    b64 = EmbedJob(ids=job.ids, lane="bulk", normalize=True, dimensions=None, encoding="base64")
+    packed = json.loads(native_body(vectors, b64, MODEL))
     np.testing.assert_array_equal(decode_base64(packed["embeddings"], 3), vectors)
 
 
@@ -149,7 +163,7 @@ def test_openai_and_native_bodies() -> None:
 
 
 def test_error_status_body_and_retry_after() -> None:
-    status, body, headers = api.error_status_body(Overloaded("full", retry_after_s=3))
+    status, body, headers = error_status_body(Overloaded("full", retry_after_s=3))
     assert status == 429 and headers["retry-after"] == "3"
     assert json.loads(body) == {
         "error": {
@@ -159,7 +173,7 @@ def test_error_status_body_and_retry_after() -> None:
             "code": "overloaded",
         }
     }
-    status, _, headers = api.error_status_body(InvalidDimensions("bad", param="dimensions"))
+    status, _, headers = error_status_body(InvalidDimensions("bad", param="dimensions"))
     assert status == 422 and "retry-after" not in headers
 
 
@@ -183,7 +197,7 @@ class _FakeBentoError(Exception):
     ],
 )
 def test_translate_upstream_never_leaks(exc: Exception, expected: type) -> None:
-    err = api.translate_upstream(exc)
+    err = translate_upstream(exc)
     assert type(err) is expected
     assert "secret" not in err.message and "Traceback" not in err.message
 
@@ -195,13 +209,13 @@ def test_foreign_errors_become_ours() -> None:
             "detail": [{"type": "missing", "loc": ["body", "texts"], "msg": "Field required"}],
         }
     ).encode()
-    err = api.foreign_error(400, bentoml_400)
+    err = foreign_error(400, bentoml_400)
     assert isinstance(err, InvalidInput) and "texts: Field required" in err.message
-    assert isinstance(api.foreign_error(429, b'{"error": "Too many requests"}'), Overloaded)
-    assert isinstance(api.foreign_error(504, b"{}"), UpstreamTimeout)
-    assert isinstance(api.foreign_error(413, b'[{"error": "x"}]'), PayloadTooLarge)
-    internal = api.foreign_error(500, b"")
-    assert internal.status == 500 and internal.message == api.INTERNAL_MESSAGE
+    assert isinstance(foreign_error(429, b'{"error": "Too many requests"}'), Overloaded)
+    assert isinstance(foreign_error(504, b"{}"), UpstreamTimeout)
+    assert isinstance(foreign_error(413, b'[{"error": "x"}]'), PayloadTooLarge)
+    internal = foreign_error(500, b"")
+    assert internal.status == 500 and internal.message == INTERNAL_MESSAGE
 
 
 @pytest.mark.parametrize(
@@ -217,12 +231,12 @@ def test_foreign_errors_become_ours() -> None:
     ],
 )
 def test_check_auth(header: str | None, ok: bool) -> None:
-    api.check_auth(header, [])  # no keys: auth off
+    check_auth(header, [])  # no keys: auth off
     if ok:
-        api.check_auth(header, ["k1", "k2"])
+        check_auth(header, ["k1", "k2"])
     else:
         with pytest.raises(Unauthorized):
-            api.check_auth(header, ["k1", "k2"])
+            check_auth(header, ["k1", "k2"])
 
 
 # --- the middleware, over an in-memory ASGI transport ------------------------------------
@@ -251,7 +265,7 @@ def _app(status: int = 200, body: bytes = b"", hold: asyncio.Event | None = None
 
 
 def _call(app: Any, settings_: Settings, *requests: dict[str, Any]) -> list[httpx.Response]:
-    edge = api.EdgeMiddleware(app, settings_)
+    edge = EdgeMiddleware(app, settings_)
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=edge)
@@ -295,7 +309,7 @@ def test_middleware_body_limit_with_and_without_length() -> None:
 
 def test_middleware_admission_control() -> None:
     hold = asyncio.Event()
-    edge = api.EdgeMiddleware(_app(hold=hold), SETTINGS)  # max_concurrency=1
+    edge = EdgeMiddleware(_app(hold=hold), SETTINGS)  # max_concurrency=1
 
     async def run() -> tuple[int, httpx.Response]:
         transport = httpx.ASGITransport(app=edge)
@@ -326,7 +340,7 @@ def test_middleware_rewrites_foreign_errors_only() -> None:
     assert foreign.status_code == 400 and foreign.json()["error"]["type"] == "invalid_request_error"
     assert kept.json() == json.loads(ours)
     assert empty_500.status_code == 500
-    assert empty_500.json()["error"]["message"] == api.INTERNAL_MESSAGE
+    assert empty_500.json()["error"]["message"] == INTERNAL_MESSAGE
 
 
 def test_middleware_cancels_a_request_whose_client_left() -> None:
@@ -343,7 +357,7 @@ def test_middleware_cancels_a_request_whose_client_left() -> None:
             cancelled.set()
             raise
 
-    edge = api.EdgeMiddleware(slow_app, SETTINGS)
+    edge = EdgeMiddleware(slow_app, SETTINGS)
     messages = [
         {"type": "http.request", "body": b"{}", "more_body": False},
         {"type": "http.disconnect"},
@@ -376,4 +390,4 @@ def test_middleware_cancels_a_request_whose_client_left() -> None:
 def test_dumps_handles_integers_beyond_64_bits() -> None:
     import json
 
-    assert json.loads(api.dumps({"n": 10**30, "v": [0.5]})) == {"n": 10**30, "v": [0.5]}
+    assert json.loads(dumps({"n": 10**30, "v": [0.5]})) == {"n": 10**30, "v": [0.5]}

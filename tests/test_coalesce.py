@@ -1,4 +1,5 @@
-"""embedkit.serve.coalesce: requests arriving together share one Embedder call, split back exactly."""
+"""embedkit.serve.coalesce: requests arriving together share one Embedder call, split back
+exactly."""
 
 from __future__ import annotations
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from opentelemetry.util.http import ExcludeList
 
 from embedkit.core.settings import Settings
-from embedkit.serve import serving
+from embedkit.serve.options import embedder_config, front_config
 
 
 def test_tracing_off_excludes_every_route_from_bentoml_spans() -> None:
-    for config in (serving.front_config(Settings()), serving.embedder_config(Settings())):
+    for config in (front_config(Settings()), embedder_config(Settings())):
         excluded = ExcludeList(config["tracing"]["excluded_urls"])
         for url in ("http://h/embed/query", "http://h/v1/embeddings", "http://h/embed_query"):
             assert excluded.url_disabled(url)
@@ -17,5 +17,5 @@ def test_tracing_off_excludes_every_route_from_bentoml_spans() -> None:
 
 def test_tracing_on_leaves_bentoml_tracing_alone() -> None:
     on = Settings(tracing=True)
-    assert "tracing" not in serving.front_config(on)
-    assert "tracing" not in serving.embedder_config(on)
+    assert "tracing" not in front_config(on)
+    assert "tracing" not in embedder_config(on)

@@ -12,7 +12,15 @@ from pydantic import ValidationError
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import Settings
-from embedkit.serve import api
+from embedkit.serve.bodies import dumps
+from embedkit.serve.http_errors import (
+    INTERNAL_MESSAGE,
+    error_status_body,
+    foreign_error,
+    is_openai_error_body,
+)
+from embedkit.serve.jobs import native_job, openai_job
+from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane
 
 SETTINGS = Settings(max_client_batch=16)
 MODEL = "all-minilm-l6-v2"
@@ -73,11 +81,11 @@ def _client_error(exc: EmbedkitError) -> None:
 )
 def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     try:
-        req = api.EmbeddingsRequest.model_validate(body)
+        req = EmbeddingsRequest.model_validate(body)
     except ValidationError:
         return  # BentoML answers these 400 (rewritten into our body by EdgeMiddleware)
     try:
-        job = api.openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=DIM, normalize=True)
+        job = openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=DIM, normalize=True)
     except EmbedkitError as exc:
         _client_error(exc)
         return
@@ -101,14 +109,14 @@ def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, An
     lane=st.sampled_from(["query", "bulk"]),
 )
 def test_native_request_is_a_job_or_a_client_error(
-    tokenizer, body: dict[str, Any], lane: api.Lane
+    tokenizer, body: dict[str, Any], lane: Lane
 ) -> None:  # type: ignore[no-untyped-def]
     try:
-        req = api.EmbedRequest.model_validate(body)
+        req = EmbedRequest.model_validate(body)
     except ValidationError:
         return
     try:
-        job = api.native_job(req, tokenizer, SETTINGS, lane=lane, model_dim=DIM)
+        job = native_job(req, tokenizer, SETTINGS, lane=lane, model_dim=DIM)
     except EmbedkitError as exc:
         _client_error(exc)
         return
@@ -118,13 +126,13 @@ def test_native_request_is_a_job_or_a_client_error(
 @FUZZ
 @given(
     status=st.integers(min_value=400, max_value=599),
-    body=st.binary(max_size=200) | json_values.map(api.dumps),
+    body=st.binary(max_size=200) | json_values.map(dumps),
 )
 def test_foreign_error_bodies_always_map_to_ours(status: int, body: bytes) -> None:
     """Whatever BentoML (or anything under us) answers, the client sees our shape."""
-    err = api.foreign_error(status, body)
-    code, out, headers = api.error_status_body(err)
+    err = foreign_error(status, body)
+    code, out, headers = error_status_body(err)
     assert 400 <= code < 600 and headers["content-type"] == "application/json"
-    assert api._is_ours(out)
+    assert is_openai_error_body(out)
     if code == 500:
-        assert err.message == api.INTERNAL_MESSAGE  # nothing from below leaks
+        assert err.message == INTERNAL_MESSAGE  # nothing from below leaks

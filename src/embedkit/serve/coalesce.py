@@ -19,8 +19,8 @@ Two policies, both without timers (nothing ever waits for company):
   k=1: 8 + 8) instead of one call of 16 leaving the model idle while the front
   answers it. This also keeps the Embedder's own queue at ``k`` calls: BentoML
   1.4's dispatcher learns its hold-back ("cork") time from how long jobs queued.
-  Measured against coalescing (docs/benchmarks/http.md): p95 lower in 2 of 3 A/B
-  pairs, throughput equal or better, also at concurrency 64.
+  Kept over plain coalescing on the interactive lane after its A/B
+  (docs/benchmarks/http.md, "Continuous batching on the interactive lane").
 """
 
 from __future__ import annotations
@@ -120,9 +120,10 @@ class Coalescer:
 
     def _release(self, rows: int) -> None:
         """A call returned: the next one leaves *before* its results are handed out, so
-        it is not queued behind the event-loop work of answering those requests (that
-        put ~2 ms of idle model time between batches). It is sized while the returned
-        requests still count as live: their clients come back as the call after it."""
+        it is not queued behind the event-loop work of answering those requests, which
+        left the model idle between batches (docs/benchmarks/http.md). It is sized while
+        the returned requests still count as live: their clients come back as the call
+        after it."""
         self._in_flight -= 1
         if self._pending:
             self._pump()

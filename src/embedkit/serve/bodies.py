@@ -1,0 +1,68 @@
+"""Response bodies, written by hand as compact JSON bytes (no pydantic on the way out).
+
+Their shapes are described for clients by the response models in
+:mod:`embedkit.serve.schemas`; a unit test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from embedkit.runtime.vectors import encode_base64
+from embedkit.serve.jobs import EmbedJob
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON, the same numbers as ``json.dumps`` (floats come from ``tolist()``:
+    float64 shortest repr either way; non-ASCII text stays UTF-8 instead of ``\\u`` escapes)
+    but an order of magnitude faster on a 384-float body (docs/benchmarks/serving-tuning.md,
+    change 2). orjson writes NaN as null where json refused it; ``vectors.postprocess``
+    already refuses non-finite vectors. orjson refuses integers beyond 64 bits; such a body
+    (a client's echoed value) goes through the stdlib instead of failing."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+    if job.encoding == "base64":
+        items: Sequence[Any] = [encode_base64(row) for row in vectors]
+    else:
+        items = vectors.tolist()
+    tokens = job.tokens
+    return dumps(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def native_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+    embeddings: Any = encode_base64(vectors) if job.encoding == "base64" else vectors.tolist()
+    return dumps(
+        {
+            "embeddings": embeddings,
+            "model": model,
+            "dimensions": int(vectors.shape[1]),
+            "encoding_format": job.encoding,
+            "usage": {"tokens": job.tokens},
+        }
+    )
+
+
+def tokenize_body(ids: list[list[int]], max_length: int) -> bytes:
+    counts = [len(row) for row in ids]
+    return dumps(
+        {"ids": ids, "counts": counts, "max_length": max_length, "usage": {"tokens": sum(counts)}}
+    )

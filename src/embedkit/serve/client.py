@@ -1,0 +1,136 @@
+"""The front's side of the hand-off to the Embedder.
+
+:class:`EmbedderClient` turns a job into calls on the Embedder's batchable APIs and
+returns the raw pooled vectors: it admits work against a token budget, cuts it into
+chunks of the lane's batch size, shares calls between concurrent requests
+(:class:`~embedkit.serve.coalesce.Coalescer`), retries a call once when its
+connection broke, and translates every other failure into one of our errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from embedkit.core.errors import EmbedkitError, InferenceError, Overloaded
+from embedkit.core.settings import Settings
+from embedkit.serve.coalesce import Coalescer
+from embedkit.serve.http_errors import translate_upstream
+from embedkit.serve.jobs import EmbedJob
+from embedkit.serve.schemas import Item, Lane
+
+log = logging.getLogger(__name__)
+
+# One of the proxy's batchable APIs (``embed_query`` / ``embed_bulk``).
+Call = Callable[[list[Item]], Awaitable[Any]]
+
+
+class EmbedderClient:
+    """Calls the Embedder through ``embedder``, the ``bentoml.depends`` proxy's ``to_async``
+    side (``embed_query``, ``embed_bulk``, ``info``), passed to each call."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queued_tokens = 0  # admitted to the Embedder, not yet answered (see _admit)
+        # Set by the front once warm: before, a broken connection only means the
+        # Embedder is not up yet, which is not worth a warning.
+        self.warm = False
+        self._coalescers: dict[Lane, Coalescer] = {}  # per lane; the proxy never changes
+
+    def _batch_size(self, lane: Lane) -> int:
+        s = self.settings
+        return s.query_max_batch_size if lane == "query" else s.bulk_max_batch_size
+
+    def _admit(self, tokens: int) -> None:
+        """Token-budget admission: the Embedder's queue holds at most ``max_queued_tokens``
+        (bounded work, so bounded queueing delay); the excess gets 429 + Retry-After.
+        A request alone is always admitted."""
+        limit = self.settings.max_queued_tokens
+        if self.queued_tokens and self.queued_tokens + tokens > limit:
+            raise Overloaded(
+                f"the model queue is full ({self.queued_tokens} tokens waiting, limit {limit}); "
+                "retry after the indicated delay"
+            )
+        self.queued_tokens += tokens
+
+    async def embed(self, embedder: Any, job: EmbedJob) -> np.ndarray:
+        """Raw pooled vectors ``[len(job.ids), model_dim]`` from the job's lane, in order."""
+        call: Call = embedder.embed_query if job.lane == "query" else embedder.embed_bulk
+        # Chunks of the lane's batch size, one after another: the Embedder would split a
+        # big job the same way, but a cancelled request (client gone) then stops after
+        # the chunk in flight instead of leaving the whole job in the Embedder's queue.
+        size = self._batch_size(job.lane)
+        self._admit(job.tokens)
+        try:
+            send = self._sender(job.lane, call)
+            parts = [
+                np.asarray(await send(job.ids[i : i + size])) for i in range(0, len(job.ids), size)
+            ]
+        finally:
+            self.queued_tokens -= job.tokens
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def info(self, embedder: Any) -> dict[str, Any]:
+        """The Embedder's engine description (``/info``), failures translated."""
+        try:
+            info: dict[str, Any] = await asyncio.wait_for(
+                embedder.info(), self.settings.request_timeout_s
+            )
+        except Exception as exc:
+            raise translate_upstream(exc) from exc
+        return info
+
+    def _sender(self, lane: Lane, call: Call) -> Callable[[list[list[int]]], Awaitable[Any]]:
+        """One Embedder call per chunk, or via the lane's :class:`Coalescer` (shared by
+        concurrent requests) when ``front_coalescing`` is on."""
+        if not self.settings.front_coalescing:
+            return lambda ids: self._call(call, ids)
+        merger = self._coalescers.get(lane)
+        if merger is None:
+            s = self.settings
+            # Interactive lane: continuous batching, one call per Embedder worker in flight.
+            in_flight = s.workers if lane == "query" and s.query_continuous_batching else None
+            merger = self._coalescers[lane] = Coalescer(
+                lambda ids: self._call(call, ids), self._batch_size(lane), max_in_flight=in_flight
+            )
+        return merger.submit
+
+    async def _call(self, call: Call, ids: list[list[int]]) -> Any:
+        """One call to the Embedder, retried once if the connection broke.
+
+        The proxy reuses keep-alive connections that the Embedder's server closes
+        when idle (uvicorn: 5 s); a request racing that close fails with "Can not
+        write request body" before the Embedder saw it — a 500 under plain load
+        (tests/load). A worker restart breaks connections the same way. Embedding
+        is idempotent, so one retry is safe; anything else is translated, never leaked.
+        """
+        for attempt in (1, 2):
+            sent_at = time.time()
+            try:
+                return await asyncio.wait_for(
+                    call([(sent_at, row) for row in ids]), self.settings.request_timeout_s
+                )
+            except EmbedkitError:
+                raise
+            except Exception as exc:  # the proxy's BentoML/aiohttp errors
+                if attempt == 1 and _broken_connection(exc):
+                    level = logging.WARNING if self.warm else logging.DEBUG
+                    log.log(level, "embedder connection broke (%s); retrying once", exc)
+                    continue
+                err = translate_upstream(exc)
+                if isinstance(err, InferenceError):
+                    log.exception("embedder call failed")
+                raise err from exc
+        raise AssertionError("unreachable")
+
+
+def _broken_connection(exc: BaseException) -> bool:
+    """A connection-level failure (reset, closed, refused), not a timeout or an answer."""
+    import aiohttp
+
+    return isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, TimeoutError)

@@ -1,0 +1,233 @@
+"""The front (HTTP) service's work, route by route, and its warm-up.
+
+Each embedding route: validate and tokenise (:mod:`embedkit.serve.jobs`; no ORT
+session here), hand the ids to the Embedder (:class:`~embedkit.serve.client.EmbedderClient`),
+post-process per request (normalisation and Matryoshka truncation, so requests with
+different options share one batch) and write the body (:mod:`embedkit.serve.bodies`).
+Tokenising here means tokens are counted once and exactly for usage, and the
+Embedder's process spends its CPU on inference only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from embedkit.core import metrics
+from embedkit.core.errors import EmbedkitError, InferenceError
+from embedkit.core.settings import Settings
+from embedkit.model.artifact import Artifact
+from embedkit.runtime.tokens import TextTokenizer
+from embedkit.runtime.vectors import postprocess
+from embedkit.serve.bodies import native_body, openai_body, tokenize_body
+from embedkit.serve.client import EmbedderClient
+from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
+from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job
+from embedkit.serve.openapi import openapi_document
+from embedkit.serve.options import batching_policy
+from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane, TokenizeRequest
+from embedkit.serve.startup import settle_gc
+
+log = logging.getLogger(__name__)
+
+_OFFLOAD_ITEMS = 64  # tokenise bigger requests in a thread, off the event loop
+_WARM_TEXT = "warm up the whole request path"
+
+
+class Front:
+    """Validation, routing and response shaping; talks to the Embedder through ``embedder``,
+    the ``bentoml.depends`` proxy's ``to_async`` side, passed to each route."""
+
+    def __init__(self, artifact: Artifact, settings: Settings) -> None:
+        self.settings = settings
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.tokenizer = TextTokenizer.from_artifact(artifact)
+        self.dimension = self.manifest.embedding.dimension
+        self.model_name = settings.served_model_name or self.manifest.name
+        self.client = EmbedderClient(settings)
+        self.ready = False
+        self._openapi: dict[str, Any] | None = None
+
+    # --- the pipeline
+    async def _job(self, build: Callable[[], EmbedJob], n: int) -> EmbedJob:
+        if n > _OFFLOAD_ITEMS:
+            return await asyncio.to_thread(build)
+        return build()
+
+    async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
+        raw = await self.client.embed(embedder, job)
+        vectors = postprocess(
+            raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
+        )
+        m = metrics.get()
+        m.texts_embedded.labels(route=route).inc(len(job.ids))
+        m.tokens_embedded.labels(route=route).inc(job.tokens)
+        return vectors
+
+    async def _guard(self, work: Awaitable[bytes]) -> Any:
+        from starlette.responses import Response
+
+        try:
+            return Response(await work, media_type="application/json")
+        except EmbedkitError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected error in the front service")
+            return error_response(InferenceError(INTERNAL_MESSAGE))
+
+    # --- routes (bodies already schema-validated by BentoML)
+    async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
+        async def work() -> bytes:
+            req = EmbeddingsRequest.model_construct(**body)
+            n = 1 if isinstance(req.input, str) else len(req.input)
+            job = await self._job(
+                lambda: openai_job(
+                    req,
+                    self.tokenizer,
+                    self.settings,
+                    served=self.model_name,
+                    model_dim=self.dimension,
+                    normalize=self.manifest.embedding.normalize,
+                ),
+                n,
+            )
+            vectors = await self.embed(embedder, job, "/v1/embeddings")
+            return openai_body(vectors, job, self.model_name)
+
+        return await self._guard(work())
+
+    async def native(self, embedder: Any, body: dict[str, Any], lane: Lane) -> Any:
+        route = "/embed/query" if lane == "query" else "/embed"
+
+        async def work() -> bytes:
+            req = EmbedRequest.model_construct(**body)
+            job = await self._job(
+                lambda: native_job(
+                    req, self.tokenizer, self.settings, lane=lane, model_dim=self.dimension
+                ),
+                len(req.texts),
+            )
+            vectors = await self.embed(embedder, job, route)
+            return native_body(vectors, job, self.model_name)
+
+        return await self._guard(work())
+
+    async def tokenize(self, body: dict[str, Any]) -> Any:
+        async def work() -> bytes:
+            req = TokenizeRequest.model_construct(**body)
+            check_count(len(req.texts), self.settings, param="texts")
+            ids = self.tokenizer.encode(req.texts, truncate=req.truncate)
+            return tokenize_body(ids, self.tokenizer.max_length)
+
+        return await self._guard(work())
+
+    def models(self) -> dict[str, Any]:
+        created = int(_iso_to_epoch(self.manifest.created_at))
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "embedkit",
+                }
+            ],
+        }
+
+    def openapi(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if self._openapi is None:
+            self._openapi = openapi_document(
+                spec,
+                settings=self.settings,
+                model=self.model_name,
+                model_dim=self.dimension,
+                vocab_size=self.tokenizer.vocab_size,
+            )
+        return self._openapi
+
+    async def info(self, embedder: Any) -> dict[str, Any]:
+        s = self.settings
+        engine = await self.client.info(embedder)
+        return {
+            "model": self.model_name,
+            "tag": self.artifact.tag,
+            "manifest": self.manifest.summary(),
+            "provider": engine.get("providers", {}),
+            "engine": engine,
+            "batching": batching_policy(s),
+            "routing": {
+                "/v1/embeddings": "one input → query lane, several → bulk lane",
+                "/embed": "bulk",
+                "/embed/query": "query",
+            },
+            "limits": {
+                "max_client_batch": s.max_client_batch,
+                "max_body_bytes": s.max_body_bytes,
+                "max_length": self.tokenizer.max_length,
+                "dimensions": [1, self.dimension],
+                "max_concurrency": s.max_concurrency,
+                "max_queued_tokens": s.max_queued_tokens,
+                "request_timeout_s": s.request_timeout_s,
+            },
+            "auth": bool(s.api_keys),
+            "tracing": s.tracing,
+            "ready": self.ready,
+        }
+
+    # --- warm-up
+    async def warmup(self, embedder: Any, *, deadline_s: float = 300.0) -> None:
+        """Run every lane through the full path until BentoML's dispatcher is past its
+        unbatched training requests (~33 per batchable API), then mark ready.
+
+        Waits for the Embedder to come up: until BentoML has connected the proxy
+        (after the startup hooks) and the Embedder answers, calls fail and are retried.
+        """
+        give_up = time.monotonic() + deadline_s
+        job = native_job(
+            EmbedRequest(texts=[_WARM_TEXT]),
+            self.tokenizer,
+            self.settings,
+            lane="query",
+            model_dim=self.dimension,
+        )
+        while True:
+            try:
+                await self.embed(embedder, job, "warmup")
+                break
+            except Exception as exc:  # not connected / not up yet
+                if time.monotonic() > give_up:
+                    log.error("embedkit warm-up gave up after %.0f s: %s", deadline_s, exc)
+                    raise
+                await asyncio.sleep(0.25)
+        lanes: tuple[Lane, ...] = ("query", "bulk")
+        for lane in lanes:
+            lane_job = EmbedJob(
+                ids=job.ids * (1 if lane == "query" else 2),
+                lane=lane,
+                normalize=True,
+                dimensions=None,
+                encoding="float",
+            )
+            for _ in range(6):
+                await asyncio.gather(
+                    *(self.embed(embedder, lane_job, "warmup") for _ in range(8)),
+                    return_exceptions=True,
+                )
+        settle_gc(self.settings)
+        self.ready = self.client.warm = True
+        log.info("embedkit front service warm and ready (model %s)", self.model_name)
+
+
+def _iso_to_epoch(stamp: str) -> float:
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0

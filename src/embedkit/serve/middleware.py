@@ -1,0 +1,195 @@
+"""The edge: ASGI middleware on the front service, guarding our routes only.
+
+In order: auth, body-size limit (Content-Length first, then counted while reading,
+so a huge body is never buffered), admission control (in-flight requests per worker
+above ``max_concurrency`` → 429 + Retry-After), and the rewrite of any non-OpenAI
+error body into ours (:func:`~embedkit.serve.http_errors.foreign_error`); a request
+whose client disconnects is cancelled. BentoML's own concurrency and timeout
+middlewares sit outside this one and answer in their own shape, so
+``serve.options.front_config`` sets their limits above ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Sequence
+from typing import Any
+
+from embedkit.core import metrics
+from embedkit.core.errors import (
+    EmbedkitError,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from embedkit.core.settings import Settings
+from embedkit.serve.http_errors import (
+    count_rejection,
+    error_status_body,
+    foreign_error,
+    is_openai_error_body,
+)
+from embedkit.serve.schemas import PROTECTED_ROUTES
+
+
+def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
+    """Bearer-token check; no keys configured means auth is off."""
+    if not keys:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        raise Unauthorized("invalid API key")
+
+
+class EdgeMiddleware:
+    """Auth, body limit, admission control and error rewriting for ``PROTECTED_ROUTES``."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        raw_receive = receive
+        try:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            check_auth(headers.get("authorization"), self.settings.api_keys)
+            if scope["method"] == "POST":
+                # BentoML would also accept multipart and pickle bodies (pickle → 415,
+                # a malformed multipart body → 500): our routes take JSON only.
+                media = headers.get("content-type", "application/json").split(";")[0].strip()
+                if media.lower() != "application/json":
+                    raise InvalidInput(f"Content-Type must be application/json, not {media!r}")
+                receive = await self._bounded_body(headers, receive)
+            if self.in_flight >= self.settings.max_concurrency:
+                raise Overloaded(
+                    f"more than {self.settings.max_concurrency} requests in flight; retry later"
+                )
+        except EmbedkitError as exc:
+            await self._send_error(send, exc)
+            return
+        self.in_flight += 1
+        try:
+            app = self.app(scope, receive, _ErrorRewriter(send, self._send_error))
+            if scope["method"] == "POST":
+                # The body is fully read: raw_receive now only reports a disconnect.
+                if await _drop_if_disconnected(app, raw_receive):
+                    # Nobody reads this, but BentoML's timeout middleware (outside us) waits
+                    # for a response start until request_timeout_s and would hold the
+                    # request task — and a graceful shutdown — that long. 499: nginx's
+                    # "client closed request", also what the access log then shows.
+                    await send({"type": "http.response.start", "status": 499, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+            else:
+                await app
+        finally:
+            self.in_flight -= 1
+
+    async def _bounded_body(self, headers: dict[str, str], receive: Any) -> Any:
+        limit = self.settings.max_body_bytes
+        too_large = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _send_error(
+        self, send: Any, exc: EmbedkitError, keep: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        count_rejection(exc)
+        status, body, headers = error_status_body(exc)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        raw.extend(keep)
+        raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _drop_if_disconnected(app: Any, receive: Any) -> bool:
+    """Run the request, cancelling it if the client goes away first: work nobody will
+    read is dropped (the front sends big jobs to the Embedder in chunks, so at most
+    the chunk in flight still runs) instead of holding queue slots and CPU.
+    True if it was dropped."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(app)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        dropped = not task.done()
+        if dropped:
+            task.cancel()
+            metrics.get().dropped_requests.inc()
+        await asyncio.gather(task, return_exceptions=True)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+        return dropped
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+
+
+class _ErrorRewriter:
+    """Wraps ``send``: error responses whose body is not already ours are rewritten."""
+
+    def __init__(self, send: Any, send_error: Any) -> None:
+        self.send = send
+        self.send_error = send_error
+        self.start: dict[str, Any] | None = None
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                await self.send(message)
+                return
+            self.start = message
+            return
+        if self.start is None or message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        self.chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        status, body = self.start["status"], b"".join(self.chunks)
+        if is_openai_error_body(body):
+            await self.send(self.start)
+            await self.send({"type": "http.response.body", "body": body})
+        else:
+            keep = [(k, v) for k, v in self.start.get("headers", ()) if k.lower() == b"allow"]
+            await self.send_error(self.send, foreign_error(status, body), keep)

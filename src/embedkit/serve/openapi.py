@@ -1,0 +1,137 @@
+"""``/docs.json``: BentoML's generated OpenAPI document, made to describe what we serve."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+
+from embedkit.core.settings import Settings
+from embedkit.serve.schemas import (
+    INFERENCE_ROUTES,
+    EmbeddingItem,
+    EmbeddingsResponse,
+    EmbedResponse,
+    ErrorDetail,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIUsage,
+    TokenizeResponse,
+    TokenUsage,
+)
+
+ERROR_STATUSES = {
+    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type.",
+    "401": "Missing or invalid API key (only when keys are configured).",
+    "404": "Unknown model.",
+    "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
+    "422": "dimensions out of range.",
+    "429": "Overloaded: retry after the Retry-After header.",
+    "500": "Internal error (details only in the server log).",
+    "503": "Not ready yet.",
+    "504": "The model did not answer in time.",
+}
+
+
+def openapi_document(
+    spec: dict[str, Any], *, settings: Settings, model: str, model_dim: int, vocab_size: int
+) -> dict[str, Any]:
+    """BentoML's generated document made honest: our error body and statuses on every
+    route, the limits the server enforces as schema constraints, and the GET routes
+    (a mounted Starlette app BentoML does not describe)."""
+    spec = copy.deepcopy(spec)
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    template = "#/components/schemas/{model}"
+    models: tuple[type[BaseModel], ...] = (
+        ErrorDetail,
+        ErrorResponse,
+        ModelCard,
+        ModelList,
+        EmbeddingItem,
+        OpenAIUsage,
+        EmbeddingsResponse,
+        TokenUsage,
+        EmbedResponse,
+        TokenizeResponse,
+    )
+    for cls in models:
+        schema = cls.model_json_schema(ref_template=template)
+        schema.pop("$defs", None)
+        schemas[cls.__name__] = schema
+    # BentoML flattens `list[...] | str` response fields to the list: use ours.
+    responses = {
+        "/v1/embeddings": "EmbeddingsResponse",
+        "/embed": "EmbedResponse",
+        "/embed/query": "EmbedResponse",
+        "/tokenize": "TokenizeResponse",
+    }
+    error = {
+        "content": {
+            "application/json": {"schema": {"$ref": template.format(model="ErrorResponse")}}
+        }
+    }
+    limits = {"minItems": 1, "maxItems": settings.max_client_batch}
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1},
+        "minItems": 1,
+    }
+    for path in INFERENCE_ROUTES:
+        op = spec.get("paths", {}).get(path, {}).get("post")
+        if op is None:
+            continue
+        for code, text in ERROR_STATUSES.items():
+            op["responses"][code] = {"description": text, **error}
+        op["responses"]["200"] = {
+            "description": "OK",
+            "content": {
+                "application/json": {"schema": {"$ref": template.format(model=responses[path])}}
+            },
+        }
+        op["requestBody"]["required"] = True
+        props = op["requestBody"]["content"]["application/json"]["schema"].get("properties", {})
+        for prop in props.values():  # BentoML flattens Optional[X] to X: OpenAPI 3.0 nullable
+            if "default" in prop and prop["default"] is None:
+                prop["nullable"] = True
+        if "texts" in props:
+            props["texts"].update(limits)
+        if "dimensions" in props:
+            props["dimensions"].update(minimum=1, maximum=model_dim)
+        if "model" in props:
+            props["model"]["enum"] = [model]
+        if "input" in props:
+            props["input"].pop("type", None)  # BentoML adds "string" beside the anyOf
+            props["input"]["anyOf"] = [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, **limits},
+                ids,
+                {"type": "array", "items": ids, **limits},
+            ]
+    ok = {"description": "OK"}
+    spec.setdefault("paths", {})["/v1/models"] = {
+        "get": {
+            "responses": {
+                "200": {
+                    **ok,
+                    "content": {
+                        "application/json": {"schema": {"$ref": template.format(model="ModelList")}}
+                    },
+                },
+                "401": {"description": ERROR_STATUSES["401"], **error},
+            }
+        }
+    }
+    spec["paths"]["/info"] = {
+        "get": {
+            "responses": {
+                "200": {**ok, "content": {"application/json": {"schema": {"type": "object"}}}},
+                **{
+                    c: {"description": ERROR_STATUSES[c], **error}
+                    for c in ("401", "429", "500", "504")
+                },
+            }
+        }
+    }
+    return spec

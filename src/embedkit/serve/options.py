@@ -1,0 +1,87 @@
+"""The two services' ``@bentoml.service`` options and batching policy, from settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from embedkit.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def tracing_config(settings: Settings) -> dict[str, Any]:
+    """BentoML ``tracing`` options: with tracing off, every URL is excluded from its
+    OpenTelemetry middleware, which otherwise makes (and drops) a span per request."""
+    if settings.tracing:
+        return {}
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if BentoMLContainer.config.tracing.exporter_type.get():
+        log.warning(
+            "a BentoML tracing exporter is configured but EMBEDKIT_TRACING is off: "
+            "embedkit's services are excluded from tracing (set EMBEDKIT_TRACING=true)"
+        )
+    return {"tracing": {"excluded_urls": [".*"]}}
+
+
+def embedder_config(settings: Settings) -> dict[str, Any]:
+    """Options of the inner service (resources, workers, threads).
+
+    ``threads=1``: one ORT run at a time per worker, each using ``intra_op_threads``
+    cores; more would oversubscribe. ``runner_connection`` works around BentoML
+    1.4.40's inter-service client refresh bug (failures with >100 requests in
+    flight or after 300 s).
+    """
+    resources: dict[str, Any] = (
+        {"gpu": 1} if settings.gpu else {"cpu": str(settings.intra_op_threads)}
+    )
+    return {
+        "name": "embedder",
+        "workers": settings.workers,
+        "threads": 1,
+        "resources": resources,
+        "traffic": {"timeout": settings.request_timeout_s},
+        "runner_connection": {"max_requests": 1_000_000_000, "max_age": 1e9},
+        # Internal hop: the front's access log already records the request; a line per
+        # batch here costs CPU the model needs.
+        "logging": {"access": {"enabled": False}},
+        **tracing_config(settings),
+    }
+
+
+def front_config(settings: Settings) -> dict[str, Any]:
+    """Options of the front service.
+
+    One worker: on 2 cores a second front process only competes with ORT (measured:
+    docs/benchmarks/http.md). BentoML's timeout sits above ours so our 504 (OpenAI
+    body) answers first; admission control is ours too
+    (:class:`~embedkit.serve.middleware.EdgeMiddleware`).
+    """
+    return {
+        "name": "embedkit",
+        "workers": 1,
+        "traffic": {"timeout": settings.request_timeout_s + 5},
+        "logging": {"access": {"enabled": settings.access_log}},
+        **tracing_config(settings),
+    }
+
+
+def batching_policy(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each lane's policy as ``/info`` shows it: BentoML's knobs and the front's part."""
+    front = "coalescing" if settings.front_coalescing else "none"
+    query_front = (
+        "continuous" if front == "coalescing" and settings.query_continuous_batching else front
+    )
+    return {
+        "bulk": {
+            "max_batch_size": settings.bulk_max_batch_size,
+            "max_latency_ms": settings.bulk_max_latency_ms,
+            "front": front,
+        },
+        "query": {
+            "max_batch_size": settings.query_max_batch_size,
+            "max_latency_ms": settings.query_max_latency_ms,
+            "front": query_front,
+        },
+    }

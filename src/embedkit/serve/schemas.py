@@ -1,0 +1,141 @@
+"""The HTTP contract: the routes the edge guards and the bodies they take and return.
+
+Request models are validated by BentoML (strict types, so ``[1, "a"]`` or ``[true]``
+is a 400); response models only describe the hand-written bodies
+(:mod:`embedkit.serve.bodies`) in the OpenAPI document. :data:`Item` is the one row
+of the Embedder's internal batchable APIs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+Lane = Literal["query", "bulk"]
+EncodingFormat = Literal["float", "base64"]
+
+# One item of the Embedder's batchable APIs: (time the front handed it over, token ids).
+# The timestamp lets the Embedder measure queue wait across the process boundary.
+Item = tuple[float, list[int]]
+
+# Routes that need an API key (when keys are configured), obey the body limit,
+# count against admission control and answer errors in the OpenAI shape.
+INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/tokenize"})
+METADATA_ROUTES = frozenset({"/v1/models", "/info"})
+PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
+
+
+# --- requests ----------------------------------------------------------------------------
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI ``POST /v1/embeddings``. Strict types: ``[1, "a"]`` or ``[true]`` is a 400."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="A text, a list of texts, a list of token ids or a list of token-id lists."
+    )
+    model: StrictStr = Field(description="Served model name (see GET /v1/models).")
+    encoding_format: EncodingFormat = Field(
+        default="float", description="'base64': little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: StrictInt | None = Field(
+        default=None, description="Matryoshka truncation to this many dimensions (re-normalised)."
+    )
+    user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+
+
+class EmbedRequest(BaseModel):
+    """Native ``POST /embed`` and ``POST /embed/query``."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr] = Field(description="Texts to embed; empty strings are allowed.")
+    normalize: StrictBool = Field(
+        default=True, description="L2-normalise (after truncation to `dimensions`)."
+    )
+    truncate: StrictBool = Field(
+        default=True,
+        description="Truncate texts over the model's token limit; false answers 413 instead.",
+    )
+    dimensions: StrictInt | None = Field(
+        default=None, description="Keep only the first n dimensions."
+    )
+    encoding_format: EncodingFormat = Field(
+        default="float",
+        description="'base64': `embeddings` is one base64 string of a row-major "
+        "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
+    )
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: token ids (special tokens included) as the model sees them."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr]
+    truncate: StrictBool = Field(
+        default=True, description="false: texts over the limit answer 413."
+    )
+
+
+# --- responses (for the OpenAPI document; bodies are written by hand) -------------------
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: OpenAIUsage
+
+
+class TokenUsage(BaseModel):
+    tokens: int
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]] | str
+    model: str
+    dimensions: int
+    encoding_format: EncodingFormat = "float"
+    usage: TokenUsage
+
+
+class TokenizeResponse(BaseModel):
+    ids: list[list[int]]
+    counts: list[int]
+    max_length: int
+    usage: TokenUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
