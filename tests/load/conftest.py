@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from tests.servers import launcher, model_tag, server
 
@@ -11,10 +9,10 @@ __all__ = ["launcher", "model_tag", "server"]
 
 
 @pytest.fixture(scope="session")
-def corpus(fp32_artifact, data_dir: Path):  # type: ignore[no-untyped-def]
+def corpus(fp32_artifact):  # type: ignore[no-untyped-def]
     """400 short + 20 long distinct texts with their expected raw vectors (in-process engine)."""
     from embedkit.bench import loadtest
     from embedkit.runtime.engine import Engine
 
-    texts = loadtest.sts_texts(data_dir, n_short=400, n_long=20)
+    texts = loadtest.sts_texts(n_short=400, n_long=20)
     return loadtest.build_corpus(Engine(fp32_artifact), texts, n_long=20)

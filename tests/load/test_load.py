@@ -3,7 +3,7 @@
 CI runs a short soak (EMBEDKIT_SOAK_SECONDS, default 60) at about the measured
 capacity; the documented 10-minute run uses scripts/soak (docs/soak.md). Speed is
 never asserted: the latency bounds below are budgets an overloaded service must
-keep (vs ~37 s served latency before token-budget admission), not benchmarks.
+keep (what token-budget admission bought: docs/reliability.md), not benchmarks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "all-minilm-l6-v2"
 SOAK_S = float(os.environ.get("EMBEDKIT_SOAK_SECONDS", "60"))
-CONCURRENCY = 4  # ~capacity on 2 shared cores with this mix (8 already sheds some queries)
+CONCURRENCY = 4  # about one server's capacity on the CI machine (docs/reliability.md)
 OVERLOAD_FACTOR = 5
 BURST_S = 10.0
 SERVED_LATENCY_BUDGET_S = 10.0  # p99 of answered requests while 5x overloaded

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import random
 import resource
-import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from embedkit.bench.stats import percentiles
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
@@ -82,7 +82,9 @@ def default_corpora(
 
 CORPUS_NAMES = {
     "sts": "stsbenchmark sts-test (sentence1+sentence2, shuffled)",
-    "long": f"long texts: consecutive sts-test sentences joined to >= {LONG_MIN_WORDS} words, shuffled",
+    "long": (
+        f"long texts: consecutive sts-test sentences joined to >= {LONG_MIN_WORDS} words, shuffled"
+    ),
 }
 
 
@@ -169,21 +171,14 @@ class _Timing:
 
     def summary(self, texts: int, tokens: int) -> dict[str, float]:
         total = sum(self.seconds)
-        ms = sorted(s * 1000 for s in self.seconds)
+        q = percentiles(s * 1000 for s in self.seconds)
         return {
             "texts_per_s": texts / total,
             "tokens_per_s": tokens / total,
-            "p50_ms": statistics.median(ms),
-            "p95_ms": _rank(ms, 0.95),
-            "p99_ms": _rank(ms, 0.99),
-            "calls": len(ms),
+            **{f"{k}_ms": float(v) for k, v in q.items() if v is not None},
+            "calls": len(self.seconds),
             "seconds": total,
         }
-
-
-def _rank(sorted_ms: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (no interpolation: a reported p99 is a real call)."""
-    return sorted_ms[min(len(sorted_ms) - 1, int(q * len(sorted_ms)))]
 
 
 def measure(
@@ -269,7 +264,8 @@ def build_systems(
     include_plain_engine: bool = True,
     model_dir: Path | None = None,
 ) -> SystemSet:
-    """PyTorch (if importable), naive ORT, the plain and the default engine, one engine per variant."""
+    """PyTorch (if importable), naive ORT, the plain and the default engine, and one
+    engine per variant."""
     rss: dict[str, float] = {}
     systems: dict[str, Encode] = {}
     padding: dict[str, PadCounter] = {}

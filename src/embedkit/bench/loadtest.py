@@ -1,8 +1,8 @@
 """Load, soak and overload runs against a live embedkit server, every vector checked.
 
-Used by ``tests/load`` (short runs in CI) and ``scripts/soak`` (the documented
-10-minute run). Loopback only: the runner refuses any other host, so it can
-never be pointed at someone else's service.
+Used by ``tests/load`` (short runs in CI), ``tests/faults`` and :mod:`embedkit.bench.soak`
+(`embedkit soak` / ``scripts/soak``, the documented 10-minute run). Loopback only: the
+runner refuses any other host, so it can never be pointed at someone else's service.
 
 The workload mixes what real clients send: single-text interactive requests
 (``/embed/query``, OpenAI with one input) and bulk requests (``/embed``, OpenAI
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +28,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from embedkit.bench.stats import percentile, percentiles
 from embedkit.core.errors import InvalidInput
+from embedkit.model import evaldata
 from embedkit.runtime.vectors import decode_base64, postprocess
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -53,15 +54,12 @@ def check_loopback(url: str) -> None:
 # --- the text pool and its expected vectors -------------------------------------------
 
 
-def sts_texts(data_dir: Path, *, n_short: int, n_long: int, seed: int = 0) -> list[str]:
+def sts_texts(*, n_short: int, n_long: int, seed: int = 0) -> list[str]:
     """``n_short`` distinct STS Benchmark test sentences and ``n_long`` distinct texts of
     300+ word pieces (several sentences joined: they get truncated to the model limit)."""
     seen: dict[str, None] = {}
-    for line in (
-        (data_dir / "stsbenchmark" / "sts-test.csv").read_text(encoding="utf-8").splitlines()
-    ):
-        fields = line.rstrip("\n").split("\t")
-        for text in fields[5:7]:
+    for pair in evaldata.sts("test"):
+        for text in (pair.sentence1, pair.sentence2):
             seen.setdefault(text.strip(), None)
     pool = [t for t in seen if t]
     rng = random.Random(seed)
@@ -329,14 +327,6 @@ def tree_rss(pid: int) -> int:
 # --- the report ---------------------------------------------------------------------------
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None}
-    arr = np.asarray(values)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
-
-
 @dataclass
 class Report:
     duration_s: float
@@ -395,6 +385,10 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v * 1000:.0f} ms"
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+
 def markdown(report: Report) -> str:
     lat = report.latency_s
     lines = [
@@ -403,10 +397,11 @@ def markdown(report: Report) -> str:
         f"| duration | {report.duration_s:.0f} s |",
         f"| requests | {report.requests} ({report.requests_per_s:.1f}/s answered 200) |",
         f"| texts embedded | {report.texts} ({report.texts_per_s:.0f}/s) |",
-        f"| responses by status | {', '.join(f'{k}: {v}' for k, v in report.by_status.items())} |",
-        f"| errors by code | {', '.join(f'{k}: {v}' for k, v in report.errors.items()) or 'none'} |",
+        f"| responses by status | {_counts(report.by_status)} |",
+        f"| errors by code | {_counts(report.errors) or 'none'} |",
         f"| wrong vectors | {report.wrong_vectors} |",
-        f"| latency p50 / p95 / p99 (200s) | {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} |",
+        "| latency p50 / p95 / p99 (200s) | "
+        f"{_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} |",
     ]
     for kind, p in report.latency_by_kind_s.items():
         lines.append(
@@ -427,4 +422,4 @@ def dump(report: Report, path: Path) -> None:
 def median_latency(outcomes: Sequence[Outcome], kinds: frozenset[str] = INTERACTIVE) -> float:
     """Median latency of successful requests of ``kinds`` (for recovery checks)."""
     lat = [o.latency_s for o in outcomes if o.status == 200 and o.kind in kinds]
-    return statistics.median(lat) if lat else float("inf")
+    return percentile(lat, 50) if lat else float("inf")
