@@ -1,14 +1,13 @@
 """Benchmark, profile, release records, cost and the performance gate (real sessions, small runs).
 
 Speed is never asserted as an absolute: the gate tests check that a candidate
-much slower by construction fails (1 thread and token-aware batching off: 0.35-0.56×
-the default at batch 32/128 on the shared 2-core CI machine, limit 0.80) and that the
-default against itself passes (0.89-1.03 measured).
+much slower by construction fails (1 thread and token-aware batching off) and that
+the default against itself passes; the margins measured on the CI machine are in
+docs/benchmarks/perf-gate.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedkit.bench import cost, perfgate, profiling, records, roofline
+from embedkit.bench import cost, perfgate, profiling, records, roofline, stats
 from embedkit.bench import http as bench_http
 from embedkit.bench import inprocess as bench
 from embedkit.bench.report import bench_and_report
+from embedkit.bench.server import start_service
 from embedkit.cli import app
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
@@ -77,9 +77,9 @@ def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_v
 
 
 def test_http_sweep_against_a_started_service(fp32_artifact):  # type: ignore[no-untyped-def]
-    service = bench_http.start_service(fp32_artifact.path)
+    service = start_service(fp32_artifact.path)
     try:
-        asyncio.run(bench_http.wait_ready(service.url, proc=service.proc))
+        service.wait_ready()
         texts = bench.sts_stream(200)
         result = bench_http.run_http_bench(
             service.url,
@@ -137,7 +137,7 @@ def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):  # t
     )
     assert res.exit_code == 1, res.output
     assert "performance gate: FAILED" in res.output
-    assert "FAIL: throughput at batch 128" in res.output  # padding 2.5-3× its real tokens there
+    assert "FAIL: throughput at batch 128" in res.output  # padding costs most at large batches
 
 
 def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_copy):  # type: ignore[no-untyped-def]
@@ -252,3 +252,36 @@ def test_cost_and_roofline_arithmetic(tmp_path):  # type: ignore[no-untyped-def]
     assert got["gflops"] == pytest.approx(1.001) and got["share_of_peak"] == pytest.approx(
         1.001 / 2.02
     )
+
+
+def test_percentiles_are_nearest_rank_real_values() -> None:
+    calls = [float(v) for v in range(1, 101)]  # 1..100 ms
+    assert stats.percentiles(reversed(calls)) == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+    assert stats.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert stats.percentile([1.0, 2.0], 50) == 1.0  # a value that was measured, never 1.5
+    assert stats.percentile([7.0], 99) == 7.0
+    assert stats.percentile([float(v) for v in range(100)], 7) == 6.0  # 7.000…01 in floats
+    assert stats.percentiles([]) == {"p50": None, "p95": None, "p99": None}
+
+
+# --- the commands behind scripts/ -------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["bench-engine", "bench-http", "soak", "build-bento"])
+def test_script_commands_have_help(command: str) -> None:
+    res = runner.invoke(app, [command, "--help"])
+    assert res.exit_code == 0, res.output
+    assert f"embedkit {command}" in res.output
+
+
+def test_script_commands_fail_on_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["build-bento", "--model-tag", "m:v1", "--variant", "tpu"])
+    assert res.exit_code == 2 and "'tpu' is not one of cpu, gpu" in res.output
+    res = runner.invoke(app, ["build-bento", "--model-tag", "m:latest", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "error: model tag 'm:latest' must name" in res.output
+    res = runner.invoke(app, ["bench-engine", str(tmp_path), "--batch-sizes", "1,x"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+    res = runner.invoke(app, ["bench-http", "--url", "http://127.0.0.1:9", "--env", "NOEQUALS"])
+    assert res.exit_code == 1 and "--env takes KEY=VALUE" in res.output
+    res = runner.invoke(app, ["soak", "--url", "http://example.com", "--seconds", "1"])
+    assert res.exit_code == 1 and "loopback only" in res.output

@@ -4,6 +4,8 @@
 of the ``embedkit`` package, so the image never installs the package and its
 export extra), writes the ``bentofile.yaml`` this module derives, runs
 ``bentoml build`` and emits the Dockerfile ``bentoml containerize`` would use.
+`embedkit build-bento` (and ``scripts/build-bento``, which releases the model first)
+builds the variants and prints their tags.
 
 Where each fact comes from:
 
@@ -29,7 +31,6 @@ whose audit is not empty.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ from embedkit.core.errors import BuildError
 
 # Project files, relative to the working directory (the project root, like every command).
 PYPROJECT = Path("pyproject.toml")
+BUILD_ROOT = Path("build") / "bento"  # build contexts, logs and Dockerfiles, per variant
 SERVICE = "service:EmbeddingAPI"
 PYTHON_VERSION = "3.11"
 # The export side of the contract: never in a serving image.
@@ -159,7 +161,9 @@ def bentofile(variant: Variant, model_tag: str, pyproject: Path = PYPROJECT) -> 
     return {
         "service": SERVICE,
         "name": variant.bento_name,
-        "description": f"embedkit embeddings ({variant.name}, {variant.runtime}) serving {model_tag}",
+        "description": (
+            f"embedkit embeddings ({variant.name}, {variant.runtime}) serving {model_tag}"
+        ),
         "labels": {"variant": variant.name, "runtime": variant.runtime, "model": model_tag},
         "include": ["service.py", "embedkit/**"],
         "exclude": ["**/__pycache__", "**/*.pyc"],
@@ -344,40 +348,3 @@ def audit(
     if user is None or user in {"root", "0"} or user.startswith(("root:", "0:")):
         problems.append(f"container runs as root (USER {user})")
     return problems
-
-
-# --- command line (the script's entry point; the lead wires the typer command) -----------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m embedkit.bento", description="Build the embedkit Bentos offline."
-    )
-    parser.add_argument("--model-tag", required=True, help="Exact model tag (name:version).")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        choices=sorted(VARIANTS),
-        help="Variant to build (repeatable; default: all).",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("build") / "bento",
-        help="Build output (contexts, logs, Dockerfiles).",
-    )
-    args = parser.parse_args(argv)
-    try:
-        built = [build(v, args.model_tag, args.out) for v in args.variant or list(VARIANTS)]
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for b in built:
-        print(f"{b.variant}: {b.tag} (Dockerfile: {b.dockerfile})", file=sys.stderr)
-    for b in built:  # last lines, machine-readable: one Bento tag per line
-        print(b.tag)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -624,9 +624,8 @@ def gate(
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep or key not in perfgate.RUNTIME_FIELDS:
-            raise InvalidInput(
-                f"--set takes KEY=VALUE with KEY one of {', '.join(perfgate.RUNTIME_FIELDS)}; got {item!r}"
-            )
+            fields = ", ".join(perfgate.RUNTIME_FIELDS)
+            raise InvalidInput(f"--set takes KEY=VALUE with KEY one of {fields}; got {item!r}")
         overrides[key] = value
     settings = perfgate.settings_from_record({"settings": overrides}, get_settings())
     art = resolve(candidate) if candidate else base.artifact
@@ -645,6 +644,237 @@ def gate(
     out.print(result.markdown(), markup=False, highlight=False, soft_wrap=True)
     if not result.passed:
         raise typer.Exit(1)
+
+
+# --- benchmarks, soak and Bentos (scripts/bench-engine, bench-http, soak, build-bento) --------
+
+
+def _env_pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    """``KEY=VALUE`` items → {key: value}."""
+    pairs: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{option} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def script_main(name: str) -> None:
+    """Run command ``name`` as ``scripts/NAME`` (the thin wrappers in scripts/)."""
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    command.main(sys.argv[1:], prog_name=f"scripts/{name}")
+
+
+def _invocation() -> str:
+    """This run's command line for a report: `embedkit CMD …` or `scripts/NAME …`."""
+    import shlex
+
+    name = Path(sys.argv[0]).name
+    return shlex.join(["embedkit" if name == "embedkit" else f"scripts/{name}", *sys.argv[1:]])
+
+
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--env",
+        metavar="KEY=VALUE",
+        help="Extra environment for the server it starts (repeatable).",
+    ),
+]
+ArtifactOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Artifact dir or tag (default: artifacts/bench-fp32, exported on first use)."
+    ),
+]
+
+
+@app.command("bench-engine")
+@one_line_errors
+def bench_engine_cmd(
+    artifact: Annotated[
+        str | None,
+        typer.Argument(
+            envvar="EMBEDKIT_BENCH_ARTIFACT",
+            show_envvar=True,
+            help="Artifact dir or tag (default: artifacts/bench-fp32, exported on first use).",
+        ),
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,32",
+    max_texts: Annotated[int, typer.Option(help="Texts per batch size.", min=1)] = 1024,
+    seed: Annotated[int, typer.Option(help="Shuffle seed of the STS stream.")] = 0,
+    torch: Annotated[bool, typer.Option(help="Include the PyTorch baseline.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """PyTorch vs naive ORT vs the engine in-process, on shuffled STS sentences.
+
+    Systems run interleaved, batch by batch; session and batching settings
+    come from EMBEDKIT_* variables like everywhere else.
+    """
+    from embedkit.bench.inprocess import default_artifact, run_inprocess_bench
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = run_inprocess_bench(
+            default_artifact(artifact),
+            _ints(batch_sizes, "--batch-sizes"),
+            max_texts,
+            seed=seed,
+            include_torch=torch,
+        )
+    except EmbedkitError as exc:  # exit 2, as scripts/bench-engine always has
+        err.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+@app.command("bench-http")
+@one_line_errors
+def bench_http_cmd(
+    url: Annotated[
+        str | None, typer.Option(help="Benchmark a running server instead of starting one.")
+    ] = None,
+    artifact: ArtifactOpt = None,
+    seconds: Annotated[float, typer.Option(help="Seconds per phase.")] = 20.0,
+    concurrency: Annotated[int, typer.Option(help="Clients of the single-text phases.")] = 16,
+    bulk_concurrency: Annotated[int, typer.Option(help="Clients of the 32-text phase.")] = 4,
+    api_key: Annotated[str | None, typer.Option(help="Bearer token to send.")] = None,
+    env: EnvOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here.")
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the started server's BENTOML_HOME and log.")
+    ] = False,
+) -> None:
+    """HTTP routes (closed loop) beside the in-process engine on the same texts.
+
+    Single texts to /embed/query and /v1/embeddings at --concurrency, 32-text
+    requests to /embed at --bulk-concurrency, then the engine in-process; prints
+    HTTP bulk texts/s over in-process. Speed is noisy on shared machines:
+    compare ratios, and rerun.
+    """
+    from embedkit.bench.http import http_vs_engine
+    from embedkit.bench.inprocess import default_artifact
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    extra = _env_pairs(env, "--env")
+    results = http_vs_engine(
+        default_artifact(artifact),
+        url=url,
+        env_extra=extra,
+        seconds=seconds,
+        concurrency=concurrency,
+        bulk_concurrency=bulk_concurrency,
+        api_key=api_key,
+        keep=keep,
+        echo=lambda line: print(line, flush=True),
+    )
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command("soak")
+@one_line_errors
+def soak_cmd(
+    seconds: Annotated[float, typer.Option(help="Length of the soak.")] = 60.0,
+    warmup_seconds: Annotated[float, typer.Option(help="Warm-up before it.")] = 20.0,
+    concurrency: Annotated[int, typer.Option(help="Closed-loop clients.")] = 4,
+    max_requests: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
+    short: Annotated[int, typer.Option(help="Distinct short texts in the pool.")] = 1500,
+    long: Annotated[int, typer.Option(help="Distinct long (truncated) texts.")] = 60,
+    url: Annotated[
+        str | None, typer.Option(help="An already running server (loopback); else start one.")
+    ] = None,
+    pid: Annotated[int | None, typer.Option(help="PID of that server (for its RSS).")] = None,
+    artifact: ArtifactOpt = None,
+    env: EnvOpt = None,
+    model: Annotated[str, typer.Option(help="Served model name.")] = "all-minilm-l6-v2",
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write OUT.json and OUT.md.")
+    ] = None,
+) -> None:
+    """A sustained mixed workload, every vector checked, server memory watched.
+
+    Loopback only and bounded (--seconds, --max-requests). Exits 1 on a wrong
+    vector, a status other than 200/429/503 or server RSS growth of 10 % or
+    more (docs/soak.md).
+    """
+    import signal
+
+    from embedkit.bench import loadtest
+    from embedkit.bench.soak import SoakPlan, passed, run_soak
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through run_soak: its server never outlives us
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = SoakPlan(seconds, warmup_seconds, concurrency, max_requests, short, long, model)
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        report = run_soak(
+            artifact,
+            plan,
+            url=url,
+            pid=pid,
+            env_extra=_env_pairs(env, "--env"),
+            command=_invocation(),
+            say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    md = loadtest.markdown(report)
+    print(md)
+    if out_path:
+        loadtest.dump(report, out_path.with_suffix(".json"))
+        out_path.with_suffix(".md").write_text(md)
+    if not passed(report):
+        raise typer.Exit(1)
+
+
+def _check_variants(values: list[str] | None) -> list[str] | None:
+    from embedkit.bento import VARIANTS
+
+    for value in values or []:
+        if value not in VARIANTS:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(sorted(VARIANTS))}")
+    return values
+
+
+@app.command("build-bento")
+@one_line_errors
+def build_bento_cmd(
+    model_tag: Annotated[str, typer.Option(help="Exact model tag (name:version).")],
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            callback=_check_variants, help="cpu | gpu; repeatable (default: every variant)."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Build contexts, logs and Dockerfiles (default: build/bento)."),
+    ] = None,
+) -> None:
+    """Build the CPU/GPU Bentos offline, pinned to one exact model version.
+
+    Logs go to stderr; stdout ends with one Bento tag per line, in variant
+    order (scripts/build-bento releases the model first when given no tag).
+    """
+    from embedkit import bento
+
+    built = []
+    with progress("build-bento") as step:
+        for name in variant or list(bento.VARIANTS):
+            step(f"{name}: bentoml build")
+            built.append(bento.build(name, model_tag, out_dir or bento.BUILD_ROOT))
+    for b in built:
+        err.print(f"{b.variant}: {b.tag} (Dockerfile: {b.dockerfile})", highlight=False)
+    for b in built:  # last lines, machine-readable
+        print(b.tag)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,9 +24,10 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from tests.servers import BENTOML, Launcher, wait_ready
+from tests.servers import Launcher
 
 from embedkit import bento
+from embedkit.bench.server import BENTOML
 from embedkit.core.errors import BuildError
 
 pytestmark = pytest.mark.slow
@@ -222,11 +223,8 @@ def served(
     env["HF_HUB_OFFLINE"] = "1"
     launch = Launcher(workdir)
     try:
-        try:
-            srv = launch.spawn(built["cpu"].tag, env, cwd=workdir, ready=False)
-            wait_ready(srv, timeout=120)
-        except RuntimeError as exc:
-            pytest.fail(str(exc))
+        srv = launch.spawn(built["cpu"].tag, env, cwd=workdir, ready=False)
+        launch.ready(srv, timeout=120)
         yield srv.url
     finally:
         launch.stop_all()

@@ -32,7 +32,6 @@ from pydantic_settings import SettingsError
 
 from embedkit.core.settings import Settings
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "canary")
 # Oldest Kubernetes we support (preStop `sleep` is GA-on-by-default from 1.30) and the
 # newest whose schemas kubernetes-validate 1.37.0 ships.
@@ -65,9 +64,15 @@ def render(directory: Path) -> list[Doc]:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[Doc]]:
-    out = {name: render(K8S / "overlays" / name) for name in OVERLAYS}
-    out["base"] = render(K8S / "base")
+def k8s(pytestconfig: pytest.Config) -> Path:
+    """The manifests: deploy/k8s of the project (pytest's root directory)."""
+    return pytestconfig.rootpath / "deploy" / "k8s"
+
+
+@pytest.fixture(scope="module")
+def rendered(k8s: Path) -> dict[str, list[Doc]]:
+    out = {name: render(k8s / "overlays" / name) for name in OVERLAYS}
+    out["base"] = render(k8s / "base")
     return out
 
 
@@ -548,13 +553,13 @@ def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) ->
 
 
 def test_promote_edit_makes_the_candidate_stable(
-    rendered: dict[str, list[Doc]], tmp_path: Path
+    rendered: dict[str, list[Doc]], k8s: Path, tmp_path: Path
 ) -> None:
     """Promote = the cpu overlay's tag set to the candidate's (what `kustomize edit set
     image` writes); the result must still pass every check and run the candidate image."""
     candidate = _container(rendered["canary"], "canary")["image"]
     tree = tmp_path / "k8s"
-    shutil.copytree(K8S, tree)
+    shutil.copytree(k8s, tree)
     kfile = tree / "overlays" / "cpu" / "kustomization.yaml"
     kustomization = yaml.safe_load(kfile.read_text())
     (entry,) = [i for i in kustomization["images"] if i["name"] == "embedkit"]

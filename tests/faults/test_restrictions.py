@@ -56,7 +56,9 @@ def _nobody_can_run_workers() -> str | None:
         "import subprocess, sys; subprocess.run([sys.executable, '-c', '0'], check=True)",
     )
     if probe.returncode != 0:
-        return f"nobody cannot exec this venv's interpreter ({os.path.realpath(sys.executable)}): {probe.stderr.strip().splitlines()[-1:]}"
+        interpreter = os.path.realpath(sys.executable)
+        why = probe.stderr.strip().splitlines()[-1:]
+        return f"nobody cannot exec this venv's interpreter ({interpreter}): {why}"
     return None
 
 

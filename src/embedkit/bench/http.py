@@ -7,7 +7,9 @@ concurrency over the interactive route (``/embed/query``, one text) and the
 bulk route (``/embed``, ``bulk_size`` texts); throughput against latency over
 the sweep is the latency-vs-throughput curve. Non-200 answers are counted as
 errors, never timed. Vectors are not checked here (:mod:`embedkit.bench.loadtest`
-does that under load); this measures speed.
+does that under load); this measures speed. :func:`run_http_bench` is the sweep of
+`embedkit bench --http`; :func:`http_vs_engine` is `embedkit bench-http` (the HTTP
+routes beside the in-process engine). Servers come from :mod:`embedkit.bench.server`.
 """
 
 from __future__ import annotations
@@ -15,119 +17,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from embedkit.bench.server import start_service, wait_ready
+from embedkit.bench.stats import percentiles
 
-from embedkit.core.errors import NotReady
-
-SERVICE = "service:EmbeddingAPI"
 ROUTES = {"interactive": "/embed/query", "bulk": "/embed", "openai": "/v1/embeddings"}
 
 
-# --- a service to measure ----------------------------------------------------------------
-
-
-@dataclass
-class ServiceProcess:
-    """A `bentoml serve` of this repo's service in its own process group and BENTOML_HOME."""
-
-    url: str
-    tag: str
-    home: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def log(self) -> Path:
-        return self.home / "serve.log"
-
-    def stop(self, *, keep_home: bool = False) -> None:
-        stop_process_group(self.proc)
-        if not keep_home:
-            shutil.rmtree(self.home, ignore_errors=True)  # the model store copy is ~90 MB
-
-
-def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a server's whole process group (BentoML forks workers), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_service(
-    artifact: str | Path, env_extra: Mapping[str, str] | None = None
-) -> ServiceProcess:
-    """Register ``artifact`` in a fresh BENTOML_HOME and serve it on a free loopback port.
-
-    Registration runs in a subprocess so this process's BentoML home is untouched.
-    Call :func:`wait_ready` before sending load and :meth:`ServiceProcess.stop` after.
-    """
-    home = Path(tempfile.mkdtemp(prefix="embedkit-bench-"))
-    env = {**os.environ, "BENTOML_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    code = (
-        "from embedkit.model.artifact import register, resolve;"
-        f"print(register(resolve({str(artifact)!r})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        shutil.rmtree(home, ignore_errors=True)
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        raise NotReady(f"cannot register {artifact} for the benchmark server: {tail}")
-    tag = done.stdout.strip().splitlines()[-1]
-    env["EMBEDKIT_MODEL"] = tag
-    port = _free_port()
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    with open(home / "serve.log", "wb") as log:
-        proc = subprocess.Popen(
-            [bentoml, "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return ServiceProcess(f"http://127.0.0.1:{port}", tag, home, proc)
-
-
-async def wait_ready(
-    url: str, timeout: float = 180.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise NotReady(f"the benchmark server exited early (code {proc.returncode})")
-            try:
-                async with session.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise NotReady(f"server at {url} not ready after {timeout:.0f} s")
+def request_headers(api_key: str | None = None) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
 
 
 # --- load ----------------------------------------------------------------------------------
@@ -189,16 +94,14 @@ async def load(
         t_start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t_start
-    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    q = percentiles(s * 1000 for s in latencies)
     return {
         "requests": len(latencies),
         "errors": sum(errors.values()),
         "errors_by_status": errors,
         "texts_per_s": len(latencies) * texts_per_req / elapsed,
         "req_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "p99_ms": float(np.percentile(lat, 99)),
+        **{f"{k}_ms": float("nan") if v is None else v for k, v in q.items()},
         "seconds": elapsed,
     }
 
@@ -217,10 +120,8 @@ def run_http_bench(
     on_phase: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Sweep routes × concurrencies against ``url``; ``{route: {concurrency: row}}``."""
-    headers = {"content-type": "application/json"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    asyncio.run(wait_ready(url, timeout=30))
+    headers = request_headers(api_key)
+    wait_ready(url, timeout=30)
     total = len(routes) * len(concurrencies)
     out: dict[str, Any] = {}
     step = 0
@@ -243,3 +144,93 @@ def run_http_bench(
         "routes": out,
         "load_average": dict(zip(("1m", "5m", "15m"), os.getloadavg(), strict=True)),
     }
+
+
+# --- HTTP beside the in-process engine (`embedkit bench-http`, scripts/bench-http) -----------
+
+
+def engine_reference(artifact: str | Path, batches: Sequence[list[str]], seconds: float) -> float:
+    """Texts/s of the in-process engine encoding ``batches`` in turn for ``seconds``."""
+    from embedkit.runtime.engine import Engine
+
+    engine = Engine.load(artifact)
+    engine.warmup()
+    done = i = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = batches[i % len(batches)]
+        engine.encode(batch)
+        done += len(batch)
+        i += 1
+    return done / (time.perf_counter() - start)
+
+
+def _phase_line(path: str, per: int, conc: int, r: Mapping[str, Any]) -> str:
+    return (
+        f"{path:16s} {per:3d} texts/req  c={conc:<3d} {r['texts_per_s']:8.1f} texts/s "
+        f"{r['req_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.1f}  p95 {r['p95_ms']:6.1f}  "
+        f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}"
+    )
+
+
+def http_vs_engine(
+    artifact: str | Path,
+    *,
+    url: str | None = None,
+    env_extra: Mapping[str, str] | None = None,
+    seconds: float = 20.0,
+    concurrency: int = 16,
+    bulk_concurrency: int = 4,
+    api_key: str | None = None,
+    keep: bool = False,
+    model: str = "all-minilm-l6-v2",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Single texts to /embed/query and /v1/embeddings at ``concurrency``, 32-text requests
+    to /embed at ``bulk_concurrency``, then the in-process engine on the same 32-text
+    batches; the headline is HTTP bulk texts/s over in-process texts/s.
+
+    Texts: STS Benchmark test sentences in file order. Without ``url`` it serves
+    ``artifact`` itself (:func:`~embedkit.bench.server.start_service`, ``env_extra`` added
+    to its environment); ``keep`` keeps that server's BENTOML_HOME and log.
+    """
+    from embedkit.model import evaldata
+
+    texts = [s for p in evaldata.sts("test") for s in (p.sentence1, p.sentence2)]
+    batches = [texts[i : i + 32] for i in range(0, len(texts) - 32, 32)]
+    headers = request_headers(api_key)
+    service = start_service(artifact, env_extra) if url is None else None
+    target = service.url if service else str(url)
+    results: dict[str, Any] = {}
+    try:
+        if service:
+            service.wait_ready()
+        else:
+            wait_ready(target)
+        phases = [
+            ("interactive", 1, concurrency),
+            ("openai", 1, concurrency),
+            ("bulk", 32, bulk_concurrency),
+        ]
+        for route, per, conc in phases:
+            path = ROUTES[route]
+            bodies = bodies_for(route, texts, per, model)
+            asyncio.run(load(target, path, bodies[:50], per, conc, 2.0, headers))  # settle
+            row = asyncio.run(load(target, path, bodies, per, conc, seconds, headers))
+            results[f"{path} x{per} c{conc}"] = row
+            echo(_phase_line(path, per, conc, row))
+    finally:
+        if service is not None:
+            service.stop(keep_home=keep)
+            if keep:
+                echo(f"server log: {service.log}")
+    reference = engine_reference(artifact, batches, seconds)
+    results["in-process engine x32"] = {"texts_per_s": reference}
+    ratio = results[f"/embed x32 c{bulk_concurrency}"]["texts_per_s"] / reference
+    echo(f"in-process engine, 32-text batches: {reference:.1f} texts/s")
+    echo(f"HTTP /embed x32 / in-process: {ratio:.1%} (target >= 85%)")
+    results["ratio"] = {"bulk_http_over_in_process": ratio}
+    load_avg = os.getloadavg()
+    results["load_average"] = dict(zip(("1m", "5m", "15m"), load_avg, strict=True))
+    echo("load average (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*load_avg))
+    return results

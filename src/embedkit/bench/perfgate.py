@@ -175,8 +175,9 @@ class GateResult:
         for b, r in self.throughput.items():
             lines.append(
                 f"  throughput b{b}: candidate/baseline {r['ratio']:.2f} "
-                f"(limit >= {1 - t.get('throughput_drop_max', 0):.2f}; {r['baseline_texts_per_s']:.0f} "
-                f"vs {r['candidate_texts_per_s']:.0f} texts/s in this run)"
+                f"(limit >= {1 - t.get('throughput_drop_max', 0):.2f}; "
+                f"{r['baseline_texts_per_s']:.0f} vs {r['candidate_texts_per_s']:.0f} texts/s "
+                "in this run)"
             )
         for b, r in self.latency.items():
             lines.append(

@@ -73,8 +73,9 @@ def markdown(result: dict[str, Any], files: dict[str, str] | None = None) -> str
         f"{m['ghz']} GHz; estimated FP32 peak {m['peak_gflops_estimate']} GFLOP/s "
         f"({m['peak_formula']}).",
         f"- Runtime: onnxruntime {rt['onnxruntime']} {rt['provider']}, {rt['intra_op_threads']} "
-        f"intra-op threads (PyTorch: the same), token-aware batching {rt['token_aware_batching']}, "
-        f"max_batch_tokens {rt['max_batch_tokens']}, sub_batch_cost_tokens {rt['sub_batch_cost_tokens']}.",
+        "intra-op threads (PyTorch: the same), token-aware batching "
+        f"{rt['token_aware_batching']}, max_batch_tokens {rt['max_batch_tokens']}, "
+        f"sub_batch_cost_tokens {rt['sub_batch_cost_tokens']}.",
         f"- Load average during the run (1/5/15 min): {load.get('1m', 0):.2f} / "
         f"{load.get('5m', 0):.2f} / {load.get('15m', 0):.2f} — the CPU is shared, so absolute "
         "numbers are noisy; all systems are measured interleaved, batch by batch, so ratios hold.",
@@ -89,7 +90,8 @@ def markdown(result: dict[str, Any], files: dict[str, str] | None = None) -> str
         lines += [
             f"## Corpus `{cname}`: {c['name']}",
             "",
-            f"{c['texts']} texts, {c['tokens']} tokens (mean {c['mean_tokens']:.1f}, max {c['max_tokens']}).",
+            f"{c['texts']} texts, {c['tokens']} tokens "
+            f"(mean {c['mean_tokens']:.1f}, max {c['max_tokens']}).",
             "",
             "| batch | system | texts/s | tokens/s | p50 ms | p95 ms | p99 ms | pad | × naive ORT "
             "| × PyTorch | useful GFLOP/s | % est. peak |",
@@ -107,7 +109,8 @@ def markdown(result: dict[str, Any], files: dict[str, str] | None = None) -> str
                 bold = "**" if name == ENGINE else ""
                 gf = "–" if ach["gflops"] is None else f"{ach['gflops']:.1f}"
                 lines.append(
-                    f"| {b} | {bold}{name}{bold} | {row['texts_per_s']:.1f} | {row['tokens_per_s']:.0f} "
+                    f"| {b} | {bold}{name}{bold} | {row['texts_per_s']:.1f} "
+                    f"| {row['tokens_per_s']:.0f} "
                     f"| {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {pad} "
                     f"| {_ratio(batch['ratios'][f'{name}/{NAIVE}'])} | {_ratio(vs_torch)} "
                     f"| {gf} | {_pct(ach['share_of_peak'])} |"
@@ -174,18 +177,21 @@ def _http_section(http: dict[str, Any]) -> list[str]:
     lines = [
         "## Over HTTP",
         "",
-        f"Server: {http.get('server', http['url'])}; closed loop, {http['seconds_per_phase']:.0f} s "
+        f"Server: {http.get('server', http['url'])}; closed loop, "
+        f"{http['seconds_per_phase']:.0f} s "
         "per phase after a 2 s settle; load average at the end "
         f"{http['load_average']['1m']:.2f}.",
         "",
-        "| route | texts/request | concurrency | texts/s | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "| route | texts/request | concurrency | texts/s | req/s "
+        "| p50 ms | p95 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for route, r in http["routes"].items():
         for conc, row in r["concurrency"].items():
             errs = ", ".join(f"{k}: {v}" for k, v in row["errors_by_status"].items()) or "0"
             lines.append(
-                f"| {route} `{r['path']}` | {r['texts_per_request']} | {conc} | {row['texts_per_s']:.1f} "
+                f"| {route} `{r['path']}` | {r['texts_per_request']} | {conc} "
+                f"| {row['texts_per_s']:.1f} "
                 f"| {row['req_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} "
                 f"| {row['p99_ms']:.1f} | {errs} |"
             )
@@ -200,7 +206,8 @@ def _cost_section(result: dict[str, Any]) -> list[str]:
         "## Cost per 1,000 embeddings",
         "",
         f"Prices from `config/prices.yaml` (edit it). CPU throughput: this run, STS corpus, batch "
-        f"{cost_batch(result['corpora']['sts']['batches'])}; the 16-vCPU class is scaled linearly from the 2-core measurement. GPU "
+        f"{cost_batch(result['corpora']['sts']['batches'])}; the 16-vCPU class is scaled "
+        "linearly from the 2-core measurement. GPU "
         "throughput is not measured here: each row carries its source (published or estimate).",
         "",
         "| hardware | configuration | texts/s | USD per 1k | USD per 1M | throughput source |",
@@ -311,18 +318,18 @@ def bench_and_report(
     from ``artifact``; write everything to ``out_dir``. One run, one machine."""
     from embedkit.bench import http as bench_http
     from embedkit.bench import inprocess as bench
+    from embedkit.bench.server import start_service
 
     result = bench.run_bench(artifact, variants=variants, on_progress=on_progress, **bench_options)
     if http or url:
         texts = bench.sts_stream(None)
         service = None
         if url is None:
-            service = bench_http.start_service(artifact)
+            service = start_service(artifact)
             url = service.url
-            import asyncio
-
-            asyncio.run(bench_http.wait_ready(url, proc=service.proc))
         try:
+            if service is not None:
+                service.wait_ready()
             result["http"] = bench_http.run_http_bench(
                 url,
                 texts,
