@@ -12,11 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embedkit.core.errors import ArtifactError, InvalidInput
+from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
-from embedkit.quality.evaluate import load_encoder, read_stsb
+from embedkit.runtime.engine import Engine
 from embedkit.variants import quantize
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,8 @@ def fp32(fp32_artifact: Artifact) -> Artifact:
 
 @pytest.fixture(scope="module")
 def sentences() -> list[str]:
-    rows = read_stsb("test")
-    return [t for r in rows[::20] for t in (r[3], r[4])]
+    pairs = evaldata.sts("test")
+    return [t for p in pairs[::20] for t in (p.sentence1, p.sentence2)]
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,8 +70,8 @@ def test_fused_fp32_keeps_parity(fp32: Artifact, tmp_path: Path, sentences: list
     assert fused.manifest.parent and fused.manifest.parent.startswith("manifest-sha256:")
     assert fused.manifest.parity is None and fused.manifest.toolchain["onnxruntime"]
     Artifact.load(fused.path)  # checksums hold
-    base = load_encoder(fp32).encode(sentences)
-    got = load_encoder(fused).encode(sentences)
+    base = Engine(fp32).encode(sentences)
+    got = Engine(fused).encode(sentences)
     assert np.abs(got - base).max() < 1e-4
     assert _cos(got, base).min() > 0.99999
 
@@ -92,12 +91,12 @@ def test_dynamic_int8_records_choices(fp32: Artifact, tmp_path: Path, sentences:
     assert s["op_types"] == ["MatMul"] and s["excluded_nodes"] == 1
     assert s["isa"]["level"] == quantize.detect_isa().level
     assert art.model_path.stat().st_size < 0.8 * fp32.model_path.stat().st_size
-    cos = _cos(load_encoder(art).encode(sentences), load_encoder(fp32).encode(sentences))
+    cos = _cos(Engine(art).encode(sentences), Engine(fp32).encode(sentences))
     assert cos.min() > 0.98
 
 
-def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path) -> None:
-    calib = DATA / "stsbenchmark" / "sts-train.csv"
+def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path, data_dir: Path) -> None:
+    calib = data_dir / "stsbenchmark" / "sts-train.csv"
     art = quantize.build_variant(
         fp32, "static-int8", tmp_path / "static", calibration=calib, size=32, method="minmax"
     )
@@ -105,7 +104,7 @@ def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path) -> None
     assert s["format"] == "QDQ" and s["method"] == "minmax"
     assert s["calibration"]["size"] == 32
     assert s["calibration"]["sha256"] == quantize.sha256_file(calib)
-    vec = load_encoder(art).encode(["A man is playing a guitar."])
+    vec = Engine(art).encode(["A man is playing a guitar."])
     assert vec.shape == (1, 384) and np.isfinite(vec).all()
 
 
@@ -119,8 +118,39 @@ def test_fp16_structure(fp32: Artifact, tmp_path: Path, sentences: list[str]) ->
     assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.INT64}
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     # ORT 1.32's CPU provider runs this graph (measured); when it does, it must be close.
-    got = load_encoder(art).encode(sentences[:16])
-    assert _cos(got, load_encoder(fp32).encode(sentences[:16])).min() > 0.999
+    got = Engine(art).encode(sentences[:16])
+    assert _cos(got, Engine(fp32).encode(sentences[:16])).min() > 0.999
+
+
+def test_calibration_sentences_are_read_through_evaldata(tmp_path: Path) -> None:
+    tsv = tmp_path / "calib.csv"
+    tsv.write_text(
+        'main-captions\tMSRvid\t2012test\t0001\t5.000\tA man plays.\tA "man" plays.\n'
+        "main-forum\tanswer-answer\t2015\t0002\t1.0\tA man plays.\tA dog barks.\n"
+        "too\tfew\tfields\n"
+    )
+    got = quantize.read_calibration_sentences(tsv, 10)
+    assert sorted(got) == ['A "man" plays.', "A dog barks.", "A man plays."]
+    sample = quantize.read_calibration_sentences(tsv, 2, seed=1)
+    assert len(sample) == 2 and sample == quantize.read_calibration_sentences(tsv, 2, seed=1)
+    assert evaldata.read_sts(tsv)[1].genre == "main-forums"  # the one reader normalises
+
+
+def test_calibration_file_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"cannot read STS data .*missing\.csv") as missing:
+        quantize.read_calibration_sentences(tmp_path / "missing.csv", 8)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("no\ttabs here\n")
+    with pytest.raises(InvalidInput, match="holds no STS-Benchmark sentence pairs") as none:
+        quantize.read_calibration_sentences(empty, 8)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("g\tf\ty\t1\tfive\ta\tb\n")
+    with pytest.raises(InvalidInput, match=r"bad.csv:1: score 'five' is not a number") as nan:
+        quantize.read_calibration_sentences(bad, 8)
+    for exc in (missing, none, nan):
+        assert "\n" not in str(exc.value)
+    with pytest.raises(InvalidInput, match="calibration size"):
+        quantize.read_calibration_sentences(bad, 0)
 
 
 # --- refusals ----------------------------------------------------------------------------------

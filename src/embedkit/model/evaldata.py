@@ -1,8 +1,9 @@
 """Evaluation corpora read from ``../shared/data`` (never copied into the repo).
 
-STS Benchmark files are tab-separated with quotes inside sentences, so they are
-split on tabs, never read with a CSV parser. Also builds the generated edge
-cases and long texts that the contract and quality checks share.
+The one reader of STS Benchmark files (:func:`read_sts`): they are tab-separated
+with quotes inside sentences, so they are split on tabs, never read with a CSV
+parser. Also builds the generated edge cases and long texts that the contract
+and quality checks share.
 """
 
 from __future__ import annotations
@@ -38,18 +39,37 @@ def data_file(relative: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=8)
-def sts(split: str = "test") -> tuple[StsPair, ...]:
-    """STS Benchmark pairs of one split (train/dev/test); genre spelling normalised."""
-    path = data_file(f"stsbenchmark/sts-{split}.csv")
+def read_sts(path: Path) -> tuple[StsPair, ...]:
+    """The pairs of one STS-Benchmark-format file; genre spelling normalised.
+
+    Raises :class:`InvalidInput` (one line, naming the file) when it cannot be read,
+    holds a non-numeric score, or holds no pairs at all.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidInput(f"cannot read STS data {path}: {reason}") from exc
     pairs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        fields = line.rstrip("\n").split("\t")
+    for number, line in enumerate(lines, 1):
+        fields = line.split("\t")
         if len(fields) < 7:
             continue
         genre = "main-forums" if fields[0] == "main-forum" else fields[0]
-        pairs.append(StsPair(genre, fields[1], float(fields[4]), fields[5], fields[6]))
+        try:
+            score = float(fields[4])
+        except ValueError:
+            raise InvalidInput(f"{path}:{number}: score {fields[4]!r} is not a number") from None
+        pairs.append(StsPair(genre, fields[1], score, fields[5], fields[6]))
+    if not pairs:
+        raise InvalidInput(f"{path} holds no STS-Benchmark sentence pairs")
     return tuple(pairs)
+
+
+@lru_cache(maxsize=8)
+def sts(split: str = "test") -> tuple[StsPair, ...]:
+    """STS Benchmark pairs of one split (train/dev/test) from ``settings.data_dir``."""
+    return read_sts(data_file(f"stsbenchmark/sts-{split}.csv"))
 
 
 def sts_sentences(split: str = "test") -> list[str]:

@@ -5,7 +5,7 @@ tokenizer is copied, a new ``model.onnx`` is written and the manifest records
 the mode, every choice made (including the CPU instruction set it was built
 for and the calibration data's checksum), the parent and a fresh toolchain.
 Parity is left ``None``: whether a variant is good enough is decided by the
-per-segment quality gate (:mod:`embedkit.quality.evaluate`), never here.
+per-segment quality gate (:mod:`embedkit.quality.gate`), never here.
 
 Why the settings are exposed rather than fixed: on CPUs without VNNI the u8×s8
 integer kernels saturate int16 intermediates, and the same model quantised
@@ -42,6 +42,7 @@ from embedkit.model.artifact import (
     sha256_file,
     staging_dir,
 )
+from embedkit.runtime.tokens import TextTokenizer, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,9 @@ def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
 
 
 # The FFN output projection of the first layer dominates the INT8 error of
-# BERT-style encoders (measured: docs/quantization.md); keeping that one MatMul
-# in fp32 costs ~5% of the integer speed-up. Node names of Optimum's BERT export.
+# BERT-style encoders; keeping that one MatMul in fp32 buys fidelity for a small
+# share of the integer speed-up (both measured: docs/quantization.md). Node names
+# of Optimum's BERT export.
 SENSITIVE_NODES = ("layer.0/output/dense/MatMul",)
 
 
@@ -339,22 +341,14 @@ def quantize_dynamic_int8(
 
 
 def read_calibration_sentences(path: Path, size: int, *, seed: int = 0) -> list[str]:
-    """Unique sentences from an STS-Benchmark-format TSV (both sides), sampled reproducibly."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read calibration data {path}: {exc.strerror}") from exc
-    seen: dict[str, None] = {}
-    for line in lines:
-        fields = line.rstrip("\n").split("\t")
-        if len(fields) >= 7:
-            seen.setdefault(fields[5], None)
-            seen.setdefault(fields[6], None)
-    sentences = list(seen)
-    if not sentences:
-        raise InvalidInput(f"{path} holds no STS-Benchmark sentence pairs")
+    """Unique sentences of an STS-Benchmark-format file (both sides), sampled reproducibly."""
     if size < 1:
         raise InvalidInput(f"calibration size must be >= 1, got {size}")
+    seen: dict[str, None] = {}
+    for pair in evaldata.read_sts(path):
+        seen.setdefault(pair.sentence1)
+        seen.setdefault(pair.sentence2)
+    sentences = list(seen)
     random.Random(seed).shuffle(sentences)
     return sentences[:size]
 
@@ -363,11 +357,8 @@ class SentenceCalibrationReader:
     """ORT CalibrationDataReader over real sentences, tokenised exactly as the engine does."""
 
     def __init__(self, parent: Artifact, sentences: Sequence[str], batch_size: int = 16) -> None:
-        from embedkit.quality.evaluate import load_encoder
-        from embedkit.runtime.tokens import pad_batch
-
-        tokenizer = load_encoder(parent).tokenizer
-        pad_id = parent.manifest.tokenizer.pad_id
+        tokenizer = TextTokenizer.from_artifact(parent)
+        pad_id = tokenizer.pad_id
         ids = tokenizer.encode(list(sentences))
         # One width for every batch: the histogram calibrators (entropy, percentile)
         # stack activations across batches and need equal shapes.
@@ -556,6 +547,7 @@ def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> 
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise InvalidInput(
-            f"unknown option(s) for {kind}: {', '.join(unknown)} (accepted: {', '.join(sorted(accepted))})"
+            f"unknown option(s) for {kind}: {', '.join(unknown)} "
+            f"(accepted: {', '.join(sorted(accepted))})"
         )
     return builder(parent, output, **options)
