@@ -21,7 +21,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embedkit.model.artifact import Artifact
-from embedkit.quality import evaluate as quality
+from embedkit.quality.gate import load_thresholds
+from embedkit.quality.report import plot_deltas
+from embedkit.release import PARENT, candidates_summary, pick_default, run_candidates
 from embedkit.variants import quantize
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -43,36 +45,36 @@ def main(argv: list[str]) -> int:
     isa = quantize.detect_isa()
     presets = {**quantize.candidate_presets(isa), "dynamic-int8-s8-rr (bad)": BAD}
     started = time.time()
-    candidates, speeds = quality.run_candidates(
+    th = load_thresholds()
+    candidates, speeds = run_candidates(
         parent,
         args.out,
         presets=presets,
+        thresholds=th,
         max_pairs=args.max_pairs,
         lang_pairs=args.lang_pairs,
         say=lambda m: print(f"[{time.time() - started:6.0f}s] {m}", flush=True),
     )
-    th = quality.load_thresholds()
-    best = quality.pick_default([c for c in candidates if c.report.mode != "none"])
-    # The fp32 parent competes too (release.py): a variant is default only if faster.
-    default = best.name if best and (best.throughput or 0) > speeds["fp32"] else "fp32 (parent)"
-    quality.plot_deltas({c.name: c.report for c in candidates}, DOCS / "quantization.png")
-    encoder = type(quality.load_encoder(parent)).__name__
+    # The release's own rule, so the doc states what `embedkit release --variants` would do.
+    best = pick_default(candidates, speeds[PARENT])
+    default = best.name if best else "fp32 (parent)"
+    plot_deltas({c.name: c.report for c in candidates}, DOCS / "quantization.png")
     body = "\n".join(
         [
             BEGIN,
             f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
             f"({os.cpu_count()} cores, ISA `{isa.level}`: {isa.to_dict()}), "
-            f"encoder `{encoder}`, {candidates[0].report.texts} texts per variant, "
+            f"encoder `Engine`, {candidates[0].report.texts} texts per variant, "
             f"{time.time() - started:.0f} s in all. Command:",
             "",
             "```",
             "HF_HUB_OFFLINE=1 .venv/bin/python scripts/quantization_report.py " + " ".join(argv),
             "```",
             "",
-            f"Default chosen by the gate: **{default}** (fastest approved: "
-            f"{best.name if best else 'no variant'} vs the fp32 parent).",
+            f"Default chosen by the gate: **{default}** (the fastest approved version; "
+            "the fp32 parent competes).",
             "",
-            quality.summary_markdown(candidates, speeds, th),
+            candidates_summary(candidates, speeds, th),
             "![per-segment deltas](quantization.png)",
             "",
             "#### Gate failures, per variant",

@@ -8,8 +8,23 @@ import pytest
 
 from embedkit.core.errors import InvalidInput
 from embedkit.model.artifact import Artifact
-from embedkit.quality import evaluate as quality
-from embedkit.quality.evaluate import CosineStats, GateThresholds, QualityReport, SegmentResult
+from embedkit.quality.evaluate import (
+    CosineStats,
+    QualityReport,
+    SegmentResult,
+    evaluate,
+    neighbour_overlap,
+)
+from embedkit.quality.gate import (
+    GateFailure,
+    GateThresholds,
+    GateVerdict,
+    gate,
+    load_thresholds,
+    stamp_verdict,
+)
+from embedkit.quality.report import write_report
+from embedkit.quality.segments import build_corpus
 from embedkit.variants import quantize
 
 TH = GateThresholds(
@@ -60,11 +75,11 @@ def test_gate_approves_only_when_every_segment_holds() -> None:
         _seg("lang:de", "lang", 0.9),
         _seg("length:>32", "length", 3.0),
     )  # length drop is not gated
-    assert quality.gate(ok, TH).approved
+    assert gate(ok, TH).approved
 
 
 def test_gate_names_each_failing_segment_and_margin() -> None:
-    verdict = quality.gate(
+    verdict = gate(
         _report(
             _seg("stsb:all", "stsb", 0.1),
             _seg("stsb:file:answer-answer", "stsb", 0.8),
@@ -88,15 +103,15 @@ def test_gate_names_each_failing_segment_and_margin() -> None:
 
 
 def test_thresholds_live_in_one_config_file(tmp_path: Path) -> None:
-    th = quality.load_thresholds()
+    th = load_thresholds()
     assert th.spearman_drop_max["stsb"] == 0.5 and th.spearman_drop_max["lang"] == 1.0
     assert th.cosine_p1_min == 0.99 and th.overlap_min == 0.95
     bad = tmp_path / "gate.yaml"
     bad.write_text("cosine_p1_min: 2\n")
     with pytest.raises(InvalidInput, match="invalid"):
-        quality.load_thresholds(bad)
+        load_thresholds(bad)
     with pytest.raises(InvalidInput, match="cannot read"):
-        quality.load_thresholds(tmp_path / "missing.yaml")
+        load_thresholds(tmp_path / "missing.yaml")
 
 
 def test_neighbour_overlap_detects_reordering() -> None:
@@ -104,14 +119,12 @@ def test_neighbour_overlap_detects_reordering() -> None:
 
     rng = np.random.default_rng(0)
     q, d = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
-    assert quality.neighbour_overlap(q, d, q, d) == 1.0
-    assert quality.neighbour_overlap(q, d, q, -d) < 0.5
+    assert neighbour_overlap(q, d, q, d) == 1.0
+    assert neighbour_overlap(q, d, q, -d) < 0.5
 
 
 def test_corpus_segments(fp32_artifact: Artifact) -> None:
-    corpus = quality.build_corpus(
-        fp32_artifact.tokenizer_path, languages=("en", "ja"), max_pairs=200
-    )
+    corpus = build_corpus(fp32_artifact.tokenizer_path, languages=("en", "ja"), max_pairs=200)
     names = {s.name for s in corpus.segments}
     assert {
         "stsb:all",
@@ -126,7 +139,7 @@ def test_corpus_segments(fp32_artifact: Artifact) -> None:
     long = next(s for s in corpus.segments if s.name == "length:>128 (generated)")
     assert long.gold is None and len(long.s1) >= 10
     with pytest.raises(InvalidInput, match="unknown language"):
-        quality.build_corpus(fp32_artifact.tokenizer_path, languages=("xx",))
+        build_corpus(fp32_artifact.tokenizer_path, languages=("xx",))
 
 
 # --- a small real gate run (every CI run) ---------------------------------------------------
@@ -157,14 +170,9 @@ def variants(
 def test_bad_variant_is_rejected_naming_segments(
     fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path, tmp_path: Path
 ) -> None:
-    report = quality.evaluate(
-        variants["bad"],
-        fp32=fp32_artifact,
-        reference_dir=default_model_dir,
-        out_dir=tmp_path,
-        **FAST,
-    )
-    verdict = quality.gate(report)
+    report = evaluate(variants["bad"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST)
+    verdict = gate(report)
+    write_report(report, tmp_path, verdict)
     assert not verdict.approved
     failing = verdict.failing_segments
     # s8 + reduce-range breaks fidelity everywhere, not only on average.
@@ -173,22 +181,21 @@ def test_bad_variant_is_rejected_naming_segments(
     )
     assert all(f.by > 0 for f in verdict.failures)
     assert {"quality.json", "quality.md", "quality.png"} <= {p.name for p in tmp_path.iterdir()}
-    assert "lang:ja" in (tmp_path / "quality.md").read_text()
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "lang:ja" in markdown and "**Gate: rejected" in markdown
     with pytest.raises(InvalidInput, match="failed the quality gate"):
-        quality.stamp_verdict(variants["bad"], verdict)
+        stamp_verdict(variants["bad"], verdict)
 
 
 def test_fused_variant_passes_fast_gate(
     fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path
 ) -> None:
-    report = quality.evaluate(
-        variants["good"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST
-    )
-    verdict = quality.gate(report)
+    report = evaluate(variants["good"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST)
+    verdict = gate(report)
     assert verdict.approved, verdict.summary()
     fp32_self = report.segment("stsb:all")
     assert fp32_self.spearman_fp32 == pytest.approx(fp32_self.spearman_reference, abs=0.05)
-    stamped = quality.stamp_verdict(variants["good"], verdict)
+    stamped = stamp_verdict(variants["good"], verdict)
     assert (
         stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
     )
@@ -197,16 +204,14 @@ def test_fused_variant_passes_fast_gate(
 
 def test_force_is_recorded(fp32_artifact: Artifact, tmp_path: Path) -> None:
     art = quantize.build_variant(fp32_artifact, "dynamic-int8", tmp_path / "v", per_channel=False)
-    rejected = quality.GateVerdict(
+    rejected = GateVerdict(
         approved=False,
         segments_checked=1,
         failures=[
-            quality.GateFailure(
-                segment="lang:ja", metric="cosine_p1", value=0.9, threshold=0.99, by=0.09
-            )
+            GateFailure(segment="lang:ja", metric="cosine_p1", value=0.9, threshold=0.99, by=0.09)
         ],
     )
-    forced = quality.stamp_verdict(art, rejected, force=True)
+    forced = stamp_verdict(art, rejected, force=True)
     q = forced.manifest.quantization
     assert q.approved is False and q.forced is True
     Artifact.load(forced.path)
@@ -215,4 +220,4 @@ def test_force_is_recorded(fp32_artifact: Artifact, tmp_path: Path) -> None:
 def test_reference_must_be_the_artifacts_source(fp32_artifact: Artifact, tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("not the model")
     with pytest.raises(InvalidInput, match="is not the source"):
-        quality.evaluate(fp32_artifact, fp32=fp32_artifact, reference_dir=tmp_path, **FAST)
+        evaluate(fp32_artifact, fp32=fp32_artifact, reference_dir=tmp_path, **FAST)

@@ -286,18 +286,16 @@ def evaluate(
 ) -> None:
     """Per-segment quality report (genre, file, length, language) and the gate verdict."""
     from embedkit.model.artifact import resolve
-    from embedkit.quality import evaluate as quality
+    from embedkit.quality.evaluate import evaluate as evaluate_variant
+    from embedkit.quality.gate import gate
+    from embedkit.quality.report import write_report
 
     with progress("evaluate"):
-        report = quality.evaluate(
-            resolve(variant),
-            fp32=resolve(fp32),
-            out_dir=out_dir,
-            max_pairs=max_pairs,
-            lang_pairs=lang_pairs,
+        report = evaluate_variant(
+            resolve(variant), fp32=resolve(fp32), max_pairs=max_pairs, lang_pairs=lang_pairs
         )
-    verdict = quality.gate(report)
-    quality.write_report(report, out_dir, verdict)
+    verdict = gate(report)
+    write_report(report, out_dir, verdict)
     out.print(verdict.summary(), markup=False, highlight=False)
     out.print(f"report: {out_dir}/quality.md", highlight=False)
     if not verdict.approved:

@@ -4,26 +4,42 @@ A release never registers an artifact whose contract failed, nor a variant the
 quality gate rejected (unless forced, which its manifest records). Reports
 travel with each artifact (``records/``) and their summaries land in its
 manifest, so the model store entry carries its own proof. The default version
-(the fastest approved one) is registered last, so ``NAME:latest`` is it.
+(:func:`pick_default`) is registered last, so ``NAME:latest`` is it.
+
+The variant candidates (:func:`run_candidates`) are where the two halves meet:
+:mod:`embedkit.variants` builds them, :mod:`embedkit.quality` scores and gates
+them, and neither imports the other.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import statistics
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from embedkit.bench import records
+from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
-from embedkit.model import signing
+from embedkit.model import evaldata, signing
 from embedkit.model.artifact import Artifact, finalize, register
 from embedkit.model.export import Step, export
 from embedkit.model.recipe import Recipe
 from embedkit.quality import contract
+from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
+from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, stamp_verdict
+from embedkit.quality.report import summary_markdown, write_report
+from embedkit.runtime.engine import Engine
+from embedkit.variants import quantize
+
+log = logging.getLogger(__name__)
+PARENT = "fp32"  # the name of the fp32 parent among a release's versions and speeds
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class Release:
 def attach_records(
     artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]
 ) -> Artifact:
-    """Copy report files into ``records/`` and re-finalise the manifest with ``manifest_updates``."""
+    """Copy report files into ``records/``; re-finalise the manifest with ``manifest_updates``."""
     target = artifact.path / "records"
     target.mkdir(exist_ok=True)
     fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
@@ -68,6 +84,116 @@ def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return attach_records(
         artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
+    )
+
+
+# --- variant candidates: build → evaluate → gate → time ------------------------------------
+
+
+@dataclass
+class Candidate:
+    name: str
+    artifact: Artifact
+    report: QualityReport
+    verdict: GateVerdict
+    throughput: float | None = None
+
+
+def throughput(
+    encoders: Mapping[str, Encoder], texts: list[str], *, batch_size: int = 32, rounds: int = 5
+) -> dict[str, float]:
+    """Median texts/s per encoder at ``batch_size``, rounds interleaved so a noisy shared
+    CPU hits every encoder alike. Small on purpose: it only ranks the candidates
+    (``embedkit.bench.inprocess`` is the full benchmark)."""
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts) - batch_size + 1, batch_size)]
+    if not batches:
+        raise InvalidInput(f"need at least {batch_size} texts to time batch {batch_size}")
+    for enc in encoders.values():  # warm-up: first runs allocate arenas
+        enc.encode(batches[0])
+    samples: dict[str, list[float]] = {name: [] for name in encoders}
+    for _ in range(rounds):
+        for name, enc in encoders.items():
+            t0 = time.perf_counter()
+            for batch in batches:
+                enc.encode(batch)
+            samples[name].append(len(batches) * batch_size / (time.perf_counter() - t0))
+    return {name: round(statistics.median(v), 1) for name, v in samples.items()}
+
+
+def run_candidates(
+    parent: Artifact,
+    out_root: Path,
+    *,
+    presets: dict[str, dict[str, Any]] | None = None,
+    reference_dir: Path | None = None,
+    thresholds: GateThresholds | None = None,
+    speed_texts: int = 640,
+    batch_size: int = 32,
+    rounds: int = 5,
+    say: Callable[[str], None] = log.info,
+    **eval_options: Any,
+) -> tuple[list[Candidate], dict[str, float]]:
+    """Build every preset from the fp32 ``parent``, evaluate and gate each, then time them
+    all side by side with the parent at ``batch_size``. Returns candidates and texts/s
+    (key ``"fp32"`` is the parent). Existing variant directories are reused.
+    ``eval_options`` go to :func:`embedkit.quality.evaluate.evaluate`."""
+    th = thresholds or load_thresholds()
+    presets = presets if presets is not None else quantize.candidate_presets()
+    out_root = Path(out_root)
+    candidates = []
+    for name, preset in presets.items():
+        options = dict(preset)
+        kind = options.pop("kind")
+        target = out_root / name
+        if (target / "manifest.json").is_file():
+            artifact = Artifact.load(target)
+        else:
+            say(f"building {name}")
+            artifact = quantize.build_variant(parent, kind, target, **options)
+        say(f"evaluating {name}")
+        report = evaluate(artifact, fp32=parent, reference_dir=reference_dir, **eval_options)
+        verdict = gate(report, th)
+        write_report(report, out_root / f"{name}.quality", verdict)
+        say(f"{name}: {verdict.summary()}")
+        candidates.append(Candidate(name, artifact, report, verdict))
+    pairs = evaldata.sts("test")
+    texts = [t for p in pairs for t in (p.sentence1, p.sentence2)][:speed_texts]
+    settings = eval_options.get("settings")
+    encoders = {PARENT: Engine(parent, settings)}
+    encoders.update({c.name: Engine(c.artifact, settings) for c in candidates})
+    say(f"timing {len(encoders)} encoders side by side at batch {batch_size}")
+    speeds = throughput(encoders, texts, batch_size=batch_size, rounds=rounds)
+    for c in candidates:
+        c.throughput = speeds[c.name]
+    return candidates, speeds
+
+
+def pick_default(candidates: Sequence[Candidate], parent_speed: float | None) -> Candidate | None:
+    """The version to serve by default: the fastest approved candidate if it is faster than
+    the fp32 parent, else None (the parent stays the default).
+
+    The parent competes because its parity contract approves it, and a variant is not
+    faster by construction: the offline-fused graph measured slower than ORT's own
+    session-time fusion on CPU (docs/quantization.md), so "fused when no INT8 passes"
+    would serve a slower artifact for nothing. Ties go to the parent; forced (unapproved)
+    candidates never become the default.
+    """
+    approved = [c for c in candidates if c.verdict.approved and c.throughput is not None]
+    best = max(approved, key=lambda c: c.throughput or 0.0, default=None)
+    if best is None or (best.throughput or 0.0) <= (parent_speed or 0.0):
+        return None
+    return best
+
+
+def candidates_summary(
+    candidates: Sequence[Candidate], speeds: Mapping[str, float], th: GateThresholds
+) -> str:
+    """:func:`embedkit.quality.report.summary_markdown` of the candidates, in their order."""
+    return summary_markdown(
+        {c.name: c.report for c in candidates},
+        {c.name: c.verdict for c in candidates},
+        speeds,
+        th,
     )
 
 
@@ -103,39 +229,41 @@ def release(
     contract.require_passed(report)
     artifact = attach_parity(artifact, report)
 
-    # (name, artifact, throughput, approved); the fp32 parent is always approved by its contract.
-    entries: list[tuple[str, Artifact, float | None, bool | None]] = []
+    # (name, artifact, throughput, approved); the fp32 parent is approved by its contract.
+    versions: list[tuple[str, Artifact, float | None, bool]] = []
+    parent_speed: float | None = None
+    default_name = PARENT
     summary = None
     if variants:
-        from embedkit.quality import evaluate as quality
-
-        candidates, speeds = quality.run_candidates(
-            artifact, root / "variants", presets=presets, reference_dir=reference_dir, say=say
+        th = load_thresholds()
+        candidates, speeds = run_candidates(
+            artifact,
+            root / "variants",
+            presets=presets,
+            reference_dir=reference_dir,
+            thresholds=th,
+            say=say,
         )
-        summary = quality.summary_markdown(candidates, speeds, quality.load_thresholds())
+        summary = candidates_summary(candidates, speeds, th)
         (root / "variants" / "summary.md").write_text(summary + "\n")
-        entries.append(("fp32", artifact, speeds.get("fp32"), True))
+        parent_speed = speeds.get(PARENT)
         for c in candidates:
             if not c.verdict.approved and c.name not in force:
                 say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
                 continue
-            stamped = quality.stamp_verdict(c.artifact, c.verdict, force=c.name in force)
-            files = quality.write_report(c.report, stamped.path / "records", c.verdict)
+            stamped = stamp_verdict(c.artifact, c.verdict, force=c.name in force)
+            files = write_report(c.report, stamped.path / "records", c.verdict)
             stamped = attach_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
-            entries.append((c.name, stamped, c.throughput, c.verdict.approved))
-    else:
-        entries.append(("fp32", artifact, None, True))
+            versions.append((c.name, stamped, c.throughput, c.verdict.approved))
+        best = pick_default(candidates, parent_speed)
+        default_name = best.name if best else PARENT
+    versions.insert(0, (PARENT, artifact, parent_speed, True))
 
-    # The fastest approved version serves by default. The fp32 parent competes too: its
-    # contract approves it, and the offline-fused graph measured slower than ORT's own
-    # runtime fusion on this CPU (docs/quantization.md), so "fused when no INT8 passes"
-    # would serve a slower artifact for nothing.
-    approved = [e for e in entries if e[3]]
-    default = max(approved, key=lambda e: e[2] or 0.0)
-    ordered = [e for e in entries if e is not default] + [default]  # default last → :latest
+    # The default is registered last, so NAME:latest is it.
+    ordered = sorted(versions, key=lambda v: v[0] == default_name)
     registered: list[Registered] = []
     for name, art, speed, ok in ordered:
-        role = "default" if (name, art) == default[:2] else "candidate"
+        role = "default" if name == default_name else "candidate"
         # Records before signing: attaching them re-finalises the manifest.
         say(f"release records for {name}" + (" (short benchmark, profile)" if bench else ""))
         files, perf = records.write_records(art, name, root / "records" / name, bench=bench)

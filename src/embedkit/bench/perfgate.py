@@ -197,7 +197,7 @@ class GateResult:
 def _quality(
     candidate: Config, baseline: Config, texts: list[str], failures: list[str]
 ) -> dict[str, Any]:
-    from embedkit.quality.evaluate import load_thresholds as quality_thresholds
+    from embedkit.quality.gate import load_thresholds as quality_thresholds
     from embedkit.runtime.engine import Engine
 
     q = candidate.artifact.manifest.quantization
