@@ -102,9 +102,9 @@ def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
     section["gpu_unsupported_ops"] = unsupported
     section["gpu_table_source"] = table.get("source", {})
     section["note"] = (
-        "GPU support is read from ORT's registered-kernel tables (docs/OperatorKernels.md) and the "
-        "onnx-tensorrt operator list; unsupported nodes fall back to CPU at run time. On a GPU host, "
-        "session option session.disable_cpu_ep_fallback=1 makes this strict."
+        "GPU support is read from ORT's registered-kernel tables (docs/OperatorKernels.md) and "
+        "the onnx-tensorrt operator list; unsupported nodes fall back to CPU at run time. On a "
+        "GPU host, session option session.disable_cpu_ep_fallback=1 makes this strict."
     )
     section["passed"] = cpu_ok
     return section
