@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from embedkit.model import evaldata
 from embedkit.runtime.vectors import decode_base64
 
 pytestmark = pytest.mark.slow
@@ -21,10 +22,8 @@ DIM = 384
 
 @pytest.fixture(scope="module")
 def texts(data_dir: Path) -> list[str]:
-    out: list[str] = []
-    for line in (data_dir / "stsbenchmark" / "sts-test.csv").read_text().splitlines()[:40]:
-        fields = line.rstrip("\n").split("\t")
-        out.extend(fields[5:7])
+    pairs = evaldata.sts("test")[:40]
+    out = [s for pair in pairs for s in (pair.sentence1, pair.sentence2)]
     return [*out, "", "word " * 400]  # an empty string and one over the 256-token limit
 
 
