@@ -3,6 +3,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# Python sources that lint covers (two scripts are Python without a .py suffix).
+PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/bench-http scripts/soak
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: setup serve test lint clean
@@ -22,7 +24,8 @@ serve: setup
 	./scripts/serve
 
 lint: setup
-	$(BIN)/ruff check src tests service.py
+	$(BIN)/ruff format --check $(PY_SOURCES)
+	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/mypy
 
 test: lint

@@ -26,7 +26,7 @@ from embedkit.quality.report import plot_deltas
 from embedkit.release import PARENT, candidates_summary, pick_default, run_candidates
 from embedkit.variants import quantize
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path("docs")  # run from the project root, like every command
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
 BAD = {"kind": "dynamic-int8", "weight_type": "s8", "per_channel": False, "reduce_range": True}
 

@@ -20,9 +20,6 @@ os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data"
-
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
@@ -35,9 +32,12 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not (DATA_DIR / "stsbenchmark" / "sts-test.csv").is_file():
-        pytest.fail(f"evaluation data missing at {DATA_DIR} (../shared/data beside the repo)")
-    return DATA_DIR
+    """The evaluation data the code reads (settings.data_dir), present or a clear failure."""
+    from embedkit.core.settings import get_settings
+    from embedkit.model import evaldata
+
+    evaldata.data_file("stsbenchmark/sts-test.csv")  # one line naming the path if missing
+    return get_settings().data_dir
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fp32_artifact(session_dir: Path, default_model_dir: Path):  # type: ignore[no-untyped-def]
+def fp32_artifact(session_dir: Path, default_model_dir: Path):
     """The default model exported once per session with the real Optimum path."""
     from embedkit.model.export import export
     from embedkit.model.recipe import find_recipe
@@ -59,7 +59,7 @@ def fp32_artifact(session_dir: Path, default_model_dir: Path):  # type: ignore[n
 
 
 @pytest.fixture(scope="session")
-def reference(default_model_dir: Path):  # type: ignore[no-untyped-def]
+def reference(default_model_dir: Path):
     """The PyTorch SentenceTransformer encoder (the parity reference)."""
     from embedkit.model.export import load_reference
 
@@ -67,7 +67,7 @@ def reference(default_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def artifact_copy(fp32_artifact, tmp_path: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+def artifact_copy(fp32_artifact, tmp_path: Path) -> Iterator[Path]:
     """A private copy of the fp32 artifact that a test may modify."""
     dest = tmp_path / "artifact"
     shutil.copytree(fp32_artifact.path, dest)

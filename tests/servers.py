@@ -73,7 +73,7 @@ class Launcher:
 
 
 @pytest.fixture(scope="session")
-def model_tag(fp32_artifact) -> str:  # type: ignore[no-untyped-def]
+def model_tag(fp32_artifact) -> str:
     """The fp32 artifact registered in the session's BentoML model store."""
     from embedkit.model.artifact import register
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pydantic import ValidationError
+from starlette.types import Message
 
 from embedkit.core.errors import (
     EmbedkitError,
@@ -49,13 +50,13 @@ SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
+def tokenizer(fp32_artifact):
     from embedkit.runtime.tokens import TextTokenizer
 
     return TextTokenizer.from_artifact(fp32_artifact)
 
 
-def openai(tokenizer, **body: Any) -> EmbedJob:  # type: ignore[no-untyped-def]
+def openai(tokenizer, **body: Any) -> EmbedJob:
     req = EmbeddingsRequest.model_validate({"model": MODEL, **body})
     return openai_job(req, tokenizer, SETTINGS, served=MODEL, model_dim=384, normalize=True)
 
@@ -69,7 +70,7 @@ def test_openai_input_is_strict(value: object) -> None:
         EmbeddingsRequest.model_validate({"model": MODEL, "input": value})
 
 
-def test_openai_routing_single_to_query_many_to_bulk(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_openai_routing_single_to_query_many_to_bulk(tokenizer) -> None:
     assert openai(tokenizer, input="one").lane == "query"
     assert openai(tokenizer, input=["one"]).lane == "query"
     assert openai(tokenizer, input=["one", "two"]).lane == "bulk"
@@ -77,7 +78,7 @@ def test_openai_routing_single_to_query_many_to_bulk(tokenizer) -> None:  # type
     assert openai(tokenizer, input=[[7592], [2088]]).lane == "bulk"
 
 
-def test_openai_token_ids_get_special_tokens(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_openai_token_ids_get_special_tokens(tokenizer) -> None:
     assert openai(tokenizer, input=[7592, 2088]).ids == tokenizer.encode(["hello world"])
     job = openai(tokenizer, input="hello world")
     assert job.ids == [[101, 7592, 2088, 102]] and job.tokens == 4
@@ -94,13 +95,13 @@ def test_openai_token_ids_get_special_tokens(tokenizer) -> None:  # type: ignore
         ({"input": "a", "model": "other"}, ModelNotFound, "model"),
     ],
 )
-def test_openai_job_errors(tokenizer, body, error, param) -> None:  # type: ignore[no-untyped-def]
+def test_openai_job_errors(tokenizer, body, error, param) -> None:
     with pytest.raises(error) as info:
         openai(tokenizer, **body)
     assert info.value.param == param
 
 
-def test_native_job(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_native_job(tokenizer) -> None:
     req = EmbedRequest(
         texts=["", "b"], normalize=False, truncate=True, dimensions=8, encoding_format="base64"
     )
@@ -291,7 +292,7 @@ def test_middleware_auth_and_open_paths() -> None:
 def test_middleware_body_limit_with_and_without_length() -> None:
     big = b"x" * 4096
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks():
         for _ in range(4):
             yield big[:1024]
 
@@ -358,18 +359,18 @@ def test_middleware_cancels_a_request_whose_client_left() -> None:
             raise
 
     edge = EdgeMiddleware(slow_app, SETTINGS)
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"type": "http.request", "body": b"{}", "more_body": False},
         {"type": "http.disconnect"},
     ]
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
     async def receive() -> dict[str, Any]:
         if len(messages) == 1:
             await asyncio.sleep(0.05)  # the client leaves a moment after sending
         return messages.pop(0)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     scope = {

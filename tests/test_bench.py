@@ -30,14 +30,14 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def int8_variant(fp32_artifact, tmp_path_factory):  # type: ignore[no-untyped-def]
+def int8_variant(fp32_artifact, tmp_path_factory):
     from embedkit.variants.quantize import build_variant
 
     out = tmp_path_factory.mktemp("variants") / "dynamic-int8"
     return build_variant(fp32_artifact, "dynamic-int8", out, weight_type="s8", per_channel=True)
 
 
-def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_variant, tmp_path):  # type: ignore[no-untyped-def]
+def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_variant, tmp_path):
     pytest.importorskip("sentence_transformers", reason="PyTorch baseline needs the export extra")
     paths = bench_and_report(
         fp32_artifact.path,
@@ -76,7 +76,7 @@ def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_v
     assert "## Cost per 1,000 embeddings" in md and "throughput.png" in md
 
 
-def test_http_sweep_against_a_started_service(fp32_artifact):  # type: ignore[no-untyped-def]
+def test_http_sweep_against_a_started_service(fp32_artifact):
     service = start_service(fp32_artifact.path)
     try:
         service.wait_ready()
@@ -103,7 +103,7 @@ def test_http_sweep_against_a_started_service(fp32_artifact):  # type: ignore[no
 # --- the gate --------------------------------------------------------------------------
 
 
-def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):
     report = tmp_path / "gate.json"
     res = runner.invoke(
         app, ["gate", "--baseline", str(fp32_artifact.path), "--short", "--report", str(report)]
@@ -114,7 +114,7 @@ def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):  # typ
     assert data["passed"] and set(data["throughput"]) == {"1", "32", "128"}
 
 
-def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):
     # The configured thresholds, timed at batch 128 only: the slow candidate is slow by
     # construction, and measuring it at every batch size would only cost CI time.
     config = perfgate.load_thresholds().model_dump()
@@ -140,7 +140,7 @@ def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):  # t
     assert "FAIL: throughput at batch 128" in res.output  # padding costs most at large batches
 
 
-def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_copy):  # type: ignore[no-untyped-def]
+def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_copy):
     from embedkit.model.artifact import Artifact
 
     base = perfgate.load_baseline(artifact_copy)
@@ -167,7 +167,7 @@ def test_gate_fails_a_candidate_without_an_approved_quality_verdict(artifact_cop
     assert any("no approved quality verdict (rejected)" in f for f in result.failures)
 
 
-def test_gate_config_and_records_reject_bad_input(tmp_path):  # type: ignore[no-untyped-def]
+def test_gate_config_and_records_reject_bad_input(tmp_path):
     bad = tmp_path / "perf.yaml"
     bad.write_text("throughput_drop_max: 2\n")
     with pytest.raises(InvalidInput, match="invalid"):
@@ -184,7 +184,7 @@ def test_gate_config_and_records_reject_bad_input(tmp_path):  # type: ignore[no-
 # --- profile, release records, info ------------------------------------------------------
 
 
-def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):
     report = profiling.profile(
         {"fp32": fp32_artifact.path}, tmp_path, batch_sizes=(8,), max_batches=2
     )
@@ -197,7 +197,7 @@ def test_profile_ranks_operators_and_keeps_the_trace(fp32_artifact, tmp_path):  
     assert (tmp_path / "profile.md").read_text().count("| fp32 |") == 1
 
 
-def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path):  # type: ignore[no-untyped-def]
+def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path):
     import bentoml
 
     from embedkit.model.artifact import Artifact
@@ -222,7 +222,9 @@ def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path): 
         "top_ops"
     ]
     metadata = bentoml.models.get(tag).info.metadata
-    assert metadata["bench.texts_per_s_b32"] > 0 and metadata["runtime.variant"] == "fp32"
+    texts_per_s = metadata["bench.texts_per_s_b32"]
+    assert isinstance(texts_per_s, float) and texts_per_s > 0
+    assert metadata["runtime.variant"] == "fp32"
     # The gate restores the baseline's recorded runtime parameters.
     base = perfgate.load_baseline(tag)
     assert base.settings.intra_op_threads == runtime["settings"]["intra_op_threads"]
@@ -231,7 +233,7 @@ def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path): 
 # --- pure functions -------------------------------------------------------------------------
 
 
-def test_cost_and_roofline_arithmetic(tmp_path):  # type: ignore[no-untyped-def]
+def test_cost_and_roofline_arithmetic(tmp_path):
     assert cost.per_1k(3.6, 1.0) == pytest.approx(1.0)  # $3.60/h at 1 text/s → $1 per 1k
     table = cost.load_prices()
     rows = cost.cost_rows({"engine (b32)": 100.0}, 2, table)

@@ -19,11 +19,11 @@ from embedkit.runtime.engine import Engine
 runner = CliRunner()
 
 
-def run(*args: str, input: str | None = None):  # type: ignore[no-untyped-def]
+def run(*args: str, input: str | None = None):
     return runner.invoke(app, list(args), input=input)
 
 
-def assert_one_line_error(result, *needles: str) -> None:  # type: ignore[no-untyped-def]
+def assert_one_line_error(result, *needles: str) -> None:
     assert result.exit_code != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr  # progress lines may precede it; the error is one line
@@ -199,11 +199,11 @@ def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: 
     assert_one_line_error(result, "int3")
 
 
-def test_configuration_reference_is_current() -> None:
+def test_configuration_reference_is_current(pytestconfig: pytest.Config) -> None:
     """docs/configuration.md is generated from the settings; regenerate it when they change."""
     result = run("config", "--markdown")
     assert result.exit_code == 0
-    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    doc = pytestconfig.rootpath / "docs" / "configuration.md"
     assert doc.read_text() == result.stdout, (
         "run: embedkit config --markdown > docs/configuration.md"
     )

@@ -68,7 +68,7 @@ def test_batch_invariance(engine: Engine) -> None:
     assert section["passed"], section
 
 
-def test_parity_passes_on_every_segment(engine: Engine, reference) -> None:  # type: ignore[no-untyped-def]
+def test_parity_passes_on_every_segment(engine: Engine, reference) -> None:
     segments = contract.parity_segments("test", limit=40)
     assert any(k.startswith("sts/") for k in segments) and "edge/long_256" in segments
     report = contract.check_parity(engine, reference, segments)
@@ -76,7 +76,7 @@ def test_parity_passes_on_every_segment(engine: Engine, reference) -> None:  # t
     assert report["overall"]["min_cosine"] >= contract.MIN_COSINE
 
 
-def test_parity_catches_a_wrong_manifest(artifact_copy: Path, reference) -> None:  # type: ignore[no-untyped-def]
+def test_parity_catches_a_wrong_manifest(artifact_copy: Path, reference) -> None:
     # Same graph, but the manifest forgets to normalise: vectors drift from the reference.
     fields = Artifact.read_manifest(artifact_copy).model_dump(exclude={"files"})
     fields["embedding"]["normalize"] = False

@@ -29,7 +29,7 @@ THREADS = 2
 
 
 @pytest.fixture(scope="module")
-def engine(fp32_artifact) -> Engine:  # type: ignore[no-untyped-def]
+def engine(fp32_artifact) -> Engine:
     eng = Engine(fp32_artifact, Settings(intra_op_threads=THREADS))
     eng.warmup()
     return eng
@@ -46,7 +46,7 @@ def parity_texts(data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference_vectors(reference, parity_texts: list[str]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def reference_vectors(reference, parity_texts: list[str]) -> np.ndarray:
     return np.asarray(reference.encode(parity_texts, batch_size=32, convert_to_numpy=True))
 
 
@@ -62,7 +62,7 @@ def test_parity_with_sentence_transformers(
     parity_texts: list[str],
     reference_vectors: np.ndarray,
     token_aware: bool,
-    io_binding: str,  # type: ignore[no-untyped-def]
+    io_binding: str,
 ) -> None:
     s = Settings(intra_op_threads=THREADS, token_aware_batching=token_aware, io_binding=io_binding)
     eng = Engine(fp32_artifact, s)
@@ -243,7 +243,7 @@ def test_embed_ids_rejects_bad_ids(engine: Engine) -> None:
 # --- serving-path hygiene ------------------------------------------------------------------
 
 
-def test_engine_never_imports_torch(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_engine_never_imports_torch(fp32_artifact) -> None:
     code = (
         "import sys\n"
         "from embedkit.runtime.engine import Engine\n"
@@ -267,7 +267,7 @@ def test_engine_never_imports_torch(fp32_artifact) -> None:  # type: ignore[no-u
 RSS_BOUND_MB = 64  # growth allowed after warm-up; unbounded arena growth shows up as hundreds
 
 
-def test_rss_stays_bounded_over_mixed_lengths(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_rss_stays_bounded_over_mixed_lengths(fp32_artifact) -> None:
     """~2,000 batches of ever-changing shapes (lengths 2..256) must not grow the process."""
     import psutil
 

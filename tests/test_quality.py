@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,7 +145,11 @@ def test_corpus_segments(fp32_artifact: Artifact) -> None:
 
 # --- a small real gate run (every CI run) ---------------------------------------------------
 
-FAST = {"groups": ("stsb", "length", "lang"), "languages": ("en", "de", "ja"), "max_pairs": 160}
+FAST: dict[str, Any] = {
+    "groups": ("stsb", "length", "lang"),
+    "languages": ("en", "de", "ja"),
+    "max_pairs": 160,
+}
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return pad_batch(rows, 0)
 
 
-def test_default_routing_picks_the_best_available(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_default_routing_picks_the_best_available(fp32_artifact) -> None:
     session, report = create_session(fp32_artifact.model_path, Settings(intra_op_threads=1))
     assert CPU in report.available and report.active[0] in report.available
     assert report.requested == [TENSORRT, CUDA, CPU]
@@ -56,7 +56,7 @@ def test_default_routing_picks_the_best_available(fp32_artifact) -> None:  # typ
 @needs_cpu_only
 def test_cuda_on_cpu_build_falls_back_visibly(
     fp32_artifact, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     runtime._warned.clear()
     before = _fallbacks(CUDA, CPU)
     with caplog.at_level(logging.WARNING, logger="embedkit.runtime.session"):
@@ -75,7 +75,7 @@ def test_cuda_on_cpu_build_falls_back_visibly(
 @needs_cpu_only
 def test_explicit_providers_from_env_count_as_a_request(
     fp32_artifact,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("EMBEDKIT_PROVIDERS", '["CUDAExecutionProvider"]')
     _, report = create_session(fp32_artifact.model_path, Settings())
@@ -83,7 +83,7 @@ def test_explicit_providers_from_env_count_as_a_request(
 
 
 @needs_cpu_only
-def test_strict_refuses_to_fall_back(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_strict_refuses_to_fall_back(fp32_artifact) -> None:
     with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider is not available") as err:
         create_session(
             fp32_artifact.model_path, Settings(strict_providers=True), fixed_providers=[CUDA, CPU]
@@ -116,7 +116,7 @@ def test_session_options_follow_settings(tmp_path: Path) -> None:
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_profiling_and_optimized_graph_are_written(fp32_artifact, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_profiling_and_optimized_graph_are_written(fp32_artifact, tmp_path: Path) -> None:
     s = Settings(
         intra_op_threads=1,
         profiling_dir=tmp_path / "prof",
@@ -152,7 +152,7 @@ def test_run_options_shrink_the_arena() -> None:
     assert gpu.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0;gpu:0"
 
 
-def test_io_binding_matches_plain_run(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_io_binding_matches_plain_run(fp32_artifact) -> None:
     s = Settings(intra_op_threads=1)
     session, report = create_session(fp32_artifact.model_path, s, fixed_providers=[CPU])
     inputs = fp32_artifact.manifest.inputs
@@ -180,15 +180,15 @@ def test_io_binding_matches_plain_run(fp32_artifact) -> None:  # type: ignore[no
 def test_feeds_only_declared_inputs() -> None:
     ids = np.array([[1, 2]], dtype=np.int64)
     mask = np.ones_like(ids)
-    runner = Runner(None, ["input_ids", "token_type_ids", "attention_mask"], "out")  # type: ignore[arg-type]
+    runner = Runner(None, ["input_ids", "token_type_ids", "attention_mask"], "out")
     feeds = runner.feeds(ids, mask)
     assert list(feeds) == ["input_ids", "token_type_ids", "attention_mask"]
     assert not feeds["token_type_ids"].any()
     with pytest.raises(InferenceError, match="position_ids"):
-        Runner(None, ["input_ids", "position_ids"], "out").feeds(ids, mask)  # type: ignore[arg-type]
+        Runner(None, ["input_ids", "position_ids"], "out").feeds(ids, mask)
 
 
-def test_runtime_errors_become_inference_errors(fp32_artifact) -> None:  # type: ignore[no-untyped-def]
+def test_runtime_errors_become_inference_errors(fp32_artifact) -> None:
     s = Settings(intra_op_threads=1)
     session, report = create_session(fp32_artifact.model_path, s, fixed_providers=[CPU])
     runner = Runner.for_session(

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
-def tok(fp32_artifact) -> TextTokenizer:  # type: ignore[no-untyped-def]
+def tok(fp32_artifact) -> TextTokenizer:
     return TextTokenizer.from_artifact(fp32_artifact)
 
 
@@ -50,7 +50,7 @@ def test_manifest_overrides_tokenizer_json(tok: TextTokenizer) -> None:
     assert tok.vocab_size == 30522
 
 
-def test_matches_the_reference_tokenizer(tok: TextTokenizer, reference, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_matches_the_reference_tokenizer(tok: TextTokenizer, reference, data_dir: Path) -> None:
     from embedkit.model import evaldata
 
     texts = evaldata.sts_sentences("test")[:300] + evaldata.long_texts(260, 3)

@@ -156,9 +156,8 @@ def _print_contract(result: dict[str, Any]) -> None:
     out.print(table)
     gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
     for provider, ops in gpu.items():
-        out.print(
-            f"{provider}: {'all ops implemented' if not ops else 'not implemented: ' + ', '.join(ops)}"
-        )
+        found = "all ops implemented" if not ops else "not implemented: " + ", ".join(ops)
+        out.print(f"{provider}: {found}")
     out.print("PASSED" if result.get("passed") else "FAILED", style="bold")
 
 
@@ -166,7 +165,9 @@ def _print_contract(result: dict[str, Any]) -> None:
 @one_line_errors
 def release_cmd(
     model: ModelOpt = None,
-    workdir: Annotated[Path, typer.Option(help="Where artifacts are built.")] = Path("artifacts"),
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where artifacts are built (default: artifacts_dir).")
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="At most this many STS sentences per genre in parity.")
     ] = None,
@@ -192,7 +193,9 @@ def release_cmd(
         ),
     ] = True,
 ) -> None:
-    """Export → validate → variants and gate (optional) → records → sign → register; prints the tag."""
+    """Export → validate → variants and gate (optional) → records → sign → register.
+
+    Prints the default version's tag."""
     from embedkit.model.recipe import find_recipe
     from embedkit.model.signing import load_private_key
     from embedkit.release import release

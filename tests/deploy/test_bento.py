@@ -35,7 +35,7 @@ EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sen
 
 
 @pytest.fixture(scope="module")
-def tags(fp32_artifact) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def tags(fp32_artifact) -> tuple[str, str]:
     """(pinned, newer): two versions of the same model; the Bentos pin the first."""
     from embedkit.model.artifact import register
 
@@ -233,7 +233,7 @@ def served(
 def test_served_cpu_bento_matches_the_in_process_engine(
     served: str,
     fp32_artifact,
-    tags: tuple[str, str],  # type: ignore[no-untyped-def]
+    tags: tuple[str, str],
 ) -> None:
     from openai import OpenAI
 

@@ -34,7 +34,7 @@ REFUSED = "embedkit refuses to start"
 CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
-def assert_never_ready(server, seconds: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+def assert_never_ready(server, seconds: float = 5.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):  # not even listening: not ready either
@@ -82,7 +82,7 @@ def embed_one(url: str, text: str) -> np.ndarray:
 # --- integrity and trust ------------------------------------------------------------------
 
 
-def test_one_flipped_byte_in_the_graph_refuses_startup(fp32_artifact, launcher) -> None:  # type: ignore[no-untyped-def]
+def test_one_flipped_byte_in_the_graph_refuses_startup(fp32_artifact, launcher) -> None:
     tag, stored = fresh_version(fp32_artifact.path)
     graph = stored / "model.onnx"
     with open(graph, "r+b") as fh:  # one bit of one weight byte, mid-file
@@ -112,7 +112,7 @@ def test_signature_required_refuses_unsigned_serves_signed(
     launcher,
     keys,
     corpus,
-    tmp_path,  # type: ignore[no-untyped-def]
+    tmp_path,
 ) -> None:
     import shutil
 
@@ -141,7 +141,7 @@ def test_signature_required_refuses_unsigned_serves_signed(
 # --- execution providers ---------------------------------------------------------------------
 
 
-def test_missing_provider_falls_back_visibly(model_tag, launcher) -> None:  # type: ignore[no-untyped-def]
+def test_missing_provider_falls_back_visibly(model_tag, launcher) -> None:
     """CUDA asked for first on a CPU-only onnxruntime: CPU serves, and says so."""
     server = launcher.start(model_tag, {"EMBEDKIT_PROVIDERS": CUDA_FIRST})
     provider = httpx.get(server.url + "/info", timeout=30).json()["provider"]
@@ -156,7 +156,7 @@ def test_missing_provider_falls_back_visibly(model_tag, launcher) -> None:  # ty
     embed_one(server.url, "still serving on CPU")
 
 
-def test_missing_provider_in_strict_mode_refuses_startup(model_tag, launcher) -> None:  # type: ignore[no-untyped-def]
+def test_missing_provider_in_strict_mode_refuses_startup(model_tag, launcher) -> None:
     env = {"EMBEDKIT_PROVIDERS": CUDA_FIRST, "EMBEDKIT_STRICT_PROVIDERS": "true"}
     server = launcher.start(model_tag, env, ready=False)
     line = server.wait_for_line(REFUSED)
@@ -167,7 +167,7 @@ def test_missing_provider_in_strict_mode_refuses_startup(model_tag, launcher) ->
 # --- a worker killed under load -----------------------------------------------------------------
 
 
-def embedder_pid(server) -> int:  # type: ignore[no-untyped-def]
+def embedder_pid(server) -> int:
     for proc in psutil.Process(server.proc.pid).children(recursive=True):
         cmd = proc.cmdline()
         if "--service-name" in cmd and cmd[cmd.index("--service-name") + 1] == "embedder":
@@ -175,7 +175,7 @@ def embedder_pid(server) -> int:  # type: ignore[no-untyped-def]
     raise AssertionError("no embedder worker")
 
 
-def test_embedder_killed_mid_load_restarts_and_recovers(model_tag, launcher, corpus) -> None:  # type: ignore[no-untyped-def]
+def test_embedder_killed_mid_load_restarts_and_recovers(model_tag, launcher, corpus) -> None:
     server = launcher.start(model_tag)
     victim = embedder_pid(server)
 

@@ -63,7 +63,7 @@ def _nobody_can_run_workers() -> str | None:
 
 
 @pytest.mark.skipif(_nobody_can_run_workers() is not None, reason=str(_nobody_can_run_workers()))
-def test_serves_as_non_root_from_a_read_only_store(model_tag, launcher, sandbox, corpus) -> None:  # type: ignore[no-untyped-def]
+def test_serves_as_non_root_from_a_read_only_store(model_tag, launcher, sandbox, corpus) -> None:
     import bentoml
 
     stored = Path(bentoml.models.get(model_tag).path)
@@ -109,7 +109,7 @@ def test_serves_as_non_root_from_a_read_only_store(model_tag, launcher, sandbox,
     assert sorted(p.name for p in model_dir.rglob("*")) == before  # the store is untouched
 
 
-def test_model_setting_must_be_a_store_tag_not_a_path(launcher) -> None:  # type: ignore[no-untyped-def]
+def test_model_setting_must_be_a_store_tag_not_a_path(launcher) -> None:
     """EMBEDKIT_MODEL names a model-store tag; a filesystem path is refused at startup."""
     server = launcher.start("/tmp/embedkit-art/minilm-fp32", ready=False)
     assert server.proc.wait(timeout=120) != 0

@@ -55,7 +55,7 @@ formats = st.sampled_from(["float", "base64"]) | json_scalars
 
 
 @pytest.fixture(scope="module")
-def tokenizer(fp32_artifact):  # type: ignore[no-untyped-def]
+def tokenizer(fp32_artifact):
     from embedkit.runtime.tokens import TextTokenizer
 
     return TextTokenizer.from_artifact(fp32_artifact)
@@ -79,7 +79,7 @@ def _client_error(exc: EmbedkitError) -> None:
         },
     )
 )
-def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, Any]) -> None:
     try:
         req = EmbeddingsRequest.model_validate(body)
     except ValidationError:
@@ -110,7 +110,7 @@ def test_openai_request_is_a_job_or_a_client_error(tokenizer, body: dict[str, An
 )
 def test_native_request_is_a_job_or_a_client_error(
     tokenizer, body: dict[str, Any], lane: Lane
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     try:
         req = EmbedRequest.model_validate(body)
     except ValidationError:

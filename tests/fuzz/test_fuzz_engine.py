@@ -18,7 +18,7 @@ any_text = st.text(max_size=80) | st.text(
 
 
 @pytest.fixture(scope="module")
-def engine(fp32_artifact):  # type: ignore[no-untyped-def]
+def engine(fp32_artifact):
     from embedkit.runtime.engine import Engine
 
     return Engine(fp32_artifact)
@@ -32,7 +32,7 @@ def engine(fp32_artifact):  # type: ignore[no-untyped-def]
 )
 def test_encode_any_unicode_batch(
     engine, texts: list[str], dimensions: int | None, normalize: bool
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     try:
         got = engine.encode(texts, dimensions=dimensions, normalize=normalize)
     except InvalidDimensions:
@@ -60,14 +60,14 @@ def test_encode_any_unicode_batch(
     )
     | st.just([])
 )
-def test_non_text_items_are_invalid_input(engine, items: list[object]) -> None:  # type: ignore[no-untyped-def]
+def test_non_text_items_are_invalid_input(engine, items: list[object]) -> None:
     with pytest.raises(InvalidInput):
-        engine.encode(items)  # type: ignore[arg-type]
+        engine.encode(items)
 
 
 @settings(max_examples=60, deadline=None)
 @given(ids=st.lists(st.lists(st.integers(min_value=0, max_value=30_521), max_size=300), max_size=5))
-def test_embed_ids_any_lengths(engine, ids: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+def test_embed_ids_any_lengths(engine, ids: list[list[int]]) -> None:
     """Raw ids (as the Embedder receives them): empty, over the limit or fine — never a crash."""
     try:
         vectors, tel = engine.embed_ids(ids)

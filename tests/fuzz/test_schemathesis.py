@@ -21,7 +21,7 @@ MAX_EXAMPLES = 40
 MAX_TIME_S = 60
 
 
-def test_no_generated_request_gets_a_5xx(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_no_generated_request_gets_a_5xx(server, tmp_path: Path) -> None:
     cmd = [
         ST,
         "run",

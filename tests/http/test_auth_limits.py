@@ -18,7 +18,7 @@ AUTH = {"authorization": "Bearer key-two"}
 
 
 @pytest.fixture(scope="module")
-def strict_server(model_tag, launcher):  # type: ignore[no-untyped-def]
+def strict_server(model_tag, launcher):
     env = {
         "EMBEDKIT_API_KEYS": '["key-one", "key-two"]',
         "EMBEDKIT_MAX_CONCURRENCY": "1",
@@ -28,7 +28,7 @@ def strict_server(model_tag, launcher):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics"])
-def test_probes_stay_open(strict_server, path: str) -> None:  # type: ignore[no-untyped-def]
+def test_probes_stay_open(strict_server, path: str) -> None:
     assert httpx.get(strict_server.url + path, timeout=10).status_code == 200
 
 

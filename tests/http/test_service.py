@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -28,13 +29,13 @@ def texts(data_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def engine(fp32_artifact):  # type: ignore[no-untyped-def]
+def engine(fp32_artifact):
     from embedkit.runtime.engine import Engine
 
     return Engine(fp32_artifact)
 
 
-def post(server, path: str, body: object = None, **kw) -> httpx.Response:  # type: ignore[no-untyped-def]
+def post(server, path: str, body: object = None, **kw) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
 
 
@@ -48,18 +49,18 @@ def assert_parity(got: np.ndarray, want: np.ndarray) -> None:
 # --- routes --------------------------------------------------------------------------
 
 
-def test_probes_and_metrics_are_open(server) -> None:  # type: ignore[no-untyped-def]
+def test_probes_and_metrics_are_open(server) -> None:
     for path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 200
 
 
-def test_models_lists_the_served_name(server) -> None:  # type: ignore[no-untyped-def]
+def test_models_lists_the_served_name(server) -> None:
     body = httpx.get(server.url + "/v1/models", timeout=10).json()
     assert body["object"] == "list"
     assert body["data"][0]["id"] == MODEL and body["data"][0]["object"] == "model"
 
 
-def test_info_reports_model_provider_policy_limits(server) -> None:  # type: ignore[no-untyped-def]
+def test_info_reports_model_provider_policy_limits(server) -> None:
     info = httpx.get(server.url + "/info", timeout=10).json()
     assert info["tag"] == server.tag
     assert info["manifest"]["dimension"] == DIM
@@ -72,13 +73,13 @@ def test_info_reports_model_provider_policy_limits(server) -> None:  # type: ign
     assert info["limits"]["max_client_batch"] >= 1 and info["auth"] is False
 
 
-def test_tokenize_counts_special_tokens(server, engine) -> None:  # type: ignore[no-untyped-def]
+def test_tokenize_counts_special_tokens(server, engine) -> None:
     body = post(server, "/tokenize", {"texts": ["hello world", ""]}).json()
     assert body["ids"] == engine.tokenizer.encode(["hello world", ""])
     assert body["counts"] == [4, 2] and body["usage"]["tokens"] == 6
 
 
-def test_embed_routes_match_in_process_engine(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+def test_embed_routes_match_in_process_engine(server, engine, texts) -> None:
     want = engine.encode(texts)
     for path in ("/embed", "/embed/query"):
         body = post(server, path, {"texts": texts}).json()
@@ -87,7 +88,7 @@ def test_embed_routes_match_in_process_engine(server, engine, texts) -> None:  #
         assert_parity(np.array(body["embeddings"], dtype=np.float32), want)
 
 
-def test_embed_base64_dimensions_and_raw(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+def test_embed_base64_dimensions_and_raw(server, engine, texts) -> None:
     body = post(
         server,
         "/embed",
@@ -98,7 +99,7 @@ def test_embed_base64_dimensions_and_raw(server, engine, texts) -> None:  # type
     assert_parity(got, engine.encode(texts[:8], dimensions=64, normalize=False))
 
 
-def test_openai_client_unchanged(server, engine, texts) -> None:  # type: ignore[no-untyped-def]
+def test_openai_client_unchanged(server, engine, texts) -> None:
     from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -164,7 +165,7 @@ ERRORS = [
 
 
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), ERRORS)
-def test_error_table(server, path, body, status, code, param) -> None:  # type: ignore[no-untyped-def]
+def test_error_table(server, path, body, status, code, param) -> None:
     if isinstance(body, bytes):
         r = httpx.post(
             server.url + path,
@@ -185,25 +186,25 @@ def test_error_table(server, path, body, status, code, param) -> None:  # type: 
 @pytest.mark.parametrize(
     "content_type", ["multipart/form-data", "application/vnd.bentoml+pickle", "text/plain"]
 )
-def test_only_json_bodies(server, content_type: str) -> None:  # type: ignore[no-untyped-def]
+def test_only_json_bodies(server, content_type: str) -> None:
     r = httpx.post(
         server.url + "/embed", content=b"hello", timeout=30, headers={"content-type": content_type}
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input"
 
 
-def test_unsupported_method_keeps_allow_header(server) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_method_keeps_allow_header(server) -> None:
     r = httpx.request("TRACE", server.url + "/embed", timeout=10)
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["message"] == "method not allowed"
 
 
-def test_too_long_names_the_item(server) -> None:  # type: ignore[no-untyped-def]
+def test_too_long_names_the_item(server) -> None:
     r = post(server, "/embed", {"texts": ["ok", "word " * 400], "truncate": False})
     assert "input[1]" in r.json()["error"]["message"]
 
 
-def test_body_over_limit_is_413_before_parsing(server) -> None:  # type: ignore[no-untyped-def]
+def test_body_over_limit_is_413_before_parsing(server) -> None:
     big = b'{"texts": ["' + b"a" * (8 * 1024 * 1024) + b'"]}'
     r = httpx.post(
         server.url + "/embed", content=big, timeout=60, headers={"content-type": "application/json"}
@@ -211,7 +212,7 @@ def test_body_over_limit_is_413_before_parsing(server) -> None:  # type: ignore[
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
-def test_empty_strings_embed(server, engine) -> None:  # type: ignore[no-untyped-def]
+def test_empty_strings_embed(server, engine) -> None:
     body = post(server, "/embed", {"texts": ["", ""]}).json()
     assert_parity(np.array(body["embeddings"], dtype=np.float32), engine.encode(["", ""]))
 
@@ -237,7 +238,7 @@ def batch_stats(metrics: str, method: str) -> tuple[float, float]:
     return total, ones
 
 
-async def _burst(url: str, path: str, bodies: list[object]) -> list[httpx.Response]:
+async def _burst(url: str, path: str, bodies: Sequence[object]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(bodies))
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         return await asyncio.gather(*(client.post(url + path, json=b) for b in bodies))
@@ -252,7 +253,7 @@ async def _burst(url: str, path: str, bodies: list[object]) -> list[httpx.Respon
         ("/v1/embeddings", {"model": MODEL, "input": ["one", "two"]}, "embed_bulk"),
     ],
 )
-def test_concurrent_requests_are_batched(server, path, body, method) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_requests_are_batched(server, path, body, method) -> None:
     before = batch_stats(server.metrics(), method)
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
@@ -263,7 +264,7 @@ def test_concurrent_requests_are_batched(server, path, body, method) -> None:  #
     assert 0 < total < 48, "requests were not merged into fewer batches"
 
 
-def test_more_than_100_requests_in_flight(server, engine) -> None:  # type: ignore[no-untyped-def]
+def test_more_than_100_requests_in_flight(server, engine) -> None:
     """Regression: BentoML 1.4.40's inter-service client failed beyond 100 in flight."""
     bodies = [{"texts": [f"request number {i}"]} for i in range(150)]
     responses = asyncio.run(_burst(server.url, "/embed/query", bodies))
@@ -272,7 +273,7 @@ def test_more_than_100_requests_in_flight(server, engine) -> None:  # type: igno
     assert_parity(got, engine.encode([b["texts"][0] for b in bodies]))
 
 
-def test_our_metrics_are_exported(server) -> None:  # type: ignore[no-untyped-def]
+def test_our_metrics_are_exported(server) -> None:
     text = server.metrics()
     for name in (
         "embedkit_texts_embedded_total",
@@ -289,7 +290,7 @@ def test_our_metrics_are_exported(server) -> None:  # type: ignore[no-untyped-de
     assert re.search(r'embedkit_rejected_requests_total\{reason="invalid_input"\} [1-9]', text)
 
 
-def test_openapi_document_is_honest(server) -> None:  # type: ignore[no-untyped-def]
+def test_openapi_document_is_honest(server) -> None:
     doc = httpx.get(server.url + "/docs.json", timeout=10).json()
     paths = doc["paths"]
     for route in ("/v1/embeddings", "/embed", "/embed/query", "/tokenize"):

@@ -11,12 +11,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def assert_never_ready(server) -> None:  # type: ignore[no-untyped-def]
+def assert_never_ready(server) -> None:
     with contextlib.suppress(httpx.HTTPError):  # not even listening: not ready either
         assert httpx.get(server.url + "/readyz", timeout=2).status_code != 200
 
 
-def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:
     import bentoml
 
     from embedkit.model.artifact import register
@@ -30,7 +30,7 @@ def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:  # ty
     assert_never_ready(server)
 
 
-def test_missing_model_stops_startup(launcher) -> None:  # type: ignore[no-untyped-def]
+def test_missing_model_stops_startup(launcher) -> None:
     """BentoML itself resolves the service's BentoModel before starting workers and
     exits naming it; our own check (same line shape as above) backs it up."""
     server = launcher.start("all-minilm-l6-v2:doesnotexist", ready=False)

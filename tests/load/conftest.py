@@ -9,7 +9,7 @@ __all__ = ["launcher", "model_tag", "server"]
 
 
 @pytest.fixture(scope="session")
-def corpus(fp32_artifact):  # type: ignore[no-untyped-def]
+def corpus(fp32_artifact):
     """400 short + 20 long distinct texts with their expected raw vectors (in-process engine)."""
     from embedkit.bench import loadtest
     from embedkit.runtime.engine import Engine

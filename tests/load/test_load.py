@@ -37,16 +37,16 @@ class Baseline:
     interactive_median_s: float
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro):
     return asyncio.run(coro)
 
 
-def workers(server) -> set[int]:  # type: ignore[no-untyped-def]
+def workers(server) -> set[int]:
     return {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
 
 
 @pytest.fixture(scope="module")
-def baseline(server, corpus) -> Baseline:  # type: ignore[no-untyped-def]
+def baseline(server, corpus) -> Baseline:
     """10 s at the soak's concurrency: warms every shape, measures capacity."""
     out = run(
         lt.closed_loop(server.url, corpus, duration_s=10, concurrency=CONCURRENCY, model=MODEL)
@@ -56,7 +56,7 @@ def baseline(server, corpus) -> Baseline:  # type: ignore[no-untyped-def]
     return Baseline(report.requests_per_s, lt.median_latency(out))
 
 
-def test_soak_mixed_workload_every_vector_right(server, corpus, baseline, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_soak_mixed_workload_every_vector_right(server, corpus, baseline, tmp_path) -> None:
     rss_start = lt.tree_rss(server.proc.pid)
     out = run(
         lt.closed_loop(
@@ -79,7 +79,7 @@ def test_soak_mixed_workload_every_vector_right(server, corpus, baseline, tmp_pa
     assert report.rss_growth is not None and report.rss_growth < 0.10, lt.markdown(report)
 
 
-def test_overload_sheds_excess_keeps_serving_and_recovers(server, corpus, baseline) -> None:  # type: ignore[no-untyped-def]
+def test_overload_sheds_excess_keeps_serving_and_recovers(server, corpus, baseline) -> None:
     before = workers(server)
     rate = OVERLOAD_FACTOR * baseline.requests_per_s
     out = run(lt.open_loop(server.url, corpus, duration_s=BURST_S, rate=rate, model=MODEL, seed=2))
@@ -120,7 +120,7 @@ def test_overload_sheds_excess_keeps_serving_and_recovers(server, corpus, baseli
     )
 
 
-def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> None:  # type: ignore[no-untyped-def]
+def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> None:
     """Worst-case padding shapes (1-token and 256-token texts in one batch), repeatedly:
     the token-aware planner and arena shrinkage keep the server's memory flat."""
     long_text = "word " * 400
@@ -139,7 +139,7 @@ def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> Non
     assert growth < 0.05, f"server RSS grew {growth:.1%} over 30 mixed long/short requests"
 
 
-def test_client_disconnect_drops_its_work(server, corpus) -> None:  # type: ignore[no-untyped-def]
+def test_client_disconnect_drops_its_work(server, corpus) -> None:
     """A client that gives up on a ~6 s bulk request: the server cancels it, the Embedder
     goes idle after the chunk in flight instead of computing the rest for nobody."""
     embedder = next(

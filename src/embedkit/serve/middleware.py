@@ -16,6 +16,8 @@ import hmac
 from collections.abc import Sequence
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+
 from embedkit.core import metrics
 from embedkit.core.errors import (
     EmbedkitError,
@@ -54,7 +56,7 @@ class EdgeMiddleware:
         self.settings = settings
         self.in_flight = 0
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
             await self.app(scope, receive, send)
             return
