@@ -1,4 +1,4 @@
-"""Evaluation corpora read from ``../shared/data`` (never copied into the repo).
+"""Evaluation corpora from ``settings.data_dir`` (STS Benchmark, stsb-multi-mt).
 
 The one reader of STS Benchmark files (:func:`read_sts`): they are tab-separated
 with quotes inside sentences, so they are split on tabs, never read with a CSV
