@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from embedkit.bench import records
+from embedkit.bench.stats import percentile
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
 from embedkit.model import evaldata, signing
@@ -117,7 +117,7 @@ def throughput(
             for batch in batches:
                 enc.encode(batch)
             samples[name].append(len(batches) * batch_size / (time.perf_counter() - t0))
-    return {name: round(statistics.median(v), 1) for name, v in samples.items()}
+    return {name: round(percentile(v, 50), 1) for name, v in samples.items()}
 
 
 def run_candidates(

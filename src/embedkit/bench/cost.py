@@ -61,39 +61,29 @@ def cost_rows(
     """
     rows: list[dict[str, Any]] = []
     for hw_name, hw in table.hardware.items():
+        # (configuration, texts/s, where that throughput comes from)
+        rates: list[tuple[str, float, str]] = []
         if hw.kind == "cpu":
             scale = (hw.vcpus or measured_vcpus) / measured_vcpus
-            for config, tps in measured.items():
-                rate = tps * scale
-                source = (
-                    "measured here"
-                    if scale == 1
-                    else (f"measured here × {scale:g} (linear scaling with vCPUs assumed)")
-                )
-                rows.append(
-                    {
-                        "hardware": hw_name,
-                        "config": config,
-                        "texts_per_s": rate,
-                        "usd_per_1k": per_1k(hw.hourly_usd, rate),
-                        "throughput_source": source,
-                        "price_source": hw.price_source,
-                    }
-                )
+            source = "measured here"
+            if scale != 1:
+                source += f" × {scale:g} (linear scaling with vCPUs assumed)"
+            rates = [(config, tps * scale, source) for config, tps in measured.items()]
         elif hw_name in table.gpu_throughput:
             g = table.gpu_throughput[hw_name]
-            for config, rate, source in (
+            rates = [
                 ("well batched", g.well_batched, g.well_batched_source),
                 ("under-used (single texts, low concurrency)", g.under_used, g.under_used_source),
-            ):
-                rows.append(
-                    {
-                        "hardware": hw_name,
-                        "config": config,
-                        "texts_per_s": rate,
-                        "usd_per_1k": per_1k(hw.hourly_usd, rate),
-                        "throughput_source": source,
-                        "price_source": hw.price_source,
-                    }
-                )
+            ]
+        rows.extend(
+            {
+                "hardware": hw_name,
+                "config": config,
+                "texts_per_s": rate,
+                "usd_per_1k": per_1k(hw.hourly_usd, rate),
+                "throughput_source": source,
+                "price_source": hw.price_source,
+            }
+            for config, rate, source in rates
+        )
     return rows

@@ -19,14 +19,13 @@ alike. The gate fails when, per ``config/perf-gate.yaml``:
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from embedkit.bench.stats import percentile
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import Settings, get_settings
@@ -197,6 +196,7 @@ class GateResult:
 def _quality(
     candidate: Config, baseline: Config, texts: list[str], failures: list[str]
 ) -> dict[str, Any]:
+    from embedkit.quality.evaluate import cosine_stats
     from embedkit.quality.gate import load_thresholds as quality_thresholds
     from embedkit.runtime.engine import Engine
 
@@ -213,7 +213,7 @@ def _quality(
     cos_min = quality_thresholds().cosine_p1_min
     a = Engine(candidate.artifact, candidate.settings).encode(texts, normalize=True)
     b = Engine(baseline.artifact, baseline.settings).encode(texts, normalize=True)
-    p1 = float(np.percentile((a * b).sum(axis=1), 1))
+    p1 = cosine_stats(a, b).p1  # the quality gate's p1, computed the same way
     if p1 < cos_min:
         failures.append(f"quality: p1 cosine to the baseline's vectors {p1:.5f} < {cos_min}")
     return {"verdict": verdict, "p1_cosine": p1, "cosine_p1_min": cos_min}
@@ -250,7 +250,7 @@ def run_gate(
         base_s, cand_s = timings["baseline"].seconds, timings["candidate"].seconds
         rows = {k: t.summary(len(texts) * th.rounds, 0) for k, t in timings.items()}
         if b in th.throughput_batch_sizes:
-            ratio = statistics.median(x / y for x, y in zip(base_s, cand_s, strict=True))
+            ratio = percentile((x / y for x, y in zip(base_s, cand_s, strict=True)), 50)
             throughput[str(b)] = {
                 "ratio": ratio,
                 "baseline_texts_per_s": rows["baseline"]["texts_per_s"],

@@ -152,7 +152,8 @@ def _spearman(a: np.ndarray, b: np.ndarray, gold: np.ndarray | None) -> float | 
     return float(spearmanr(np.sum(a * b, axis=1), gold).statistic) * 100
 
 
-def _cos_stats(x: np.ndarray, y: np.ndarray) -> CosineStats:
+def cosine_stats(x: np.ndarray, y: np.ndarray) -> CosineStats:
+    """Min, 1st percentile and mean of the row-wise cosines of unit vectors ``x`` and ``y``."""
     cos = np.sum(x * y, axis=1)
     return CosineStats(
         min=float(cos.min()), p1=float(np.percentile(cos, 1)), mean=float(cos.mean())
@@ -201,8 +202,8 @@ def score_segments(
                 spearman=_round(sp["variant"]),
                 drop_vs_reference=_round(_drop(sp["reference"], sp["variant"])),
                 drop_vs_fp32=_round(_drop(sp["fp32"], sp["variant"])),
-                cosine_fp32=_cos_stats(both_v, both_f),
-                cosine_reference=_cos_stats(both_v, both_r),
+                cosine_fp32=cosine_stats(both_v, both_f),
+                cosine_reference=cosine_stats(both_v, both_r),
                 overlap_fp32=neighbour_overlap(v1, v2, f1, f2),
                 overlap_reference=neighbour_overlap(v1, v2, r1, r2),
             )
