@@ -6,16 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.quality_reports import quality_report, segment
 
 from embedkit.core.errors import InvalidInput
 from embedkit.model.artifact import Artifact
-from embedkit.quality.evaluate import (
-    CosineStats,
-    QualityReport,
-    SegmentResult,
-    evaluate,
-    neighbour_overlap,
-)
+from embedkit.quality.evaluate import evaluate, neighbour_overlap
 from embedkit.quality.gate import (
     GateFailure,
     GateThresholds,
@@ -35,57 +30,25 @@ TH = GateThresholds(
 )
 
 
-def _seg(
-    name: str, group: str, drop: float | None, p1: float = 0.999, overlap: float = 1.0
-) -> SegmentResult:
-    cos = CosineStats(min=p1 - 0.001, p1=p1, mean=0.999)
-    return SegmentResult(
-        name=name,
-        group=group,
-        pairs=50,
-        spearman_reference=80.0,
-        spearman=None if drop is None else 80.0 - drop,
-        drop_vs_reference=drop,
-        cosine_fp32=cos,
-        cosine_reference=cos,
-        overlap_fp32=overlap,
-        overlap_reference=overlap,
-    )
-
-
-def _report(*segments: SegmentResult) -> QualityReport:
-    return QualityReport(
-        artifact="x",
-        mode="dynamic-int8",
-        settings={},
-        model_sha256="a",
-        fp32_model_sha256="b",
-        reference_source_sha256="c",
-        texts=1,
-        seconds=0.0,
-        segments=list(segments),
-    )
-
-
 # --- gate logic (pure) -------------------------------------------------------------------
 
 
 def test_gate_approves_only_when_every_segment_holds() -> None:
-    ok = _report(
-        _seg("stsb:all", "stsb", 0.4),
-        _seg("lang:de", "lang", 0.9),
-        _seg("length:>32", "length", 3.0),
+    ok = quality_report(
+        segment("stsb:all", "stsb", 0.4),
+        segment("lang:de", "lang", 0.9),
+        segment("length:>32", "length", 3.0),
     )  # length drop is not gated
     assert gate(ok, TH).approved
 
 
 def test_gate_names_each_failing_segment_and_margin() -> None:
     verdict = gate(
-        _report(
-            _seg("stsb:all", "stsb", 0.1),
-            _seg("stsb:file:answer-answer", "stsb", 0.8),
-            _seg("lang:ja", "lang", 1.5, p1=0.985),
-            _seg("length:>256 (generated)", "length", None, overlap=0.9),
+        quality_report(
+            segment("stsb:all", "stsb", 0.1),
+            segment("stsb:file:answer-answer", "stsb", 0.8),
+            segment("lang:ja", "lang", 1.5, p1=0.985),
+            segment("length:>256 (generated)", "length", None, overlap=0.9),
         ),
         TH,
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from embedkit.quality.evaluate import CosineStats, QualityReport, SegmentResult
+from tests.quality_reports import quality_report, segment
+
 from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
 from embedkit.release import PARENT, Candidate, candidates_summary, pick_default
 
@@ -18,36 +19,11 @@ REJECTED = GateVerdict(
 )
 
 
-def _report(mode: str) -> QualityReport:
-    cos = CosineStats(min=0.99, p1=0.995, mean=0.999)
-    seg = SegmentResult(
-        name="stsb:all",
-        group="stsb",
-        pairs=10,
-        spearman_reference=80.0,
-        spearman=79.9,
-        drop_vs_reference=0.1,
-        cosine_fp32=cos,
-        cosine_reference=cos,
-        overlap_fp32=1.0,
-        overlap_reference=1.0,
-    )
-    return QualityReport(
-        artifact="x",
-        mode=mode,
-        settings={},
-        model_sha256="a",
-        fp32_model_sha256="b",
-        reference_source_sha256="c",
-        texts=20,
-        seconds=0.0,
-        segments=[seg],
-    )
-
-
 def _candidate(name: str, speed: float | None, verdict: GateVerdict) -> Candidate:
     artifact: Any = None  # the rule never looks at the artifact
-    return Candidate(name, artifact, _report("dynamic-int8"), verdict, speed)
+    return Candidate(
+        name, artifact, quality_report(segment("stsb:all", "stsb", 0.1, pairs=10)), verdict, speed
+    )
 
 
 def test_default_is_the_fastest_approved_version_parent_included() -> None:
