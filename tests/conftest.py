@@ -32,7 +32,7 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The evaluation data the code reads (settings.data_dir), present or a clear failure."""
+    """The evaluation data the code reads (settings.data_dir: the packaged copy unless set)."""
     from embedkit.core.settings import get_settings
     from embedkit.model import evaldata
 

@@ -421,8 +421,11 @@ def config(
     ]
     for name, field in Settings.model_fields.items():
         default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        if name == "intra_op_threads":
-            default = "cores this process may use"
+        # Defaults that depend on the machine or the install location, written as words.
+        default = {
+            "intra_op_threads": "cores this process may use",
+            "data_dir": "embedkit/data/evaldata (in the package)",
+        }.get(name, default)
         text = (field.description or "").replace("|", "\\|")
         rows.append(f"| `EMBEDKIT_{name.upper()}` | `{default}` | {text} |")
     print("\n".join(rows))

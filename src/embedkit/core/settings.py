@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# STS Benchmark and stsb-multi-mt, vendored with their licences (data/evaldata/README.md).
+PACKAGED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "evaldata"
+
 DEFAULT_PROVIDERS = [
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",
@@ -238,9 +241,15 @@ class Settings(BaseSettings):
         description="Thresholds and prices: quality-gate.yaml, perf-gate.yaml, prices.yaml.",
     )
     data_dir: Path = Field(
-        Path("../shared/data"),
+        default_factory=lambda: PACKAGED_DATA_DIR,
         description="Evaluation data (STS Benchmark splits, stsb-multi-mt dev sets) for the "
-        "parity contract, calibration, the quality gate and the benchmarks.",
+        "parity contract, calibration, the quality gate and the benchmarks. The default is "
+        "the attributed copy inside the package, so a fresh clone needs nothing beside it.",
+    )
+    extended_data_dir: Path = Field(
+        Path("../shared/data"),
+        description="Optional, larger evaluation data (SciFact retrieval in BEIR layout); "
+        "evaluations that need it say so and skip it when it is absent.",
     )
     artifacts_dir: Path = Field(
         Path("artifacts"),

@@ -1,5 +1,8 @@
 """Evaluation corpora from ``settings.data_dir`` (STS Benchmark, stsb-multi-mt).
 
+By default the attributed copy shipped in the package (``embedkit/data/evaldata``), so
+the release and the tests need nothing beside the project.
+
 The one reader of STS Benchmark files (:func:`read_sts`): they are tab-separated
 with quotes inside sentences, so they are split on tabs, never read with a CSV
 parser. Also builds the generated edge cases and long texts that the contract
@@ -33,8 +36,8 @@ def data_file(relative: str) -> Path:
     path = get_settings().data_dir / relative
     if not path.is_file():
         raise InvalidInput(
-            f"evaluation data {path} not found (expected ../shared/data beside the project, "
-            "or set EMBEDKIT_DATA_DIR)"
+            f"evaluation data {path} not found (EMBEDKIT_DATA_DIR names a folder without it; "
+            "unset it to use the copy shipped in the package)"
         )
     return path
 
