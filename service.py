@@ -16,7 +16,17 @@ routes' work and warm-up), ``serve.schemas`` (request/response bodies),
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, cast
+
+# ruff: noqa: E402  (the imports below need the path set first)
+# A Bento carries the package's sources as src/embedkit beside this file (bentofile.yaml's
+# include) instead of installing the package: put them first on the path. From the repo
+# root this is the same tree an editable install points at.
+_BUNDLED = Path(__file__).resolve().parent / "src"
+if (_BUNDLED / "embedkit").is_dir() and str(_BUNDLED) not in sys.path:
+    sys.path.insert(0, str(_BUNDLED))
 
 import bentoml
 import numpy as np

@@ -1,9 +1,11 @@
 """Bentos for CPU and GPU, built offline from one source of truth.
 
-``build(variant, model_tag)`` stages a build context (``service.py`` plus a copy
-of the ``embedkit`` package, so the image never installs the package and its
-export extra), writes the ``bentofile.yaml`` this module derives, runs
-``bentoml build`` and emits the Dockerfile ``bentoml containerize`` would use.
+``bentofile(variant)`` is the one description of a Bento: the top-level
+``bentofile.yaml`` (what ``bentoml build`` at the repo root builds) is its CPU
+rendering, and ``build(variant, model_tag)`` writes the pinned one per variant,
+runs ``bentoml build`` from the repo root (``service.py`` plus the package's
+sources, so the image never installs the package and its export extra) and emits
+the Dockerfile ``bentoml containerize`` would use.
 `embedkit build-bento` (and ``scripts/build-bento``, which releases the model first)
 builds the variants and prints their tags.
 
@@ -33,12 +35,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +156,41 @@ def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[
     return [*out, *variant.extra]
 
 
-def bentofile(variant: Variant, model_tag: str, pyproject: Path = PYPROJECT) -> dict[str, Any]:
-    """The bentofile.yaml content for ``variant`` serving exactly ``model_tag``."""
+# What a Bento carries from the repo root: the wiring and the package's serving code. The
+# evaluation data (release-time only) stays out of images.
+INCLUDE = ["service.py", "src/embedkit/**"]
+EXCLUDE = ["**/__pycache__", "**/*.pyc", "src/embedkit/data/evaldata/**"]
+ROOT_BENTOFILE = Path("bentofile.yaml")
+ROOT_HEADER = """\
+# The CPU Bento, as `bentoml build` at the repo root builds it (the model is whatever
+# EMBEDKIT_MODEL names, default all-minilm-l6-v2:latest, resolved to its version at build
+# time). Generated from src/embedkit/bento.py, the one source of both Bentos:
+#   embedkit bentofile > bentofile.yaml      (a test keeps this file equal to it)
+# scripts/build-bento builds the CPU and GPU Bentos pinned to an exact, audited release.
+"""
+
+
+def bentofile(
+    variant: Variant, model_tag: str | None = None, pyproject: Path = PYPROJECT
+) -> dict[str, Any]:
+    """The bentofile.yaml content for ``variant``; pinned to ``model_tag`` when given.
+
+    Built from the repo root: ``service.py`` puts the bundled ``src/`` on ``sys.path``, so
+    the image runs the package from these sources and never installs its export extra.
+    """
+    what = f" serving {model_tag}" if model_tag else ""
+    envs = {"EMBEDKIT_MODEL": model_tag} if model_tag else {}
     return {
         "service": SERVICE,
         "name": variant.bento_name,
-        "description": (
-            f"embedkit embeddings ({variant.name}, {variant.runtime}) serving {model_tag}"
-        ),
-        "labels": {"variant": variant.name, "runtime": variant.runtime, "model": model_tag},
-        "include": ["service.py", "embedkit/**"],
-        "exclude": ["**/__pycache__", "**/*.pyc"],
+        "description": f"embedkit embeddings ({variant.name}, {variant.runtime}){what}",
+        "labels": {
+            "variant": variant.name,
+            "runtime": variant.runtime,
+            **({"model": model_tag} if model_tag else {}),
+        },
+        "include": INCLUDE,
+        "exclude": EXCLUDE,
         "python": {
             "packages": serving_requirements(variant, pyproject),
             "lock_packages": False,
@@ -174,9 +198,13 @@ def bentofile(variant: Variant, model_tag: str, pyproject: Path = PYPROJECT) -> 
         "docker": variant.docker,
         "envs": [
             {"name": k, "value": v}
-            for k, v in {"EMBEDKIT_MODEL": model_tag, "HF_HUB_OFFLINE": "1", **variant.envs}.items()
+            for k, v in {**envs, "HF_HUB_OFFLINE": "1", **variant.envs}.items()
         ],
     }
+
+
+def render_bentofile(content: dict[str, Any], header: str = ROOT_HEADER) -> str:
+    return header + yaml.safe_dump(content, sort_keys=False)
 
 
 # --- build -----------------------------------------------------------------------------
@@ -188,24 +216,7 @@ class Built:
     tag: str
     path: Path  # the Bento in the store
     dockerfile: Path  # the full containerfile `bentoml containerize` would build
-
-
-def stage_context(variant: Variant, model_tag: str, out_dir: Path) -> Path:
-    """A fresh build context: service.py, the embedkit package and the bentofile."""
-    ctx = out_dir / "context"
-    if ctx.exists():
-        shutil.rmtree(ctx)
-    ctx.mkdir(parents=True)
-    shutil.copy2("service.py", ctx / "service.py")
-    shutil.copytree(
-        Path(str(resources.files("embedkit"))),
-        ctx / "embedkit",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
-    (ctx / "bentofile.yaml").write_text(
-        yaml.safe_dump(bentofile(variant, model_tag), sort_keys=False)
-    )
-    return ctx
+    warnings: tuple[str, ...] = ()  # shippable, but a deployment would refuse it (printed)
 
 
 def _bento_env(variant: Variant, model_tag: str) -> dict[str, str]:
@@ -228,8 +239,12 @@ def build(variant_name: str, model_tag: str, out_root: Path) -> Built:
     variant = get_variant(variant_name)
     if model_tag.endswith(":latest") or ":" not in model_tag:
         raise BuildError(f"model tag {model_tag!r} must name an exact version (name:version)")
+    if not Path(SERVICE.split(":")[0] + ".py").is_file():
+        raise BuildError("bentos are built from the project root (service.py not found here)")
     out_dir = Path(out_root) / variant.name
-    ctx = stage_context(variant, model_tag, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "bentofile.yaml"
+    spec.write_text(render_bentofile(bentofile(variant, model_tag), header=""))
     proc = subprocess.run(
         [
             sys.executable,
@@ -237,12 +252,12 @@ def build(variant_name: str, model_tag: str, out_root: Path) -> Built:
             "bentoml",
             "build",
             "-f",
-            str(ctx / "bentofile.yaml"),
+            str(spec),
             "--arg",
             f"model={model_tag}",
             "--output",
             "tag",
-            str(ctx),
+            ".",
         ],
         env=_bento_env(variant, model_tag),
         capture_output=True,
@@ -263,7 +278,23 @@ def build(variant_name: str, model_tag: str, out_root: Path) -> Built:
     problems = audit(bento_path, variant.name, model_tag, dockerfile=dockerfile)
     if problems:
         raise BuildError(f"Bento {tag} is unfit to ship: {'; '.join(problems)}")
-    return Built(variant.name, tag, bento_path, dockerfile)
+    return Built(variant.name, tag, bento_path, dockerfile, tuple(trust_warnings(model_tag)))
+
+
+def trust_warnings(model_tag: str) -> list[str]:
+    """Why a deployment that requires signatures (every deploy/k8s overlay) would refuse
+    the model: said at build time, not when the pod starts."""
+    import bentoml
+
+    from embedkit.model.signing import SIGNATURE
+
+    if not (Path(bentoml.models.get(model_tag).path) / SIGNATURE).is_file():
+        return [
+            f"model {model_tag} is unsigned: pods with EMBEDKIT_REQUIRE_SIGNATURE=true (every "
+            "deploy/k8s overlay) will refuse it; release with --sign KEY "
+            "(scripts/build-bento --signing-key KEY)"
+        ]
+    return []
 
 
 def _bento_path(tag: str) -> Path:

@@ -877,8 +877,22 @@ def build_bento_cmd(
             built.append(bento.build(name, model_tag, out_dir or bento.BUILD_ROOT))
     for b in built:
         err.print(f"{b.variant}: {b.tag} (Dockerfile: {b.dockerfile})", highlight=False)
+        for warning in b.warnings:
+            err.print(f"warning: {warning}", style="yellow", highlight=False)
     for b in built:  # last lines, machine-readable
         print(b.tag)
+
+
+@app.command("bentofile")
+@one_line_errors
+def bentofile_cmd(
+    variant: Annotated[str, typer.Option(help="cpu | gpu")] = "cpu",
+) -> None:
+    """Print the bentofile.yaml that `bentoml build` at the repo root uses (cpu), or the
+    GPU one: `embedkit bentofile > bentofile.yaml` regenerates the committed file."""
+    from embedkit import bento
+
+    print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
 if __name__ == "__main__":  # pragma: no cover

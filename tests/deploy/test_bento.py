@@ -52,6 +52,22 @@ def built(tags: tuple[str, str], out_dir: Path) -> dict[str, bento.Built]:
     return {v: bento.build(v, tags[0], out_dir) for v in bento.VARIANTS}
 
 
+@pytest.fixture(scope="module")
+def root_built(tags: tuple[str, str], pytestconfig: pytest.Config) -> str:
+    """What a BentoML user types at the repo root: `bentoml build` (the committed
+    bentofile.yaml), pinned with the Bento argument service.py reads."""
+    done = subprocess.run(
+        [BENTOML, "build", "--arg", f"model={tags[0]}", "--output", "tag"],
+        cwd=pytestconfig.rootpath,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+
+
 def _info(b: bento.Built) -> dict[str, Any]:
     return yaml.safe_load((b.path / "bento.yaml").read_text())
 
@@ -82,6 +98,41 @@ def test_requirements_are_pinned_torch_free_and_from_the_index(
     # The CPU image carries exactly the pyproject pins (one source of truth).
     if variant == "cpu":
         assert f"onnxruntime=={version('onnxruntime')}" in reqs
+
+
+def test_root_bentofile_is_the_generated_cpu_one(pytestconfig: pytest.Config) -> None:
+    committed = (pytestconfig.rootpath / "bentofile.yaml").read_text()
+    assert committed == bento.render_bentofile(bento.bentofile(bento.VARIANTS["cpu"])), (
+        "bentofile.yaml is stale: embedkit bentofile > bentofile.yaml"
+    )
+
+
+def test_root_build_carries_the_package_but_not_the_evaluation_data(
+    root_built: str, tags: tuple[str, str]
+) -> None:
+    path = bento._bento_path(root_built)
+    assert (path / "src" / "service.py").is_file()
+    assert (path / "src" / "src" / "embedkit" / "serve" / "front.py").is_file()
+    assert not (path / "src" / "src" / "embedkit" / "data" / "evaldata").exists()
+    info = yaml.safe_load((path / "bento.yaml").read_text())
+    assert bento.pinned_models(info) == {tags[0]}
+
+
+def test_unsigned_model_is_warned_about_at_build_time(built: dict[str, bento.Built]) -> None:
+    # The session's registrations are unsigned; every deploy/k8s overlay requires signatures.
+    for b in built.values():
+        assert any("unsigned" in w and "REQUIRE_SIGNATURE" in w for w in b.warnings), b.warnings
+
+
+def test_signed_model_builds_without_warning(fp32_artifact, tmp_path: Path) -> None:
+    from embedkit.model.artifact import Artifact, register
+    from embedkit.model.signing import generate_keypair, sign
+
+    copy = tmp_path / "signed"
+    shutil.copytree(fp32_artifact.path, copy)
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    sign(copy, tmp_path / "k.pem")
+    assert bento.trust_warnings(register(Artifact.load(copy))) == []
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
@@ -213,24 +264,23 @@ def test_unknown_variant_is_a_build_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(
-    built: dict[str, bento.Built], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """`bentoml serve <CPU bento tag>` on a free loopback port, torn down by process group."""
+def served(root_built: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`bentoml serve <bento tag>` of the repo-root build, from a folder outside the repo, on
+    a free loopback port, torn down by process group."""
     workdir = tmp_path_factory.mktemp("serve-bento")
     # Nothing from the caller may choose the model: the Bento's own envs and pin must.
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDKIT_")}
     env["HF_HUB_OFFLINE"] = "1"
     launch = Launcher(workdir)
     try:
-        srv = launch.spawn(built["cpu"].tag, env, cwd=workdir, ready=False)
+        srv = launch.spawn(root_built, env, cwd=workdir, ready=False)
         launch.ready(srv, timeout=120)
         yield srv.url
     finally:
         launch.stop_all()
 
 
-def test_served_cpu_bento_matches_the_in_process_engine(
+def test_served_root_bento_matches_the_in_process_engine(
     served: str,
     fp32_artifact,
     tags: tuple[str, str],

@@ -222,6 +222,11 @@ def check_security(docs: list[Doc]) -> list[str]:
     return problems
 
 
+# Made by the operator from their release key's public half (docs/deployment.md), never
+# shipped in the manifests: a committed key would be a placeholder or someone else's key.
+USER_CREATED_KEYS = {"embedkit-trusted-keys"}
+
+
 def check_resources(docs: list[Doc]) -> list[str]:
     """CPU and memory requests and limits set, requests not above limits."""
     problems = []
@@ -244,7 +249,9 @@ def check_config(docs: list[Doc]) -> list[str]:
         refs = [s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s]
         refs += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
         problems += [
-            f"{ident(dep)}: ConfigMap {r} is not in the render" for r in refs if r not in names
+            f"{ident(dep)}: ConfigMap {r} is not in the render"
+            for r in refs
+            if r not in names | USER_CREATED_KEYS
         ]
         env = container_env(docs, c)
         for key in env:
@@ -299,10 +306,8 @@ def check_writable_paths(docs: list[Doc]) -> list[str]:
 
 
 def check_signature(docs: list[Doc]) -> list[str]:
-    """Signature verification on; every trusted key is a mounted Ed25519 *public* key."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
+    """Signature verification on; every trusted key is mounted from the ConfigMap/Secret the
+    operator creates, and nothing rendered carries a private key or a trusted key."""
     files: dict[str, dict[str, str]] = {}
     for d in of_kind(docs, "ConfigMap"):
         files[d["metadata"]["name"]] = d.get("data", {})
@@ -324,19 +329,21 @@ def check_signature(docs: list[Doc]) -> list[str]:
         sources = {}
         for v in pod.get("volumes", []):
             ref = v.get("configMap", v.get("secret", {}))
-            sources[v["name"]] = ref.get("name", ref.get("secretName"))
+            sources[v["name"]] = (ref.get("name", ref.get("secretName")), ref.get("optional"))
         mounted = {m["mountPath"]: sources.get(m["name"]) for m in c.get("volumeMounts", [])}
         for key in s.trusted_keys:
             if not key.startswith("/"):
                 continue  # inline base64 key: nothing to mount
-            path = PurePosixPath(key)
-            pem = files.get(mounted.get(str(path.parent)) or "", {}).get(path.name)
-            if pem is None:
+            name, optional = mounted.get(str(PurePosixPath(key).parent)) or (None, None)
+            if name not in USER_CREATED_KEYS:
                 problems.append(
-                    f"{ident(dep)}: trusted key {key} is not mounted from a ConfigMap/Secret"
+                    f"{ident(dep)}: trusted key {key} is not mounted from the operator's "
+                    f"{sorted(USER_CREATED_KEYS)}"
                 )
-            elif not isinstance(load_pem_public_key(pem.encode()), Ed25519PublicKey):
-                problems.append(f"{ident(dep)}: trusted key {key} is not an Ed25519 public key")
+            elif name in files:
+                problems.append(f"{ident(dep)}: the manifests ship trusted key {name}")
+            elif optional:
+                problems.append(f"{ident(dep)}: trusted keys {name} marked optional")
     return problems
 
 
@@ -747,6 +754,22 @@ MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
         ),
         check_signature,
         "private key",
+    ),
+    (
+        "cpu",
+        lambda d: d.append(
+            {"kind": "ConfigMap", "metadata": {"name": "embedkit-trusted-keys"}, "data": {}}
+        ),
+        check_signature,
+        "ship trusted key",
+    ),
+    (
+        "cpu",
+        lambda d: next(v for v in _pod(d)["volumes"] if v["name"] == "trusted-keys")[
+            "configMap"
+        ].update(optional=True),
+        check_signature,
+        "marked optional",
     ),
     (
         "cpu",
