@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/bench-http scripts/soak
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test lint image clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: setup
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+# The CPU image with podman, from nothing (docs/bento.md); SIGNING_KEY=release.pem signs the release.
+image: setup
+	./scripts/build-image $(if $(SIGNING_KEY),--signing-key $(SIGNING_KEY))
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

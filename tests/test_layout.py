@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "bench": 5,
     "release": 6,
     "bento": 6,
+    "container": 6,
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

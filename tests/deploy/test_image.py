@@ -1,0 +1,204 @@
+"""The CPU image, built from nothing by scripts/build-image and run with podman.
+
+What a stranger's deployment does: the image runs read-only as its non-root user,
+serves vectors that match the PyTorch encoder through the `openai` client, carries
+no export packages, refuses a tampered model, and the rendered CPU overlay runs under
+`podman kube play` with its probes passing, serving the signed model and refusing a
+model its trusted key did not sign. Skips only where podman cannot run a container.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from embedkit import bento, container
+from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
+
+pytestmark = pytest.mark.slow
+READY_BUDGET_S = 60  # model load + warm-up on 2 cores; measured ~8-15 s (docs/bento.md)
+EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "onnxscript")
+BASE = "localhost/embedkit-base:bookworm-py3.11"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from embedkit.model.signing import generate_keypair
+
+    d = tmp_path_factory.mktemp("keys")
+    generate_keypair(d / "release.pem", d / "release.pub")
+    generate_keypair(d / "other.pem", d / "other.pub")
+    return {"private": d / "release.pem", "public": d / "release.pub", "other": d / "other.pub"}
+
+
+@pytest.fixture(scope="module")
+def signed(
+    fp32_artifact, keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    """(tag, directory) of the session's fp32 artifact signed with the release key."""
+    from embedkit.model.artifact import Artifact, register
+    from embedkit.model.signing import sign
+
+    copy = tmp_path_factory.mktemp("signed") / "fp32"
+    shutil.copytree(fp32_artifact.path, copy)
+    sign(copy, keys["private"])
+    return register(Artifact.load(copy)), copy
+
+
+def _podman_cannot_run() -> str | None:
+    """Why podman cannot run a container here, or None when it can."""
+    try:
+        done = container.podman("run", "--rm", BASE, "true", check=False, timeout=120)
+    except (container.BuildError, OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if done.returncode == 0 else done.stderr.strip()[-300:]
+
+
+@pytest.fixture(scope="module")
+def image(
+    signed: tuple[str, Path], session_dir: Path, pytestconfig: pytest.Config
+) -> Iterator[str]:
+    """scripts/build-image on the signed release's CPU Bento (installs podman when missing)."""
+    built = bento.build("cpu", signed[0], session_dir / "image-bento")
+    assert built.warnings == ()  # signed: nothing for the overlays to refuse
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(pytestconfig.rootpath / "scripts" / "build-image"), "--bento-tag", built.tag],
+        cwd=pytestconfig.rootpath,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0:
+        why = _podman_cannot_run()
+        if why is not None:
+            pytest.skip(f"podman cannot run a container here: {why}")
+        pytest.fail(f"scripts/build-image failed: {done.stderr[-1500:]}")
+    ref = done.stdout.strip().splitlines()[-1]
+    size = int(container.podman("image", "inspect", "--format", "{{.Size}}", ref).stdout)
+    print(f"\nimage {ref}: {size / 1e6:.0f} MB, built in {time.monotonic() - started:.0f} s")
+    yield ref
+    # The base image stays (the next build reuses it); each test image holds a model copy.
+    container.podman("rmi", "-f", ref, check=False)
+
+
+@pytest.fixture(scope="module")
+def running(image: str, keys: dict[str, Path]) -> Iterator[container.Running]:
+    with container.run_image(
+        image, f"embedkit-test-{uuid.uuid4().hex[:8]}", trusted_key=keys["public"]
+    ) as run:
+        yield run
+
+
+def _texts() -> list[str]:
+    from embedkit.model import evaldata
+
+    return [
+        *evaldata.sts_sentences("test")[:48],
+        "",
+        "日本語のテキスト 🎸",
+        *evaldata.long_texts(300, 2),
+    ]
+
+
+def _served_vectors(url: str, texts: list[str]) -> np.ndarray:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    resp = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    return np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)])
+
+
+def test_image_serves_vectors_matching_pytorch(running: container.Running, reference) -> None:
+    assert running.ready_s is not None, running.logs()[-2000:]
+    assert running.ready_s <= READY_BUDGET_S
+    texts = _texts()
+    want = reference.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+    stats = compare(want, _served_vectors(running.url, texts))
+    assert stats["min_cosine"] >= MIN_COSINE and stats["max_abs_diff"] <= MAX_ABS_DIFF, stats
+
+
+def test_image_is_non_root_read_only_and_torch_free(running: container.Running) -> None:
+    assert container.podman("exec", running.name, "id", "-u").stdout.strip() == "1034"
+    wrote = container.podman("exec", running.name, "touch", "/home/bentoml/bento/x", check=False)
+    assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr
+    # What `pip list` reads (the venv has no pip): every installed distribution's name.
+    listed = container.podman(
+        "exec",
+        running.name,
+        "/app/.venv/bin/python",
+        "-c",
+        "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))",
+    ).stdout.lower()
+    names = {n.replace("_", "-") for n in listed.split()}
+    assert {"onnxruntime", "bentoml", "tokenizers"} <= names
+    assert not names & set(EXPORT_SIDE), names & set(EXPORT_SIDE)
+
+
+def _refusal(logs: str) -> str:
+    lines = [ln for ln in logs.splitlines() if "embedkit refuses to start" in ln]
+    assert lines, logs[-2000:]
+    return lines[0]
+
+
+def test_image_refuses_a_tampered_model(
+    image: str, signed: tuple[str, Path], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """One byte of the ONNX file changed under the signed manifest: the pod never serves."""
+    tag, path = signed
+    bad = tmp_path / "model.onnx"
+    data = bytearray((path / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    inside = f"/home/bentoml/bento/models/{tag.replace(':', '/')}/model.onnx"
+    with container.run_image(
+        image,
+        f"embedkit-tampered-{uuid.uuid4().hex[:8]}",
+        trusted_key=keys["public"],
+        mounts={bad: inside},
+        timeout_s=READY_BUDGET_S,
+    ) as run:
+        assert run.ready_s is None
+        assert "checksum mismatch for model.onnx" in _refusal(run.logs())
+
+
+# --- the rendered CPU overlay under `podman kube play` ----------------------------------
+
+
+def test_cpu_overlay_runs_under_kube_play(
+    image: str, signed: tuple[str, Path], keys: dict[str, Path], tmp_path: Path, reference
+) -> None:
+    manifest = container.kube_manifest(image, keys["public"])
+    with container.kube_play(manifest, tmp_path, timeout_s=READY_BUDGET_S * 2) as pod:
+        logs = container.podman("logs", pod.container, check=False)
+        assert pod.ready_s is not None, (logs.stdout + logs.stderr)[-2000:]
+        assert pod.probes == {"startupProbe": 200, "livenessProbe": 200, "readinessProbe": 200}
+        texts = _texts()[:16]
+        want = reference.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        stats = compare(want, _served_vectors(pod.url, texts))
+        assert stats["min_cosine"] >= MIN_COSINE, stats
+        assert httpx.get(pod.url + "/info", timeout=30).json()["tag"] == signed[0]
+        # What the Deployment asked for, as podman ran it.
+        inspected = container.podman(
+            "inspect", pod.container, "--format", "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}"
+        ).stdout.split()
+        assert inspected == ["1034:1034", "true"]
+
+
+def test_cpu_overlay_refuses_a_model_its_key_did_not_sign(
+    image: str, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = container.kube_manifest(image, keys["other"])
+    with container.kube_play(manifest, tmp_path, timeout_s=30) as pod:
+        assert pod.ready_s is None
+        line = container.wait_for_log(pod.container, "embedkit refuses to start", 60)
+        assert line is not None and "signed by untrusted key" in line
