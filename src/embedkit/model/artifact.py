@@ -40,8 +40,9 @@ _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
 _CHUNK = 1 << 20
 
 QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", "fp16"]
-# What a variant may replace (docs/compatibility.md): vectors close enough to the fp32
-# parent's to query an fp32 index; good only for an index built entirely with it; neither.
+# What a variant may replace (docs/service.md § Compatibility classes): vectors close
+# enough to the fp32 parent's to query an fp32 index; good only for an index built
+# entirely with it; neither.
 Compatibility = Literal["index-compatible", "reindex", "rejected"]
 COMPATIBILITY_CLASSES: tuple[Compatibility, ...] = ("index-compatible", "reindex", "rejected")
 

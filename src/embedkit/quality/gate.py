@@ -1,6 +1,6 @@
 """The quality gate: every segment must hold every limit of a variant's compatibility class.
 
-Classes (``docs/compatibility.md``), strictest first:
+Classes (``docs/service.md § Compatibility classes``), strictest first:
 
 * ``index-compatible``: the fidelity limits (p1 cosine and top-10 neighbour overlap
   with fp32, Spearman drop) hold on every segment — it may query an fp32-built index;

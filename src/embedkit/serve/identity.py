@@ -96,13 +96,15 @@ _served: ServedIdentity | None = None
 
 
 def publish(identity: ServedIdentity) -> None:
-    """Make ``identity`` this process's (once; a second, different one is a bug), log it
-    and expose it as metric labels."""
+    """Make ``identity`` this process's, log it and expose it as metric labels. Startup
+    calls it once per process; a later call (tests building several Embedders in one
+    process) replaces it, labels included."""
     global _served
+    gauge = metrics.get().served_model
     if _served is not None and _served != identity:
-        raise RuntimeError(f"served identity already set to {_served.header_value()}")
+        gauge.remove(*_served.labels().values())
     _served = identity
-    metrics.get().served_model.labels(**identity.labels()).set(1)
+    gauge.labels(**identity.labels()).set(1)
     log.info("embedkit serving %s", identity.header_value())
 
 
