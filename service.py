@@ -51,12 +51,13 @@ from embedkit.serve.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from embedkit.serve.startup import load_artifact
+from embedkit.serve.startup import load_artifact, served_tag
 
 SETTINGS = get_settings()
 # A built Bento pins its model version as a Bento argument (`bentoml build --arg model=TAG`,
-# kept in bento.yaml and restored whenever that Bento is served); else EMBEDKIT_MODEL.
-MODEL_TAG = str(getattr(bentoml.use_arguments(), "model", None) or SETTINGS.model)
+# kept in bento.yaml and restored whenever that Bento is served); else EMBEDKIT_MODEL, or
+# the variant EMBEDKIT_VARIANT names (serve/startup.py).
+MODEL_TAG = str(getattr(bentoml.use_arguments(), "model", None) or served_tag(SETTINGS))
 
 
 @bentoml.service(**embedder_config(SETTINGS))

@@ -186,6 +186,10 @@ def test_quantize_then_evaluate_rejects_a_bad_variant(
         "120",
         "--lang-pairs",
         "40",
+        "--retrieval-docs",
+        "200",
+        "--retrieval-queries",
+        "20",
     )
     assert result.exit_code == 1, result.stdout + result.stderr
     assert "rejected" in result.stdout and "stsb:" in result.stdout

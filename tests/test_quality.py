@@ -112,6 +112,8 @@ FAST: dict[str, Any] = {
     "groups": ("stsb", "length", "lang"),
     "languages": ("en", "de", "ja"),
     "max_pairs": 160,
+    "retrieval_docs": 200,
+    "retrieval_queries": 20,
 }
 
 

@@ -45,6 +45,6 @@ def test_candidates_summary_names_speed_and_verdicts() -> None:
         {PARENT: 500.0, "fused": 500.0, "int8": 1000.0},
         th,
     )
-    assert "| fused | dynamic-int8 | 500.0 | 1.00 | approved |" in text
+    assert "| fused | dynamic-int8 | 500.0 | 1.00 | index-compatible |" in text
     assert "| int8 | dynamic-int8 | 1000.0 | 2.00 | rejected (1 segments: lang:ja) |" in text
     assert "| stsb:all | 10 | 80.00 | 0.10 | 0.10 |" in text

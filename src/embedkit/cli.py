@@ -286,8 +286,18 @@ def evaluate(
     ),
     max_pairs: Annotated[int | None, typer.Option(help="Subsample STS pairs (quick run).")] = None,
     lang_pairs: Annotated[int | None, typer.Option(help="Subsample pairs per language.")] = None,
+    retrieval: Annotated[
+        bool, typer.Option(help="Also score retrieval on SciFact train, if present (minutes).")
+    ] = True,
+    retrieval_docs: Annotated[
+        int | None, typer.Option(help="Bound the retrieval corpus (quick run).")
+    ] = None,
+    retrieval_queries: Annotated[
+        int | None, typer.Option(help="Bound the retrieval queries (quick run).")
+    ] = None,
 ) -> None:
-    """Per-segment quality report (genre, file, length, language) and the gate verdict."""
+    """Per-segment quality report (genre, file, length, language, retrieval) and the gate's
+    class; exits 1 when the variant is rejected."""
     from embedkit.model.artifact import resolve
     from embedkit.quality.evaluate import evaluate as evaluate_variant
     from embedkit.quality.gate import gate
@@ -295,13 +305,19 @@ def evaluate(
 
     with progress("evaluate"):
         report = evaluate_variant(
-            resolve(variant), fp32=resolve(fp32), max_pairs=max_pairs, lang_pairs=lang_pairs
+            resolve(variant),
+            fp32=resolve(fp32),
+            max_pairs=max_pairs,
+            lang_pairs=lang_pairs,
+            retrieval=retrieval,
+            retrieval_docs=retrieval_docs,
+            retrieval_queries=retrieval_queries,
         )
     verdict = gate(report)
     write_report(report, out_dir, verdict)
     out.print(verdict.summary(), markup=False, highlight=False)
     out.print(f"report: {out_dir}/quality.md", highlight=False)
-    if not verdict.approved:
+    if verdict.compatibility == "rejected":
         raise typer.Exit(1)
 
 

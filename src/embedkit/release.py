@@ -169,8 +169,9 @@ def run_candidates(
 
 
 def pick_default(candidates: Sequence[Candidate], parent_speed: float | None) -> Candidate | None:
-    """The version to serve by default: the fastest approved candidate if it is faster than
-    the fp32 parent, else None (the parent stays the default).
+    """The version to serve by default: the fastest index-compatible candidate if it is
+    faster than the fp32 parent, else None (the parent stays the default). A ``reindex``
+    variant never becomes the default: it would silently break every fp32-built index.
 
     The parent competes because its parity contract approves it, and a variant is not
     faster by construction: the offline-fused graph measured slower than ORT's own
@@ -178,7 +179,11 @@ def pick_default(candidates: Sequence[Candidate], parent_speed: float | None) ->
     would serve a slower artifact for nothing. Ties go to the parent; forced (unapproved)
     candidates never become the default.
     """
-    approved = [c for c in candidates if c.verdict.approved and c.throughput is not None]
+    approved = [
+        c
+        for c in candidates
+        if c.verdict.compatibility == "index-compatible" and c.throughput is not None
+    ]
     best = max(approved, key=lambda c: c.throughput or 0.0, default=None)
     if best is None or (best.throughput or 0.0) <= (parent_speed or 0.0):
         return None
@@ -248,10 +253,14 @@ def release(
         (root / "variants" / "summary.md").write_text(summary + "\n")
         parent_speed = speeds.get(PARENT)
         for c in candidates:
-            if not c.verdict.approved and c.name not in force:
+            # index-compatible and reindex variants are registered (a reindex one serves
+            # only when named: EMBEDKIT_VARIANT); rejected ones only when forced.
+            if c.verdict.compatibility == "rejected" and c.name not in force:
                 say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
                 continue
-            stamped = stamp_verdict(c.artifact, c.verdict, force=c.name in force)
+            stamped = stamp_verdict(
+                c.artifact, c.verdict, force=c.name in force, name=c.name, thresholds=th
+            )
             files = write_report(c.report, stamped.path / "records", c.verdict)
             stamped = attach_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
             versions.append((c.name, stamped, c.throughput, c.verdict.approved))

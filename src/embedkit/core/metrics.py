@@ -17,6 +17,8 @@ from typing import Any
 class Metrics:
     provider_fallback: Any  # Counter{requested, active}
     model_load_failures: Any  # Counter{reason}
+    variant_refusals: Any  # Counter{variant, reason}: variant refused at startup, fp32 serves
+    served_model: Any  # Gauge{name, version, variant, compatibility, precision, provider, isa}
     # --- serving (the BentoML services) ---
     texts_embedded: Any  # Counter{route}
     tokens_embedded: Any  # Counter{route}
@@ -33,7 +35,7 @@ class Metrics:
 
 @lru_cache(maxsize=1)
 def get() -> Metrics:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     seconds = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
@@ -47,6 +49,18 @@ def get() -> Metrics:
             "embedkit_model_load_failures_total",
             "Artifacts refused at load (checksum, signature, missing files).",
             ["reason"],
+        ),
+        variant_refusals=Counter(
+            "embedkit_variant_refusals_total",
+            "Variants refused at startup (other ISA level or runtime than measured on, "
+            "reference vectors not reproduced, reindex class not named); the fp32 parent serves.",
+            ["variant", "reason"],
+        ),
+        served_model=Gauge(
+            "embedkit_served_model_info",
+            "1, labelled with the served identity (serve/identity.py).",
+            ["name", "version", "variant", "compatibility", "precision", "provider", "isa"],
+            multiprocess_mode="max",
         ),
         texts_embedded=Counter(
             "embedkit_texts_embedded_total", "Texts (or token-id inputs) embedded.", ["route"]

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
         description="BentoML model tag to serve (a path is refused: served models come only "
         "from the model store).",
     )
+    variant: str | None = Field(
+        None,
+        description="Serve the newest registered version of `model`'s name with this variant "
+        "name (e.g. `dynamic-int8-s8-pc`) instead of `model` itself. Naming a variant here is "
+        "the only way a `reindex`-class variant serves: its vectors are correct only for an "
+        "index built entirely with it (docs/service.md § Compatibility classes). Unset: the "
+        "release's default (fp32 or an index-compatible variant).",
+    )
     served_model_name: str | None = Field(
         None,
         description="Name clients pass as `model` in /v1/embeddings; defaults to the "

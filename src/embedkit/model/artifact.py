@@ -29,13 +29,22 @@ MANIFEST = signing.MANIFEST
 SIGNATURE = signing.SIGNATURE
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
+# 2: compatibility classes, the measurement binding and reference vectors. Format 1
+# manifests still load (their new fields are absent); what serving does with a format-1
+# variant is decided in serve/startup.py (refused by name: it records no binding).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 BENTOML_MODULE = "embedkit"
 # Files BentoML writes into a stored model's directory; not part of the artifact.
 _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
 _CHUNK = 1 << 20
 
 QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", "fp16"]
+# What a variant may replace (docs/service.md § Compatibility classes): vectors close
+# enough to the fp32 parent's to query an fp32 index; good only for an index built
+# entirely with it; neither.
+Compatibility = Literal["index-compatible", "reindex", "rejected"]
+COMPATIBILITY_CLASSES: tuple[Compatibility, ...] = ("index-compatible", "reindex", "rejected")
 
 
 def sha256_file(path: Path) -> str:
@@ -68,12 +77,40 @@ class TokenizerSpec(BaseModel):
     pad_id: int = Field(ge=0)
 
 
+class MeasuredOn(BaseModel):
+    """What a gate verdict was measured on; it holds only there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    parent_sha256: str = Field(description="sha256 of the fp32 parent's model.onnx.")
+    isa: str = Field(description="CPU instruction-set level (model.toolchain.CpuIsa.level).")
+    onnxruntime: str = Field(description="ONNX Runtime version that ran the evaluation.")
+
+
+class ReferenceVectors(BaseModel):
+    """A few texts and this artifact's vectors for them (each encoded alone), so a pod can
+    check at startup that it computes what was measured."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    texts: list[str] = Field(min_length=1)
+    vectors: list[list[float]] = Field(min_length=1)
+    min_cosine: float = Field(ge=-1, le=1, description="Least cosine a pod must reproduce.")
+
+
 class Quantization(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     mode: QuantizationMode = "none"
     settings: dict[str, Any] = Field(default_factory=dict)
-    approved: bool | None = Field(None, description="Quality-gate verdict; None if not gated.")
+    approved: bool | None = Field(
+        None, description="Passed the strict (index-compatible) gate; None if not gated."
+    )
     forced: bool = Field(False, description="Registered despite failing the gate (--force).")
+    variant: str | None = Field(None, description="The release candidate's name.")
+    compatibility: Compatibility | None = Field(
+        None, description="The gate's class (format 2); None if not gated."
+    )
+    measured_on: MeasuredOn | None = Field(
+        None, description="Where the verdict was measured (format 2)."
+    )
 
 
 class Manifest(BaseModel):
@@ -106,7 +143,28 @@ class Manifest(BaseModel):
         description="Flat summary of the release records (bench.*, runtime.*, profile.*), "
         "copied into the model store metadata.",
     )
+    reference: ReferenceVectors | None = Field(
+        None, description="Reference texts and vectors checked at serving startup (format 2)."
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def compatibility(self) -> Compatibility:
+        """The class this artifact serves as. The fp32 export defines the index space; a
+        format-1 variant approved by the then only (strict) gate is index-compatible."""
+        q = self.quantization
+        if q.mode == "none":
+            return "index-compatible"
+        if q.compatibility is not None:
+            return q.compatibility
+        return "index-compatible" if q.approved else "rejected"
+
+    @property
+    def variant(self) -> str:
+        """The version's name among a release's: the candidate name, else the mode."""
+        if self.quantization.mode == "none":
+            return "fp32"
+        return self.quantization.variant or self.quantization.mode
 
     def summary(self) -> dict[str, Any]:
         """Flat metadata for the BentoML model store and /info (no None: BentoML refuses it)."""
@@ -120,6 +178,8 @@ class Manifest(BaseModel):
             "opset": self.opset,
             "quantization": self.quantization.mode,
             "approved": self.quantization.approved,
+            "variant": self.variant,
+            "compatibility": self.compatibility,
             "source_sha256": self.source_sha256,
             "model_sha256": self.files.get(MODEL_FILE, ""),
             "parity_passed": None if self.parity is None else self.parity.get("passed"),
@@ -156,9 +216,19 @@ class Artifact:
         if not Path(path).is_dir():
             raise ArtifactError(f"artifact directory {path} does not exist")
         try:
-            return Manifest.model_validate_json(file.read_text())
+            raw = json.loads(file.read_text())
         except FileNotFoundError as exc:
             raise ArtifactError(f"{path} is not an embedkit artifact (no {MANIFEST})") from exc
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{file} is not valid JSON: {exc.msg}") from exc
+        version = raw.get("format_version", 1) if isinstance(raw, dict) else None
+        if version not in READABLE_FORMATS:
+            raise ArtifactError(
+                f"{file}: manifest format {version!r} is not one this embedkit reads "
+                f"({', '.join(map(str, READABLE_FORMATS))}); use a matching embedkit or re-release"
+            )
+        try:
+            return Manifest.model_validate(raw)
         except ValidationError as exc:
             raise ArtifactError(
                 f"{file} is not a valid manifest: {exc.errors()[0]['msg']}"
@@ -251,6 +321,8 @@ def register(artifact: Artifact, *, labels: dict[str, str] | None = None) -> str
     all_labels = {
         "quantization": manifest.quantization.mode,
         "format": f"embedkit-v{manifest.format_version}",
+        "variant": manifest.variant,
+        "compatibility": manifest.compatibility,
         **(labels or {}),
     }
     with bentoml.models.create(

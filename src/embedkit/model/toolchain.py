@@ -1,9 +1,18 @@
-"""Versions of the toolchain that built (or serves) an artifact, for the manifest."""
+"""What built (or serves) an artifact, for the manifest: toolchain versions, and the
+platform a variant was measured on (CPU instruction-set level, ONNX Runtime version).
+
+INT8 kernels differ between CPUs with and without VNNI, so a variant's gate verdict
+holds only for the ISA level and runtime it was measured on; both are read here
+without importing onnxruntime (the HTTP front uses this module too).
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 _DISTRIBUTIONS = (
     "embedkit",
@@ -30,3 +39,66 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
+
+
+def runtime_version() -> str:
+    """The installed ONNX Runtime's version (CPU or GPU build), or ``"absent"``."""
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "absent"
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    """The integer-matmul-relevant instruction-set flags of this CPU."""
+
+    avx2: bool
+    avx512f: bool
+    avx512_vnni: bool
+    avx_vnni: bool
+    amx: bool
+
+    @property
+    def vnni(self) -> bool:
+        return self.avx512_vnni or self.avx_vnni
+
+    @property
+    def level(self) -> str:
+        """One label for presets and the manifest, best capability first."""
+        if self.amx:
+            return "amx"
+        if self.avx512_vnni:
+            return "avx512-vnni"
+        if self.avx512f:
+            return "avx512"
+        if self.avx_vnni:
+            return "avx2-vnni"
+        return "avx2" if self.avx2 else "generic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "level": self.level}
+
+
+def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
+    """Parse the ``flags`` line of /proc/cpuinfo (or the given text)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # pragma: no cover - non-Linux: assume nothing
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return CpuIsa(
+        avx2="avx2" in flags,
+        avx512f="avx512f" in flags,
+        avx512_vnni="avx512_vnni" in flags,
+        avx_vnni="avx_vnni" in flags,
+        amx=any(f.startswith("amx") for f in flags),
+    )

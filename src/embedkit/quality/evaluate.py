@@ -5,7 +5,13 @@ against the FP32 PyTorch reference *and* the FP32 ONNX artifact:
 
 * Spearman (cosine vs gold score) where the segment has gold scores;
 * embedding fidelity: min / p1 / mean cosine to FP32 and the top-10 neighbour
-  overlap when each sentence1 retrieves its sentence2 among the segment.
+  overlap when each sentence1 retrieves its sentence2 among the segment;
+* retrieval (when the optional SciFact data is present, :mod:`embedkit.quality.retrieval`):
+  nDCG@10 and recall@100 of the variant searching an index it built itself, beside
+  fp32 doing the same, and documents/s while indexing.
+
+The report records what it was measured on (fp32 parent checksum, CPU ISA level,
+ONNX Runtime version): a verdict holds only there.
 
 :func:`evaluate` returns a :class:`QualityReport`; :mod:`embedkit.quality.gate`
 judges it and :mod:`embedkit.quality.report` renders it. Nothing here decides
@@ -26,7 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import Settings
-from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact
+from embedkit.model import toolchain
+from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, MeasuredOn
+from embedkit.quality import retrieval as retrieval_data
+from embedkit.quality.retrieval import RetrievalMetrics, RetrievalResult
 from embedkit.quality.segments import GROUPS, LANGUAGES, Corpus, build_corpus
 from embedkit.runtime.engine import Engine
 
@@ -82,18 +91,26 @@ def _cached_encode(
     encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path
 ) -> np.ndarray:
     """Encode, caching to ``cache_dir`` by (encoder identity, texts) when ``key`` is given."""
-    if key is None:
-        return _unit(encoder.encode(texts))
-    digest = hashlib.sha256(("\n".join(texts) + "\0" + key).encode()).hexdigest()[:24]
+    return _timed_encode(encoder, texts, key, cache_dir)[0]
+
+
+def _timed_encode(
+    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path
+) -> tuple[np.ndarray, float | None]:
+    """:func:`_cached_encode` plus the seconds encoding took (None on a cache hit)."""
+    digest = hashlib.sha256(("\n".join(texts) + "\0" + (key or "")).encode()).hexdigest()[:24]
     file = cache_dir / f"{digest}.npy"
-    if file.is_file():
-        return np.load(file)
+    if key is not None and file.is_file():
+        return np.load(file), None
+    started = time.perf_counter()
     vectors = _unit(np.asarray(encoder.encode(texts), dtype=np.float32))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".{time.monotonic_ns()}.tmp.npy")
-    np.save(tmp, vectors)
-    tmp.replace(file)
-    return vectors
+    seconds = time.perf_counter() - started
+    if key is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{time.monotonic_ns()}.tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(file)
+    return vectors, seconds
 
 
 # --- results --------------------------------------------------------------------------------
@@ -133,6 +150,11 @@ class QualityReport(BaseModel):
     texts: int
     seconds: float
     segments: list[SegmentResult]
+    measured_on: MeasuredOn | None = Field(None, description="Where this was measured.")
+    retrieval: RetrievalResult | None = None
+    retrieval_note: str | None = Field(
+        None, description="Why there are no retrieval scores (data absent, or not asked for)."
+    )
 
     def segment(self, name: str) -> SegmentResult:
         for seg in self.segments:
@@ -225,11 +247,17 @@ def evaluate(
     lang_pairs: int | None = None,
     settings: Settings | None = None,
     cache_dir: Path = CACHE_DIR,
+    retrieval: bool = True,
+    retrieval_docs: int | None = None,
+    retrieval_queries: int | None = None,
+    retrieval_dir: Path | None = None,
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
     Reference and FP32 embeddings are cached in ``cache_dir`` by model checksum
     and text set; the variant is always encoded afresh through the engine.
+    With ``retrieval`` and the SciFact data present, both also index the corpus
+    (bounded by ``retrieval_docs``/``retrieval_queries`` for quick runs).
     Write the report with :func:`embedkit.quality.report.write_report`.
     """
     from embedkit.model.export import source_checksum
@@ -259,6 +287,20 @@ def evaluate(
         "variant": _cached_encode(_EngineEncoder(artifact, settings), texts, None, cache_dir),
     }
     vectors = {role: dict(zip(texts, arr, strict=True)) for role, arr in arrays.items()}
+    result: RetrievalResult | None = None
+    note: str | None = "not asked for"
+    if retrieval:
+        note = retrieval_data.missing_reason(retrieval_dir)
+        if note is None:
+            data = retrieval_data.load_beir(
+                retrieval_dir, max_docs=retrieval_docs, max_queries=retrieval_queries
+            )
+            result = score_retrieval(
+                data,
+                fp32=(_EngineEncoder(fp32, settings), fp32_key),
+                variant=_EngineEncoder(artifact, settings),
+                cache_dir=cache_dir,
+            )
     return QualityReport(
         artifact=str(artifact.tag or artifact.path),
         mode=artifact.manifest.quantization.mode,
@@ -269,4 +311,39 @@ def evaluate(
         texts=len(texts),
         seconds=round(time.perf_counter() - started, 1),
         segments=score_segments(corpus, vectors),
+        measured_on=MeasuredOn(
+            parent_sha256=fp32.manifest.files[MODEL_FILE],
+            isa=toolchain.detect_isa().level,
+            onnxruntime=toolchain.runtime_version(),
+        ),
+        retrieval=result,
+        retrieval_note=note,
+    )
+
+
+def score_retrieval(
+    data: retrieval_data.RetrievalSet,
+    *,
+    fp32: tuple[Encoder, str],
+    variant: Encoder,
+    cache_dir: Path = CACHE_DIR,
+) -> RetrievalResult:
+    """Each model indexes ``data``'s corpus and searches it with its own query vectors;
+    fp32's vectors are cached under its key, the variant's are always computed."""
+    metrics = {}
+    for role, (encoder, key) in {"fp32": fp32, "variant": (variant, None)}.items():
+        docs, seconds = _timed_encode(encoder, data.docs, key, cache_dir)
+        queries = _cached_encode(encoder, data.queries, key, cache_dir)
+        ndcg, recall = retrieval_data.rank_metrics(queries, docs, data)
+        metrics[role] = RetrievalMetrics(
+            ndcg_at_10=ndcg,
+            recall_at_100=recall,
+            docs_per_s=None if seconds is None else round(len(data.docs) / seconds, 1),
+        )
+    return RetrievalResult(
+        dataset=data.name,
+        documents=len(data.docs),
+        queries=len(data.queries),
+        fp32=metrics["fp32"],
+        variant=metrics["variant"],
     )

@@ -1,21 +1,43 @@
-"""The quality gate: a variant is approved only if every segment holds every threshold.
+"""The quality gate: every segment must hold every limit of a variant's compatibility class.
+
+Classes (``docs/service.md § Compatibility classes``), strictest first:
+
+* ``index-compatible``: the fidelity limits (p1 cosine and top-10 neighbour overlap
+  with fp32, Spearman drop) hold on every segment — it may query an fp32-built index;
+* ``reindex``: fidelity misses, but the Spearman limits hold on every segment *and*
+  retrieval holds (nDCG@10 and recall@100 within the configured points of fp32, each
+  searching an index it built itself) — correct only for an index built entirely with it;
+* ``rejected``: anything else. Without the (optional) retrieval data nothing is ``reindex``.
 
 The thresholds live in one file, ``config/quality-gate.yaml``; :func:`gate`
 names every failing segment, metric and margin, and :func:`stamp_verdict`
-writes the verdict into the variant's manifest.
+writes the class, what it was measured on and reference vectors into the manifest.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput
-from embedkit.core.settings import get_settings
-from embedkit.model.artifact import Artifact, finalize
+from embedkit.core.settings import Settings, get_settings
+from embedkit.model.artifact import FORMAT_VERSION, Artifact, Compatibility, MeasuredOn, finalize
 from embedkit.quality.evaluate import QualityReport
+from embedkit.runtime.engine import Engine
+from embedkit.runtime.reference import reference_vectors
+
+RETRIEVAL_SEGMENT = "retrieval:"  # + dataset name: the segment name of retrieval failures
+
+
+class RetrievalLimits(BaseModel):
+    """Most points (×100) a ``reindex`` variant may lose against fp32, each model searching
+    an index it built itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ndcg_at_10_drop_max: float = Field(1.0, ge=0)
+    recall_at_100_drop_max: float = Field(1.0, ge=0)
 
 
 class GateThresholds(BaseModel):
@@ -28,6 +50,14 @@ class GateThresholds(BaseModel):
     )
     cosine_p1_min: float = Field(ge=-1, le=1)
     overlap_min: float = Field(ge=0, le=1)
+    retrieval: RetrievalLimits = Field(default_factory=RetrievalLimits)
+    reference_cosine_min: float = Field(
+        0.9999,
+        ge=-1,
+        le=1,
+        description="Least cosine a serving pod must reproduce on the manifest's reference "
+        "vectors (same ISA level and runtime: only thread-order noise).",
+    )
 
 
 def load_thresholds(path: Path | None = None) -> GateThresholds:
@@ -45,7 +75,7 @@ class GateFailure(BaseModel):
     by: float = Field(description="How far past the threshold (always positive).")
 
     def __str__(self) -> str:
-        op = ">" if self.metric == "spearman_drop" else "<"
+        op = ">" if self.metric.endswith("_drop") else "<"
         return (
             f"{self.segment}: {self.metric} {self.value:.4g} {op} {self.threshold:g} "
             f"(by {self.by:.3g})"
@@ -54,25 +84,88 @@ class GateFailure(BaseModel):
 
 class GateVerdict(BaseModel):
     model_config = ConfigDict(frozen=True)
-    approved: bool
+    approved: bool = Field(description="Index-compatible: every fidelity limit holds.")
     failures: list[GateFailure]
     segments_checked: int
+    compatibility: Compatibility = "rejected"
+    why_not_reindex: str | None = Field(
+        None, description="For a rejected variant: what kept it out of the reindex class."
+    )
+    measured_on: MeasuredOn | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_from_approval(cls, data: object) -> object:
+        # A verdict built with approved only (the format-1 gate) gets its class from it.
+        if isinstance(data, dict) and "compatibility" not in data:
+            data = {
+                **data,
+                "compatibility": "index-compatible" if data.get("approved") else "rejected",
+            }
+        return data
 
     @property
     def failing_segments(self) -> list[str]:
         return sorted({f.segment for f in self.failures})
 
     def summary(self) -> str:
-        if self.approved:
-            return f"approved: all {self.segments_checked} segments pass"
-        return f"rejected: {len(self.failing_segments)} segment(s) fail — " + "; ".join(
-            str(f) for f in self.failures
-        )
+        failed = "; ".join(str(f) for f in self.failures)
+        if self.compatibility == "index-compatible":
+            return f"index-compatible: all {self.segments_checked} segments pass"
+        if self.compatibility == "reindex":
+            return (
+                f"reindex: Spearman and retrieval hold (only for an index built with this "
+                f"variant); fidelity fails on {len(self.failing_segments)} segment(s) — {failed}"
+            )
+        why = f" [not reindex: {self.why_not_reindex}]" if self.why_not_reindex else ""
+        return f"rejected: {len(self.failing_segments)} segment(s) fail — {failed}{why}"
+
+
+def _retrieval_failures(report: QualityReport, th: GateThresholds) -> list[GateFailure]:
+    r = report.retrieval
+    if r is None:
+        return []
+    name = RETRIEVAL_SEGMENT + r.dataset
+    checks = (
+        ("ndcg_at_10_drop", r.ndcg_drop, th.retrieval.ndcg_at_10_drop_max),
+        ("recall_at_100_drop", r.recall_drop, th.retrieval.recall_at_100_drop_max),
+    )
+    return [
+        GateFailure(segment=name, metric=m, value=v, threshold=lim, by=round(v - lim, 3))
+        for m, v, lim in checks
+        if v > lim
+    ]
 
 
 def gate(report: QualityReport, thresholds: GateThresholds | None = None) -> GateVerdict:
-    """Approve only if every segment holds every threshold; list each failure and its margin."""
+    """Class the variant (strictest class whose limits every segment holds); list each
+    failure and its margin."""
     th = thresholds or load_thresholds()
+    failures = _fidelity_failures(report, th)
+    retrieval = _retrieval_failures(report, th)
+    spearman = sorted({f.segment for f in failures if f.metric == "spearman_drop"})
+    why: str | None = None
+    if not failures:
+        klass: Compatibility = "index-compatible"
+    elif spearman:
+        klass, why = "rejected", f"Spearman fails on {', '.join(spearman)}"
+    elif report.retrieval is None:
+        klass, why = "rejected", f"no retrieval scores ({report.retrieval_note})"
+    elif retrieval:
+        klass, why = "rejected", "retrieval drops: " + "; ".join(str(f) for f in retrieval)
+    else:
+        klass = "reindex"
+    return GateVerdict(
+        approved=klass == "index-compatible",
+        compatibility=klass,
+        failures=failures + retrieval,
+        segments_checked=len(report.segments) + (report.retrieval is not None),
+        why_not_reindex=why,
+        measured_on=report.measured_on,
+    )
+
+
+def _fidelity_failures(report: QualityReport, th: GateThresholds) -> list[GateFailure]:
     failures: list[GateFailure] = []
     for seg in report.segments:
         limit = th.spearman_drop_max.get(seg.group)
@@ -107,26 +200,42 @@ def gate(report: QualityReport, thresholds: GateThresholds | None = None) -> Gat
                     by=round(th.overlap_min - seg.overlap_fp32, 4),
                 )
             )
-    return GateVerdict(
-        approved=not failures, failures=failures, segments_checked=len(report.segments)
-    )
+    return failures
 
 
-def stamp_verdict(artifact: Artifact, verdict: GateVerdict, *, force: bool = False) -> Artifact:
-    """Write the gate verdict into the manifest (re-checksummed in place).
+def stamp_verdict(
+    artifact: Artifact,
+    verdict: GateVerdict,
+    *,
+    force: bool = False,
+    name: str | None = None,
+    thresholds: GateThresholds | None = None,
+    settings: Settings | None = None,
+) -> Artifact:
+    """Write the verdict into the manifest (re-checksummed in place, format
+    :data:`~embedkit.model.artifact.FORMAT_VERSION`): the class, the candidate ``name``,
+    what it was measured on, and this artifact's reference vectors (encoded here, on the
+    machine that measured it).
 
-    An unapproved variant is only stamped with ``force=True``, which sets
+    A rejected variant is only stamped with ``force=True``, which sets
     ``quantization.forced`` so the registry shows it was pushed through.
     """
-    if not verdict.approved and not force:
+    if verdict.compatibility == "rejected" and not force:
         raise InvalidInput(
             f"{artifact.path} failed the quality gate ({verdict.summary()}); "
             "pass --force to register it anyway"
         )
+    th = thresholds or load_thresholds()
+    reference = reference_vectors(Engine(artifact, settings), th.reference_cosine_min)
     fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    fields["format_version"] = FORMAT_VERSION
     fields["quantization"] = {
         **fields["quantization"],
         "approved": verdict.approved,
-        "forced": force and not verdict.approved,
+        "forced": force and verdict.compatibility == "rejected",
+        "compatibility": verdict.compatibility,
+        "variant": name or fields["quantization"].get("variant"),
+        "measured_on": None if verdict.measured_on is None else verdict.measured_on.model_dump(),
     }
+    fields["reference"] = reference.model_dump()
     return finalize(artifact.path, fields)

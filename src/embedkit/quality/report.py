@@ -14,6 +14,7 @@ import numpy as np
 
 from embedkit.quality.evaluate import QualityReport, SegmentResult
 from embedkit.quality.gate import GateThresholds, GateVerdict
+from embedkit.quality.retrieval import RetrievalMetrics
 
 
 def _fmt(x: float | None, nd: int = 2) -> str:
@@ -42,7 +43,37 @@ def report_markdown(report: QualityReport, verdict: GateVerdict | None = None) -
             f"{_fmt(s.drop_vs_reference)} | {c.min:.4f} | {c.p1:.4f} | {c.mean:.4f} | "
             f"{s.overlap_fp32:.3f} |"
         )
+    lines += ["", *retrieval_markdown({report.mode: report})]
     return "\n".join(lines) + "\n"
+
+
+def retrieval_markdown(reports: Mapping[str, QualityReport]) -> list[str]:
+    """Retrieval rows (nDCG@10, recall@100 ×100, documents/s indexing), fp32 then each
+    variant, each searching an index it built itself; or why there are none."""
+    scored = {name: rep.retrieval for name, rep in reports.items() if rep.retrieval is not None}
+    if not scored:
+        note = next(iter(reports.values())).retrieval_note
+        return [f"Retrieval: none ({note})."]
+    first = next(iter(scored.values()))
+    names = list(scored)
+    lines = [
+        f"#### Retrieval: {first.dataset}, {first.documents} documents, {first.queries} queries "
+        "(each model indexes the corpus itself)",
+        "",
+        "| metric | FP32 | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    rows: list[tuple[str, Callable[[RetrievalMetrics], float | None]]] = [
+        ("nDCG@10", lambda m: m.ndcg_at_10),
+        ("recall@100", lambda m: m.recall_at_100),
+        ("documents/s indexing", lambda m: m.docs_per_s),
+    ]
+    for label, get in rows:
+        cells = [_fmt(get(r.variant)) for r in scored.values()]
+        lines.append(f"| {label} | {_fmt(get(first.fp32))} | " + " | ".join(cells) + " |")
+    drops = [f"{r.ndcg_drop:.2f} / {r.recall_drop:.2f}" for r in scored.values()]
+    lines.append("| drop vs FP32 (nDCG / recall) | – | " + " | ".join(drops) + " |")
+    return [*lines, ""]
 
 
 def plot_deltas(reports: Mapping[str, QualityReport], path: Path) -> None:
@@ -90,10 +121,12 @@ def write_report(
 
 
 def _verdict_cell(verdict: GateVerdict) -> str:
-    if verdict.approved:
-        return "approved"
+    if verdict.compatibility == "index-compatible":
+        return "index-compatible"
     failing = verdict.failing_segments
     shown = ", ".join(failing[:6]) + (", …" if len(failing) > 6 else "")
+    if verdict.compatibility == "reindex":
+        return f"reindex (fidelity fails on {len(failing)} segments: {shown})"
     return f"rejected ({len(failing)} segments: {shown})"
 
 
@@ -163,5 +196,11 @@ def summary_markdown(
     lines += table(
         f"Top-10 neighbour overlap with FP32 ONNX (limit ≥ {th.overlap_min})",
         lambda s: f"{s.overlap_fp32:.3f}",
+    )
+    lines += retrieval_markdown(reports)
+    lines.append(
+        f"reindex class: Spearman limits on every segment and retrieval drop ≤ "
+        f"{th.retrieval.ndcg_at_10_drop_max} (nDCG@10) / {th.retrieval.recall_at_100_drop_max} "
+        "(recall@100) points."
     )
     return "\n".join(lines)

@@ -2,7 +2,10 @@
 
 The only module of this package that imports ONNX Runtime (through
 :mod:`embedkit.runtime.engine`); the front side tokenises, post-processes and
-shapes bodies with numpy only.
+shapes bodies with numpy only. At startup it decides what serves: a variant whose
+approval does not hold here (other ISA level or runtime, reference vectors not
+reproduced, a reindex variant nobody named) is refused with one log line and a
+metric, and its fp32 parent serves; then it builds the served identity.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import numpy as np
 from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import Settings
+from embedkit.model import toolchain
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
+from embedkit.runtime.reference import reference_cosine
+from embedkit.serve import identity
 from embedkit.serve.schemas import Item
-from embedkit.serve.startup import settle_gc
+from embedkit.serve.startup import find_parent, refusal, settle_gc
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,9 @@ class EmbedderCore:
     """Owns the ORT engine; runs merged batches and records what they cost."""
 
     def __init__(self, artifact: Artifact, settings: Settings) -> None:
+        isa = toolchain.detect_isa().level
         try:
-            self.engine = Engine(artifact, settings)
+            served, self.engine, note = _choose(artifact, settings, isa)
         except EmbedkitError as exc:  # strict provider refusal, unloadable graph: one line
             log.error("embedkit refuses to start: %s", exc)
             metrics.get().model_load_failures.labels(reason=exc.code or "engine_error").inc()
@@ -38,6 +45,9 @@ class EmbedderCore:
         report = self.engine.provider_report
         if report.fallback:
             log.warning("embedkit provider fallback: %s", report.reason)
+        self.artifact = served
+        self.identity = identity.build(served, provider=self.engine.provider, isa=isa, refused=note)
+        identity.publish(self.identity)
         self.ready = False
 
     def warmup(self) -> None:
@@ -59,4 +69,41 @@ class EmbedderCore:
         return vectors
 
     def info(self) -> dict[str, Any]:
-        return self.engine.info()
+        """The engine's description, the served identity and the served manifest's summary."""
+        return {
+            **self.engine.info(),
+            "identity": self.identity.as_dict(),
+            "manifest": self.artifact.manifest.summary(),
+        }
+
+
+def _choose(
+    artifact: Artifact, settings: Settings, isa: str
+) -> tuple[Artifact, Engine, str | None]:
+    """(what serves, its engine, the refusal note): ``artifact`` unless its approval does
+    not hold here, then its fp32 parent, after one log line and a metric."""
+    manifest = artifact.manifest
+    refused = refusal(manifest, settings, isa=isa, runtime=toolchain.runtime_version())
+    if refused is None:
+        engine = Engine(artifact, settings)
+        ref = manifest.reference
+        if ref is None or manifest.variant == "fp32":
+            return artifact, engine, None
+        cos = reference_cosine(engine, ref)
+        if cos >= ref.min_cosine:
+            return artifact, engine, None
+        refused = (
+            "reference_vectors",
+            f"its reference vectors are not reproduced here (least cosine {cos:.6f} < "
+            f"{ref.min_cosine})",
+        )
+    parent = find_parent(artifact)
+    log.error(
+        "embedkit refuses variant %s (%s): %s; serving its fp32 parent %s",
+        manifest.variant,
+        artifact.tag,
+        refused[1],
+        parent.tag,
+    )
+    metrics.get().variant_refusals.labels(variant=manifest.variant, reason=refused[0]).inc()
+    return parent, Engine(parent, settings), f"{manifest.variant}: {refused[1]}"

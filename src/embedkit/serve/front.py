@@ -25,6 +25,7 @@ from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
+from embedkit.serve import identity
 from embedkit.serve.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.client import EmbedderClient
 from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
@@ -130,6 +131,7 @@ class Front:
 
     def models(self) -> dict[str, Any]:
         created = int(_iso_to_epoch(self.manifest.created_at))
+        served = identity.served()
         return {
             "object": "list",
             "data": [
@@ -138,6 +140,7 @@ class Front:
                     "object": "model",
                     "created": created,
                     "owned_by": "embedkit",
+                    "embedkit": None if served is None else served.as_dict(),
                 }
             ],
         }
@@ -156,10 +159,12 @@ class Front:
     async def info(self, embedder: Any) -> dict[str, Any]:
         s = self.settings
         engine = await self.client.info(embedder)
+        served = engine.pop("identity", None)
         return {
             "model": self.model_name,
-            "tag": self.artifact.tag,
-            "manifest": self.manifest.summary(),
+            "served": served,
+            "tag": (served or {}).get("tag", self.artifact.tag),
+            "manifest": engine.pop("manifest", None) or self.manifest.summary(),
             "provider": engine.get("providers", {}),
             "engine": engine,
             "batching": batching_policy(s),
@@ -221,9 +226,17 @@ class Front:
                     *(self.embed(embedder, lane_job, "warmup") for _ in range(8)),
                     return_exceptions=True,
                 )
+        # The Embedder decided what serves; the front says so from now on.
+        info = await self.client.info(embedder)
+        identity.publish(identity.ServedIdentity.from_dict(info["identity"]))
         settle_gc(self.settings)
         self.ready = self.client.warm = True
-        log.info("embedkit front service warm and ready (model %s)", self.model_name)
+        served = identity.served()
+        log.info(
+            "embedkit front service warm and ready (model %s, serving %s)",
+            self.model_name,
+            served.header_value() if served else "?",
+        )
 
 
 def _iso_to_epoch(stamp: str) -> float:

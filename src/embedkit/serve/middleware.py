@@ -27,6 +27,7 @@ from embedkit.core.errors import (
     Unauthorized,
 )
 from embedkit.core.settings import Settings
+from embedkit.serve import identity
 from embedkit.serve.http_errors import (
     count_rejection,
     error_status_body,
@@ -60,6 +61,7 @@ class EdgeMiddleware:
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
             await self.app(scope, receive, send)
             return
+        send = _with_identity(send)
         raw_receive = receive
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -136,6 +138,22 @@ class EdgeMiddleware:
         raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+def _with_identity(send: Send) -> Send:
+    """``send`` that adds the served identity's header to every response start (errors
+    and 499s included) once startup has built it."""
+    served = identity.served()
+    if served is None:
+        return send
+    header = (identity.HEADER.lower().encode(), served.header_value().encode("latin-1"))
+
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return sending
 
 
 async def _drop_if_disconnected(app: Any, receive: Any) -> bool:

@@ -1,0 +1,113 @@
+"""The one served identity: what this process serves, built once at startup.
+
+name:version, variant, compatibility class, precision, execution provider and CPU
+ISA level — and, when a variant was refused at startup, which one and why (its
+fp32 parent then serves). Every place that tells a client or an operator what is
+served reads this object: the ``X-Embedkit-Model`` header on every response of our
+routes (errors included), ``/info``, ``/v1/models``, the
+``embedkit_served_model_info`` metric's labels and the startup log line.
+
+The Embedder builds it (it alone knows the provider that attached and whether the
+variant passed its startup checks); the front receives it from the Embedder during
+warm-up, before it reports ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from embedkit.core import metrics
+from embedkit.model.artifact import Artifact, Compatibility
+
+log = logging.getLogger(__name__)
+
+HEADER = "X-Embedkit-Model"
+_PRECISION = {
+    "none": "fp32",
+    "fused-fp32": "fp32",
+    "dynamic-int8": "int8",
+    "static-int8": "int8",
+    "fp16": "fp16",
+}
+
+
+@dataclass(frozen=True)
+class ServedIdentity:
+    name: str
+    version: str
+    variant: str
+    compatibility: Compatibility
+    precision: str
+    provider: str
+    isa: str
+    refused: str | None = None  # "<variant>: <reason>" when a variant was refused at startup
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def header_value(self) -> str:
+        return (
+            f"{self.tag}; variant={self.variant}; class={self.compatibility}; "
+            f"precision={self.precision}; provider={self.provider}; isa={self.isa}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag, **asdict(self)}
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "variant": self.variant,
+            "compatibility": self.compatibility,
+            "precision": self.precision,
+            "provider": self.provider,
+            "isa": self.isa,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServedIdentity:
+        return cls(**{k: v for k, v in data.items() if k != "tag"})
+
+
+def build(
+    artifact: Artifact, *, provider: str, isa: str, refused: str | None = None
+) -> ServedIdentity:
+    """The identity of ``artifact`` served on ``provider`` on a CPU of ISA level ``isa``."""
+    manifest = artifact.manifest
+    tag = artifact.tag or ""
+    version = tag.partition(":")[2] or "local"
+    return ServedIdentity(
+        name=manifest.name,
+        version=version,
+        variant=manifest.variant,
+        compatibility=manifest.compatibility,
+        precision=_PRECISION.get(manifest.quantization.mode, manifest.quantization.mode),
+        provider=provider,
+        isa=isa,
+        refused=refused,
+    )
+
+
+_served: ServedIdentity | None = None
+
+
+def publish(identity: ServedIdentity) -> None:
+    """Make ``identity`` this process's, log it and expose it as metric labels. Startup
+    calls it once per process; a later call (tests building several Embedders in one
+    process) replaces it, labels included."""
+    global _served
+    gauge = metrics.get().served_model
+    if _served is not None and _served != identity:
+        gauge.remove(*_served.labels().values())
+    _served = identity
+    gauge.labels(**identity.labels()).set(1)
+    log.info("embedkit serving %s", identity.header_value())
+
+
+def served() -> ServedIdentity | None:
+    """This process's identity; None until startup has built (or received) it."""
+    return _served

@@ -1,0 +1,64 @@
+"""The served identity over HTTP: the class served, on every route and error; a variant
+measured on another ISA level is refused (one log line, a metric) and fp32 serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.planted import plant, stamped
+
+from embedkit.model import toolchain
+from embedkit.model.artifact import Artifact, register
+from embedkit.serve.identity import HEADER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def copy_variant(fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    return plant(fp32_artifact, "copy", tmp_path_factory.mktemp("planted") / "copy")
+
+
+def test_variant_measured_on_another_isa_is_refused_and_fp32_serves(
+    launcher, model_tag: str, fp32_artifact: Artifact, copy_variant: Artifact, tmp_path: Path
+) -> None:
+    other = "amx" if toolchain.detect_isa().level != "amx" else "avx2"
+    art = stamped(fp32_artifact, copy_variant, tmp_path / "v", "index-compatible", isa=other)
+    server = launcher.start(register(art))
+    line = server.wait_for_line("embedkit refuses variant")
+    assert f"measured on ISA level {other}" in line and model_tag in line
+    ok = httpx.post(server.url + "/embed", json={"texts": ["a"]}, timeout=30)
+    bad = httpx.post(server.url + "/embed", json={"texts": "not a list"}, timeout=30)
+    body = {"input": "a", "model": model_tag.partition(":")[0]}
+    openai = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
+    assert ok.status_code == 200 and bad.status_code == 400 and openai.status_code == 200
+    for response in (ok, bad, openai):
+        header = response.headers[HEADER]
+        assert header.startswith(model_tag + "; variant=fp32; class=index-compatible")
+        assert "precision=fp32" in header and f"isa={toolchain.detect_isa().level}" in header
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["served"]["tag"] == model_tag and info["manifest"]["variant"] == "fp32"
+    assert f"measured on ISA level {other}" in info["served"]["refused"]
+    model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
+    assert model["embedkit"]["compatibility"] == "index-compatible"
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    refusals = [x for x in text.splitlines() if x.startswith("embedkit_variant_refusals_total{")]
+    assert any('variant="planted-index-compatible"' in x and 'reason="isa"' in x for x in refusals)
+    assert 'variant="fp32"' in next(
+        line for line in text.splitlines() if line.startswith("embedkit_served_model_info{")
+    )
+
+
+def test_named_reindex_variant_serves_and_says_so(
+    launcher, model_tag: str, fp32_artifact: Artifact, copy_variant: Artifact, tmp_path: Path
+) -> None:
+    art = stamped(fp32_artifact, copy_variant, tmp_path / "v", "reindex")
+    register(art)
+    server = launcher.start(model_tag, {"EMBEDKIT_VARIANT": "planted-reindex"})
+    response = httpx.post(server.url + "/embed", json={"texts": ["a"]}, timeout=30)
+    assert response.status_code == 200
+    assert "; variant=planted-reindex; class=reindex;" in response.headers[HEADER]
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["served"]["compatibility"] == "reindex" and info["served"]["refused"] is None
