@@ -1,6 +1,6 @@
 """Retrieval quality: does an index built *with a variant* retrieve as well as fp32?
 
-The data is SciFact's train split in the BEIR layout under ``settings.data_dir``
+The data is SciFact's train split in the BEIR layout under ``settings.extended_data_dir``
 (``scifact-train/corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``; ~5.2k
 abstracts of ~250 word pieces, 809 claims). It is optional: a clone without it
 gets no retrieval rows and no variant can be classed ``reindex``
@@ -39,7 +39,7 @@ class RetrievalSet:
 
 
 def scifact_dir() -> Path:
-    return get_settings().data_dir / SCIFACT
+    return get_settings().extended_data_dir / SCIFACT
 
 
 def missing_reason(directory: Path | None = None) -> str | None:
