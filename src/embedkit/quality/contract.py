@@ -68,10 +68,9 @@ def _version_covered(ranges: Sequence[str], opset: int) -> bool:
 def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
     """Op inventory, opset, CPU session build, and ops the GPU EPs do not implement."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     from embedkit.runtime import session
-
-    from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load(str(artifact.model_path), load_external_data=False)
