@@ -288,6 +288,7 @@ def evaluate(
     lang_pairs: Annotated[int | None, typer.Option(help="Subsample pairs per language.")] = None,
 ) -> None:
     """Per-segment quality report (genre, file, length, language) and the gate verdict."""
+    from embedkit.core.settings import get_settings
     from embedkit.model.artifact import resolve
     from embedkit.quality.evaluate import evaluate as evaluate_variant
     from embedkit.quality.gate import gate
@@ -295,7 +296,11 @@ def evaluate(
 
     with progress("evaluate"):
         report = evaluate_variant(
-            resolve(variant), fp32=resolve(fp32), max_pairs=max_pairs, lang_pairs=lang_pairs
+            resolve(variant),
+            fp32=resolve(fp32),
+            max_pairs=max_pairs,
+            lang_pairs=lang_pairs,
+            cache_dir=get_settings().eval_cache_dir,
         )
     verdict = gate(report)
     write_report(report, out_dir, verdict)

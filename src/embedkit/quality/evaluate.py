@@ -15,7 +15,6 @@ what to register.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,6 @@ from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact
 from embedkit.quality.segments import GROUPS, LANGUAGES, Corpus, build_corpus
 from embedkit.runtime.engine import Engine
 
-CACHE_DIR = Path(tempfile.gettempdir()) / "embedkit-eval-cache"
 TOP_K = 10
 
 
@@ -79,10 +77,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _cached_encode(
-    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path
+    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path | None
 ) -> np.ndarray:
-    """Encode, caching to ``cache_dir`` by (encoder identity, texts) when ``key`` is given."""
-    if key is None:
+    """Encode, caching to ``cache_dir`` by (encoder identity, texts) when both are given."""
+    if key is None or cache_dir is None:
         return _unit(encoder.encode(texts))
     digest = hashlib.sha256(("\n".join(texts) + "\0" + key).encode()).hexdigest()[:24]
     file = cache_dir / f"{digest}.npy"
@@ -224,12 +222,13 @@ def evaluate(
     max_pairs: int | None = None,
     lang_pairs: int | None = None,
     settings: Settings | None = None,
-    cache_dir: Path = CACHE_DIR,
+    cache_dir: Path | None = None,
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
-    Reference and FP32 embeddings are cached in ``cache_dir`` by model checksum
-    and text set; the variant is always encoded afresh through the engine.
+    With ``cache_dir`` (callers pass ``settings.eval_cache_dir``), reference and FP32
+    embeddings are cached there by model checksum and text set; without, all three are
+    encoded. The variant is always encoded afresh through the engine.
     Write the report with :func:`embedkit.quality.report.write_report`.
     """
     from embedkit.model.export import source_checksum
