@@ -111,7 +111,8 @@ def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Pat
     ]
     assert result.tag == by_name[default].tag == result.versions[-1].tag
     assert str(bentoml.models.get("release-e2e:latest").tag) == result.tag
-    assert result.artifact.tag == result.tag
+    # The returned artifact is the default version's working copy, as registered.
+    assert result.artifact.manifest.files == resolve(result.tag).manifest.files
 
     for version in result.versions:
         labels = bentoml.models.get(version.tag).info.labels
