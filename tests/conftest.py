@@ -1,8 +1,9 @@
 """Shared fixtures: an isolated BentoML home, the default model and its fp32 artifact.
 
-BENTOML_HOME is set before anything imports bentoml, so tests never touch the
-user's model store. The fp32 artifact is exported once per session (a real
-Optimum export, ~15 s) and is read-only for tests: copy it to tamper with it.
+BENTOML_HOME and the evaluation cache are set before anything imports bentoml or reads
+settings, so tests never touch the user's model store or a stale cache. The fp32
+artifact (a real Optimum export, ~15 s) and the variants are built once per session
+and are read-only for tests: copy one to tamper with it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="embedkit-tests-"))
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's own evaluation cache: a cache left by an earlier run (the default lives in
+# /tmp) would hide the PyTorch reference path; a test that needs none passes cache_dir=None.
+os.environ["EMBEDKIT_EVAL_CACHE_DIR"] = str(_SESSION_DIR / "eval-cache")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -72,6 +76,62 @@ def artifact_copy(fp32_artifact, tmp_path: Path) -> Iterator[Path]:
     dest = tmp_path / "artifact"
     shutil.copytree(fp32_artifact.path, dest)
     yield dest
+
+
+# --- variants, each built once per session (read-only: copy one to stamp or tamper) -------
+
+
+@pytest.fixture(scope="session")
+def fused_variant(fp32_artifact, session_dir: Path):
+    """Fused FP32: the variant that passes the quality gate on CPU."""
+    from embedkit.variants.quantize import build_variant
+
+    return build_variant(fp32_artifact, "fused-fp32", session_dir / "variants" / "fused-fp32")
+
+
+@pytest.fixture(scope="session")
+def int8_variant(fp32_artifact, session_dir: Path):
+    """Dynamic INT8 as the presets build it on this CPU: s8 per-channel weights, reduce-range
+    where the CPU lacks VNNI (AVX2's u8×s8 kernels can saturate), sensitive nodes excluded."""
+    from embedkit.variants import quantize
+
+    return quantize.build_variant(
+        fp32_artifact,
+        "dynamic-int8",
+        session_dir / "variants" / "dynamic-int8",
+        weight_type="s8",
+        per_channel=True,
+        reduce_range=not quantize.detect_isa().vnni,
+        exclude=list(quantize.SENSITIVE_NODES),
+    )
+
+
+@pytest.fixture(scope="session")
+def bad_int8_variant(fp32_artifact, session_dir: Path):
+    """Dynamic INT8 that is bad on purpose (s8 per-tensor, reduce-range): the gate rejects it."""
+    from embedkit.variants.quantize import build_variant
+
+    return build_variant(
+        fp32_artifact,
+        "dynamic-int8",
+        session_dir / "variants" / "bad-int8",
+        weight_type="s8",
+        per_channel=False,
+        reduce_range=True,
+    )
+
+
+@pytest.fixture()
+def private_copy(tmp_path: Path):
+    """``private_copy(artifact)``: a loadable copy of a session artifact to stamp or modify."""
+    from embedkit.model.artifact import Artifact
+
+    def copy(artifact: Artifact) -> Artifact:
+        dest = tmp_path / f"copy-{artifact.path.name}"
+        shutil.copytree(artifact.path, dest)
+        return Artifact.load(dest)
+
+    return copy
 
 
 def build_tiny_st_model(

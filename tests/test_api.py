@@ -190,7 +190,6 @@ class _FakeBentoError(Exception):
     ("exc", "expected"),
     [
         (TimeoutError(), UpstreamTimeout),
-        (TimeoutError(), UpstreamTimeout),
         (_FakeBentoError(503), Overloaded),  # dispatcher shed load: queue full
         (_FakeBentoError(504), UpstreamTimeout),
         (_FakeBentoError(500), InferenceError),

@@ -29,14 +29,6 @@ from embedkit.release import attach_records
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def int8_variant(fp32_artifact, tmp_path_factory):
-    from embedkit.variants.quantize import build_variant
-
-    out = tmp_path_factory.mktemp("variants") / "dynamic-int8"
-    return build_variant(fp32_artifact, "dynamic-int8", out, weight_type="s8", per_channel=True)
-
-
 def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_variant, tmp_path):
     pytest.importorskip("sentence_transformers", reason="PyTorch baseline needs the export extra")
     paths = bench_and_report(

@@ -21,7 +21,6 @@ from embedkit.quality.gate import (
 )
 from embedkit.quality.report import write_report
 from embedkit.quality.segments import build_corpus
-from embedkit.variants import quantize
 
 TH = GateThresholds(
     spearman_drop_max={"stsb": 0.5, "lang": 1.0, "length": None},
@@ -118,29 +117,33 @@ FAST: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def variants(
-    fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Artifact]:
-    root = tmp_path_factory.mktemp("variants")
-    return {
-        "bad": quantize.build_variant(
-            fp32_artifact,
-            "dynamic-int8",
-            root / "bad",
-            weight_type="s8",
-            per_channel=False,
-            reduce_range=True,
-        ),
-        # Fused FP32 is the variant that passes on this CPU (no INT8 setting does:
-        # docs/quantization.md); it proves the gate can also approve.
-        "good": quantize.build_variant(fp32_artifact, "fused-fp32", root / "good"),
-    }
+def variants(fused_variant: Artifact, bad_int8_variant: Artifact) -> dict[str, Artifact]:
+    # Fused FP32 is the variant that passes on this CPU (no INT8 setting does:
+    # docs/quantization.md); it proves the gate can also approve. Both built once per
+    # session (tests/conftest.py).
+    return {"bad": bad_int8_variant, "good": fused_variant}
+
+
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own cache: its first evaluation encodes the PyTorch reference."""
+    return tmp_path_factory.mktemp("eval-cache")
 
 
 def test_bad_variant_is_rejected_naming_segments(
-    fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path, tmp_path: Path
+    fp32_artifact: Artifact,
+    variants: dict[str, Artifact],
+    default_model_dir: Path,
+    eval_cache: Path,
+    tmp_path: Path,
 ) -> None:
-    report = evaluate(variants["bad"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST)
+    report = evaluate(
+        variants["bad"],
+        fp32=fp32_artifact,
+        reference_dir=default_model_dir,
+        cache_dir=eval_cache,
+        **FAST,
+    )
     verdict = gate(report)
     write_report(report, tmp_path, verdict)
     assert not verdict.approved
@@ -158,22 +161,32 @@ def test_bad_variant_is_rejected_naming_segments(
 
 
 def test_fused_variant_passes_fast_gate(
-    fp32_artifact: Artifact, variants: dict[str, Artifact], default_model_dir: Path
+    fp32_artifact: Artifact,
+    variants: dict[str, Artifact],
+    default_model_dir: Path,
+    eval_cache: Path,
+    private_copy: Any,
 ) -> None:
-    report = evaluate(variants["good"], fp32=fp32_artifact, reference_dir=default_model_dir, **FAST)
+    report = evaluate(
+        variants["good"],
+        fp32=fp32_artifact,
+        reference_dir=default_model_dir,
+        cache_dir=eval_cache,
+        **FAST,
+    )
     verdict = gate(report)
     assert verdict.approved, verdict.summary()
     fp32_self = report.segment("stsb:all")
     assert fp32_self.spearman_fp32 == pytest.approx(fp32_self.spearman_reference, abs=0.05)
-    stamped = stamp_verdict(variants["good"], verdict)
+    stamped = stamp_verdict(private_copy(variants["good"]), verdict)
     assert (
         stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
     )
     Artifact.load(stamped.path)
 
 
-def test_force_is_recorded(fp32_artifact: Artifact, tmp_path: Path) -> None:
-    art = quantize.build_variant(fp32_artifact, "dynamic-int8", tmp_path / "v", per_channel=False)
+def test_force_is_recorded(bad_int8_variant: Artifact, private_copy: Any) -> None:
+    art = private_copy(bad_int8_variant)
     rejected = GateVerdict(
         approved=False,
         segments_checked=1,

@@ -63,8 +63,10 @@ def test_presets_follow_isa() -> None:
 # --- builders ------------------------------------------------------------------------------
 
 
-def test_fused_fp32_keeps_parity(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
-    fused = quantize.build_variant(fp32, "fused-fp32", tmp_path / "fused")
+def test_fused_fp32_keeps_parity(
+    fp32: Artifact, fused_variant: Artifact, sentences: list[str]
+) -> None:
+    fused = fused_variant
     q = fused.manifest.quantization
     assert q.mode == "fused-fp32" and q.settings["fusions"]["Attention"] == 6
     assert fused.manifest.parent and fused.manifest.parent.startswith("manifest-sha256:")
@@ -76,19 +78,12 @@ def test_fused_fp32_keeps_parity(fp32: Artifact, tmp_path: Path, sentences: list
     assert _cos(got, base).min() > 0.99999
 
 
-def test_dynamic_int8_records_choices(fp32: Artifact, tmp_path: Path, sentences: list[str]) -> None:
-    # Reduce-range where this CPU lacks VNNI, as the presets do (AVX2's u8×s8 kernels can
-    # saturate their int16 sums).
+def test_dynamic_int8_records_choices(
+    fp32: Artifact, int8_variant: Artifact, sentences: list[str]
+) -> None:
+    # Built like the presets (tests/conftest.py): reduce-range where this CPU lacks VNNI.
     rr = not quantize.detect_isa().vnni
-    art = quantize.build_variant(
-        fp32,
-        "dynamic-int8",
-        tmp_path / "dyn",
-        weight_type="s8",
-        per_channel=True,
-        reduce_range=rr,
-        exclude=list(quantize.SENSITIVE_NODES),
-    )
+    art = int8_variant
     s = art.manifest.quantization.settings
     assert art.manifest.quantization.mode == "dynamic-int8"
     assert s["weight_type"] == "s8" and s["per_channel"] and s["reduce_range"] == rr
@@ -181,8 +176,8 @@ def test_bad_requests_raise_specific_errors(fp32: Artifact, tmp_path: Path) -> N
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
-def test_variant_of_a_variant_is_refused(fp32: Artifact, tmp_path: Path) -> None:
-    fused = quantize.build_variant(fp32, "fused-fp32", tmp_path / "fused")
+def test_variant_of_a_variant_is_refused(fused_variant: Artifact, tmp_path: Path) -> None:
+    fused = fused_variant
     with pytest.raises(InvalidInput, match="already 'fused-fp32'"):
         quantize.build_variant(fused, "dynamic-int8", tmp_path / "dyn")
     assert (

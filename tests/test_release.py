@@ -1,13 +1,18 @@
-"""The release's rule for the default version, and its candidates summary (pure, no models)."""
+"""The release: its rule for the default version and its candidates summary (pure), and
+``release(variants=True)`` end to end on a small evaluation."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from tests.quality_reports import quality_report, segment
 
+from embedkit.model.artifact import resolve
+from embedkit.model.recipe import find_recipe
 from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
-from embedkit.release import PARENT, Candidate, candidates_summary, pick_default
+from embedkit.release import PARENT, Candidate, candidates_summary, pick_default, release
 
 APPROVED = GateVerdict(approved=True, failures=[], segments_checked=1)
 REJECTED = GateVerdict(
@@ -48,3 +53,80 @@ def test_candidates_summary_names_speed_and_verdicts() -> None:
     assert "| fused | dynamic-int8 | 500.0 | 1.00 | index-compatible |" in text
     assert "| int8 | dynamic-int8 | 1000.0 | 2.00 | rejected (1 segments: lang:ja) |" in text
     assert "| stsb:all | 10 | 80.00 | 0.10 | 0.10 |" in text
+
+
+# --- end to end: export → contract → candidates → gate → records → register ------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fused": {"kind": "fused-fp32"},  # passes the gate on CPU
+    "bad-int8": {  # fails it everywhere (s8 per-tensor, reduce-range), forced through below
+        "kind": "dynamic-int8",
+        "weight_type": "s8",
+        "per_channel": False,
+        "reduce_range": True,
+    },
+}
+# The smallest run the code allows: STSb segments of 60 pairs, one timing round of two
+# batches, no shared cache (so the PyTorch reference really runs).
+QUICK: dict[str, Any] = {
+    "groups": ("stsb",),
+    "max_pairs": 60,
+    "speed_texts": 64,
+    "rounds": 1,
+    "cache_dir": None,
+}
+
+
+@pytest.mark.slow
+def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Path) -> None:
+    import bentoml
+
+    # Its own model-store name, so NAME:latest belongs to this test alone.
+    recipe = find_recipe(None).model_copy(update={"name": "release-e2e"})
+    result = release(
+        recipe,
+        workdir=tmp_path,
+        limit_per_segment=10,
+        variants=True,
+        presets=PRESETS,
+        force=["bad-int8"],
+        bench=False,
+        candidate_options=QUICK,
+    )
+    by_name = {v.name: v for v in result.versions}
+    assert set(by_name) == {PARENT, "fused", "bad-int8"}
+    assert by_name[PARENT].approved and by_name["fused"].approved
+    assert by_name["bad-int8"].approved is False
+
+    # The default: the fastest approved version, the parent on a tie; never the forced one,
+    # however fast. Measured speeds decide between parent and fused, so read them back.
+    speeds = {v.name: v.throughput for v in result.versions}
+    assert all(speed and speed > 0 for speed in speeds.values()), speeds
+    fused_wins = (speeds["fused"] or 0.0) > (speeds[PARENT] or 0.0)
+    default = "fused" if fused_wins else PARENT
+    # Registered in candidate order with the default moved last, so NAME:latest is it.
+    assert [v.name for v in result.versions] == [
+        *(n for n in (PARENT, "fused", "bad-int8") if n != default),
+        default,
+    ]
+    assert result.tag == by_name[default].tag == result.versions[-1].tag
+    assert str(bentoml.models.get("release-e2e:latest").tag) == result.tag
+    # The returned artifact is the default version's working copy, as registered.
+    assert result.artifact.manifest.files == resolve(result.tag).manifest.files
+
+    for version in result.versions:
+        labels = bentoml.models.get(version.tag).info.labels
+        assert labels["variant"] == version.name
+        assert labels["role"] == ("default" if version.name == default else "candidate")
+        art = resolve(version.tag)  # checksums verified at load
+        assert "runtime" in art.manifest.records
+    fused, forced = resolve(by_name["fused"].tag), resolve(by_name["bad-int8"].tag)
+    assert fused.manifest.quantization.approved is True
+    assert not fused.manifest.quantization.forced
+    assert forced.manifest.quantization.approved is False
+    assert forced.manifest.quantization.forced is True
+    assert {"quality.json", "quality.markdown"} <= set(forced.manifest.records)
+    assert (resolve(by_name[PARENT].tag).manifest.parity or {}).get("passed") is True
+
+    summary = result.summary_markdown or ""
+    assert "| fused |" in summary and "| bad-int8 |" in summary and "rejected" in summary

@@ -298,6 +298,7 @@ def evaluate(
 ) -> None:
     """Per-segment quality report (genre, file, length, language, retrieval) and the gate's
     class; exits 1 when the variant is rejected."""
+    from embedkit.core.settings import get_settings
     from embedkit.model.artifact import resolve
     from embedkit.quality.evaluate import evaluate as evaluate_variant
     from embedkit.quality.gate import gate
@@ -312,6 +313,7 @@ def evaluate(
             retrieval=retrieval,
             retrieval_docs=retrieval_docs,
             retrieval_queries=retrieval_queries,
+            cache_dir=get_settings().eval_cache_dir,
         )
     verdict = gate(report)
     write_report(report, out_dir, verdict)

@@ -136,8 +136,12 @@ def run_candidates(
     """Build every preset from the fp32 ``parent``, evaluate and gate each, then time them
     all side by side with the parent at ``batch_size``. Returns candidates and texts/s
     (key ``"fp32"`` is the parent). Existing variant directories are reused.
-    ``eval_options`` go to :func:`embedkit.quality.evaluate.evaluate`."""
+    ``eval_options`` go to :func:`embedkit.quality.evaluate.evaluate` (its ``cache_dir``
+    defaults to ``settings.eval_cache_dir``)."""
     th = thresholds or load_thresholds()
+    eval_options.setdefault(
+        "cache_dir", (eval_options.get("settings") or get_settings()).eval_cache_dir
+    )
     presets = presets if presets is not None else quantize.candidate_presets()
     out_root = Path(out_root)
     candidates = []
@@ -213,11 +217,14 @@ def release(
     sign_key: Path | None = None,
     step: Step | None = None,
     bench: bool = True,
+    candidate_options: Mapping[str, Any] | None = None,
 ) -> Release:
     """Export, validate, optionally build and gate variants, sign and register.
 
     Every registered version carries release records (:mod:`embedkit.bench.records`): its
     runtime parameters and, with ``bench``, a short benchmark and profiler summary.
+    ``candidate_options`` go to :func:`run_candidates` (evaluation size, timing rounds,
+    cache), e.g. to make a quick run smaller.
 
     Raises ContractViolation when the fp32 contract fails (nothing registered).
     """
@@ -248,6 +255,7 @@ def release(
             reference_dir=reference_dir,
             thresholds=th,
             say=say,
+            **(candidate_options or {}),
         )
         summary = candidates_summary(candidates, speeds, th)
         (root / "variants" / "summary.md").write_text(summary + "\n")

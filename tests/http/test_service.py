@@ -273,7 +273,43 @@ def test_more_than_100_requests_in_flight(server, engine) -> None:
     assert_parity(got, engine.encode([b["texts"][0] for b in bodies]))
 
 
+def test_token_budget_admission_is_our_429(server) -> None:
+    """Past ``max_queued_tokens`` (16 384) waiting for the Embedder, the front refuses with
+    its own 429, which names the queued tokens and the limit — unlike BentoML's dispatcher
+    shedding (503, translated to a 429 without numbers) or the concurrency limit."""
+    big = {"texts": ["word " * 120] * 160}  # ~19.5k tokens: alone, always admitted
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            first = asyncio.create_task(client.post(server.url + "/embed", json=big))
+            small: list[httpx.Response] = []
+            while not first.done():
+                small.append(await client.post(server.url + "/embed/query", json={"texts": ["a"]}))
+                await asyncio.sleep(0.05)
+            return await first, small
+
+    first, small = asyncio.run(run())
+    assert first.status_code == 200, first.text
+    assert {r.status_code for r in small} <= {200, 429}, [r.text for r in small]
+    refused = [r for r in small if r.status_code == 429]
+    assert refused, "no request arrived while the big one was queued"
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        err = r.json()["error"]
+        assert err["code"] == "overloaded" and err["type"] == "rate_limit_error"
+        assert re.fullmatch(
+            r"the model queue is full \(\d+ tokens waiting, limit 16384\); "
+            r"retry after the indicated delay",
+            err["message"],
+        ), err["message"]
+    # Admission is released with the answer: the next request is served.
+    assert post(server, "/embed/query", {"texts": ["a"]}).status_code == 200
+
+
 def test_our_metrics_are_exported(server) -> None:
+    # Its own traffic, so the counters below do not depend on which tests ran before.
+    assert post(server, "/embed", {"texts": ["counted"]}).status_code == 200
+    assert post(server, "/embed", {"texts": []}).status_code == 400
     text = server.metrics()
     for name in (
         "embedkit_texts_embedded_total",

@@ -263,6 +263,12 @@ class Settings(BaseSettings):
         Path("artifacts"),
         description="Working folder of releases and benchmarks (exported and derived artifacts).",
     )
+    eval_cache_dir: Path = Field(
+        Path("/tmp/embedkit-eval-cache"),
+        description="Where the quality evaluation (`embedkit evaluate`, release candidates) caches "
+        "PyTorch-reference and FP32 ONNX vectors, keyed by model checksum and texts: repeated "
+        "gate runs skip re-encoding them. Only the variant is always encoded afresh.",
+    )
 
     # --- artifact trust -----------------------------------------------------
     require_signature: bool = Field(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.core.errors import ContractViolation
+from embedkit.core.errors import ArtifactError, ContractViolation
 from embedkit.core.settings import Settings
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
@@ -68,10 +68,14 @@ def _version_covered(ranges: Sequence[str], opset: int) -> bool:
 def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
     """Op inventory, opset, CPU session build, and ops the GPU EPs do not implement."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     from embedkit.runtime import session
 
-    model = onnx.load(str(artifact.model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(artifact.model_path), load_external_data=False)
+    except DecodeError as exc:  # checksums can match a file that was never a graph
+        raise ArtifactError(f"{artifact.model_path} is not an ONNX graph: {exc}") from exc
     opsets = {(imp.domain or "ai.onnx"): imp.version for imp in model.opset_import}
     ops = Counter(((n.domain or "ai.onnx"), n.op_type) for n in model.graph.node)
     section: dict[str, Any] = {

@@ -21,7 +21,6 @@ what to register.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,6 @@ from embedkit.quality.retrieval import RetrievalMetrics, RetrievalResult
 from embedkit.quality.segments import GROUPS, LANGUAGES, Corpus, build_corpus
 from embedkit.runtime.engine import Engine
 
-CACHE_DIR = Path(tempfile.gettempdir()) / "embedkit-eval-cache"
 TOP_K = 10
 
 
@@ -88,24 +86,26 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _cached_encode(
-    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path
+    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path | None
 ) -> np.ndarray:
-    """Encode, caching to ``cache_dir`` by (encoder identity, texts) when ``key`` is given."""
+    """Encode, caching to ``cache_dir`` by (encoder identity, texts) when both are given."""
     return _timed_encode(encoder, texts, key, cache_dir)[0]
 
 
 def _timed_encode(
-    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path
+    encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, float | None]:
     """:func:`_cached_encode` plus the seconds encoding took (None on a cache hit)."""
+    if key is None or cache_dir is None:
+        key = None
     digest = hashlib.sha256(("\n".join(texts) + "\0" + (key or "")).encode()).hexdigest()[:24]
-    file = cache_dir / f"{digest}.npy"
+    file = (cache_dir or Path()) / f"{digest}.npy"
     if key is not None and file.is_file():
         return np.load(file), None
     started = time.perf_counter()
     vectors = _unit(np.asarray(encoder.encode(texts), dtype=np.float32))
     seconds = time.perf_counter() - started
-    if key is not None:
+    if key is not None and cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{time.monotonic_ns()}.tmp.npy")
         np.save(tmp, vectors)
@@ -246,7 +246,7 @@ def evaluate(
     max_pairs: int | None = None,
     lang_pairs: int | None = None,
     settings: Settings | None = None,
-    cache_dir: Path = CACHE_DIR,
+    cache_dir: Path | None = None,
     retrieval: bool = True,
     retrieval_docs: int | None = None,
     retrieval_queries: int | None = None,
@@ -254,8 +254,9 @@ def evaluate(
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
-    Reference and FP32 embeddings are cached in ``cache_dir`` by model checksum
-    and text set; the variant is always encoded afresh through the engine.
+    With ``cache_dir`` (callers pass ``settings.eval_cache_dir``), reference and FP32
+    embeddings are cached there by model checksum and text set; without, all three are
+    encoded. The variant is always encoded afresh through the engine.
     With ``retrieval`` and the SciFact data present, both also index the corpus
     (bounded by ``retrieval_docs``/``retrieval_queries`` for quick runs).
     Write the report with :func:`embedkit.quality.report.write_report`.
@@ -326,7 +327,7 @@ def score_retrieval(
     *,
     fp32: tuple[Encoder, str],
     variant: Encoder,
-    cache_dir: Path = CACHE_DIR,
+    cache_dir: Path | None = None,
 ) -> RetrievalResult:
     """Each model indexes ``data``'s corpus and searches it with its own query vectors;
     fp32's vectors are cached under its key, the variant's are always computed."""

@@ -63,9 +63,9 @@ class EmbedderCore:
         vectors, tel = self.engine.embed_ids([item[1] for item in items])
         m.inference_time.labels(api=api_name).observe(tel.inference_s)
         m.padding_ratio.observe(tel.padding_ratio)
-        for _ in range(tel.sub_batches):  # per-run means: Telemetry keeps totals only
-            m.sub_batch_size.observe(tel.texts / tel.sub_batches)
-            m.sub_batch_tokens.observe(tel.padded_tokens / tel.sub_batches)
+        for size, padded in zip(tel.sub_batch_sizes, tel.sub_batch_padded, strict=True):
+            m.sub_batch_size.observe(size)
+            m.sub_batch_tokens.observe(padded)
         return vectors
 
     def info(self) -> dict[str, Any]:
