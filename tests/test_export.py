@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tests.conftest import build_tiny_st_model
+from tests.tiny_models import build_tiny_st_model
 
 from embedkit.core.errors import ArtifactError, ModelSourceError
 from embedkit.core.settings import Settings
