@@ -71,7 +71,8 @@ class _EngineEncoder:
         self._artifact, self._settings = artifact, settings
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(Engine(self._artifact, self._settings).encode(texts))
+        # judging: the gate runs unapproved variants (and TensorRT FP16) to judge them
+        return np.asarray(Engine(self._artifact, self._settings, judging=True).encode(texts))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

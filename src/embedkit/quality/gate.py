@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
-from embedkit.model.artifact import Artifact, finalize
+from embedkit.model.artifact import Artifact, PrecisionApproval, RuntimePrecision, finalize
 from embedkit.quality.evaluate import QualityReport
 
 
@@ -129,4 +129,37 @@ def stamp_verdict(artifact: Artifact, verdict: GateVerdict, *, force: bool = Fal
         "approved": verdict.approved,
         "forced": force and not verdict.approved,
     }
+    return finalize(artifact.path, fields)
+
+
+def stamp_precision(
+    artifact: Artifact,
+    verdict: GateVerdict,
+    *,
+    precision: RuntimePrecision,
+    provider: str,
+    device: str = "",
+) -> Artifact:
+    """Record the gate's approval of a run-time precision (TensorRT FP16) in the manifest.
+
+    Only an approval is recorded, and there is no force: ``runtime.session`` enables a
+    reduced precision only when the manifest carries it, so a rejected one stays off.
+    """
+    if not verdict.approved:
+        raise InvalidInput(
+            f"{precision} on {provider} failed the quality gate for {artifact.path} "
+            f"({verdict.summary()}); it stays off"
+        )
+    approval = PrecisionApproval(
+        precision=precision,
+        provider=provider,
+        device=device,
+        segments_checked=verdict.segments_checked,
+    )
+    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    fields["precision_approvals"] = [
+        a
+        for a in fields["precision_approvals"]
+        if (a["precision"], a["provider"]) != (precision, provider)
+    ] + [approval.model_dump(mode="json")]
     return finalize(artifact.path, fields)
