@@ -226,11 +226,15 @@ def evaluate(
     lang_pairs: int | None = None,
     settings: Settings | None = None,
     cache_dir: Path = CACHE_DIR,
+    fp32_settings: Settings | None = None,
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
     Reference and FP32 embeddings are cached in ``cache_dir`` by model checksum
-    and text set; the variant is always encoded afresh through the engine.
+    and text set; the variant is always encoded afresh through the engine. ``fp32_settings``
+    (default: ``settings``) runs the FP32 side elsewhere, e.g. CUDA FP32 against a TensorRT
+    FP16 run of the same graph; the cache key does not name the provider, so give each
+    provider its own ``cache_dir``.
     Write the report with :func:`embedkit.quality.report.write_report`.
     """
     from embedkit.model.export import source_checksum
@@ -256,7 +260,9 @@ def evaluate(
         "reference": _cached_encode(
             _ReferenceEncoder(reference_dir), texts, "torch:" + ref_sha, cache_dir
         ),
-        "fp32": _cached_encode(_EngineEncoder(fp32, settings), texts, fp32_key, cache_dir),
+        "fp32": _cached_encode(
+            _EngineEncoder(fp32, fp32_settings or settings), texts, fp32_key, cache_dir
+        ),
         "variant": _cached_encode(_EngineEncoder(artifact, settings), texts, None, cache_dir),
     }
     vectors = {role: dict(zip(texts, arr, strict=True)) for role, arr in arrays.items()}
