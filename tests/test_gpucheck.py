@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def fp16(fp32_artifact, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def fp16(fp32_artifact, tmp_path_factory: pytest.TempPathFactory):
     from embedkit.variants import quantize
 
     return quantize.build_variant(fp32_artifact, "fp16", tmp_path_factory.mktemp("v") / "fp16")

@@ -265,7 +265,7 @@ def test_trt_cache_is_keyed_by_model_precision_and_release(tmp_path: Path) -> No
     assert provider_options(TENSORRT, s)["trt_fp16_enable"] is False  # safe default
 
 
-def _approved_trt_fp16(manifest):  # type: ignore[no-untyped-def]
+def _approved_trt_fp16(manifest):
     from embedkit.model.artifact import PrecisionApproval
 
     approval = PrecisionApproval(precision="trt-fp16", provider=TENSORRT, segments_checked=9)

@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -443,7 +444,7 @@ class Check:
         out = {f"sts b={batch}": timed(short, batch) for batch in self.batches}
         long_batch = 32 if self.gpu else 8
         out[f"long b={long_batch}"] = timed(
-            long_stream(max(8, self.sizes["bench_texts"] // 8)), long_batch
+            long_stream(max(8, (self.sizes["bench_texts"] or 64) // 8)), long_batch
         )
         return out
 
@@ -476,12 +477,12 @@ def run(args: argparse.Namespace) -> int:
     report.data["sizes"] = check.sizes
     report.stage("sessions", check.sessions)
     for config in check.configs:
-        report.stage(f"contract {config} fp32", lambda c=config: check.contract(c))
+        report.stage(f"contract {config} fp32", partial(check.contract, config))
         if check.fp16 is not None:
-            report.stage(
-                f"gate {config} fp16-variant",
-                lambda c=config: check.gate(check.fp16, check.settings(c), f"{c}-fp16-variant"),
+            gated = partial(
+                check.gate, check.fp16, check.settings(config), f"{config}-fp16-variant"
             )
+            report.stage(f"gate {config} fp16-variant", gated)
     if "tensorrt" in check.configs:
         report.stage(
             "gate tensorrt trt-fp16",
