@@ -164,7 +164,8 @@ def run_candidates(
     texts = [t for p in pairs for t in (p.sentence1, p.sentence2)][:speed_texts]
     settings = eval_options.get("settings")
     encoders = {PARENT: Engine(parent, settings)}
-    encoders.update({c.name: Engine(c.artifact, settings) for c in candidates})
+    # Timing picks among candidates the gate is still judging (not yet stamped).
+    encoders.update({c.name: Engine(c.artifact, settings, judging=True) for c in candidates})
     say(f"timing {len(encoders)} encoders side by side at batch {batch_size}")
     speeds = throughput(encoders, texts, batch_size=batch_size, rounds=rounds)
     for c in candidates:

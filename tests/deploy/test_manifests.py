@@ -287,10 +287,16 @@ def check_threads(docs: list[Doc]) -> list[str]:
 
 
 def check_writable_paths(docs: list[Doc]) -> list[str]:
-    """Every path the server writes lies on an emptyDir mount (the root is read-only)."""
+    """Every path the server writes lies on an emptyDir mount, or a claim the render holds
+    (the TensorRT cache, gpu), since the root is read-only."""
     problems = []
+    claims = {d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim")}
     for dep, pod, c in containers(docs):
-        scratch = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        scratch = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if "emptyDir" in v or v.get("persistentVolumeClaim", {}).get("claimName") in claims
+        }
         mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in scratch]
         env = container_env(docs, c)
         s = settings_from(env)
@@ -466,6 +472,28 @@ def check_gpu(docs: list[Doc]) -> list[str]:
             problems.append(f"{who}: providers {s.providers}, want {want}")
         if not (s.gpu and s.strict_providers):
             problems.append(f"{who}: EMBEDKIT_GPU and EMBEDKIT_STRICT_PROVIDERS must be true")
+        # Engines take minutes to build: their cache must outlive the pod and be shared.
+        claims = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "PersistentVolumeClaim")}
+        by_name = {v["name"]: v for v in pod.get("volumes", [])}
+        mount = next(
+            (
+                m
+                for m in c.get("volumeMounts", [])
+                if under(str(s.trt_engine_cache_dir), [m["mountPath"]])
+            ),
+            None,
+        )
+        claim = (by_name.get(mount["name"], {}) if mount else {}).get("persistentVolumeClaim", {})
+        spec = claims.get(claim.get("claimName", ""))
+        if spec is None:
+            problems.append(
+                f"{who}: TensorRT cache ({s.trt_engine_cache_dir}) is not on a "
+                "PersistentVolumeClaim in the render (rebuilt on every pod start)"
+            )
+        elif "ReadWriteMany" not in spec.get("accessModes", []):
+            problems.append(
+                f"{who}: TensorRT cache claim is not ReadWriteMany (pods on many nodes)"
+            )
     return problems
 
 
@@ -824,6 +852,22 @@ MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
         "no nvidia.com/gpu",
     ),
     ("gpu", lambda d: _pod(d).pop("tolerations"), check_gpu, "toleration"),
+    (
+        "gpu",
+        lambda d: next(v for v in _pod(d)["volumes"] if v["name"] == "trt-cache").update(
+            {"persistentVolumeClaim": {"claimName": "gone"}}
+        ),
+        check_gpu,
+        "not on a PersistentVolumeClaim",
+    ),
+    (
+        "gpu",
+        lambda d: of_kind(d, "PersistentVolumeClaim")[0]["spec"].update(
+            accessModes=["ReadWriteOnce"]
+        ),
+        check_gpu,
+        "not ReadWriteMany",
+    ),
     ("gpu", lambda d: _pod(d).pop("nodeSelector"), check_gpu, "nodeSelector"),
     (
         "gpu",

@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     )
     strict_providers: bool = Field(
         False,
-        description="Refuse to start when the first requested available provider does not attach, "
-        "instead of falling back (visible in logs, /info and metrics).",
+        description="Never serve a GPU request from the CPU: refuse to start when the first "
+        "requested provider is a GPU one and the session would run on the CPU. A fallback "
+        "that stays on the GPU (TensorRT → CUDA) still starts; every fallback is logged once "
+        "and counted (embedkit_provider_fallback_total, /info).",
     )
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ORT graph optimisation; 'all' adds layout transforms (CPU)."
@@ -130,10 +132,17 @@ class Settings(BaseSettings):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "HEURISTIC", description="cuDNN algorithm search (transformers have few convolutions)."
     )
-    trt_fp16: bool = Field(True, description="Let TensorRT run in FP16.")
+    trt_fp16: bool = Field(
+        True,
+        description="Let TensorRT build FP16 engines, for artifacts whose manifest records the "
+        "quality gate's approval of trt-fp16 (a GPU gate run); others get FP32 engines, with "
+        "one warning. FP16 roughly doubles TensorRT throughput but changes the vectors.",
+    )
     trt_engine_cache_dir: Path = Field(
         Path("/tmp/embedkit-trt-cache"),
-        description="Where TensorRT caches built engines (building one takes minutes).",
+        description="Where TensorRT caches built engines and timing data, one subfolder per "
+        "model, precision and onnxruntime release. Building takes minutes: put it on a "
+        "volume that outlives the pod (docs/deployment.md).",
     )
 
     # --- engine -----------------------------------------------------------

@@ -45,6 +45,8 @@ QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", 
 # entirely with it; neither.
 Compatibility = Literal["index-compatible", "reindex", "rejected"]
 COMPATIBILITY_CLASSES: tuple[Compatibility, ...] = ("index-compatible", "reindex", "rejected")
+# Reduced precisions a provider can apply to a graph at run time (not stored in its weights).
+RuntimePrecision = Literal["trt-fp16"]
 
 
 def sha256_file(path: Path) -> str:
@@ -113,6 +115,21 @@ class Quantization(BaseModel):
     )
 
 
+class PrecisionApproval(BaseModel):
+    """A reduced run-time precision the quality gate approved for this artifact on a GPU.
+
+    ``runtime.session`` enables such a precision only when the manifest carries
+    its approval: settings alone never change the vectors an index was built with.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    precision: RuntimePrecision
+    provider: str
+    device: str = Field("", description="The GPU the gate ran on (e.g. 'NVIDIA H100').")
+    segments_checked: int = Field(ge=1)
+    approved_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
 class Manifest(BaseModel):
     """Everything needed to trust, load and reproduce an artifact."""
 
@@ -146,6 +163,10 @@ class Manifest(BaseModel):
     reference: ReferenceVectors | None = Field(
         None, description="Reference texts and vectors checked at serving startup (format 2)."
     )
+    precision_approvals: list[PrecisionApproval] = Field(
+        default_factory=list,
+        description="Reduced run-time precisions the gate approved (only these are served).",
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -166,6 +187,13 @@ class Manifest(BaseModel):
             return "fp32"
         return self.quantization.variant or self.quantization.mode
 
+    def approval(self, precision: RuntimePrecision, provider: str) -> PrecisionApproval | None:
+        """The gate's approval of ``precision`` on ``provider``, if the manifest records one."""
+        for item in self.precision_approvals:
+            if item.precision == precision and item.provider == provider:
+                return item
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Flat metadata for the BentoML model store and /info (no None: BentoML refuses it)."""
         summary = {
@@ -183,6 +211,10 @@ class Manifest(BaseModel):
             "source_sha256": self.source_sha256,
             "model_sha256": self.files.get(MODEL_FILE, ""),
             "parity_passed": None if self.parity is None else self.parity.get("passed"),
+            "precision_approvals": ",".join(
+                f"{a.precision}@{a.provider}" for a in self.precision_approvals
+            )
+            or None,
             "created_at": self.created_at,
             **{f"toolchain.{k}": v for k, v in sorted(self.toolchain.items())},
             **(self.performance or {}),

@@ -58,14 +58,24 @@ def source_checksum(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def load_reference(model_dir: Path) -> Any:
-    """The PyTorch SentenceTransformer encoder: the reference for parity."""
-    require_export_extra()
+def load_reference(model_dir: Path, device: str = "cpu") -> Any:
+    """The PyTorch SentenceTransformer encoder: the reference for parity.
+
+    Needs torch and sentence-transformers only (not Optimum): the GPU check loads it
+    with ``device="cuda"`` where no exporter is installed.
+    """
+    try:
+        import sentence_transformers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(
+            f"the PyTorch reference needs {exc.name}: pip install 'embedkit[export]'"
+        ) from exc
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     try:
-        return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
     except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
         raise ModelSourceError(
             f"cannot load {model_dir} as a sentence-transformers model: {exc}"

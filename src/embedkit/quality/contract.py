@@ -161,6 +161,7 @@ def check_batch_invariance(engine: Any, texts: Sequence[str]) -> dict[str, Any]:
         engine.settings.model_copy(
             update={"token_aware_batching": False, "max_sub_batch_size": len(texts)}
         ),
+        judging=getattr(engine, "judging", False),
     )
     padded = naive.encode(texts)
     diffs = {

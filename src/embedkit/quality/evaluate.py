@@ -78,7 +78,8 @@ class _EngineEncoder:
         self._artifact, self._settings = artifact, settings
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(Engine(self._artifact, self._settings).encode(texts))
+        # judging: the gate runs unapproved variants (and TensorRT FP16) to judge them
+        return np.asarray(Engine(self._artifact, self._settings, judging=True).encode(texts))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -251,6 +252,7 @@ def evaluate(
     retrieval_docs: int | None = None,
     retrieval_queries: int | None = None,
     retrieval_dir: Path | None = None,
+    fp32_settings: Settings | None = None,
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
@@ -259,6 +261,9 @@ def evaluate(
     encoded. The variant is always encoded afresh through the engine.
     With ``retrieval`` and the SciFact data present, both also index the corpus
     (bounded by ``retrieval_docs``/``retrieval_queries`` for quick runs).
+    ``fp32_settings`` (default: ``settings``) runs the FP32 side elsewhere, e.g. CUDA FP32
+    against a TensorRT FP16 run of the same graph; the cache key does not name the
+    provider, so give each provider its own ``cache_dir``.
     Write the report with :func:`embedkit.quality.report.write_report`.
     """
     from embedkit.model.export import source_checksum
@@ -284,7 +289,9 @@ def evaluate(
         "reference": _cached_encode(
             _ReferenceEncoder(reference_dir), texts, "torch:" + ref_sha, cache_dir
         ),
-        "fp32": _cached_encode(_EngineEncoder(fp32, settings), texts, fp32_key, cache_dir),
+        "fp32": _cached_encode(
+            _EngineEncoder(fp32, fp32_settings or settings), texts, fp32_key, cache_dir
+        ),
         "variant": _cached_encode(_EngineEncoder(artifact, settings), texts, None, cache_dir),
     }
     vectors = {role: dict(zip(texts, arr, strict=True)) for role, arr in arrays.items()}

@@ -23,7 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import Settings, get_settings
-from embedkit.model.artifact import FORMAT_VERSION, Artifact, Compatibility, MeasuredOn, finalize
+from embedkit.model.artifact import (
+    FORMAT_VERSION,
+    Artifact,
+    Compatibility,
+    MeasuredOn,
+    PrecisionApproval,
+    RuntimePrecision,
+    finalize,
+)
 from embedkit.quality.evaluate import QualityReport
 from embedkit.runtime.engine import Engine
 from embedkit.runtime.reference import reference_vectors
@@ -238,4 +246,37 @@ def stamp_verdict(
         "measured_on": None if verdict.measured_on is None else verdict.measured_on.model_dump(),
     }
     fields["reference"] = reference.model_dump()
+    return finalize(artifact.path, fields)
+
+
+def stamp_precision(
+    artifact: Artifact,
+    verdict: GateVerdict,
+    *,
+    precision: RuntimePrecision,
+    provider: str,
+    device: str = "",
+) -> Artifact:
+    """Record the gate's approval of a run-time precision (TensorRT FP16) in the manifest.
+
+    Only an approval is recorded, and there is no force: ``runtime.session`` enables a
+    reduced precision only when the manifest carries it, so a rejected one stays off.
+    """
+    if not verdict.approved:
+        raise InvalidInput(
+            f"{precision} on {provider} failed the quality gate for {artifact.path} "
+            f"({verdict.summary()}); it stays off"
+        )
+    approval = PrecisionApproval(
+        precision=precision,
+        provider=provider,
+        device=device,
+        segments_checked=verdict.segments_checked,
+    )
+    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    fields["precision_approvals"] = [
+        a
+        for a in fields["precision_approvals"]
+        if (a["precision"], a["provider"]) != (precision, provider)
+    ] + [approval.model_dump(mode="json")]
     return finalize(artifact.path, fields)

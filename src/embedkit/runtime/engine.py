@@ -22,8 +22,17 @@ import numpy as np
 
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
-from embedkit.model.artifact import Artifact, resolve
-from embedkit.runtime.session import ProviderReport, Runner, ShapeProfile, create_session
+from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
+from embedkit.runtime.session import (
+    Precision,
+    ProviderReport,
+    Runner,
+    ShapeProfile,
+    create_session,
+    require_approved,
+    served_precision,
+    trt_fp16_decision,
+)
 from embedkit.runtime.tokens import TextTokenizer, pad_batch, validate_texts
 from embedkit.runtime.vectors import check_dimensions, postprocess
 
@@ -92,10 +101,19 @@ def plan_sub_batches(
 
 
 class Engine:
-    """One artifact's ONNX session and tokenizer, created once and reused; thread-safe."""
+    """One artifact's ONNX session and tokenizer, created once and reused; thread-safe.
 
-    def __init__(self, artifact: Artifact, settings: Settings | None = None) -> None:
+    Reduced precision on a GPU provider (TensorRT FP16, an FP16/INT8 variant) needs the
+    quality gate's approval in the manifest: without it TensorRT builds FP32 engines and
+    an unapproved variant is refused. ``judging=True`` is for the gate's own runs, which
+    exist to judge unapproved artifacts.
+    """
+
+    def __init__(
+        self, artifact: Artifact, settings: Settings | None = None, *, judging: bool = False
+    ) -> None:
         self.settings = settings or get_settings()
+        self.judging = judging
         self.artifact = artifact
         self.manifest = artifact.manifest
         self.dimension = self.manifest.embedding.dimension
@@ -103,8 +121,13 @@ class Engine:
         profile = ShapeProfile.for_engine(
             self.manifest.inputs, self.settings, self.tokenizer.max_length
         )
+        trt_fp16 = trt_fp16_decision(self.manifest, self.settings, judging=judging)
         self.session, self.provider_report = create_session(
-            artifact.model_path, self.settings, profile=profile
+            artifact.model_path,
+            self.settings,
+            profile=profile,
+            trt_fp16=trt_fp16,
+            cache_tag=self.manifest.files.get(MODEL_FILE, "")[:16] or None,
         )
         self.runner = Runner.for_session(
             self.session,
@@ -114,6 +137,12 @@ class Engine:
             output=self.manifest.output,
         )
         self.provider = self.provider_report.active[0]
+        # What a served-identity object reads: precision (weights/compute/approval) + provider.
+        self.precision: Precision = served_precision(
+            self.manifest, self.provider, trt_fp16=trt_fp16
+        )
+        if not judging:
+            require_approved(self.precision)
 
     @classmethod
     def load(cls, tag_or_dir: str | Path, settings: Settings | None = None) -> Engine:
@@ -136,6 +165,7 @@ class Engine:
             "normalize": self.manifest.embedding.normalize,
             "quantization": self.manifest.quantization.mode,
             "providers": self.provider_report.as_dict(),
+            "precision": self.precision.as_dict(),
             "session": {
                 "graph_optimization_level": s.graph_optimization_level,
                 "intra_op_threads": s.intra_op_threads,

@@ -3,10 +3,14 @@
 It turns :class:`~embedkit.core.settings.Settings` into session options, routes
 execution providers (priority list filtered by what the installed build
 offers, per-provider options), and checks which provider *actually* attached:
-ORT silently runs on CPU when CUDA or TensorRT fail to load, so a fallback is
-logged once, counted in ``embedkit_provider_fallback_total`` and reported, or
-refused in strict mode. :class:`Runner` executes a session with a plain run or
-with I/O binding (device-resident inputs and output on CUDA, so only the
+ORT silently runs on the next provider when CUDA or TensorRT fail to load, so a
+fallback is logged once, counted in ``embedkit_provider_fallback_total`` and
+reported. Strict mode refuses only a fall back to the CPU: TensorRT failing
+while CUDA runs is a counted fallback, not a refusal. It also decides the
+numeric precision that serves (:class:`Precision`): reduced precision on a GPU
+(TensorRT FP16, an FP16 or INT8 variant) only with the quality gate's approval
+recorded in the manifest. :class:`Runner` executes a session with a plain run
+or with I/O binding (device-resident inputs and output on CUDA, so only the
 pooled ``[batch, dim]`` floats cross back to the host).
 """
 
@@ -23,8 +27,9 @@ import numpy as np
 import onnxruntime as ort
 
 from embedkit.core import metrics
-from embedkit.core.errors import InferenceError, ProviderUnavailable
+from embedkit.core.errors import ArtifactError, InferenceError, ProviderUnavailable
 from embedkit.core.settings import Settings
+from embedkit.model.artifact import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +128,32 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return so
 
 
+def trt_cache_dir(settings: Settings, cache_tag: str | None, trt_fp16: bool) -> Path:
+    """The engine/timing cache folder of one (model, precision, onnxruntime) combination.
+
+    ORT reuses a cached engine without checking the options it was built with, so an FP16
+    engine must never sit where an FP32 session looks (nor one built by another release).
+    """
+    precision = "fp16" if trt_fp16 else "fp32"
+    return (
+        Path(settings.trt_engine_cache_dir)
+        / f"{cache_tag or 'model'}-{precision}-ort{ort.__version__}"
+    )
+
+
 def provider_options(
-    provider: str, settings: Settings, profile: ShapeProfile | None = None
+    provider: str,
+    settings: Settings,
+    profile: ShapeProfile | None = None,
+    *,
+    trt_fp16: bool = False,
+    cache_tag: str | None = None,
 ) -> dict[str, Any]:
-    """Per-provider options (ORT wants strings/ints; unknown providers get none)."""
+    """Per-provider options (ORT wants strings/ints; unknown providers get none).
+
+    ``trt_fp16`` is the decision of :func:`trt_fp16_decision`, not the raw setting:
+    TensorRT builds FP32 engines unless the gate approved FP16 for the artifact.
+    """
     if provider == CUDA:
         return {
             "device_id": settings.cuda_device_id,
@@ -135,11 +162,11 @@ def provider_options(
             "do_copy_in_default_stream": True,
         }
     if provider == TENSORRT:
-        cache = Path(settings.trt_engine_cache_dir)
+        cache = trt_cache_dir(settings, cache_tag, trt_fp16)
         cache.mkdir(parents=True, exist_ok=True)
         opts: dict[str, Any] = {
             "device_id": settings.cuda_device_id,
-            "trt_fp16_enable": settings.trt_fp16,
+            "trt_fp16_enable": trt_fp16,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True,
@@ -168,29 +195,67 @@ def _route(requested: list[str], available: list[str], explicit: bool) -> tuple[
     return usable, expected
 
 
+@dataclass(frozen=True)
+class RoutingVerdict:
+    """What a session's providers mean: a fallback (logged, counted) and whether strict
+    mode refuses it (only a GPU request that ends on the CPU)."""
+
+    fallback: bool
+    refuse: bool
+    reason: str | None
+
+
+def judge_providers(
+    expected: str, available: Sequence[str], active: Sequence[str], *, strict: bool
+) -> RoutingVerdict:
+    """Pure decision over provider lists (testable with any list, no GPU needed)."""
+    running = active[0] if active else "none"
+    if running == expected:
+        return RoutingVerdict(False, False, None)
+    if expected not in available:
+        reason = (
+            f"{expected} is not available in this onnxruntime build "
+            f"(available: {', '.join(available)}); running on {running}"
+        )
+    else:
+        reason = (
+            f"{expected} is available but did not attach (see the onnxruntime log above); "
+            f"running on {running}"
+        )
+    # Strict means "never serve a GPU request from the CPU"; TensorRT → CUDA still serves
+    # on the GPU (at its own precision and speed), so it is a counted fallback only.
+    refuse = strict and expected in _GPU_PROVIDERS and running not in _GPU_PROVIDERS
+    return RoutingVerdict(True, refuse, reason)
+
+
 def create_session(
     model_path: Path,
     settings: Settings,
     *,
     fixed_providers: list[str] | None = None,
     profile: ShapeProfile | None = None,
+    trt_fp16: bool = False,
+    cache_tag: str | None = None,
 ) -> tuple[ort.InferenceSession, ProviderReport]:
     """Create one session (call once at startup and reuse it) and report its providers.
 
     ``fixed_providers`` overrides ``settings.providers`` (and counts as an
-    explicit request). Raises :class:`ProviderUnavailable` in strict mode when the
-    expected provider does not run; otherwise logs the fallback once at WARNING
-    and counts it.
+    explicit request). A fallback is logged once at WARNING and counted; in
+    strict mode a GPU request that would run on the CPU raises
+    :class:`ProviderUnavailable` instead. ``trt_fp16``/``cache_tag`` go to
+    :func:`provider_options`.
     """
     requested = list(fixed_providers if fixed_providers is not None else settings.providers)
     available = available_providers()
     usable, expected = _route(requested, available, _explicit(settings, fixed_providers))
-    if settings.strict_providers and expected not in usable:
-        raise ProviderUnavailable(
-            f"strict provider routing: {expected} is not available in this onnxruntime build "
-            f"(available: {', '.join(available)})"
-        )
-    options = [provider_options(p, settings, profile) for p in usable]
+    # Known before ORT runs: nothing on the GPU side of the list is in this build.
+    planned = judge_providers(expected, available, usable, strict=settings.strict_providers)
+    if planned.refuse:
+        raise ProviderUnavailable(f"strict provider routing: {planned.reason}")
+    options = [
+        provider_options(p, settings, profile, trt_fp16=trt_fp16, cache_tag=cache_tag)
+        for p in usable
+    ]
     try:
         session = ort.InferenceSession(
             str(model_path),
@@ -203,21 +268,109 @@ def create_session(
             f"cannot create an ONNX Runtime session for {model_path}: {exc}"
         ) from exc
     active = list(session.get_providers())
-    fallback = not active or active[0] != expected
-    reason = None
-    if fallback:
-        if expected not in available:
-            reason = (
-                f"{expected} is not available in this onnxruntime build "
-                f"(available: {', '.join(available)})"
-            )
-        else:
-            reason = f"{expected} is available but did not attach (see the onnxruntime log above)"
-        _record_fallback(expected, active[0] if active else "none", reason)
-        if settings.strict_providers:
-            raise ProviderUnavailable(f"strict provider routing: {reason}")
-    report = ProviderReport(requested, available, active, fallback, reason)
+    verdict = judge_providers(expected, available, active, strict=settings.strict_providers)
+    if verdict.fallback:
+        _record_fallback(expected, active[0] if active else "none", verdict.reason or "")
+    if verdict.refuse:
+        raise ProviderUnavailable(f"strict provider routing: {verdict.reason}")
+    report = ProviderReport(requested, available, active, verdict.fallback, verdict.reason)
     return session, report
+
+
+# --- precision ----------------------------------------------------------------------
+
+_WEIGHTS = {
+    "none": "fp32",
+    "fused-fp32": "fp32",
+    "dynamic-int8": "int8",
+    "static-int8": "int8",
+    "fp16": "fp16",
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision that serves, and whether a quality gate stands behind it.
+
+    ``weights``: the graph's (from the manifest); ``compute``: what the active provider
+    computes in (``fp16`` under TensorRT FP16); ``approved``: full precision, or a gate
+    approval covering it; ``reason``: one line saying why.
+    """
+
+    weights: str
+    compute: str
+    provider: str
+    trt_fp16: bool
+    approved: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trt_fp16_decision(manifest: Manifest, settings: Settings, *, judging: bool = False) -> bool:
+    """Whether TensorRT may build FP16 engines for this artifact.
+
+    ``EMBEDKIT_TRT_FP16`` is a wish; it is granted only when the manifest records the
+    gate's approval of ``trt-fp16`` on TensorRT. ``judging`` (the gate's own run) takes
+    the setting as it is, since that run is how an approval comes about.
+    """
+    if not settings.trt_fp16 or TENSORRT not in settings.providers:
+        return False
+    if judging or manifest.approval("trt-fp16", TENSORRT) is not None:
+        return True
+    with _warned_lock:
+        first = ("trt-fp16", manifest.name) not in _warned
+        _warned.add(("trt-fp16", manifest.name))
+    if first:
+        log.warning(
+            "EMBEDKIT_TRT_FP16 is on but the manifest of %s records no gate approval of "
+            "trt-fp16: TensorRT builds FP32 engines (vectors stay those the gate validated)",
+            manifest.name,
+        )
+    return False
+
+
+def served_precision(manifest: Manifest, active: str, *, trt_fp16: bool) -> Precision:
+    """What precision serves on ``active`` and whether the gate approved it."""
+    weights = _WEIGHTS.get(manifest.quantization.mode, manifest.quantization.mode)
+    if weights != "fp32":
+        # A reindex-class variant passed its class (serving it is the operator's named
+        # choice, checked at startup); only a rejected or never-gated one is unapproved.
+        gated = manifest.quantization.approved is not None
+        approved = gated and manifest.compatibility != "rejected"
+        verdict = manifest.compatibility if gated else "never gated"
+        return Precision(
+            weights,
+            weights,
+            active,
+            False,
+            approved,
+            f"{manifest.quantization.mode} variant, quality gate: {verdict}"
+            + (" (registered with --force)" if manifest.quantization.forced else ""),
+        )
+    if active == TENSORRT and trt_fp16:
+        approval = manifest.approval("trt-fp16", TENSORRT)
+        where = f" on {approval.device}" if approval and approval.device else ""
+        return Precision(
+            "fp32",
+            "fp16",
+            active,
+            True,
+            approval is not None,
+            f"TensorRT FP16, gate approval{where}" if approval else "TensorRT FP16, gate run",
+        )
+    return Precision("fp32", "fp32", active, False, True, "full precision")
+
+
+def require_approved(precision: Precision) -> None:
+    """Refuse reduced precision on a GPU provider that no gate approved (one line)."""
+    if precision.provider in _GPU_PROVIDERS and not precision.approved:
+        raise ArtifactError(
+            f"refusing to serve {precision.compute} on {precision.provider}: "
+            f"{precision.reason}; reduced precision on a GPU is served only once the "
+            "quality gate approved it for this artifact"
+        )
 
 
 def _record_fallback(requested: str, active: str, reason: str) -> None:

@@ -46,7 +46,13 @@ class EmbedderCore:
         if report.fallback:
             log.warning("embedkit provider fallback: %s", report.reason)
         self.artifact = served
-        self.identity = identity.build(served, provider=self.engine.provider, isa=isa, refused=note)
+        self.identity = identity.build(
+            served,
+            provider=self.engine.provider,
+            precision=self.engine.precision.compute,
+            isa=isa,
+            refused=note,
+        )
         identity.publish(self.identity)
         self.ready = False
 

@@ -24,13 +24,6 @@ from embedkit.model.artifact import Artifact, Compatibility
 log = logging.getLogger(__name__)
 
 HEADER = "X-Embedkit-Model"
-_PRECISION = {
-    "none": "fp32",
-    "fused-fp32": "fp32",
-    "dynamic-int8": "int8",
-    "static-int8": "int8",
-    "fp16": "fp16",
-}
 
 
 @dataclass(frozen=True)
@@ -74,9 +67,10 @@ class ServedIdentity:
 
 
 def build(
-    artifact: Artifact, *, provider: str, isa: str, refused: str | None = None
+    artifact: Artifact, *, provider: str, precision: str, isa: str, refused: str | None = None
 ) -> ServedIdentity:
-    """The identity of ``artifact`` served on ``provider`` on a CPU of ISA level ``isa``."""
+    """The identity of ``artifact`` served on ``provider`` in ``precision`` (what the
+    provider computes in: ``runtime.session.served_precision``) on a CPU of ISA ``isa``."""
     manifest = artifact.manifest
     tag = artifact.tag or ""
     version = tag.partition(":")[2] or "local"
@@ -85,7 +79,7 @@ def build(
         version=version,
         variant=manifest.variant,
         compatibility=manifest.compatibility,
-        precision=_PRECISION.get(manifest.quantization.mode, manifest.quantization.mode),
+        precision=precision,
         provider=provider,
         isa=isa,
         refused=refused,
