@@ -27,7 +27,11 @@ SOAK_S = float(os.environ.get("EMBEDKIT_SOAK_SECONDS", "60"))
 CONCURRENCY = 4  # about one server's capacity on the CI machine (docs/reliability.md)
 OVERLOAD_FACTOR = 5
 BURST_S = 10.0
-SERVED_LATENCY_BUDGET_S = 10.0  # p99 of answered requests while 5x overloaded
+# p99 of answered requests while 5x overloaded: bounded admission keeps it to a few seconds
+# (max_queued_tokens / throughput); an unbounded queue would grow to ~4 x BURST_S = 40 s
+# by the burst's end. Half the 60 s request timeout tells the two apart even on a shared
+# machine running at half speed (10 s failed there at 16 s with admission working).
+SERVED_LATENCY_BUDGET_S = 30.0
 DELIBERATE = {"200", "429", "503"}
 
 
