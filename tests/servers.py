@@ -12,9 +12,11 @@ directory that starts servers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from embedkit.bench.server import Server, serve_model, spawn
@@ -67,6 +69,31 @@ class Launcher:
     def stop_all(self) -> None:
         for srv in self.servers:
             srv.stop()
+
+
+def assert_held_but_never_ready(server, seconds: float = 5.0) -> None:
+    """The refusing server still holds its port but /readyz never answers 200.
+
+    BentoML's arbiter keeps the socket while the refused workers exit, so a probe is
+    accepted and gets no answer (a timeout) or a non-200. A closed port fails: it means
+    no server ran at all, which would prove nothing about refusing the artifact.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, "the server exited instead of holding its port"
+        try:
+            status = httpx.get(server.url + "/readyz", timeout=2).status_code
+        except httpx.ConnectError as exc:
+            pytest.fail(f"port closed ({exc}): no server was running to refuse anything")
+        except httpx.TimeoutException:
+            status = None  # accepted, no worker to answer
+        assert status != 200, "a refused artifact became ready"
+        try:
+            embed = httpx.post(server.url + "/embed", json={"texts": ["x"]}, timeout=2)
+            assert embed.status_code != 200, "a refused artifact answered a request"
+        except httpx.TimeoutException:
+            pass
+        time.sleep(0.5)
 
 
 # --- fixtures (import them into a directory's conftest) -----------------------------

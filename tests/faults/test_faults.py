@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from tests.servers import assert_held_but_never_ready
 
 from embedkit.bench import loadtest as lt
 
@@ -32,17 +33,6 @@ pytestmark = pytest.mark.slow
 MODEL = "all-minilm-l6-v2"
 REFUSED = "embedkit refuses to start"
 CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
-
-
-def assert_never_ready(server, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):  # not even listening: not ready either
-            assert httpx.get(server.url + "/readyz", timeout=2).status_code != 200
-        with contextlib.suppress(httpx.HTTPError):
-            r = httpx.post(server.url + "/embed", json={"texts": ["x"]}, timeout=2)
-            assert r.status_code != 200, "a refused artifact answered a request"
-        time.sleep(0.5)
 
 
 def counters(name: str) -> dict[str, float]:
@@ -93,7 +83,7 @@ def test_one_flipped_byte_in_the_graph_refuses_startup(fp32_artifact, launcher) 
     server = launcher.start(tag, ready=False)
     line = server.wait_for_line(REFUSED)
     assert "checksum mismatch for model.onnx" in line and "refusing to load" in line
-    assert_never_ready(server)
+    assert_held_but_never_ready(server)
     failures = counters("embedkit_model_load_failures_total")
     assert failures.get("reason=checksum_mismatch", 0) >= 1, failures
 
@@ -124,7 +114,7 @@ def test_signature_required_refuses_unsigned_serves_signed(
     refused = launcher.start(unsigned, env, ready=False)
     line = refused.wait_for_line(REFUSED)
     assert "is not signed" in line
-    assert_never_ready(refused)
+    assert_held_but_never_ready(refused)
     assert counters("embedkit_model_load_failures_total").get("reason=signature_error", 0) >= 1
 
     copy = tmp_path / "signed"
@@ -161,7 +151,7 @@ def test_missing_provider_in_strict_mode_refuses_startup(model_tag, launcher) ->
     server = launcher.start(model_tag, env, ready=False)
     line = server.wait_for_line(REFUSED)
     assert "strict provider routing" in line and "CUDAExecutionProvider" in line
-    assert_never_ready(server)
+    assert_held_but_never_ready(server)
 
 
 # --- a worker killed under load -----------------------------------------------------------------

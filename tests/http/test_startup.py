@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from tests.servers import assert_held_but_never_ready
 
 pytestmark = pytest.mark.slow
-
-
-def assert_held_but_never_ready(server, seconds: float = 5.0) -> None:
-    """The refusing server still holds its port but /readyz never answers 200.
-
-    BentoML's arbiter keeps the socket while the refused workers exit, so a probe is
-    accepted and gets no answer (a timeout) or a non-200. A closed port fails: it means
-    no server ran at all, which would prove nothing about refusing the artifact.
-    """
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, "the server exited instead of holding its port"
-        try:
-            status = httpx.get(server.url + "/readyz", timeout=2).status_code
-        except httpx.ConnectError as exc:
-            pytest.fail(f"port closed ({exc}): no server was running to refuse anything")
-        except httpx.TimeoutException:
-            status = None  # accepted, no worker to answer
-        assert status != 200, "a refused artifact became ready"
-        time.sleep(0.5)
 
 
 def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:
