@@ -273,11 +273,16 @@ def _approved_trt_fp16(manifest):
 
 
 def test_trt_fp16_only_with_the_gates_approval(
-    fp32_artifact, caplog: pytest.LogCaptureFixture
+    fp32_artifact, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = fp32_artifact.manifest
     wish = Settings(trt_fp16=True, providers=GPU_BUILD)
     runtime._warned.clear()
+    # On a build without TensorRT (this CPU one) there is nothing to decide or warn about.
+    with caplog.at_level(logging.WARNING, logger="embedkit.runtime.session"):
+        assert runtime.trt_fp16_decision(manifest, wish) is False
+    assert not caplog.records
+    monkeypatch.setattr(runtime, "available_providers", lambda: list(GPU_BUILD))
     with caplog.at_level(logging.WARNING, logger="embedkit.runtime.session"):
         assert runtime.trt_fp16_decision(manifest, wish) is False
     assert any("no gate approval of trt-fp16" in r.getMessage() for r in caplog.records)

@@ -317,6 +317,8 @@ def trt_fp16_decision(manifest: Manifest, settings: Settings, *, judging: bool =
     """
     if not settings.trt_fp16 or TENSORRT not in settings.providers:
         return False
+    if TENSORRT not in available_providers():
+        return False  # nothing to decide (and nothing to warn about) without TensorRT
     if judging or manifest.approval("trt-fp16", TENSORRT) is not None:
         return True
     with _warned_lock:
