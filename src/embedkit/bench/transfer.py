@@ -61,6 +61,7 @@ class Bundle:
 
 
 def _sha256(path: Path) -> str:
+    # Not model.artifact.sha256_file: importing it needs pydantic, not yet installed there.
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
