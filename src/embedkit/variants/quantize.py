@@ -43,6 +43,7 @@ from embedkit.model.artifact import (
     staging_dir,
 )
 from embedkit.runtime.tokens import TextTokenizer, pad_batch
+from embedkit.variants import ranking, smoothquant
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,49 @@ def _weight_type(name: str) -> Any:
     return QuantType.QInt8 if name == "s8" else QuantType.QUInt8
 
 
+def weight_matmuls(model_path: Path) -> list[str]:
+    """Names of the MatMuls with a constant weight (the ones INT8 quantisation turns integer)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def _fp32_nodes(
+    parent: Artifact, model_path: Path, exclude: Sequence[str], keep_fp32: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Nodes left in fp32: those matching ``exclude`` plus the ``keep_fp32`` most sensitive
+    weight MatMuls of the committed ranking (:mod:`embedkit.variants.ranking`)."""
+    if keep_fp32 < 0:
+        raise InvalidInput(f"keep_fp32 must be >= 0, got {keep_fp32}")
+    kept, source = ranking.most_sensitive(
+        parent.manifest.model_id, weight_matmuls(model_path), keep_fp32
+    )
+    excluded = sorted(set(_matching_nodes(model_path, exclude)) | set(kept))
+    return excluded, {"keep_fp32": keep_fp32, "kept_fp32": kept, "ranking": source}
+
+
+def _calibration_sentences(
+    calibration: Path | None, size: int, seed: int
+) -> tuple[list[str], dict[str, Any]]:
+    path = Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
+    sentences = read_calibration_sentences(path, size, seed=seed)
+    record = {"file": path.name, "sha256": sha256_file(path), "size": len(sentences), "seed": seed}
+    return sentences, record
+
+
+def _smoothed(
+    parent: Artifact, src: Path, work: Path, alpha: float | None, sentences: Sequence[str]
+) -> tuple[Path, dict[str, Any] | None]:
+    """``src`` after SmoothQuant with ``alpha`` (None: unchanged), ranges from ``sentences``."""
+    if alpha is None:
+        return src, None
+    dst = work / "smoothed.onnx"
+    record = smoothquant.smooth(src, dst, SentenceCalibrationReader(parent, sentences), alpha=alpha)
+    return dst, record
+
+
 def quantize_dynamic_int8(
     parent: Artifact,
     output: Path,
@@ -286,14 +330,22 @@ def quantize_dynamic_int8(
     op_types: Sequence[str] | None = None,
     fused: bool = False,
     exclude: Sequence[str] = (),
+    keep_fp32: int = 0,
+    smoothquant_alpha: float | None = None,
+    calibration: Path | None = None,
+    size: int = 512,
+    seed: int = 0,
 ) -> Artifact:
     """Dynamic INT8 (weights quantised offline, activations per batch at run time).
 
     ``op_types`` defaults to MatMul (plus Attention on a fused graph); Gather
     (embeddings) stays fp32 because quantising it costs accuracy for no speed.
     ``fused`` first applies :func:`optimize_fp32`'s fusions. ``exclude`` keeps
-    nodes whose name contains any of the given substrings in fp32 (mixed
-    precision for the few layers that dominate the error).
+    nodes whose name contains any of the given substrings in fp32, ``keep_fp32``
+    the k most sensitive weight MatMuls of the committed ranking (mixed precision
+    for the few layers that dominate the error). ``smoothquant_alpha`` first
+    applies :mod:`embedkit.variants.smoothquant`, its ranges measured on
+    ``size`` sentences of ``calibration`` (default: STS Benchmark train).
     """
     import onnx
     from onnxruntime.quantization import quantize_dynamic
@@ -301,14 +353,21 @@ def quantize_dynamic_int8(
     wtype = _weight_type(weight_type)
     ops = list(op_types) if op_types else (["MatMul", "Attention"] if fused else ["MatMul"])
     isa = detect_isa()
+    sentences, calib = (
+        _calibration_sentences(calibration, size, seed)
+        if smoothquant_alpha is not None
+        else ([], None)
+    )
 
     def build(src: Path, dst: Path) -> dict[str, Any]:
+        work = dst.parent.parent / "work"
         fusions: dict[str, int] = {}
         if fused:
-            fused_path = dst.parent.parent / "work" / "fused.onnx"
+            fused_path = work / "fused.onnx"
             fusions = _fuse(src, fused_path)
             src = fused_path
-        excluded = _matching_nodes(src, exclude)
+        src, smooth = _smoothed(parent, src, work, smoothquant_alpha, sentences)
+        excluded, kept = _fp32_nodes(parent, src, exclude, keep_fp32)
         quantize_dynamic(
             str(src),
             str(dst),
@@ -331,7 +390,10 @@ def quantize_dynamic_int8(
             "fusions": fusions,
             "exclude": list(exclude),
             "excluded_nodes": len(excluded),
+            **kept,
+            "smoothquant": smooth,
             "isa": isa.to_dict(),
+            **({"calibration": calib} if calib else {}),
         }
 
     return _staged(parent, output, build, "dynamic-int8")
@@ -380,6 +442,9 @@ class SentenceCalibrationReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._batches)
+
     def rewind(self) -> None:
         self._iter = iter(self._batches)
 
@@ -396,15 +461,23 @@ def quantize_static_int8(
     method: str = "percentile",
     per_channel: bool = True,
     reduce_range: bool = False,
+    activation_type: str = "u8",
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    keep_fp32: int = 0,
+    smoothquant_alpha: float | None = None,
     seed: int = 0,
 ) -> Artifact:
     """Static INT8 in QDQ format, activation ranges calibrated on real sentences.
 
     The graph is pre-processed (symbolic shape inference + ORT basic
-    optimisation) first, as ORT recommends. The calibration file's sha256, the
-    number of sentences and the sampling seed go into the manifest.
+    optimisation) first, as ORT recommends. Only weight MatMuls are quantised
+    (``op_types`` MatMul with constant B): LayerNorm, GELU, the residual Adds,
+    the embedding Gather→Add, the mask Add→Softmax and the attention-score
+    MatMuls stay fp32 — the exclusions BERT needs. ``activation_type`` s8 gives
+    s8×s8 QDQ, u8 the u8×s8 kernels. ``smoothquant_alpha`` and ``keep_fp32`` as
+    in :func:`quantize_dynamic_int8`. The calibration file's sha256, the number
+    of sentences and the sampling seed go into the manifest.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -418,22 +491,24 @@ def quantize_static_int8(
         raise InvalidInput(
             f"calibration method must be one of {', '.join(methods)}, got {method!r}"
         )
-    calibration = (
-        Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
-    )
-    sentences = read_calibration_sentences(calibration, size, seed=seed)
+    if activation_type not in WEIGHT_TYPES:
+        raise InvalidInput(
+            f"activation_type must be one of {', '.join(WEIGHT_TYPES)}, got {activation_type!r}"
+        )
+    sentences, calib = _calibration_sentences(calibration, size, seed)
     ops = list(op_types) if op_types else ["MatMul"]
     isa = detect_isa()
 
     def build(src: Path, dst: Path) -> dict[str, Any]:
         work = dst.parent.parent / "work"
+        src, smooth = _smoothed(parent, src, work, smoothquant_alpha, sentences)
         pre = work / "pre.onnx"
         # auto_merge: the dynamic batch/sequence dims otherwise stop symbolic inference.
         # It writes scratch files into the working directory: keep them in `work`.
         with contextlib.chdir(work):
             quant_pre_process(str(src), str(pre), auto_merge=True)
         reader = SentenceCalibrationReader(parent, sentences)
-        excluded = _matching_nodes(pre, exclude)
+        excluded, kept = _fp32_nodes(parent, pre, exclude, keep_fp32)
         quantize_static(
             str(pre),
             str(dst),
@@ -443,7 +518,7 @@ def quantize_static_int8(
             op_types_to_quantize=ops,
             per_channel=per_channel,
             reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if activation_type == "s8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
             extra_options={"MatMulConstBOnly": True},
@@ -453,18 +528,15 @@ def quantize_static_int8(
             "method": method,
             "per_channel": per_channel,
             "reduce_range": reduce_range,
-            "activation_type": "u8",
+            "activation_type": activation_type,
             "weight_type": "s8",
             "op_types": ops,
             "exclude": list(exclude),
             "excluded_nodes": len(excluded),
+            **kept,
+            "smoothquant": smooth,
             "isa": isa.to_dict(),
-            "calibration": {
-                "file": calibration.name,
-                "sha256": sha256_file(calibration),
-                "size": len(sentences),
-                "seed": seed,
-            },
+            "calibration": calib,
         }
 
     return _staged(parent, output, build, "static-int8")
