@@ -109,22 +109,25 @@ def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
     )
 
 
-# The FFN output projection of the first layer dominates the INT8 error of
-# BERT-style encoders; keeping that one MatMul in fp32 buys fidelity for a small
-# share of the integer speed-up (both measured: docs/quantization.md). Node names
-# of Optimum's BERT export.
-SENSITIVE_NODES = ("layer.0/output/dense/MatMul",)
+# SmoothQuant strength of the INT8 presets: tuned on held-out STS Benchmark train
+# sentences (0.3-0.9 swept; 0.7 best for dynamic s8 per-channel, docs/quantization.md).
+SMOOTHQUANT_ALPHA = 0.7
 
 
 def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[str, dict[str, Any]]:
     """Named variants worth building for the target: ``{name: {"kind": ..., **options}}``.
 
     On AVX2 without VNNI the u8×s8 kernels (vpmaddubsw) can saturate int16
-    sums, so s8 weights get reduce-range there; with VNNI (vpdpbusd sums in
-    int32) full-range s8 is used. Per-tensor s8 and u8 weights are not offered:
+    sums, so s8 weights get reduce-range there (measured: without it SmoothQuant's
+    larger weights saturate, p1 cosine 0.96); with VNNI (vpdpbusd sums in int32)
+    full-range s8 is used. Per-tensor s8 and u8 weights are not offered:
     measured too inaccurate (s8) or slower than fp32 (u8 takes the slow u8×u8
-    path). Per-channel scales are what make s8 accurate. The gate decides; these
-    are only the candidates. ``gpu`` targets get fused FP32 and FP16 only.
+    path). Beyond the plain per-channel baseline, the fidelity-first candidates
+    of the INT8 search: SmoothQuant (alpha 0.7) with the k most sensitive
+    MatMuls of the committed ranking kept fp32 (:mod:`embedkit.variants.ranking`;
+    no measurement at release time), dynamic and static (QDQ, min-max ranges,
+    inputs only). The gate decides; these are only the candidates. ``gpu``
+    targets get fused FP32 and FP16 only.
     """
     isa = isa or detect_isa()
     presets: dict[str, dict[str, Any]] = {"fused-fp32": {"kind": "fused-fp32"}}
@@ -134,15 +137,17 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     rr = not isa.vnni
     suffix = "-rr" if rr else ""
     base = {"kind": "dynamic-int8", "weight_type": "s8", "per_channel": True, "reduce_range": rr}
+    sq = {"smoothquant_alpha": SMOOTHQUANT_ALPHA}
     presets[f"dynamic-int8-s8-pc{suffix}"] = dict(base)
-    presets[f"dynamic-int8-s8-pc{suffix}-mixed"] = {**base, "exclude": list(SENSITIVE_NODES)}
-    presets[f"dynamic-int8-s8-pc{suffix}-fused"] = {**base, "fused": True}
-    presets["static-int8-qdq-percentile"] = {
+    presets[f"dynamic-int8-s8-pc{suffix}-sq-k2"] = {**base, **sq, "keep_fp32": 2}
+    presets[f"dynamic-int8-s8-pc{suffix}-sq-k4"] = {**base, **sq, "keep_fp32": 4}
+    presets[f"static-int8-qdq{suffix}-sq-k2"] = {
         "kind": "static-int8",
-        "method": "percentile",
+        "method": "minmax",
         "per_channel": True,
         "reduce_range": rr,
-        "exclude": list(SENSITIVE_NODES),
+        **sq,
+        "keep_fp32": 2,
     }
     return presets
 
@@ -462,6 +467,7 @@ def quantize_static_int8(
     per_channel: bool = True,
     reduce_range: bool = False,
     activation_type: str = "u8",
+    quantize_outputs: bool = False,
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     keep_fp32: int = 0,
@@ -475,7 +481,10 @@ def quantize_static_int8(
     (``op_types`` MatMul with constant B): LayerNorm, GELU, the residual Adds,
     the embedding Gather→Add, the mask Add→Softmax and the attention-score
     MatMuls stay fp32 — the exclusions BERT needs. ``activation_type`` s8 gives
-    s8×s8 QDQ, u8 the u8×s8 kernels. ``smoothquant_alpha`` and ``keep_fp32`` as
+    s8×s8 QDQ (symmetric ranges), u8 the u8×s8 kernels. ``quantize_outputs``
+    also puts Q/DQ on each MatMul's output (ORT's default): a second static
+    rounding of ranges fitted to other sentences, which cost most of the
+    fidelity when measured (docs/quantization.md). ``smoothquant_alpha`` and ``keep_fp32`` as
     in :func:`quantize_dynamic_int8`. The calibration file's sha256, the number
     of sentences and the sampling seed go into the manifest.
     """
@@ -521,7 +530,11 @@ def quantize_static_int8(
             activation_type=QuantType.QInt8 if activation_type == "s8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
-            extra_options={"MatMulConstBOnly": True},
+            extra_options={
+                "MatMulConstBOnly": True,
+                "ActivationSymmetric": activation_type == "s8",
+                "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ops,
+            },
         )
         return {
             "format": "QDQ",
@@ -529,6 +542,7 @@ def quantize_static_int8(
             "per_channel": per_channel,
             "reduce_range": reduce_range,
             "activation_type": activation_type,
+            "quantize_outputs": quantize_outputs,
             "weight_type": "s8",
             "op_types": ops,
             "exclude": list(exclude),
