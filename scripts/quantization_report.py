@@ -60,19 +60,12 @@ def techniques(isa: quantize.CpuIsa) -> dict[str, dict[str, Any]]:
     static = {"kind": "static-int8", "per_channel": True, "reduce_range": rr}
     return {
         "dynamic s8 per-tensor + rr (bad)": {**dyn, "per_channel": False, "reduce_range": True},
-        "dynamic s8-pc + SQ 0.5": {**dyn, "smoothquant_alpha": 0.5},
         "dynamic s8-pc + SQ 0.7": {**dyn, **sq},
         "dynamic s8-pc + SQ 0.7, k=2, full range": {
             **dyn,
             **sq,
             "keep_fp32": 2,
             "reduce_range": False,
-        },
-        "dynamic s8-pc, k=4 (no SQ)": {**dyn, "keep_fp32": 4},
-        "static QDQ percentile, outputs quantised too": {
-            **static,
-            "method": "percentile",
-            "quantize_outputs": True,
         },
         "static QDQ percentile": {**static, "method": "percentile"},
         "static QDQ min-max + SQ 0.7": {**static, "method": "minmax", **sq},
