@@ -58,6 +58,9 @@ def test_presets_follow_isa() -> None:
     assert not any(p["reduce_range"] for p in vnni.values() if "int8" in p["kind"])
     assert "fused-fp32" in vnni and "fp16" not in vnni
     assert set(quantize.candidate_presets(gpu=True)) == {"fused-fp32", "fp16"}
+    # Mixed precision names k (resolved from the committed ranking at build time), never nodes.
+    mixed = [p for p in no_vnni.values() if p.get("keep_fp32")]
+    assert mixed and all(p["smoothquant_alpha"] == quantize.SMOOTHQUANT_ALPHA for p in mixed)
 
 
 # --- builders ------------------------------------------------------------------------------
