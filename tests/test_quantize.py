@@ -58,6 +58,9 @@ def test_presets_follow_isa() -> None:
     assert not any(p["reduce_range"] for p in vnni.values() if "int8" in p["kind"])
     assert "fused-fp32" in vnni and "fp16" not in vnni
     assert set(quantize.candidate_presets(gpu=True)) == {"fused-fp32", "fp16"}
+    # Mixed precision names k (resolved from the committed ranking at build time), never nodes.
+    mixed = [p for p in no_vnni.values() if p.get("keep_fp32")]
+    assert mixed and all(p["smoothquant_alpha"] == quantize.SMOOTHQUANT_ALPHA for p in mixed)
 
 
 # --- builders ------------------------------------------------------------------------------
@@ -105,6 +108,15 @@ def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path, data_di
     assert s["format"] == "QDQ" and s["method"] == "minmax"
     assert s["calibration"]["size"] == 32
     assert s["calibration"]["sha256"] == quantize.sha256_file(calib)
+    # Inputs only: a MatMul output re-quantised with another sentence's range cost most
+    # of static INT8's fidelity (docs/quantization.md).
+    assert s["quantize_outputs"] is False and s["activation_type"] == "u8"
+    import onnx
+
+    graph = onnx.load(str(art.model_path)).graph
+    matmul_out = {o for n in graph.node if n.op_type == "MatMul" for o in n.output}
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in matmul_out]
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     vec = Engine(art).encode(["A man is playing a guitar."])
     assert vec.shape == (1, 384) and np.isfinite(vec).all()
 

@@ -18,13 +18,19 @@ LayerNorm, softmax and GELU are left out (a few % on BERT-sized models).
 Peak (an *estimate*, stated as such in every report):
 
     peak = cores × GHz × FP32 FLOP/cycle/core
-    FLOP/cycle/core = 64 with AVX-512 (2 FMA units × 16 lanes × 2), 32 with
-    AVX2+FMA (2 × 8 × 2), 8 otherwise
+
+FLOP/cycle/core is the FMA datapath width, per microarchitecture where the
+vendor and family in /proc/cpuinfo identify it (:func:`fp32_flop_per_cycle`):
+AMD Zen 2/3/4 (families 17h from model 30h, and 19h) have two 256-bit FMA
+pipes, 32 — Zen 4 runs AVX-512 as two 256-bit halves, so its AVX-512 flag
+does not double it; Zen 1 has 128-bit pipes, 16. Otherwise by ISA: 64 with
+AVX-512 (2 FMA units × 16 lanes × 2), 32 with AVX2+FMA (2 × 8 × 2), 8
+without; some Intel parts have only one AVX-512 FMA unit, so 64 is an upper
+bound there.
 
 The frequency is the mean ``cpu MHz`` of /proc/cpuinfo (the current clock; turbo
-and AVX-512 down-clocking move it), and some cores (e.g. AMD Zen 4) run
-AVX-512 at half width. The true peak may be lower than this estimate, so an
-achieved share can understate how close to the limit a variant runs. INT8
+and AVX-512 down-clocking move it). The true peak may be lower than this
+estimate, so an achieved share can understate how close to the limit a variant runs. INT8
 kernels have a higher integer peak; their share is still stated against the FP32
 peak (same model arithmetic), which is what makes variants comparable.
 """
@@ -66,11 +72,38 @@ def cpu_ghz(cpuinfo: str | None = None) -> float | None:
 
 
 def _model_name(cpuinfo: str) -> str:
+    return _cpuinfo_field(cpuinfo, "model name") or "unknown"
+
+
+def _cpuinfo_field(cpuinfo: str, name: str) -> str | None:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
+        if key.strip() == name:
             return value.strip()
-    return "unknown"
+    return None
+
+
+def fp32_flop_per_cycle(cpuinfo: str) -> tuple[int, str]:
+    """FP32 FLOP/cycle/core of the first CPU in ``cpuinfo`` text and the basis of the figure."""
+    isa = detect_isa(cpuinfo)
+    vendor = _cpuinfo_field(cpuinfo, "vendor_id")
+    try:
+        family = int(_cpuinfo_field(cpuinfo, "cpu family") or "")
+        model = int(_cpuinfo_field(cpuinfo, "model") or "")
+    except ValueError:
+        family = model = -1
+    if vendor == "AuthenticAMD" and isa.avx2:
+        if family == 0x19:
+            return 32, "AMD family 19h (Zen 3/4): 2 × 256-bit FMA; AVX-512 in two halves"
+        if family == 0x17:
+            if model >= 0x30:
+                return 32, "AMD family 17h model >= 30h (Zen 2): 2 × 256-bit FMA"
+            return 16, "AMD family 17h model < 30h (Zen/Zen+): 2 × 128-bit FMA"
+    if isa.avx512f:
+        return 64, "AVX-512F: 2 × 512-bit FMA assumed (upper bound)"
+    if isa.avx2:
+        return 32, "AVX2+FMA: 2 × 256-bit FMA"
+    return 8, "no AVX2: scalar/SSE estimate"
 
 
 def machine() -> dict[str, Any]:
@@ -80,7 +113,7 @@ def machine() -> dict[str, Any]:
     except OSError:  # pragma: no cover - non-Linux
         cpuinfo = ""
     isa = detect_isa(cpuinfo)
-    flops_cycle = 64 if isa.avx512f else 32 if isa.avx2 else 8
+    flops_cycle, basis = fp32_flop_per_cycle(cpuinfo)
     ghz = cpu_ghz(cpuinfo)
     cores = _cores()
     peak = cores * ghz * flops_cycle if ghz else None
@@ -90,6 +123,7 @@ def machine() -> dict[str, Any]:
         "cores": cores,
         "ghz": round(ghz, 3) if ghz else None,
         "fp32_flop_per_cycle_per_core": flops_cycle,
+        "fp32_flop_per_cycle_basis": basis,
         "peak_gflops_estimate": round(peak, 1) if peak else None,
         "peak_formula": "cores × GHz × FP32 FLOP/cycle/core (estimate)",
     }

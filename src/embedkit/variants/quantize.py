@@ -24,7 +24,6 @@ import logging
 import random
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +41,11 @@ from embedkit.model.artifact import (
     sha256_file,
     staging_dir,
 )
+
+# The ISA probe lives with the toolchain facts (serving reads it too); re-exported here.
+from embedkit.model.toolchain import CpuIsa, detect_isa
 from embedkit.runtime.tokens import TextTokenizer, pad_batch
+from embedkit.variants import ranking, smoothquant
 
 log = logging.getLogger(__name__)
 
@@ -52,78 +55,26 @@ WEIGHT_TYPES = ("s8", "u8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
-# --- CPU instruction set ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CpuIsa:
-    """The integer-matmul-relevant instruction-set flags of this CPU."""
-
-    avx2: bool
-    avx512f: bool
-    avx512_vnni: bool
-    avx_vnni: bool
-    amx: bool
-
-    @property
-    def vnni(self) -> bool:
-        return self.avx512_vnni or self.avx_vnni
-
-    @property
-    def level(self) -> str:
-        """One label for presets and the manifest, best capability first."""
-        if self.amx:
-            return "amx"
-        if self.avx512_vnni:
-            return "avx512-vnni"
-        if self.avx512f:
-            return "avx512"
-        if self.avx_vnni:
-            return "avx2-vnni"
-        return "avx2" if self.avx2 else "generic"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "level": self.level}
-
-
-def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
-    """Parse the ``flags`` line of /proc/cpuinfo (or the given text)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # pragma: no cover - non-Linux: assume nothing
-            cpuinfo = ""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
-    return CpuIsa(
-        avx2="avx2" in flags,
-        avx512f="avx512f" in flags,
-        avx512_vnni="avx512_vnni" in flags,
-        avx_vnni="avx_vnni" in flags,
-        amx=any(f.startswith("amx") for f in flags),
-    )
-
-
-# The FFN output projection of the first layer dominates the INT8 error of
-# BERT-style encoders; keeping that one MatMul in fp32 buys fidelity for a small
-# share of the integer speed-up (both measured: docs/quantization.md). Node names
-# of Optimum's BERT export.
-SENSITIVE_NODES = ("layer.0/output/dense/MatMul",)
+# SmoothQuant strength of the INT8 presets: tuned on held-out STS Benchmark train
+# sentences (0.3-0.9 swept; 0.7 best for dynamic s8 per-channel, docs/quantization.md).
+SMOOTHQUANT_ALPHA = 0.7
 
 
 def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[str, dict[str, Any]]:
     """Named variants worth building for the target: ``{name: {"kind": ..., **options}}``.
 
     On AVX2 without VNNI the u8×s8 kernels (vpmaddubsw) can saturate int16
-    sums, so s8 weights get reduce-range there; with VNNI (vpdpbusd sums in
-    int32) full-range s8 is used. Per-tensor s8 and u8 weights are not offered:
+    sums, so s8 weights get reduce-range there (measured: without it SmoothQuant's
+    larger weights saturate, p1 cosine 0.96); with VNNI (vpdpbusd sums in int32)
+    full-range s8 is used. Per-tensor s8 and u8 weights are not offered:
     measured too inaccurate (s8) or slower than fp32 (u8 takes the slow u8×u8
-    path). Per-channel scales are what make s8 accurate. The gate decides; these
-    are only the candidates. ``gpu`` targets get fused FP32 and FP16 only.
+    path). Beyond the plain per-channel baseline, the fidelity-first candidates
+    of the INT8 search: SmoothQuant (alpha 0.7) with the k = 2 or 4 most
+    sensitive MatMuls of the committed ranking kept fp32
+    (:mod:`embedkit.variants.ranking`; no measurement at release time). Static
+    QDQ is not offered: slower and less faithful than dynamic here (long texts
+    leave the calibrated ranges). The gate decides; these are only the
+    candidates. ``gpu`` targets get fused FP32 and FP16 only.
     """
     isa = isa or detect_isa()
     presets: dict[str, dict[str, Any]] = {"fused-fp32": {"kind": "fused-fp32"}}
@@ -133,16 +84,10 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     rr = not isa.vnni
     suffix = "-rr" if rr else ""
     base = {"kind": "dynamic-int8", "weight_type": "s8", "per_channel": True, "reduce_range": rr}
+    sq = {"smoothquant_alpha": SMOOTHQUANT_ALPHA}
     presets[f"dynamic-int8-s8-pc{suffix}"] = dict(base)
-    presets[f"dynamic-int8-s8-pc{suffix}-mixed"] = {**base, "exclude": list(SENSITIVE_NODES)}
-    presets[f"dynamic-int8-s8-pc{suffix}-fused"] = {**base, "fused": True}
-    presets["static-int8-qdq-percentile"] = {
-        "kind": "static-int8",
-        "method": "percentile",
-        "per_channel": True,
-        "reduce_range": rr,
-        "exclude": list(SENSITIVE_NODES),
-    }
+    presets[f"dynamic-int8-s8-pc{suffix}-sq-k2"] = {**base, **sq, "keep_fp32": 2}
+    presets[f"dynamic-int8-s8-pc{suffix}-sq-k4"] = {**base, **sq, "keep_fp32": 4}
     return presets
 
 
@@ -276,6 +221,49 @@ def _weight_type(name: str) -> Any:
     return QuantType.QInt8 if name == "s8" else QuantType.QUInt8
 
 
+def weight_matmuls(model_path: Path) -> list[str]:
+    """Names of the MatMuls with a constant weight (the ones INT8 quantisation turns integer)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def _fp32_nodes(
+    parent: Artifact, model_path: Path, exclude: Sequence[str], keep_fp32: int
+) -> tuple[list[str], dict[str, Any]]:
+    """Nodes left in fp32: those matching ``exclude`` plus the ``keep_fp32`` most sensitive
+    weight MatMuls of the committed ranking (:mod:`embedkit.variants.ranking`)."""
+    if keep_fp32 < 0:
+        raise InvalidInput(f"keep_fp32 must be >= 0, got {keep_fp32}")
+    kept, source = ranking.most_sensitive(
+        parent.manifest.model_id, weight_matmuls(model_path), keep_fp32
+    )
+    excluded = sorted(set(_matching_nodes(model_path, exclude)) | set(kept))
+    return excluded, {"keep_fp32": keep_fp32, "kept_fp32": kept, "ranking": source}
+
+
+def _calibration_sentences(
+    calibration: Path | None, size: int, seed: int
+) -> tuple[list[str], dict[str, Any]]:
+    path = Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
+    sentences = read_calibration_sentences(path, size, seed=seed)
+    record = {"file": path.name, "sha256": sha256_file(path), "size": len(sentences), "seed": seed}
+    return sentences, record
+
+
+def _smoothed(
+    parent: Artifact, src: Path, work: Path, alpha: float | None, sentences: Sequence[str]
+) -> tuple[Path, dict[str, Any] | None]:
+    """``src`` after SmoothQuant with ``alpha`` (None: unchanged), ranges from ``sentences``."""
+    if alpha is None:
+        return src, None
+    dst = work / "smoothed.onnx"
+    record = smoothquant.smooth(src, dst, SentenceCalibrationReader(parent, sentences), alpha=alpha)
+    return dst, record
+
+
 def quantize_dynamic_int8(
     parent: Artifact,
     output: Path,
@@ -286,14 +274,22 @@ def quantize_dynamic_int8(
     op_types: Sequence[str] | None = None,
     fused: bool = False,
     exclude: Sequence[str] = (),
+    keep_fp32: int = 0,
+    smoothquant_alpha: float | None = None,
+    calibration: Path | None = None,
+    size: int = 512,
+    seed: int = 0,
 ) -> Artifact:
     """Dynamic INT8 (weights quantised offline, activations per batch at run time).
 
     ``op_types`` defaults to MatMul (plus Attention on a fused graph); Gather
     (embeddings) stays fp32 because quantising it costs accuracy for no speed.
     ``fused`` first applies :func:`optimize_fp32`'s fusions. ``exclude`` keeps
-    nodes whose name contains any of the given substrings in fp32 (mixed
-    precision for the few layers that dominate the error).
+    nodes whose name contains any of the given substrings in fp32, ``keep_fp32``
+    the k most sensitive weight MatMuls of the committed ranking (mixed precision
+    for the few layers that dominate the error). ``smoothquant_alpha`` first
+    applies :mod:`embedkit.variants.smoothquant`, its ranges measured on
+    ``size`` sentences of ``calibration`` (default: STS Benchmark train).
     """
     import onnx
     from onnxruntime.quantization import quantize_dynamic
@@ -301,14 +297,21 @@ def quantize_dynamic_int8(
     wtype = _weight_type(weight_type)
     ops = list(op_types) if op_types else (["MatMul", "Attention"] if fused else ["MatMul"])
     isa = detect_isa()
+    sentences, calib = (
+        _calibration_sentences(calibration, size, seed)
+        if smoothquant_alpha is not None
+        else ([], None)
+    )
 
     def build(src: Path, dst: Path) -> dict[str, Any]:
+        work = dst.parent.parent / "work"
         fusions: dict[str, int] = {}
         if fused:
-            fused_path = dst.parent.parent / "work" / "fused.onnx"
+            fused_path = work / "fused.onnx"
             fusions = _fuse(src, fused_path)
             src = fused_path
-        excluded = _matching_nodes(src, exclude)
+        src, smooth = _smoothed(parent, src, work, smoothquant_alpha, sentences)
+        excluded, kept = _fp32_nodes(parent, src, exclude, keep_fp32)
         quantize_dynamic(
             str(src),
             str(dst),
@@ -331,7 +334,10 @@ def quantize_dynamic_int8(
             "fusions": fusions,
             "exclude": list(exclude),
             "excluded_nodes": len(excluded),
+            **kept,
+            "smoothquant": smooth,
             "isa": isa.to_dict(),
+            **({"calibration": calib} if calib else {}),
         }
 
     return _staged(parent, output, build, "dynamic-int8")
@@ -380,6 +386,9 @@ class SentenceCalibrationReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._batches)
+
     def rewind(self) -> None:
         self._iter = iter(self._batches)
 
@@ -396,15 +405,27 @@ def quantize_static_int8(
     method: str = "percentile",
     per_channel: bool = True,
     reduce_range: bool = False,
+    activation_type: str = "u8",
+    quantize_outputs: bool = False,
     op_types: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    keep_fp32: int = 0,
+    smoothquant_alpha: float | None = None,
     seed: int = 0,
 ) -> Artifact:
     """Static INT8 in QDQ format, activation ranges calibrated on real sentences.
 
     The graph is pre-processed (symbolic shape inference + ORT basic
-    optimisation) first, as ORT recommends. The calibration file's sha256, the
-    number of sentences and the sampling seed go into the manifest.
+    optimisation) first, as ORT recommends. Only weight MatMuls are quantised
+    (``op_types`` MatMul with constant B): LayerNorm, GELU, the residual Adds,
+    the embedding Gather→Add, the mask Add→Softmax and the attention-score
+    MatMuls stay fp32 — the exclusions BERT needs. ``activation_type`` s8 gives
+    s8×s8 QDQ (symmetric ranges), u8 the u8×s8 kernels. ``quantize_outputs``
+    also puts Q/DQ on each MatMul's output (ORT's default): a second static
+    rounding of ranges fitted to other sentences, which cost most of the
+    fidelity when measured (docs/quantization.md). ``smoothquant_alpha`` and ``keep_fp32`` as
+    in :func:`quantize_dynamic_int8`. The calibration file's sha256, the number
+    of sentences and the sampling seed go into the manifest.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -418,22 +439,24 @@ def quantize_static_int8(
         raise InvalidInput(
             f"calibration method must be one of {', '.join(methods)}, got {method!r}"
         )
-    calibration = (
-        Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
-    )
-    sentences = read_calibration_sentences(calibration, size, seed=seed)
+    if activation_type not in WEIGHT_TYPES:
+        raise InvalidInput(
+            f"activation_type must be one of {', '.join(WEIGHT_TYPES)}, got {activation_type!r}"
+        )
+    sentences, calib = _calibration_sentences(calibration, size, seed)
     ops = list(op_types) if op_types else ["MatMul"]
     isa = detect_isa()
 
     def build(src: Path, dst: Path) -> dict[str, Any]:
         work = dst.parent.parent / "work"
+        src, smooth = _smoothed(parent, src, work, smoothquant_alpha, sentences)
         pre = work / "pre.onnx"
         # auto_merge: the dynamic batch/sequence dims otherwise stop symbolic inference.
         # It writes scratch files into the working directory: keep them in `work`.
         with contextlib.chdir(work):
             quant_pre_process(str(src), str(pre), auto_merge=True)
         reader = SentenceCalibrationReader(parent, sentences)
-        excluded = _matching_nodes(pre, exclude)
+        excluded, kept = _fp32_nodes(parent, pre, exclude, keep_fp32)
         quantize_static(
             str(pre),
             str(dst),
@@ -443,28 +466,30 @@ def quantize_static_int8(
             op_types_to_quantize=ops,
             per_channel=per_channel,
             reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if activation_type == "s8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
-            extra_options={"MatMulConstBOnly": True},
+            extra_options={
+                "MatMulConstBOnly": True,
+                "ActivationSymmetric": activation_type == "s8",
+                "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ops,
+            },
         )
         return {
             "format": "QDQ",
             "method": method,
             "per_channel": per_channel,
             "reduce_range": reduce_range,
-            "activation_type": "u8",
+            "activation_type": activation_type,
+            "quantize_outputs": quantize_outputs,
             "weight_type": "s8",
             "op_types": ops,
             "exclude": list(exclude),
             "excluded_nodes": len(excluded),
+            **kept,
+            "smoothquant": smooth,
             "isa": isa.to_dict(),
-            "calibration": {
-                "file": calibration.name,
-                "sha256": sha256_file(calibration),
-                "size": len(sentences),
-                "seed": seed,
-            },
+            "calibration": calib,
         }
 
     return _staged(parent, output, build, "static-int8")

@@ -1,0 +1,58 @@
+"""Committed INT8 sensitivity rankings: which weight MatMuls to keep in fp32, most harmful first.
+
+Measuring a ranking (:mod:`embedkit.variants.sensitivity`) quantises every
+MatMul on its own — minutes of compute — so a release never does it: it reads
+the ranking measured once per model and committed in
+``embedkit/data/int8-sensitivity.json`` (``{model_id: {"nodes": [...], ...}}``,
+written by ``scripts/quantization_report.py --sensitivity``). The names are
+checked against the graph being quantised; when the model has no ranking or its
+names do not match (another exporter, another opset), the structural fallback
+is used and the manifest says so: the feed-forward output projections
+(``layer.N/output/dense``), layer order — the MatMuls after GELU, whose inputs
+carry BERT's largest activation outliers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RANKINGS = "data/int8-sensitivity.json"
+_FFN_OUT = re.compile(r"layer\.(\d+)/output/dense/MatMul$")
+
+
+def load_rankings() -> dict[str, dict[str, Any]]:
+    text = resources.files("embedkit").joinpath(RANKINGS).read_text()
+    data: dict[str, dict[str, Any]] = json.loads(text)
+    return data
+
+
+def fallback_order(graph_nodes: Sequence[str]) -> list[str]:
+    """The structural guess: FFN output projections in layer order."""
+    hits = [(int(m.group(1)), n) for n in graph_nodes if (m := _FFN_OUT.search(n))]
+    return [n for _, n in sorted(hits)]
+
+
+def most_sensitive(model_id: str, graph_nodes: Sequence[str], k: int) -> tuple[list[str], str]:
+    """The ``k`` most sensitive weight MatMuls of the graph and where the order came from
+    (``"measured"`` or ``"fallback: <why>"``)."""
+    if k <= 0:
+        return [], "none"
+    entry = load_rankings().get(model_id)
+    present = set(graph_nodes)
+    if entry is None:
+        source = f"fallback: no committed ranking for {model_id}"
+        order = fallback_order(graph_nodes)
+    elif missing := [n for n in entry["nodes"][:k] if n not in present]:
+        source = f"fallback: ranked node {missing[0]!r} is not in this graph"
+        order = fallback_order(graph_nodes)
+    else:
+        return list(entry["nodes"][:k]), "measured"
+    log.warning("INT8 mixed precision uses the %s", source)
+    return order[:k], source
