@@ -97,17 +97,17 @@ def _timed_encode(
     encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, float | None]:
     """:func:`_cached_encode` plus the seconds encoding took (None on a cache hit)."""
-    if key is None or cache_dir is None:
-        key = None
-    digest = hashlib.sha256(("\n".join(texts) + "\0" + (key or "")).encode()).hexdigest()[:24]
-    file = (cache_dir or Path()) / f"{digest}.npy"
-    if key is not None and file.is_file():
-        return np.load(file), None
+    file = None
+    if key is not None and cache_dir is not None:
+        digest = hashlib.sha256(("\n".join(texts) + "\0" + key).encode()).hexdigest()[:24]
+        file = cache_dir / f"{digest}.npy"
+        if file.is_file():
+            return np.load(file), None
     started = time.perf_counter()
     vectors = _unit(np.asarray(encoder.encode(texts), dtype=np.float32))
     seconds = time.perf_counter() - started
-    if key is not None and cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{time.monotonic_ns()}.tmp.npy")
         np.save(tmp, vectors)
         tmp.replace(file)
