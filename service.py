@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
-from embedkit.serve.embedder import EmbedderCore
+from embedkit.serve.embedder import EmbedderCore, LocalEmbedder
 from embedkit.serve.front import Front
 from embedkit.serve.http_errors import error_response
 from embedkit.serve.middleware import EdgeMiddleware
@@ -103,7 +103,7 @@ async def _models(_: Request) -> Response:
 async def _info(_: Request) -> Response:
     svc = bentoml.get_current_service()
     try:
-        return JSONResponse(await svc.front.info(svc.embedder.to_async))
+        return JSONResponse(await svc.front.info(svc.embedder))
     except EmbedkitError as exc:
         return error_response(exc)
 
@@ -125,19 +125,31 @@ metadata_app = Starlette(
 @bentoml.service(**front_config(SETTINGS))
 class EmbeddingAPI:
     model = bentoml.models.BentoModel(MODEL_TAG)
-    embedder = bentoml.depends(Embedder)
+    if SETTINGS.topology == "split":
+        remote = bentoml.depends(Embedder)
 
     def __init__(self) -> None:
-        self.front = Front(load_artifact(type(self).model), SETTINGS)
+        artifact = load_artifact(type(self).model)
+        self.front = Front(artifact, SETTINGS)
+        if SETTINGS.topology == "single":
+            self.local = LocalEmbedder(EmbedderCore(artifact, SETTINGS))
+
+    @property
+    def embedder(self) -> Any:
+        """The Embedder's async surface: in this process (single) or BentoML's proxy (split)."""
+        return self.local if SETTINGS.topology == "single" else self.remote.to_async
 
     @bentoml.on_startup
     async def start_warmup(self) -> None:
         # In the background: the Embedder proxy is connected only after startup hooks.
         import asyncio
 
-        self._warm_task = asyncio.get_running_loop().create_task(
-            self.front.warmup(self.embedder.to_async)
-        )
+        async def warm() -> None:
+            if SETTINGS.topology == "single":  # the engine's own warm-up, off the event loop
+                await asyncio.to_thread(self.local.core.warmup)
+            await self.front.warmup(self.embedder)
+
+        self._warm_task = asyncio.get_running_loop().create_task(warm())
 
     def __is_ready__(self) -> bool:
         return self.front.ready
@@ -147,17 +159,17 @@ class EmbeddingAPI:
     )
     async def embeddings(self, **body: Any) -> Any:
         """OpenAI-compatible embeddings (one input → query lane, several → bulk lane)."""
-        return await self.front.openai(self.embedder.to_async, body)
+        return await self.front.openai(self.embedder, body)
 
     @bentoml.api(route="/embed", input_spec=EmbedRequest, output_spec=EmbedResponse)
     async def embed(self, **body: Any) -> Any:
         """Bulk embedding (throughput-tuned batching)."""
-        return await self.front.native(self.embedder.to_async, body, "bulk")
+        return await self.front.native(self.embedder, body, "bulk")
 
     @bentoml.api(route="/embed/query", input_spec=EmbedRequest, output_spec=EmbedResponse)
     async def embed_query(self, **body: Any) -> Any:
         """Interactive embedding (latency-tuned batching)."""
-        return await self.front.native(self.embedder.to_async, body, "query")
+        return await self.front.native(self.embedder, body, "query")
 
     @bentoml.api(route="/tokenize", input_spec=TokenizeRequest, output_spec=TokenizeResponse)
     async def tokenize(self, **body: Any) -> Any:

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from embedkit.bench.server import Server, serve_model, spawn
@@ -69,6 +70,19 @@ class Launcher:
     def stop_all(self) -> None:
         for srv in self.servers:
             srv.stop()
+
+
+def engine_worker(server: Server) -> psutil.Process:
+    """The worker process that owns the ORT session: the Embedder's (``topology=split``)
+    or the single service's (the default)."""
+    workers: dict[str, psutil.Process] = {}
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        cmd = proc.cmdline()
+        if "--service-name" in cmd:
+            workers[cmd[cmd.index("--service-name") + 1]] = proc
+    found = workers.get("embedder") or workers.get("embedkit")
+    assert found is not None, f"no engine worker among {sorted(workers)}"
+    return found
 
 
 def assert_held_but_never_ready(server, seconds: float = 5.0) -> None:

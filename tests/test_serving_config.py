@@ -19,3 +19,12 @@ def test_tracing_on_leaves_bentoml_tracing_alone() -> None:
     on = Settings(tracing=True)
     assert "tracing" not in front_config(on)
     assert "tracing" not in embedder_config(on)
+
+
+def test_the_service_that_owns_the_session_asks_for_its_resources() -> None:
+    single, split = Settings(), Settings(topology="split")
+    assert single.topology == "single"
+    assert front_config(single)["resources"] == {"cpu": str(single.intra_op_threads)}
+    assert front_config(Settings(gpu=True))["resources"] == {"gpu": 1}
+    assert "resources" not in front_config(split)
+    assert embedder_config(Settings(topology="split", gpu=True))["resources"] == {"gpu": 1}

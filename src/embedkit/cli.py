@@ -799,6 +799,54 @@ def bench_http_cmd(
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
+@app.command("bench-stages")
+@one_line_errors
+def bench_stages_cmd(
+    artifact: ArtifactOpt = None,
+    arm: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="LABEL[:KEY=VALUE,...]",
+            help="A server configuration to profile (repeatable; default: the two topologies).",
+        ),
+    ] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated client counts.")] = "1,16",
+    seconds: Annotated[float, typer.Option(help="Seconds per phase.", min=2)] = 10.0,
+    rate: Annotated[int, typer.Option(help="py-spy samples per second.", min=10)] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Where a served single-text request's CPU goes: core-ms per request, per process and
+    stage (py-spy over the server's process tree), beside the in-process engine."""
+    from rich.table import Table
+
+    from embedkit.bench.inprocess import default_artifact
+    from embedkit.bench.stages import stages_by_arm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    arms: dict[str, dict[str, str]] = {}
+    for spec in arm or ["split:EMBEDKIT_TOPOLOGY=split", "single:EMBEDKIT_TOPOLOGY=single"]:
+        label, _, pairs = spec.partition(":")
+        arms[label] = _env_pairs([p for p in pairs.split(",") if p], "--arm")
+    clients = _ints(concurrency, "--concurrency")
+    result = stages_by_arm(
+        default_artifact(artifact),
+        arms,
+        concurrencies=clients,
+        seconds=seconds,
+        rate=rate,
+        echo=lambda line: print(line, flush=True),
+    )
+    table = Table(title="core-ms per request (single text, /v1/embeddings)")
+    for name in ("process", "stage", *result["labels"]):
+        table.add_column(name)
+    for row in result["table"]:
+        table.add_row(*row)
+    out.print(table)
+    result["command"] = _invocation()
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @app.command("soak")
 @one_line_errors
 def soak_cmd(

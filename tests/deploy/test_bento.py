@@ -151,8 +151,8 @@ def test_bento_pins_the_exact_model_version(
 
 
 def test_service_resources_follow_the_variant(built: dict[str, bento.Built]) -> None:
-    def embedder(b: bento.Built) -> dict[str, Any]:
-        return next(s for s in _info(b)["services"] if s["name"] == "embedder")
+    def embedder(b: bento.Built) -> dict[str, Any]:  # topology=single: one service owns ORT
+        return next(s for s in _info(b)["services"] if s["name"] == "embedkit")
 
     assert embedder(built["gpu"])["config"]["resources"] == {"gpu": 1}
     assert "gpu" not in embedder(built["cpu"])["config"]["resources"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 import psutil
 import pytest
+from tests.servers import engine_worker
 
 from embedkit.bench import loadtest as lt
 
@@ -146,11 +147,7 @@ def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> Non
 def test_client_disconnect_drops_its_work(server, corpus) -> None:
     """A client that gives up on a ~6 s bulk request: the server cancels it, the Embedder
     goes idle after the chunk in flight instead of computing the rest for nobody."""
-    embedder = next(
-        p
-        for p in psutil.Process(server.proc.pid).children(recursive=True)
-        if "embedder" in p.cmdline()
-    )
+    embedder = engine_worker(server)
     texts = (corpus.texts[: corpus.long_from] * 4)[:1536]
 
     def cpu() -> float:

@@ -167,10 +167,22 @@ class Settings(BaseSettings):
     )
 
     # --- service ------------------------------------------------------------
-    workers: int = Field(
-        1, ge=1, description="Embedder worker processes (each with its own session)."
+    topology: Literal["single", "split"] = Field(
+        "single",
+        description="single: one process owns the HTTP front and the ORT session (the front's "
+        "scheduler forms every batch; no hop between services). split: a front service and an "
+        "Embedder service joined by bentoml.depends, BentoML's adaptive batching inside the "
+        "Embedder, `workers` Embedder processes. Chosen by measurement: docs/design/serving.md.",
     )
-    gpu: bool = Field(False, description="Request a GPU for the Embedder service (GPU Bento).")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Worker processes that own an ORT session each (single: the service's; "
+        "split: the Embedder's).",
+    )
+    gpu: bool = Field(
+        False, description="Request a GPU for the service that owns the session (GPU Bento)."
+    )
     bulk_max_batch_size: int = Field(
         128, ge=2, description="Adaptive batching: most texts merged into one bulk inference call."
     )

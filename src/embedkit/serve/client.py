@@ -94,7 +94,8 @@ class EmbedderClient:
         if merger is None:
             s = self.settings
             # Interactive lane: continuous batching, one call per Embedder worker in flight.
-            in_flight = s.workers if lane == "query" and s.query_continuous_batching else None
+            workers = 1 if s.topology == "single" else s.workers
+            in_flight = workers if lane == "query" and s.query_continuous_batching else None
             merger = self._coalescers[lane] = Coalescer(
                 lambda ids: self._call(call, ids), self._batch_size(lane), max_in_flight=in_flight
             )

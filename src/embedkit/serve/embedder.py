@@ -113,3 +113,36 @@ def _choose(
     )
     metrics.get().variant_refusals.labels(variant=manifest.variant, reason=refused[0]).inc()
     return parent, Engine(parent, settings), f"{manifest.variant}: {refused[1]}"
+
+
+class LocalEmbedder:
+    """The Embedder inside the front's own process (``topology=single``): the same
+    :class:`EmbedderCore`, offered with the ``bentoml.depends`` proxy's async surface so
+    the front's client, coalescers and admission work unchanged.
+
+    Every ORT run happens on one dedicated thread: ONNX Runtime releases the GIL while it
+    runs, so the event loop parses, tokenises and answers requests meanwhile, and runs
+    never overlap (each already uses ``intra_op_threads`` cores). Calls queue on that
+    thread in arrival order; the coalescers keep that queue short.
+    """
+
+    def __init__(self, core: EmbedderCore) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.core = core
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-ort")
+
+    async def _run(self, items: list[Item], lane: str) -> np.ndarray:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.core.embed, items, lane)
+
+    async def embed_query(self, items: list[Item]) -> np.ndarray:
+        return await self._run(items, "query")
+
+    async def embed_bulk(self, items: list[Item]) -> np.ndarray:
+        return await self._run(items, "bulk")
+
+    async def info(self) -> dict[str, Any]:
+        return self.core.info()

@@ -33,14 +33,11 @@ def embedder_config(settings: Settings) -> dict[str, Any]:
     1.4.40's inter-service client refresh bug (failures with >100 requests in
     flight or after 300 s).
     """
-    resources: dict[str, Any] = (
-        {"gpu": 1} if settings.gpu else {"cpu": str(settings.intra_op_threads)}
-    )
     return {
         "name": "embedder",
         "workers": settings.workers,
         "threads": 1,
-        "resources": resources,
+        "resources": engine_resources(settings),
         "traffic": {"timeout": settings.request_timeout_s},
         "runner_connection": {"max_requests": 1_000_000_000, "max_age": 1e9},
         # Internal hop: the front's access log already records the request; a line per
@@ -50,17 +47,25 @@ def embedder_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def front_config(settings: Settings) -> dict[str, Any]:
-    """Options of the front service.
+def engine_resources(settings: Settings) -> dict[str, Any]:
+    """What the service that owns the ORT session asks the scheduler for."""
+    return {"gpu": 1} if settings.gpu else {"cpu": str(settings.intra_op_threads)}
 
-    One worker: on 2 cores a second front process only competes with ORT (measured:
-    docs/benchmarks/http.md). BentoML's timeout sits above ours so our 504 (OpenAI
-    body) answers first; admission control is ours too
-    (:class:`~embedkit.serve.middleware.EdgeMiddleware`).
+
+def front_config(settings: Settings) -> dict[str, Any]:
+    """Options of the front service (with ``topology=single``, the only one: it owns the
+    ORT session too, so it carries the engine's resources).
+
+    Split: one worker; on 2 cores a second front process only competes with ORT (measured:
+    docs/benchmarks/http.md). Single: ``workers`` processes, each with its own session.
+    BentoML's timeout sits above ours so our 504 (OpenAI body) answers first; admission
+    control is ours too (:class:`~embedkit.serve.middleware.EdgeMiddleware`).
     """
+    single = settings.topology == "single"
     return {
         "name": "embedkit",
-        "workers": 1,
+        "workers": settings.workers if single else 1,
+        **({"resources": engine_resources(settings)} if single else {}),
         "traffic": {"timeout": settings.request_timeout_s + 5},
         "logging": {"access": {"enabled": settings.access_log}},
         **tracing_config(settings),
