@@ -31,7 +31,7 @@ def test_samples_are_split_by_process_and_cpu_per_request_adds_up() -> None:
     raw = [
         f"{ROOT};{FRONT};Front.openai (embedkit/serve/front.py:1);load (pydantic/main.py:3) 30",
         f"{ROOT};{FRONT};Runner.run (asyncio/runners.py:118) 500",
-        f"{ROOT};{ENGINE};EmbedderCore.embed (embedkit/serve/embedder.py:1);run (onnxruntime/x.py) 80",
+        f"{ROOT};{ENGINE};embed (embedkit/serve/embedder.py:1);run (onnxruntime/x.py:1) 80",
         "not a stack line",
     ]
     samples = parse_raw(raw)
