@@ -219,23 +219,14 @@ def test_empty_strings_embed(server, engine) -> None:
 
 # --- batching and concurrency ----------------------------------------------------------
 
-_HIST = re.compile(
-    r"^bentoml_service_adaptive_batch_size_(bucket|count)\{(?P<labels>[^}]*)\} (?P<value>\S+)$"
-)
+_CALLS = re.compile(r'^embedkit_inference_seconds_count\{api="(?P<api>\w+)"\} (?P<value>\S+)$')
 
 
-def batch_stats(metrics: str, method: str) -> tuple[float, float]:
-    """(batches, batches of size 1) observed so far for the Embedder's ``method``."""
-    total = ones = 0.0
-    for line in metrics.splitlines():
-        m = _HIST.match(line)
-        if not m or f'method_name="{method}"' not in m["labels"]:
-            continue
-        if m.group(1) == "count":
-            total += float(m["value"])
-        elif 'le="1.0"' in m["labels"]:
-            ones += float(m["value"])
-    return total, ones
+def batch_calls(metrics: str, lane: str) -> float:
+    """Batched inference calls of ``lane`` so far (each one ORT call of merged requests)."""
+    return sum(
+        float(m["value"]) for m in map(_CALLS.match, metrics.splitlines()) if m and m["api"] == lane
+    )
 
 
 async def _burst(url: str, path: str, bodies: Sequence[object]) -> list[httpx.Response]:
@@ -245,22 +236,22 @@ async def _burst(url: str, path: str, bodies: Sequence[object]) -> list[httpx.Re
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "method"),
+    ("path", "body", "lane"),
     [
-        ("/embed/query", {"texts": ["a short query"]}, "embed_query"),
-        ("/embed", {"texts": ["first text", "second text"]}, "embed_bulk"),
-        ("/v1/embeddings", {"model": MODEL, "input": "one text"}, "embed_query"),
-        ("/v1/embeddings", {"model": MODEL, "input": ["one", "two"]}, "embed_bulk"),
+        ("/embed/query", {"texts": ["a short query"]}, "query"),
+        ("/embed", {"texts": ["first text", "second text"]}, "bulk"),
+        ("/v1/embeddings", {"model": MODEL, "input": "one text"}, "query"),
+        ("/v1/embeddings", {"model": MODEL, "input": ["one", "two"]}, "bulk"),
     ],
 )
-def test_concurrent_requests_are_batched(server, path, body, method) -> None:
-    before = batch_stats(server.metrics(), method)
+def test_concurrent_requests_are_batched(server, path, body, lane) -> None:
+    before = batch_calls(server.metrics(), lane)
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
-    total, _ = (a - b for a, b in zip(batch_stats(server.metrics(), method), before, strict=True))
-    # The front merges requests that arrive together into one Embedder call
-    # (embedkit.serve.coalesce) and BentoML merges queued calls, so one batch can hold many
-    # requests: fewer batches than requests is the proof either way merged them.
+    total = batch_calls(server.metrics(), lane) - before
+    # The front merges requests that arrive together into one call (embedkit.serve.coalesce;
+    # with topology=split BentoML also merges queued calls): fewer inference calls than
+    # requests is the proof they were merged.
     assert 0 < total < 48, "requests were not merged into fewer batches"
 
 
@@ -340,3 +331,21 @@ def test_openapi_document_is_honest(server) -> None:
     assert body["properties"]["dimensions"]["maximum"] == DIM
     assert body["properties"]["texts"]["minItems"] == 1
     assert "ErrorResponse" in doc["components"]["schemas"]
+
+
+# --- the other topology ---------------------------------------------------------------------
+
+
+def test_split_topology_serves_the_same_vectors(launcher, model_tag, engine) -> None:
+    """``topology=split`` (front + Embedder joined by bentoml.depends, BentoML's adaptive
+    batching) stays a working option: same vectors on both lanes, the Embedder named."""
+    split = launcher.start(model_tag, {"EMBEDKIT_TOPOLOGY": "split"})
+    texts = ["the split topology", "two services, one answer", "third"]
+    one = httpx.post(split.url + "/v1/embeddings", json={"model": MODEL, "input": texts[0]})
+    many = httpx.post(split.url + "/embed", json={"texts": texts}, timeout=60)
+    assert one.status_code == many.status_code == 200
+    assert_parity(
+        np.array([one.json()["data"][0]["embedding"]], np.float32), engine.encode(texts[:1])
+    )
+    assert_parity(np.array(many.json()["embeddings"], np.float32), engine.encode(texts))
+    assert httpx.get(split.url + "/info").json()["ready"] is True
