@@ -186,7 +186,7 @@ def test_engine_worker_killed_mid_load_restarts_and_recovers(
     ]
     assert not bad, bad[:5]
     assert sum(o.status == 0 for o in out) <= 4  # at most the requests in flight at the kill
-    assert {o.status for o in out} <= {200, 429, 500, 503, 504}
+    assert {o.status for o in out} <= {200, 429, 500, 503, 504} | ({0} if reset_ok else set())
     # BentoML restarts the worker; the service answers correctly again.
     deadline = time.monotonic() + 120
     while True:
