@@ -44,3 +44,55 @@ def test_each_sub_batch_is_recorded_with_its_own_size(fp32_artifact: Artifact) -
     assert (token_delta["16.0"], token_delta["32.0"]) == (1, 2)
     want, _ = Engine(fp32_artifact, settings).embed_ids(ids)
     np.testing.assert_allclose(vectors, want, atol=1e-6)
+
+
+class _GatedCore:
+    """Stands in for EmbedderCore's ``embed``: records the order of runs; the first run
+    holds the ORT thread until released, so the others queue behind it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.order: list[str] = []
+        self.release = threading.Event()
+
+    def embed(self, items, lane: str) -> np.ndarray:
+        tag = items[0][1][0]
+        if not self.order:
+            self.release.wait(10)
+        self.order.append(f"{lane}:{tag}")
+        if tag == "boom":
+            raise ValueError("failed run")
+        return np.full((len(items), 2), len(self.order), np.float32)
+
+
+def test_single_process_embedder_runs_queries_before_waiting_bulk_calls() -> None:
+    import asyncio
+
+    from embedkit.serve.embedder import LocalEmbedder
+
+    core = _GatedCore()
+    local = LocalEmbedder(core)  # type: ignore[arg-type]
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(local.embed_bulk([(0.0, ["b1"])]))
+        await asyncio.sleep(0.05)  # b1 holds the thread
+        calls = [
+            local.embed_bulk([(0.0, ["b2"])]),
+            local.embed_bulk([(0.0, ["boom"])]),
+            local.embed_query([(0.0, ["q1"]), (0.0, ["q1"])]),
+        ]
+        pending = [asyncio.ensure_future(c) for c in calls]
+        cancelled = asyncio.ensure_future(local.embed_bulk([(0.0, ["gone"])]))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        core.release.set()
+        return await asyncio.gather(first, *pending, return_exceptions=True)
+
+    b1, b2, boom, q1 = asyncio.run(scenario())
+    assert isinstance(b1, np.ndarray) and b1[0, 0] == 1
+    # The query overtook both bulk calls queued before it; the cancelled call never ran.
+    assert core.order == ["bulk:b1", "query:q1", "bulk:b2", "bulk:boom"]
+    assert isinstance(q1, np.ndarray) and q1.shape == (2, 2) and q1[0, 0] == 2
+    assert isinstance(b2, np.ndarray) and b2[0, 0] == 3
+    assert isinstance(boom, ValueError)  # a failed run fails only its own call

@@ -10,10 +10,11 @@ metric, and its fp32 parent serves; then it builds the served identity.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -122,21 +123,50 @@ class LocalEmbedder:
 
     Every ORT run happens on one dedicated thread: ONNX Runtime releases the GIL while it
     runs, so the event loop parses, tokenises and answers requests meanwhile, and runs
-    never overlap (each already uses ``intra_op_threads`` cores). Calls queue on that
-    thread in arrival order; the coalescers keep that queue short.
+    never overlap (each already uses ``intra_op_threads`` cores). Waiting calls leave
+    interactive lane first: a query never queues behind bulk calls that arrived before
+    it, only behind the run in progress (bulk calls are at most ``bulk_max_batch_size``
+    rows). A call whose request was cancelled before its turn is skipped.
     """
 
+    LANES: tuple[str, ...] = ("query", "bulk")  # priority order
+
     def __init__(self, core: EmbedderCore) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        import threading
+        from collections import deque
 
         self.core = core
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-ort")
+        self._queues: dict[str, deque[_Call]] = {lane: deque() for lane in self.LANES}
+        self._wake = threading.Condition()
+        threading.Thread(target=self._serve, name="embedkit-ort", daemon=True).start()
 
     async def _run(self, items: list[Item], lane: str) -> np.ndarray:
-        import asyncio
-
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.core.embed, items, lane)
+        fut: asyncio.Future[np.ndarray] = loop.create_future()
+        with self._wake:
+            self._queues[lane].append((items, fut, loop))
+            self._wake.notify()
+        return await fut
+
+    def _next(self) -> tuple[str, _Call]:
+        with self._wake:
+            while True:
+                for lane in self.LANES:
+                    if self._queues[lane]:
+                        return lane, self._queues[lane].popleft()
+                self._wake.wait()
+
+    def _serve(self) -> None:
+        while True:
+            lane, (items, fut, loop) = self._next()
+            if fut.cancelled():
+                continue
+            try:
+                result = self.core.embed(items, lane)
+            except BaseException as exc:  # handed to the caller, who translates it
+                loop.call_soon_threadsafe(_settle, fut, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, result, None)
 
     async def embed_query(self, items: list[Item]) -> np.ndarray:
         return await self._run(items, "query")
@@ -146,3 +176,17 @@ class LocalEmbedder:
 
     async def info(self) -> dict[str, Any]:
         return self.core.info()
+
+
+_Call = tuple[list[Item], "asyncio.Future[np.ndarray]", "asyncio.AbstractEventLoop"]
+
+
+def _settle(
+    fut: asyncio.Future[np.ndarray], result: np.ndarray | None, exc: BaseException | None
+) -> None:
+    if fut.done():  # cancelled while it ran
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(cast(np.ndarray, result))
