@@ -41,7 +41,8 @@ def test_parse_wrk_reads_the_json_line_and_refuses_its_absence() -> None:
 
 
 def test_phase_row_counts_only_2xx_and_divides_cpu_by_served_requests() -> None:
-    row = peers.phase_row(peers.parse_wrk(WRK_OUTPUT), 32, server_cpu_s=1.92, wrk_cpu_s=0.096)
+    bulk = peers.WORKLOADS["batch32-c4"]
+    row = peers.phase_row(peers.parse_wrk(WRK_OUTPUT), bulk, server_cpu_s=1.92, wrk_cpu_s=0.096)
     assert row["requests"] == 100  # 104 answers, 4 of them non-2xx
     assert row["errors"] == 4 + 1 + 2  # status + read errors + timeouts
     assert row["req_per_s"] == pytest.approx(50.0)
@@ -49,8 +50,20 @@ def test_phase_row_counts_only_2xx_and_divides_cpu_by_served_requests() -> None:
     assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (26.522, 36.561, 40.383)
     assert row["server_core_ms_per_req"] == pytest.approx(19.2)
     assert row["wrk_core_ms_per_req"] == pytest.approx(0.96)
-    unknown = peers.phase_row(peers.parse_wrk(WRK_OUTPUT), 1, server_cpu_s=None, wrk_cpu_s=None)
+    single = peers.WORKLOADS["single-c1"]
+    unknown = peers.phase_row(
+        peers.parse_wrk(WRK_OUTPUT), single, server_cpu_s=None, wrk_cpu_s=None
+    )
     assert unknown["server_core_ms_per_req"] is None
+
+
+def test_long_documents_take_throughput_from_latency_not_a_count_of_three() -> None:
+    wrk = {**peers.parse_wrk(WRK_OUTPUT), "requests": 3, "status_errors": 0}
+    wrk["duration_us"], wrk["latency_us"] = 24_000_000, {**wrk["latency_us"], "mean": 6.4e6}
+    row = peers.phase_row(wrk, peers.WORKLOADS["long64-c1"], server_cpu_s=None, wrk_cpu_s=None)
+    assert row["req_per_s_counted"] == pytest.approx(3 / 24)
+    assert row["req_per_s"] == pytest.approx(1 / 6.4)  # one client, 6.4 s a request
+    assert row["texts_per_s"] == pytest.approx(64 / 6.4)
 
 
 def test_wrk_command_passes_bodies_and_route_to_the_lua_script(tmp_path) -> None:

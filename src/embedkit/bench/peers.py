@@ -86,8 +86,11 @@ class Workload:
     corpus: Literal["sts", "long"]
     reference_batch: int
     # Phases this many times --seconds: a long-document request takes seconds, and a phase
-    # must hold many of them (wrk counts only the requests that finish inside it).
+    # must hold several of them (wrk counts only the requests that finish inside it).
     phase_factor: int = 1
+    # "latency": throughput by Little's law (clients ÷ mean latency) instead of counting
+    # requests: a phase that holds a handful of them would quantise a count (3 or 4 → ±30 %).
+    throughput_from: Literal["count", "latency"] = "count"
 
     @property
     def label(self) -> str:
@@ -105,7 +108,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload("batch32-c4", 32, 4, "sts", 32),
         # One client: 64 abstracts are ~16k tokens, embedkit's whole default admission budget
         # (max_queued_tokens), so a second request in flight is answered 429 at once.
-        Workload("long64-c1", 64, 1, "long", 64, phase_factor=3),
+        Workload("long64-c1", 64, 1, "long", 64, phase_factor=3, throughput_from="latency"),
     )
 }
 
@@ -209,14 +212,17 @@ def parse_wrk(output: str) -> dict[str, Any]:
 
 def phase_row(
     wrk: Mapping[str, Any],
-    texts_per_request: int,
+    workload: Workload,
     *,
     server_cpu_s: float | None,
     wrk_cpu_s: float | None,
 ) -> dict[str, Any]:
     """Throughput, latency, errors and core-ms per request of one measured phase.
 
-    Only 2xx answers count as served; wrk's latency percentiles cover every answer."""
+    Only 2xx answers count as served; wrk's latency percentiles cover every answer.
+    ``req_per_s_counted`` is always served ÷ seconds; ``req_per_s`` is that or, for a
+    workload whose throughput comes from latency, clients ÷ mean latency."""
+    texts_per_request = workload.texts_per_request
     seconds = wrk["duration_us"] / 1e6
     status_errors = int(wrk["status_errors"])
     ok = max(0, int(wrk["requests"]) - status_errors)
@@ -228,12 +234,18 @@ def phase_row(
     def per_request(cpu_s: float | None) -> float | None:
         return cpu_s * 1000 / ok if cpu_s is not None and ok else None
 
+    counted = ok / seconds if seconds > 0 else 0.0
+    rate = counted
+    if workload.throughput_from == "latency":
+        rate = workload.concurrency / (lat["mean"] / 1e6) if ok and lat["mean"] > 0 else 0.0
     return {
         "requests": ok,
         "errors": errors,
         "seconds": seconds,
-        "req_per_s": ok / seconds if seconds > 0 else 0.0,
-        "texts_per_s": ok * texts_per_request / seconds if seconds > 0 else 0.0,
+        "req_per_s": rate,
+        "texts_per_s": rate * texts_per_request,
+        "req_per_s_counted": counted,
+        "throughput_from": workload.throughput_from,
         **{f"p{p}_ms": lat[f"p{p}"] / 1000 for p in (50, 95, 99)},
         "server_core_ms_per_req": per_request(server_cpu_s),
         "wrk_core_ms_per_req": per_request(wrk_cpu_s),
@@ -337,7 +349,7 @@ def run_wrk(
     server_cpu = after - before if before is not None and after is not None else None
     return phase_row(
         parse_wrk(output),
-        workload.texts_per_request,
+        workload,
         server_cpu_s=server_cpu,
         wrk_cpu_s=usage.ru_utime + usage.ru_stime,
     )
@@ -947,7 +959,9 @@ def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") ->
         f"- Infinity: {inf_versions}; {inf['engine']}; threads: {inf['intra_op_threads']}",
         f"- {s['rounds']} round(s); per workload and round each server gets a "
         f"{s['settle_s']} s settle run (long documents: one request), then "
-        f"{s['seconds_per_phase']} s measured (long documents: {s['long_phase_s']} s) "
+        f"{s['seconds_per_phase']} s measured (long documents: {s['long_phase_s']} s, and "
+        "their throughput is 1 client ÷ mean latency, as a count of a few requests would "
+        "quantise it) "
         "(wrk -t1, closed loop), then a wait until the server is idle; who goes first "
         "alternates by round",
         f"- texts: {report['corpora']['sts']}; long documents: {report['corpora']['long']}",
