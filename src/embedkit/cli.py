@@ -830,7 +830,7 @@ def bench_peers_cmd(
 
     Builds Infinity in its own venv (build/peers/infinity, once; ~2 min), exports the
     same model for it, starts both servers, checks their vectors agree, runs every
-    workload against each in turn, then the engine in-process on the same texts.
+    workload against each in turn and, each round, the engine in-process on the same texts.
     Prints the table and writes OUT/peers.json and OUT/peers.md.
     """
     from rich.table import Table

@@ -532,30 +532,40 @@ def cosine_parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
+Reference = Callable[[], dict[str, dict[str, Any]]]
+
+
 def inprocess_reference(
     artifact: str | Path,
     sts: Sequence[str],
     long_docs: Sequence[str],
     workloads: Sequence[Workload],
     env: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The engine in this process on the same texts, at each batch size the workloads
-    compare with (key ``sts-b16``, ``long-b64``): texts/s and per-call latency. ``env``: the
-    EMBEDKIT_* variables the server got, so both run with the same settings."""
+) -> Reference:
+    """The engine loaded in this process; each call measures it on the same texts at each
+    batch size the workloads compare with (key ``sts-b16``, ``long-b64``): texts/s and
+    per-call latency. ``env``: the EMBEDKIT_* variables the server got, so both run with the
+    same settings. Called once per round while the servers idle, so each round's shares of
+    in-process speed compare figures of the same minutes on a shared machine."""
     from embedkit.runtime.engine import Engine
 
     engine = Engine.load(artifact, _settings_with(env or {}))
     engine.warmup()
     encode, counts = engine_encoder(engine)
-    out: dict[str, dict[str, Any]] = {}
-    for corpus, batch in sorted({(w.corpus, w.reference_batch) for w in workloads}):
-        # ~2-10 s each on a 2-core machine: enough calls for a p50, bounded for long texts.
-        texts = list(long_docs[: 3 * batch]) if corpus == "long" else list(sts[: 256 + 24 * batch])
-        timing = measure(
-            {"engine": encode}, texts, batch, warmup_batches=1, before_timing=[counts]
-        )["engine"]
-        out[f"{corpus}-b{batch}"] = {"batch": batch, **timing.summary(len(texts), counts.real)}
-    return out
+    shapes = sorted({(w.corpus, w.reference_batch) for w in workloads})
+
+    def run() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for corpus, batch in shapes:
+            # ~2-10 s each on a 2-core machine: enough calls for a p50, bounded for long texts.
+            texts = list(long_docs[: 3 * batch] if corpus == "long" else sts[: 256 + 24 * batch])
+            timing = measure(
+                {"engine": encode}, texts, batch, warmup_batches=1, before_timing=[counts]
+            )["engine"]
+            out[f"{corpus}-b{batch}"] = {"batch": batch, **timing.summary(len(texts), counts.real)}
+        return out
+
+    return run
 
 
 def _settings_with(env: Mapping[str, str]) -> Settings:
@@ -666,12 +676,15 @@ def alternate(
     workloads: Sequence[Workload],
     rounds: int,
     *,
+    reference: Reference,
     say: Say,
     on_phase: OnPhase | None = None,
-) -> list[dict[str, dict[str, Any]]]:
+) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, dict[str, Any]]]]:
     """Every round, every workload, each server in turn (who goes first alternates by
-    round): settle, measure, wait until idle. ``[round][workload][system] = row``."""
+    round): settle, measure, wait until idle; then the in-process ``reference`` while both
+    servers idle. ``([round][workload][system] = row, [round][shape] = reference row)``."""
     results = []
+    references = []
     total = rounds * len(workloads) * len(SYSTEMS)
     step = 0
     for r in range(rounds):
@@ -697,9 +710,10 @@ def alternate(
                     f"p95 {row['p95_ms']:6.1f} ms  errors {row['errors']}"
                 )
         results.append(round_rows)
-    if on_phase:
-        on_phase(total, total, "in-process reference")
-    return results
+        if on_phase:
+            on_phase(step, total, f"round {r + 1}: in-process reference")
+        references.append(reference())
+    return results, references
 
 
 def run_peers(
@@ -742,6 +756,8 @@ def run_peers(
     long_docs, long_source = long_documents(512)
     env = dict(env_extra or {})
     threads = _settings_with(env).intra_op_threads
+    say("loading the engine in-process (the reference)")
+    engine = inprocess_reference(art.path, sts, long_docs, workloads, env)
     started_at = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="embedkit-peers-") as tmp:
         plan = PhasePlan(
@@ -757,9 +773,9 @@ def run_peers(
             parity = check_parity(
                 targets, list(sts[:56]) + list(long_docs[:8]), served_name, min_cosine
             )
-            results = alternate(plan, targets, workloads, rounds, say=say, on_phase=on_phase)
-    say("in-process reference (servers stopped)")
-    reference = inprocess_reference(art.path, sts, long_docs, workloads, env)
+            results, reference = alternate(
+                plan, targets, workloads, rounds, reference=engine, say=say, on_phase=on_phase
+            )
     return {
         "date": started_at.isoformat(timespec="seconds"),
         "machine": machine(),
@@ -844,11 +860,12 @@ def _span(values: Sequence[float | None]) -> list[float] | None:
 
 def summarize(
     rounds: Sequence[Mapping[str, Mapping[str, Mapping[str, Any]]]],
-    reference: Mapping[str, Mapping[str, Any]],
+    reference: Sequence[Mapping[str, Mapping[str, Any]]],
     workloads: Sequence[Workload],
 ) -> dict[str, dict[str, Any]]:
     """Per workload: each system's ranges over rounds, the per-round ratio embedkit/Infinity
-    (texts/s) and each system's share of the in-process engine at the matching batch."""
+    (texts/s) and each system's share of the in-process engine at the matching batch,
+    measured in the same round (``reference[i]`` belongs to ``rounds[i]``)."""
     keys = ("req_per_s", "texts_per_s", "p50_ms", "p95_ms", "p99_ms",
             "server_core_ms_per_req", "wrk_core_ms_per_req")  # fmt: skip
     out: dict[str, dict[str, Any]] = {}
@@ -856,14 +873,17 @@ def summarize(
         rows = [r[w.name] for r in rounds if w.name in r]
         if not rows:
             continue
-        ref = reference.get(f"{w.corpus}-b{w.reference_batch}")
-        ref_tps = ref["texts_per_s"] if ref else None
+        key = f"{w.corpus}-b{w.reference_batch}"
+        refs = [ref.get(key) for ref in reference]
         entry: dict[str, Any] = {"label": w.label}
         for system in SYSTEMS:
             entry[system] = {k: _span([row[system][k] for row in rows]) for k in keys}
             entry[system]["errors"] = sum(row[system]["errors"] for row in rows)
-            entry[system]["of_in_process"] = (
-                _span([row[system]["texts_per_s"] / ref_tps for row in rows]) if ref_tps else None
+            entry[system]["of_in_process"] = _span(
+                [
+                    row[system]["texts_per_s"] / ref["texts_per_s"] if ref else None
+                    for row, ref in zip(rows, refs, strict=False)
+                ]
             )
         entry["ratio"] = _span(
             [
@@ -873,9 +893,14 @@ def summarize(
                 for row in rows
             ]
         )
+        known = [ref for ref in refs if ref]
         entry["in_process"] = (
-            {"batch": w.reference_batch, "texts_per_s": ref_tps, "p50_ms": ref.get("p50_ms")}
-            if ref
+            {
+                "batch": w.reference_batch,
+                "texts_per_s": _span([ref["texts_per_s"] for ref in known]),
+                "p50_ms": _span([ref["p50_ms"] for ref in known]),
+            }
+            if known
             else None
         )
         out[w.name] = entry
@@ -976,7 +1001,7 @@ def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") ->
         "Ranges are min–max over rounds; the last three columns read embedkit / Infinity; "
         "ratio = embedkit texts/s ÷ Infinity texts/s in the same round; % of in-process = "
         "served texts/s ÷ the engine in this process at the batch size named (bN), same "
-        "texts, same threads, measured after the servers stopped. Latency percentiles are "
+        "texts, same threads, measured in the same round. Latency percentiles are "
         "wrk's. Core-ms per request: CPU of the server's process tree and of wrk during the "
         "measured phase, divided by the requests served.",
         "",
@@ -984,11 +1009,15 @@ def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") ->
         f"min cosine {p['min_cosine']:.6f}, mean {p['mean_cosine']:.6f} "
         f"(threshold {p['threshold']}).",
         "",
-        "In-process reference (embedkit engine, this process):",
+        "In-process reference (embedkit engine, this process, once per round while both "
+        "servers idle; min–max over rounds):",
         "",
         "| corpus / batch | texts/s | p50 ms per call |",
         "|---|---|---|",
     ]
-    for key, row in report["in_process"].items():
-        lines.append(f"| {key} | {row['texts_per_s']:.1f} | {row['p50_ms']:.1f} |")
+    for key in sorted({k for ref in report["in_process"] for k in ref}):
+        rows = [ref[key] for ref in report["in_process"] if key in ref]
+        tps = fmt_span(_span([r["texts_per_s"] for r in rows]), "{:.1f}")
+        p50 = fmt_span(_span([r["p50_ms"] for r in rows]), "{:.1f}")
+        lines.append(f"| {key} | {tps} | {p50} |")
     return "\n".join(lines) + "\n"
