@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Python sources that lint covers (two scripts are Python without a .py suffix).
-PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/bench-http scripts/bench-stages scripts/soak
+PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/bench-http scripts/bench-peers scripts/bench-stages scripts/soak
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: setup serve test lint image clean

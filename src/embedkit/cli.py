@@ -847,6 +847,75 @@ def bench_stages_cmd(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("bench-peers")
+@one_line_errors
+def bench_peers_cmd(
+    rounds: Annotated[int, typer.Option(help="Rounds over every workload.", min=1)] = 2,
+    seconds: Annotated[int, typer.Option(help="Measured seconds per phase.", min=1)] = 10,
+    workloads: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of single-c1, single-c16, single-c64, batch32-c4, "
+            "long64-c1 (default: all)."
+        ),
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="A running embedkit server instead of starting one.")
+    ] = None,
+    artifact: ArtifactOpt = None,
+    env: EnvOpt = None,
+    min_cosine: Annotated[
+        float, typer.Option(help="Fail when the servers' vectors agree less than this.")
+    ] = 0.999,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where peers.json and peers.md go.")
+    ] = Path("docs/benchmarks"),
+    note: Annotated[
+        str, typer.Option(help="A line placed at the top of peers.md (e.g. 'shakedown run').")
+    ] = "",
+) -> None:
+    """embedkit and Infinity side by side in one run, alternating, with wrk.
+
+    Builds Infinity in its own venv (build/peers/infinity, once; ~2 min), exports the
+    same model for it, starts both servers, checks their vectors agree, runs every
+    workload against each in turn and, each round, the engine in-process on the same texts.
+    Prints the table and writes OUT/peers.json and OUT/peers.md.
+    """
+    from rich.table import Table
+
+    from embedkit.bench import peers
+
+    chosen = peers.parse_workloads(workloads)  # bad names fail before anything is built
+    extra = _env_pairs(env, "--env")
+    say = lambda line: err.print(f"  · {line}", markup=False, highlight=False)  # noqa: E731
+    with _bar("bench-peers") as update:
+        report = peers.run_peers(
+            artifact,
+            workloads=chosen,
+            rounds=rounds,
+            seconds=seconds,
+            url=url,
+            env_extra=extra,
+            min_cosine=min_cosine,
+            say=say,
+            on_phase=update,
+        )
+    table = Table(title=f"embedkit vs Infinity ({report['machine']['cpu']}, {report['date']})")
+    for column in peers.TABLE_COLUMNS:
+        table.add_column(column)
+    for row in peers.table_rows(report["summary"]):
+        table.add_row(*row)
+    # Nine columns: a pipe or a narrow terminal would squeeze them into unreadable stubs.
+    (out if out.width >= 170 else Console(width=170)).print(table)
+    out.print("last three columns: embedkit / Infinity", highlight=False)
+    p = report["parity"]
+    out.print(f"parity: min cosine {p['min_cosine']:.6f} over {p['texts']} texts", highlight=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "peers.md").write_text(peers.markdown(report, command=_invocation(), note=note))
+    out.print(f"report: {out_dir}/peers.md, {out_dir}/peers.json", highlight=False)
+
+
 @app.command("soak")
 @one_line_errors
 def soak_cmd(

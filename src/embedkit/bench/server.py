@@ -49,9 +49,14 @@ def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def wait_ready(
-    url: str, *, timeout: float = 180.0, proc: subprocess.Popen[bytes] | None = None
+    url: str,
+    *,
+    timeout: float = 180.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    path: str = "/readyz",
 ) -> None:
-    """Poll ``url``/readyz until it answers 200; fail early if ``proc`` exits meanwhile."""
+    """Poll ``url`` + ``path`` until it answers 200; fail early if ``proc`` exits meanwhile
+    (``path``: another server's readiness route, e.g. Infinity's ``/health``)."""
     import httpx  # a BentoML dependency: present in a serving-only install
 
     deadline = time.monotonic() + timeout
@@ -59,7 +64,7 @@ def wait_ready(
         if proc is not None and proc.poll() is not None:
             raise NotReady(f"the server for {url} exited early (code {proc.returncode})")
         try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
