@@ -61,7 +61,7 @@ class _GatedCore:
         if not self.order:
             self.release.wait(10)
         self.order.append(f"{lane}:{tag}")
-        if tag == "boom":
+        if tag == -1:
             raise ValueError("failed run")
         return np.full((len(items), 2), len(self.order), np.float32)
 
@@ -75,15 +75,15 @@ def test_single_process_embedder_runs_queries_before_waiting_bulk_calls() -> Non
     local = LocalEmbedder(core)  # type: ignore[arg-type]
 
     async def scenario() -> list[object]:
-        first = asyncio.ensure_future(local.embed_bulk([(0.0, ["b1"])]))
+        first = asyncio.ensure_future(local.embed_bulk([(0.0, [1])]))
         await asyncio.sleep(0.05)  # b1 holds the thread
         calls = [
-            local.embed_bulk([(0.0, ["b2"])]),
-            local.embed_bulk([(0.0, ["boom"])]),
-            local.embed_query([(0.0, ["q1"]), (0.0, ["q1"])]),
+            local.embed_bulk([(0.0, [2])]),
+            local.embed_bulk([(0.0, [-1])]),
+            local.embed_query([(0.0, [10]), (0.0, [10])]),
         ]
         pending = [asyncio.ensure_future(c) for c in calls]
-        cancelled = asyncio.ensure_future(local.embed_bulk([(0.0, ["gone"])]))
+        cancelled = asyncio.ensure_future(local.embed_bulk([(0.0, [99])]))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         core.release.set()
@@ -92,7 +92,7 @@ def test_single_process_embedder_runs_queries_before_waiting_bulk_calls() -> Non
     b1, b2, boom, q1 = asyncio.run(scenario())
     assert isinstance(b1, np.ndarray) and b1[0, 0] == 1
     # The query overtook both bulk calls queued before it; the cancelled call never ran.
-    assert core.order == ["bulk:b1", "query:q1", "bulk:b2", "bulk:boom"]
+    assert core.order == ["bulk:1", "query:10", "bulk:2", "bulk:-1"]
     assert isinstance(q1, np.ndarray) and q1.shape == (2, 2) and q1[0, 0] == 2
     assert isinstance(b2, np.ndarray) and b2[0, 0] == 3
     assert isinstance(boom, ValueError)  # a failed run fails only its own call
