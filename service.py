@@ -41,7 +41,7 @@ from embedkit.serve.embedder import EmbedderCore, LocalEmbedder
 from embedkit.serve.front import Front
 from embedkit.serve.http_errors import error_response
 from embedkit.serve.middleware import EdgeMiddleware
-from embedkit.serve.options import embedder_config, front_config
+from embedkit.serve.options import embedder_config, engine_settings, front_config, ort_runs
 from embedkit.serve.schemas import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -132,7 +132,8 @@ class EmbeddingAPI:
         artifact = load_artifact(type(self).model)
         self.front = Front(artifact, SETTINGS)
         if SETTINGS.topology == "single":
-            self.local = LocalEmbedder(EmbedderCore(artifact, SETTINGS))
+            core = EmbedderCore(artifact, engine_settings(SETTINGS))
+            self.local = LocalEmbedder(core, runs=ort_runs(SETTINGS))
 
     @property
     def embedder(self) -> Any:

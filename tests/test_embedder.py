@@ -96,3 +96,31 @@ def test_single_process_embedder_runs_queries_before_waiting_bulk_calls() -> Non
     assert isinstance(q1, np.ndarray) and q1.shape == (2, 2) and q1[0, 0] == 2
     assert isinstance(b2, np.ndarray) and b2[0, 0] == 3
     assert isinstance(boom, ValueError)  # a failed run fails only its own call
+
+
+class _EchoCore:
+    """Returns each row's first token id as its vector; records the rows of each run."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+
+    def embed(self, items, lane: str) -> np.ndarray:
+        self.runs.append([row[0] for _, row in items])
+        return np.array([[row[0], len(row)] for _, row in items], np.float32)
+
+
+def test_a_big_call_is_split_by_length_across_runs_and_reassembled_in_order() -> None:
+    import asyncio
+
+    from embedkit.serve.embedder import LocalEmbedder
+
+    core = _EchoCore()
+    local = LocalEmbedder(core, runs=2)  # type: ignore[arg-type]
+    rows = [[i] * (1 + (i * 7) % 13) for i in range(40)]  # lengths 1..13, shuffled
+    out = asyncio.run(local.embed_bulk([(0.0, row) for row in rows]))
+    assert out[:, 0].tolist() == list(range(40))  # the caller's order
+    assert len(core.runs) == 2 and sorted(i for run in core.runs for i in run) == list(range(40))
+    short, long = sorted(core.runs, key=len, reverse=True)  # similar tokens: more short rows
+    assert max(len(rows[i]) for i in short) <= min(len(rows[i]) for i in long)
+    small = asyncio.run(local.embed_query([(0.0, [5])] * 15))  # under 2 × SPLIT_ROWS: one run
+    assert small.shape == (15, 2) and len(core.runs) == 3

@@ -17,7 +17,8 @@ The peer is Infinity (``infinity-emb``) in its own virtual environment under
 export of the model (``last_hidden_state``; Infinity mean-pools and normalises itself)
 through its ``optimum`` engine. Workloads: single STS Benchmark test sentences (shuffled
 with a fixed seed) at 1, 16 and 64 clients, 32 sentences per request at 4, and 64 SciFact
-abstracts per request at 2. Both answer ``POST /v1/embeddings`` with the same body.
+abstracts per request at 1 (their ~16k tokens fill the default ``max_queued_tokens``).
+Both answer ``POST /v1/embeddings`` with the same body.
 Beside them: the vectors of both servers compared (cosine), and this project's engine
 in-process on the same texts at the batch sizes the workloads compare with.
 """

@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         "Embedder service joined by bentoml.depends, BentoML's adaptive batching inside the "
         "Embedder, `workers` Embedder processes. Chosen by measurement: docs/design/serving.md.",
     )
+    parallel_runs: bool = Field(
+        True,
+        description="topology=single on CPU: the worker's intra_op_threads cores each run their "
+        "own batch (that many ORT threads, one core each; a call of 16+ rows is split across "
+        "them) instead of one run at a time synchronising all cores inside every operator. "
+        "Measured: docs/design/serving.md. Off, or on a GPU: one run at a time.",
+    )
     workers: int = Field(
         1,
         ge=1,

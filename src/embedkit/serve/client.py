@@ -22,6 +22,7 @@ from embedkit.core.settings import Settings
 from embedkit.serve.coalesce import Coalescer
 from embedkit.serve.http_errors import translate_upstream
 from embedkit.serve.jobs import EmbedJob
+from embedkit.serve.options import ort_runs
 from embedkit.serve.schemas import Item, Lane
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ class EmbedderClient:
         if merger is None:
             s = self.settings
             # Interactive lane: continuous batching, one call per Embedder worker in flight.
-            workers = 1 if s.topology == "single" else s.workers
-            in_flight = workers if lane == "query" and s.query_continuous_batching else None
+            # One call in flight per ORT run the engine side can do at once.
+            slots = ort_runs(s) if s.topology == "single" else s.workers
+            in_flight = slots if lane == "query" and s.query_continuous_batching else None
             merger = self._coalescers[lane] = Coalescer(
                 lambda ids: self._call(call, ids), self._batch_size(lane), max_in_flight=in_flight
             )

@@ -121,26 +121,61 @@ class LocalEmbedder:
     :class:`EmbedderCore`, offered with the ``bentoml.depends`` proxy's async surface so
     the front's client, coalescers and admission work unchanged.
 
-    Every ORT run happens on one dedicated thread: ONNX Runtime releases the GIL while it
-    runs, so the event loop parses, tokenises and answers requests meanwhile, and runs
-    never overlap (each already uses ``intra_op_threads`` cores). Waiting calls leave
-    interactive lane first: a query never queues behind bulk calls that arrived before
-    it, only behind the run in progress (bulk calls are at most ``bulk_max_batch_size``
-    rows). A call whose request was cancelled before its turn is skipped.
+    ORT runs happen on ``runs`` dedicated threads sharing the one session (its ``run`` is
+    thread-safe and releases the GIL, so the event loop keeps parsing, tokenising and
+    answering meanwhile). With several runs each uses one core (``serve.options.ort_runs``):
+    on small batches, separate runs beat one run whose threads synchronise inside every
+    operator, and a call of ``2 * SPLIT_ROWS`` rows or more is cut by length into parts
+    of similar token counts, one per run, so a single big request still uses every core.
+    Waiting calls leave interactive lane first: a query waits only for runs in progress,
+    never for queued bulk calls. A call whose request was cancelled before its turn is
+    skipped.
     """
 
     LANES: tuple[str, ...] = ("query", "bulk")  # priority order
+    SPLIT_ROWS = 8  # fewest rows per part when a call is split across runs
 
-    def __init__(self, core: EmbedderCore) -> None:
+    def __init__(self, core: EmbedderCore, runs: int = 1) -> None:
         import threading
         from collections import deque
 
         self.core = core
+        self.runs = max(1, runs)
         self._queues: dict[str, deque[_Call]] = {lane: deque() for lane in self.LANES}
         self._wake = threading.Condition()
-        threading.Thread(target=self._serve, name="embedkit-ort", daemon=True).start()
+        for i in range(self.runs):
+            threading.Thread(target=self._serve, name=f"embedkit-ort-{i}", daemon=True).start()
+
+    def _parts(self, items: list[Item]) -> list[list[int]]:
+        """Row indices per run: all rows, or (big calls) runs of similar token counts,
+        sorted by length so each part pads little."""
+        k = min(self.runs, len(items) // self.SPLIT_ROWS)
+        if k < 2:
+            return [list(range(len(items)))]
+        order = sorted(range(len(items)), key=lambda i: len(items[i][1]))
+        total = sum(len(item[1]) for item in items)
+        parts: list[list[int]] = [[]]
+        done = 0
+        for i in order:
+            if len(parts) < k and parts[-1] and done >= total * len(parts) / k:
+                parts.append([])
+            parts[-1].append(i)
+            done += len(items[i][1])
+        return parts
 
     async def _run(self, items: list[Item], lane: str) -> np.ndarray:
+        parts = self._parts(items)
+        if len(parts) == 1:
+            return await self._enqueue(items, lane)
+        results = await asyncio.gather(
+            *(self._enqueue([items[i] for i in part], lane) for part in parts)
+        )
+        out = np.empty((len(items), results[0].shape[1]), dtype=results[0].dtype)
+        for part, vectors in zip(parts, results, strict=True):
+            out[part] = vectors
+        return out
+
+    async def _enqueue(self, items: list[Item], lane: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
         with self._wake:
@@ -175,7 +210,7 @@ class LocalEmbedder:
         return await self._run(items, "bulk")
 
     async def info(self) -> dict[str, Any]:
-        return self.core.info()
+        return {**self.core.info(), "ort_runs": self.runs}
 
 
 _Call = tuple[list[Item], "asyncio.Future[np.ndarray]", "asyncio.AbstractEventLoop"]

@@ -47,6 +47,21 @@ def embedder_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def ort_runs(settings: Settings) -> int:
+    """ORT runs at once in one engine process: ``intra_op_threads`` single-core runs with
+    ``parallel_runs`` (topology=single, CPU), else one run using every thread."""
+    single_cpu = settings.topology == "single" and not settings.gpu
+    return settings.intra_op_threads if single_cpu and settings.parallel_runs else 1
+
+
+def engine_settings(settings: Settings) -> Settings:
+    """The settings the engine's session is built with: one intra-op thread per run when
+    several runs share the cores (:func:`ort_runs`)."""
+    if ort_runs(settings) > 1:
+        return settings.model_copy(update={"intra_op_threads": 1})
+    return settings
+
+
 def engine_resources(settings: Settings) -> dict[str, Any]:
     """What the service that owns the ORT session asks the scheduler for."""
     return {"gpu": 1} if settings.gpu else {"cpu": str(settings.intra_op_threads)}
