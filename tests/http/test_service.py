@@ -273,6 +273,7 @@ def test_token_budget_admission_is_our_429(server) -> None:
     async def run() -> tuple[httpx.Response, list[httpx.Response]]:
         async with httpx.AsyncClient(timeout=120) as client:
             first = asyncio.create_task(client.post(server.url + "/embed", json=big))
+            await asyncio.sleep(0.3)  # admitted alone before the first small request arrives
             small: list[httpx.Response] = []
             while not first.done():
                 small.append(await client.post(server.url + "/embed/query", json={"texts": ["a"]}))

@@ -93,7 +93,9 @@ def test_overload_sheds_excess_keeps_serving_and_recovers(server, corpus, baseli
     assert report.wrong_vectors == 0
     assert set(report.by_status) <= DELIBERATE, report.by_status
     shed = [o for o in out if o.status in (429, 503)]
-    assert len(shed) > 0.3 * len(out), report.by_status  # the excess is refused...
+    # The excess is refused... (how much: the server batches far better under 5x open load
+    # than at the baseline's 4 clients — with parallel ORT runs it served ~75 % of it)
+    assert len(shed) > 0.1 * len(out), report.by_status
     assert all(o.retry_after and int(o.retry_after) >= 1 for o in shed)  # ...with Retry-After
     served = [o for o in out if o.status == 200]
     # ...while the rest keeps being served, within the budget (bounded queue, not 60 s).
