@@ -109,10 +109,11 @@ VARIANTS: dict[str, Variant] = {
             "EMBEDKIT_GPU": "true",
             "EMBEDKIT_PROVIDERS": '["TensorrtExecutionProvider","CUDAExecutionProvider",'
             '"CPUExecutionProvider"]',
-            # A GPU batch takes a few ms, about one front→Embedder round trip: holding the
-            # next query call in the front (continuous batching) would idle the device
-            # for that trip; BentoML's queue in the Embedder keeps it fed instead.
-            # Not measured on a GPU (docs/service.md).
+            # A GPU batch takes a few ms, about the host-side work between two calls:
+            # holding the next query call until the previous returns (continuous
+            # batching) would idle the device for it; queued calls keep it fed instead
+            # (the runner's queue with topology=single, BentoML's in the Embedder with
+            # split). Not measured on a GPU (docs/service.md).
             "EMBEDKIT_QUERY_CONTINUOUS_BATCHING": "false",
             "PIP_BREAK_SYSTEM_PACKAGES": "1",
             # The TensorRT EP dlopens libnvinfer.so.10 from the pip wheel's directory; the
