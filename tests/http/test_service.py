@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from embedkit.core.settings import Settings
 from embedkit.model import evaldata
 from embedkit.runtime.vectors import decode_base64
 
@@ -70,6 +71,10 @@ def test_info_reports_model_provider_policy_limits(server) -> None:
     assert info["batching"]["query"]["front"] == "continuous"
     assert info["batching"]["bulk"]["front"] == "coalescing"
     assert info["tracing"] is False
+    # one process, one single-core ORT run per core (docs/design/serving.md)
+    assert info["topology"] == "single"
+    assert info["engine"]["ort_runs"] == Settings().intra_op_threads
+    assert info["engine"]["session"]["intra_op_threads"] == 1
     assert info["limits"]["max_client_batch"] >= 1 and info["auth"] is False
 
 

@@ -167,6 +167,7 @@ class Front:
             "manifest": engine.pop("manifest", None) or self.manifest.summary(),
             "provider": engine.get("providers", {}),
             "engine": engine,
+            "topology": s.topology,  # docs/design/serving.md
             "batching": batching_policy(s),
             "routing": {
                 "/v1/embeddings": "one input → query lane, several → bulk lane",
