@@ -94,8 +94,8 @@ class EmbedderClient:
         merger = self._coalescers.get(lane)
         if merger is None:
             s = self.settings
-            # Interactive lane: continuous batching, one call per Embedder worker in flight.
-            # One call in flight per ORT run the engine side can do at once.
+            # Interactive lane: continuous batching, one call in flight per ORT run the
+            # engine side can do at once (its runner threads, or the Embedder's workers).
             slots = ort_runs(s) if s.topology == "single" else s.workers
             in_flight = slots if lane == "query" and s.query_continuous_batching else None
             merger = self._coalescers[lane] = Coalescer(
