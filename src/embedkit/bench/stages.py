@@ -2,11 +2,11 @@
 
 While a closed-loop load runs against a server, ``py-spy`` samples every Python thread
 of the server's process tree (``--subprocesses``, idle threads excluded) and each
-process's CPU time is read from ``/proc`` before and after. Each sampled stack is put in
+process's CPU time is read (psutil) before and after. Each sampled stack is put in
 one stage by its innermost frame that names one (:data:`RULES`: tokenising, validation,
 the hop to the Embedder, the batching queue, the ORT run, post-processing, the response
 body, HTTP, the event loop); ``core-ms per request`` is samples ÷ rate ÷ requests.
-ORT's own worker threads are native, so py-spy does not see them: a process's ``/proc``
+ORT's own worker threads are native, so py-spy does not see them: a process's measured
 CPU minus its sampled non-ORT stages is what ORT (and its spinning) used. The load
 generator's CPU is reported too: on two cores it competes with the server.
 
@@ -100,43 +100,22 @@ def parse_raw(lines: Iterable[str]) -> dict[str, Counter[str]]:
     return dict(out)
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children[ppid].append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _cpu_s(pid: int) -> tuple[str, float]:
-    """(role, user+system CPU seconds) of one process."""
-    try:
-        cmd = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")).decode()
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return "gone", 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    return role_of(cmd), (int(fields[11]) + int(fields[12])) / ticks
-
-
 def tree_cpu(root: int) -> dict[str, float]:
-    """CPU seconds so far per role over ``root``'s process tree."""
+    """User + system CPU seconds so far, per role, over ``root`` and its live descendants."""
+    import psutil
+
     out: dict[str, float] = defaultdict(float)
-    for pid in _tree(root):
-        role, cpu = _cpu_s(pid)
-        if role != "gone":
-            out[role] += cpu
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for proc in procs:
+        try:
+            times, cmd = proc.cpu_times(), " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[role_of(cmd)] += times.user + times.system
     return dict(out)
 
 
@@ -147,7 +126,7 @@ class StageRun:
     label: str
     load: dict[str, Any]
     loader_cpu_s: float
-    cpu_s: dict[str, float]  # per role, from /proc
+    cpu_s: dict[str, float]  # per role, measured with psutil
     samples: dict[str, Counter[str]]  # per role and stage, from py-spy
     rate: int
     notes: list[str] = field(default_factory=list)
@@ -193,7 +172,7 @@ def profile_phase(
     label: str, root_pid: int, run_load: LoadFn, seconds: float, rate: int = 200
 ) -> StageRun:
     """Run ``run_load`` (→ load row, loader CPU seconds) while py-spy samples ``root_pid``'s
-    tree for ``seconds``; CPU per process is read from /proc around it."""
+    tree for ``seconds``; CPU per process is read around it."""
     spy_bin = shutil.which("py-spy")
     if spy_bin is None:
         raise MissingExtra("py-spy is not installed: pip install -e .[dev]")
@@ -210,7 +189,8 @@ def profile_phase(
     load, loader_cpu = run_load()
     after = tree_cpu(root_pid)
     _, err = spy.communicate(timeout=seconds + 60)
-    notes = [] if spy.returncode == 0 else [f"py-spy: {err.strip().splitlines()[-1:]}"]
+    last = (err.strip().splitlines() or ["?"])[-1]
+    notes = [] if spy.returncode == 0 else [f"py-spy exited {spy.returncode}: {last}"]
     samples = parse_raw(out.read_text().splitlines()) if out.exists() else {}
     out.unlink(missing_ok=True)
     cpu = {role: after.get(role, 0.0) - before.get(role, 0.0) for role in after}

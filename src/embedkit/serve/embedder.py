@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -136,9 +138,6 @@ class LocalEmbedder:
     SPLIT_ROWS = 8  # fewest rows per part when a call is split across runs
 
     def __init__(self, core: EmbedderCore, runs: int = 1) -> None:
-        import threading
-        from collections import deque
-
         self.core = core
         self.runs = max(1, runs)
         self._queues: dict[str, deque[_Call]] = {lane: deque() for lane in self.LANES}
