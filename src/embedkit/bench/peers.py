@@ -51,6 +51,7 @@ from embedkit.bench.inprocess import default_artifact, engine_encoder, measure, 
 from embedkit.bench.loadtest import check_loopback
 from embedkit.bench.server import HOST, Server, free_port, start_service, stop_process_group
 from embedkit.bench.server import wait_ready as wait_http_ready
+from embedkit.bench.stages import tree_cpu
 from embedkit.core.errors import (
     BuildError,
     ContractViolation,
@@ -260,21 +261,8 @@ def tree_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU of ``pid`` and its live descendants (None when unknown)."""
     if pid is None:
         return None
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return None
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        total += times.user + times.system
-    return total
+    by_role = tree_cpu(pid)
+    return sum(by_role.values()) if by_role else None
 
 
 def listener_pid(url: str) -> int | None:
