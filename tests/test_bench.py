@@ -279,3 +279,22 @@ def test_script_commands_fail_on_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--env takes KEY=VALUE" in res.output
     res = runner.invoke(app, ["soak", "--url", "http://example.com", "--seconds", "1"])
     assert res.exit_code == 1 and "loopback only" in res.output
+
+
+def test_memory_criterion_tells_a_leak_from_a_noisy_warm_up() -> None:
+    """The soak's RSS verdict (bench.loadtest): a warm-up that levels off with the arena's
+    +-4 % swings passes; a steady leak of 12 % over the run fails, as does one big jump."""
+    from embedkit.bench import loadtest as lt
+
+    def verdict(samples_mb: list[float]) -> bool:
+        report = lt.summarize([], 60.0, rss=[int(mb * 2**20) for mb in samples_mb])
+        return lt.memory_levels_off(report)
+
+    swing = [0, 20, -15, 25, -20, 10, 0, -25] * 8  # MB, like a 120 s soak's samples
+    warm_then_flat = [550 + min(i, 10) * 5 + swing[i] for i in range(64)]
+    leak = [550 * (1 + 0.12 * i / 63) + swing[i] / 4 for i in range(64)]
+    jump = [550.0] * 16 + [800.0] * 48
+    assert verdict(warm_then_flat)
+    assert not verdict(leak)
+    assert not verdict(jump)
+    assert lt.summarize([], 1.0, rss=[1, 2]).rss_growth is None  # too few samples: unjudged

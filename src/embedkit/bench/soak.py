@@ -3,9 +3,10 @@
 Loopback only and bounded (``seconds``, ``max_requests``). Phases: a warm-up run
 (every request shape once, arenas grown; it measures capacity), then the soak at
 ``concurrency`` closed-loop clients. The RSS of the whole server process tree is
-taken after the warm-up and at the end. The workload and its checks (every vector
-compared with the in-process engine's) are :mod:`embedkit.bench.loadtest`'s, the
-same as tests/load; docs/soak.md has the documented 10-minute run.
+sampled through the soak (``loadtest.RssWatch``): it must level off. The workload
+and its checks (every vector compared with the in-process engine's) are
+:mod:`embedkit.bench.loadtest`'s, the same as tests/load; docs/soak.md has the
+documented 10-minute run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from embedkit.bench import loadtest as lt
 from embedkit.bench.server import start_service
 
 PASSING_STATUSES = frozenset({"200", "429", "503"})  # answers, and deliberate shedding
-RSS_GROWTH_MAX = 0.10  # server memory growth from the end of warm-up to the end
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def passed(report: lt.Report) -> bool:
     return (
         report.wrong_vectors == 0
         and set(report.by_status) <= PASSING_STATUSES
-        and (report.rss_growth is None or report.rss_growth < RSS_GROWTH_MAX)
+        and lt.memory_levels_off(report)
     )
 
 
@@ -96,25 +96,25 @@ def run_soak(
             )
         )
         warm_report = lt.summarize(warm, plan.warmup_seconds)
-        rss_start = lt.tree_rss(watched) if watched else None
+        asyncio.run(lt.warm_peak(url, corpus))
         start = time.perf_counter()
-        out = asyncio.run(
-            lt.closed_loop(
-                url,
-                corpus,
-                duration_s=plan.seconds,
-                concurrency=plan.concurrency,
-                model=plan.model,
-                seed=1,
-                max_requests=plan.max_requests,
+        with lt.RssWatch(watched, interval_s=max(1.0, plan.seconds / 120)) as rss:
+            out = asyncio.run(
+                lt.closed_loop(
+                    url,
+                    corpus,
+                    duration_s=plan.seconds,
+                    concurrency=plan.concurrency,
+                    model=plan.model,
+                    seed=1,
+                    max_requests=plan.max_requests,
+                )
             )
-        )
         elapsed = time.perf_counter() - start
         report = lt.summarize(
             out,
             elapsed,
-            rss_start=rss_start,
-            rss_end=lt.tree_rss(watched) if watched else None,
+            rss=rss.samples,
             meta={
                 "concurrency": plan.concurrency,
                 "mix": lt.DEFAULT_MIX,
