@@ -1,7 +1,7 @@
 """The contract beyond all-MiniLM-L6-v2: four tiny architectures (tests/tiny_models.py)
 exported with the real Optimum path pass every check, and what each needed holds.
 
-Served over HTTP: tests/http/test_architectures.py. What each architecture needed:
+Served over HTTP: tests/http/test_served_architectures.py. What each architecture needed:
 docs/models.md.
 """
 
