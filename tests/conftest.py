@@ -133,3 +133,29 @@ def private_copy(tmp_path: Path):
         return Artifact.load(dest)
 
     return copy
+
+
+# --- tiny models of other architectures (tests/tiny_models.py), each exported once -------
+
+
+@pytest.fixture(scope="session")
+def tiny_architecture(session_dir: Path, default_model_dir: Path):
+    """``tiny_architecture(name)``: ``(source directory, fp32 artifact)`` of one of
+    ``tests.tiny_models.TINY_ARCHITECTURES``, built and exported (real Optimum path) once
+    per session; read-only like ``fp32_artifact``."""
+    from tests.tiny_models import TINY_ARCHITECTURES
+
+    from embedkit.model.export import export
+    from embedkit.model.recipe import Recipe, Source
+
+    built: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in built:
+            root = session_dir / "tiny" / name
+            src = TINY_ARCHITECTURES[name](root / "src", default_model_dir)
+            recipe = Recipe(name=f"tiny-{name}", model_id=f"tiny/{name}", source=Source(path=src))
+            built[name] = (src, export(recipe, root / "artifact"))
+        return built[name]
+
+    return get

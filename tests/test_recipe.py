@@ -74,3 +74,32 @@ def test_bad_recipe_file(tmp_path: Path) -> None:
 def test_unknown_recipe_name() -> None:
     with pytest.raises(ModelSourceError, match="neither"):
         find_recipe("no-such-model")
+
+
+def test_undeclared_max_length_is_the_tokenizer_limit_capped_at_the_positions(
+    tmp_path: Path,
+) -> None:
+    # sentence-transformers' rule; XLM-R declares 514 positions for 512 tokens.
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 8, "pooling_mode_mean_tokens": True})
+    )
+    (tmp_path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"path": "", "type": "sentence_transformers.models.Transformer"},
+                {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 514}))
+    tokenizer_config = tmp_path / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({"model_max_length": 512}))
+    assert read_embedding_config(tmp_path).max_seq_length == 512
+    tokenizer_config.write_text(json.dumps({"model_max_length": 1_000_000_000_000}))
+    assert read_embedding_config(tmp_path).max_seq_length == 514
+    tokenizer_config.unlink()
+    assert read_embedding_config(tmp_path).max_seq_length == 514
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ModelSourceError, match="cannot determine max_seq_length"):
+        read_embedding_config(tmp_path)

@@ -170,6 +170,24 @@ def _read_json(path: Path) -> Any:
         raise ModelSourceError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
 
 
+def _undeclared_max_length(model_dir: Path) -> int | None:
+    """sentence-transformers' limit when the model declares none: the tokenizer's
+    ``model_max_length`` capped at ``max_position_embeddings``. Not the position table
+    alone: XLM-R and MPNet have 514 rows for 512 tokens (their position ids start after
+    ``padding_idx``), so a 514-token input would index past the table."""
+    limits = []
+    for name, key in (
+        ("tokenizer_config.json", "model_max_length"),
+        ("config.json", "max_position_embeddings"),
+    ):
+        file = model_dir / name
+        data = _read_json(file) if file.is_file() else {}
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    return min(limits, default=None)
+
+
 def read_embedding_config(model_dir: Path) -> EmbeddingConfig:
     """Pooling, max length, normalisation and lowercasing from the model's own config."""
     model_dir = Path(model_dir)
@@ -210,8 +228,7 @@ def read_embedding_config(model_dir: Path) -> EmbeddingConfig:
     sbert = _read_json(sbert_file) if sbert_file.is_file() else {}
     max_len = sbert.get("max_seq_length")
     if max_len is None:
-        hf = _read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
-        max_len = hf.get("max_position_embeddings")
+        max_len = _undeclared_max_length(model_dir)
     if not isinstance(max_len, int) or max_len < 1:
         raise ModelSourceError(f"{model_dir}: cannot determine max_seq_length")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.core.errors import ArtifactError, ContractViolation
+from embedkit.core.errors import ArtifactError, ContractViolation, InferenceError
 from embedkit.core.settings import Settings
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
@@ -124,25 +124,38 @@ def check_shapes(engine: Any, *, batches: Sequence[int] = SHAPE_BATCHES) -> dict
         {1, 2, 16, 127, 128, 129, max_len} - {x for x in (127, 128, 129) if x > max_len}
     )
     rng = np.random.default_rng(0)
-    vocab = engine.tokenizer.vocab_size
+    # Any content id of this vocabulary (not BERT's "above its [unused] range": a Unigram
+    # vocabulary may be smaller than that); special ids would move XLM-R's position ids.
+    content = np.setdiff1d(
+        np.arange(engine.tokenizer.vocab_size), sorted(engine.tokenizer.special_ids)
+    )
     cells = []
     passed = True
     for batch in batches:
         for seq in seq_lens:
-            ids = [list(rng.integers(1000, vocab, size=seq)) for _ in range(batch)]
-            vectors, _ = engine.embed_ids(ids)
-            ok = vectors.shape == (batch, engine.dimension) and bool(np.isfinite(vectors).all())
-            passed &= ok
-            cells.append({"batch": batch, "seq_len": seq, "ok": ok})
+            ids = [list(rng.choice(content, size=seq)) for _ in range(batch)]
+            cell = _shape_cell(engine, ids)
+            passed &= cell["ok"]
+            cells.append({"batch": batch, "seq_len": seq, **cell})
     # Beyond max_len, the tokenizer truncates: the graph never sees more than max_len.
     overlong = evaldata.long_texts(max_len * 2, 2)
     ids = engine.tokenizer.encode(overlong, truncate=True)
-    truncated_ok = all(len(x) == max_len for x in ids)
-    vectors, _ = engine.embed_ids(ids)
-    truncated_ok &= bool(np.isfinite(vectors).all())
-    passed &= truncated_ok
-    cells.append({"batch": len(ids), "seq_len": f">{max_len} (truncated)", "ok": truncated_ok})
+    cell = _shape_cell(engine, ids)
+    cell["ok"] &= all(len(x) == max_len for x in ids)
+    passed &= cell["ok"]
+    cells.append({"batch": len(ids), "seq_len": f">{max_len} (truncated)", **cell})
     return {"passed": passed, "seq_lens": seq_lens, "batches": list(batches), "cells": cells}
+
+
+def _shape_cell(engine: Any, ids: list[list[int]]) -> dict[str, Any]:
+    """One cell of the matrix: ``[batch, dim]`` and finite, or the run's error (e.g. a
+    position table shorter than the declared max length) as a failed cell."""
+    try:
+        vectors, _ = engine.embed_ids(ids)
+    except InferenceError as exc:
+        return {"ok": False, "error": exc.message}
+    ok = vectors.shape == (len(ids), engine.dimension) and bool(np.isfinite(vectors).all())
+    return {"ok": ok}
 
 
 # --- batch invariance ---------------------------------------------------------
@@ -281,6 +294,9 @@ def validate(
     engine = Engine(artifact, settings)
     say("shape matrix")
     report["shapes"] = check_shapes(engine, batches=shape_batches)
+    if not report["shapes"]["passed"]:  # a graph that fails a shape would fail parity's runs
+        report["passed"] = False
+        return report
     segments = parity_segments(split, limit=limit_per_segment)
     sample = [t for texts in segments.values() for t in texts[:4]]
     say("batch invariance")

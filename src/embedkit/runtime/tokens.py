@@ -74,6 +74,10 @@ class TextTokenizer:
         self.max_length = spec.max_length
         self.pad_id = spec.pad_id
         self.vocab_size = int(full.get_vocab_size(with_added_tokens=True))
+        # [CLS]/[PAD] in BERT, <s>/<pad>/</s> in XLM-R and MPNet: never content.
+        self.special_ids = frozenset(
+            i for i, token in full.get_added_tokens_decoder().items() if token.special
+        )
         self._prefix, self._suffix = self._special_frame(full)
 
     @classmethod
