@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -1030,6 +1031,16 @@ def bentofile_cmd(
     print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
+class VectorFormat(str, Enum):
+    npy = "npy"
+    jsonl = "jsonl"
+
+
+class BadLine(str, Enum):
+    skip = "skip"
+    stop = "stop"
+
+
 @app.command("reembed")
 @one_line_errors
 def reembed_cmd(
@@ -1040,12 +1051,14 @@ def reembed_cmd(
     text_field: Annotated[str, typer.Option(help="The documents' text field.")] = "text",
     chunk_size: Annotated[
         int, typer.Option(help="Lines per request and per checkpoint.", min=1)
-    ] = 128,
+    ] = 64,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1)] = 2,
-    format: Annotated[str, typer.Option(help="npy (float32 shards) | jsonl")] = "npy",
+    format: Annotated[
+        VectorFormat, typer.Option(help="npy: float32 shards; jsonl: {id, embedding} lines.")
+    ] = VectorFormat.npy,
     on_bad_line: Annotated[
-        str, typer.Option(help="skip (to rejects.jsonl, named on stderr) | stop")
-    ] = "skip",
+        BadLine, typer.Option(help="skip: to rejects.jsonl, named on stderr; stop: exit 1.")
+    ] = BadLine.skip,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="EMBEDKIT_REEMBED_API_KEY", help="Bearer token to send."),
@@ -1071,8 +1084,8 @@ def reembed_cmd(
         text_field=text_field,
         chunk_size=chunk_size,
         concurrency=concurrency,
-        format=format,  # type: ignore[arg-type]  # checked by reembed.run
-        on_bad_line=on_bad_line,  # type: ignore[arg-type]
+        format=format.value,
+        on_bad_line=on_bad_line.value,
         api_key=api_key,
         timeout_s=timeout,
         max_wait_s=max_wait,

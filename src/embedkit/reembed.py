@@ -79,7 +79,7 @@ class Options:
     out: Path
     id_field: str = "id"
     text_field: str = "text"
-    chunk_size: int = 128
+    chunk_size: int = 64  # 64 abstracts of 256 tokens = the default token admission (16 384)
     concurrency: int = 2
     format: Format = "npy"
     on_bad_line: OnBadLine = "skip"
