@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -1031,12 +1031,12 @@ def bentofile_cmd(
     print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
-class VectorFormat(str, Enum):
+class VectorFormat(StrEnum):
     npy = "npy"
     jsonl = "jsonl"
 
 
-class BadLine(str, Enum):
+class BadLine(StrEnum):
     skip = "skip"
     stop = "stop"
 
