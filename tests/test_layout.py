@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "release": 6,
     "bento": 6,
     "container": 6,
+    "reembed": 6,  # a client of the HTTP service (reads the served identity's header)
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

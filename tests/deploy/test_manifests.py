@@ -24,8 +24,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from unittest import mock
 
+import httpx
 import kubernetes_validate
 import pytest
+import typer
 import yaml
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -97,8 +99,8 @@ def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
 
 
 def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc, Doc]]:
-    """(deployment, pod spec, container) for every container of every Deployment."""
-    for dep in of_kind(docs, "Deployment"):
+    """(workload, pod spec, container) for every container of every Deployment and Job."""
+    for dep in of_kind(docs, "Deployment") + of_kind(docs, "Job"):
         pod = dep["spec"]["template"]["spec"]
         for c in pod.get("containers", []):
             yield dep, pod, c
@@ -533,6 +535,67 @@ def problems_in(docs: list[Doc], checks: tuple[Check, ...]) -> list[str]:
     return [p for check in checks for p in check(docs)]
 
 
+# --- the re-embedding Job (deploy/k8s/jobs/reembed) ------------------------------------
+
+JOBS = ("reembed",)
+
+
+@pytest.fixture(scope="module")
+def jobs(k8s: Path) -> dict[str, list[Doc]]:
+    return {name: render(k8s / "jobs" / name) for name in JOBS}
+
+
+def reembed_params(container: Doc) -> dict[str, Any]:
+    """The Job's arguments as the real `embedkit reembed` command parses them."""
+    from typer.main import get_command
+
+    from embedkit.cli import app
+
+    command: Any = get_command(app)
+    return command.commands["reembed"].make_context("reembed", list(container["args"])).params
+
+
+def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
+    """The Job runs `embedkit reembed` with arguments the command accepts, against the
+    embedkit Service, retrying pods one at a time and writing to a PersistentVolumeClaim."""
+    problems = []
+    claims = {d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim")}
+    for job, pod, c in containers(docs):
+        who = ident(job)
+        if c.get("command", [])[-2:] != ["embedkit.cli", "reembed"]:
+            problems.append(f"{who}: command {c.get('command')} is not the reembed CLI")
+            continue
+        try:
+            params = reembed_params(c)
+        except typer.exceptions.TyperException as exc:  # the CLI would refuse to start
+            problems.append(f"{who}: embedkit reembed refuses its args: {exc}")
+            continue
+        url = httpx.URL(params["url"])
+        if not any(
+            s["metadata"]["name"] == url.host
+            and any(p["port"] == url.port for p in s["spec"]["ports"])
+            for s in services
+        ):
+            problems.append(f"{who}: --url {url} is no Service of the deployment")
+        spec = job["spec"]
+        if pod.get("restartPolicy") != "OnFailure" or spec.get("backoffLimit", 6) < 1:
+            problems.append(f"{who}: a failed pod must be retried (it resumes)")
+        if spec.get("parallelism", 1) != 1:
+            problems.append(f"{who}: parallelism must be 1 (one writer per checkpoint)")
+        volumes = {
+            v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]
+        }
+        mounts = {m["mountPath"]: volumes.get(m["name"]) for m in c.get("volumeMounts", [])}
+        out = str(params["out"])
+        held = [claim for path, claim in mounts.items() if under(out, [path])]
+        if not held or held[0] not in claims:
+            problems.append(f"{who}: --out {out} is not on a PersistentVolumeClaim of the render")
+    return problems
+
+
+JOB_CHECKS: tuple[Check, ...] = (check_images, check_security, check_resources)
+
+
 # --- tests: the real manifests --------------------------------------------------------
 
 
@@ -937,3 +1000,74 @@ def test_schema_rejects_wrong_types(rendered: dict[str, list[Doc]]) -> None:
     hpa["spec"]["minReplicas"] = "three"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(hpa, K8S_VERSIONS[0], strict=True)
+
+
+# --- tests: the re-embedding Job -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("job", JOBS)
+def test_job_passes_strict_schema_validation(
+    jobs: dict[str, list[Doc]], job: str, version: str
+) -> None:
+    for doc in jobs[job]:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{job}: {ident(doc)} invalid for {version} at {where}: {exc.message}")
+
+
+def test_reembed_job_invariants_hold(
+    jobs: dict[str, list[Doc]], rendered: dict[str, list[Doc]]
+) -> None:
+    docs = jobs["reembed"]
+    assert of_kind(docs, "Job"), "no Job rendered"
+    assert problems_in(docs, JOB_CHECKS) == []
+    assert check_reembed_job(docs, of_kind(rendered["cpu"], "Service")) == []
+
+
+def test_reembed_job_runs_the_image_the_cpu_overlay_deploys(
+    jobs: dict[str, list[Doc]], rendered: dict[str, list[Doc]]
+) -> None:
+    (job,) = of_kind(jobs["reembed"], "Job")
+    assert (
+        job["spec"]["template"]["spec"]["containers"][0]["image"]
+        == _container(rendered["cpu"])["image"]
+    )
+
+
+def _job_container(docs: list[Doc]) -> Doc:
+    return of_kind(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _set_arg(docs: list[Doc], flag: str, value: str) -> None:
+    args = _job_container(docs)["args"]
+    args[args.index(flag) + 1] = value
+
+
+JOB_MUTATIONS: list[tuple[Callable[[list[Doc]], object], str]] = [
+    (lambda d: _job_container(d)["args"].append("--no-such-flag"), "refuses its args"),
+    (lambda d: _set_arg(d, "--on-bad-line", "ignore"), "refuses its args"),
+    (lambda d: _set_arg(d, "--url", "http://embedkit-api:3000"), "no Service"),
+    (lambda d: _set_arg(d, "--url", "http://embedkit:80"), "no Service"),
+    (lambda d: _set_arg(d, "--out", "/tmp/vectors"), "not on a PersistentVolumeClaim"),
+    (lambda d: _job_container(d).update(command=["embedkit", "encode"]), "not the reembed CLI"),
+    (lambda d: of_kind(d, "Job")[0]["spec"].update(parallelism=2), "parallelism"),
+    (lambda d: of_kind(d, "Job")[0]["spec"].update(backoffLimit=0), "must be retried"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), JOB_MUTATIONS, ids=[e for _, e in JOB_MUTATIONS])
+def test_reembed_job_check_catches_defect(
+    jobs: dict[str, list[Doc]],
+    rendered: dict[str, list[Doc]],
+    mutate: Callable[[list[Doc]], object],
+    expected: str,
+) -> None:
+    docs = copy.deepcopy(jobs["reembed"])
+    services = of_kind(rendered["cpu"], "Service")
+    assert check_reembed_job(docs, services) == []
+    mutate(docs)
+    found = check_reembed_job(docs, services)
+    assert any(expected in p for p in found), found

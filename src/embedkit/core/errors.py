@@ -87,6 +87,15 @@ class Overloaded(EmbedkitError):
         self.retry_after_s = retry_after_s
 
 
+class IdentityMismatch(EmbedkitError):
+    """Vectors of two served identities (model version, variant, precision) would mix in
+    one output, e.g. `embedkit reembed` resuming against a service that now serves another."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "identity_mismatch"
+
+
 # --- our side (5xx) ----------------------------------------------------------
 
 

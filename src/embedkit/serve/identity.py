@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from embedkit.core import metrics
-from embedkit.model.artifact import Artifact, Compatibility
+from embedkit.model.artifact import COMPATIBILITY_CLASSES, Artifact, Compatibility
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,29 @@ class ServedIdentity:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServedIdentity:
         return cls(**{k: v for k, v in data.items() if k != "tag"})
+
+    @classmethod
+    def from_header(cls, value: str) -> ServedIdentity:
+        """The inverse of :meth:`header_value` (clients such as `embedkit reembed` read it);
+        ValueError on anything else."""
+        tag, *pairs = (part.strip() for part in value.split(";"))
+        name, sep, version = tag.rpartition(":")
+        fields = dict(pair.partition("=")[::2] for pair in pairs)
+        keys = {"variant", "class", "precision", "provider", "isa"}
+        if not (sep and name and version) or set(fields) != keys or not all(fields.values()):
+            raise ValueError(f"not an {HEADER} header: {value!r}")
+        compatibility = next((c for c in COMPATIBILITY_CLASSES if c == fields["class"]), None)
+        if compatibility is None:
+            raise ValueError(f"unknown compatibility class in {HEADER}: {value!r}")
+        return cls(
+            name=name,
+            version=version,
+            variant=fields["variant"],
+            compatibility=compatibility,
+            precision=fields["precision"],
+            provider=fields["provider"],
+            isa=fields["isa"],
+        )
 
 
 def build(
