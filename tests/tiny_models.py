@@ -18,12 +18,16 @@ def build_tiny_st_model(
     normalize: bool = False,
     max_seq_length: int = 64,
     dense_out: int | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    include_prompt: bool = True,
 ) -> Path:
     """A randomly initialised BERT saved as a sentence-transformers directory.
 
     Covers pooling modes and module stacks the default model does not have,
     without any download: weights come from a seeded config, the tokenizer
-    from the default model.
+    from the default model. ``prompts``/``default_prompt_name`` go into
+    config_sentence_transformers.json, ``include_prompt`` into the Pooling config.
     """
     import json
 
@@ -64,6 +68,7 @@ def build_tiny_st_model(
         "word_embedding_dimension": 32,
         **{k: False for k in keys.values()},
         keys[pooling]: True,
+        "include_prompt": include_prompt,
     }
     (directory / "1_Pooling").mkdir()
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
@@ -86,6 +91,10 @@ def build_tiny_st_model(
             }
         )
     (directory / "modules.json").write_text(json.dumps(modules))
+    if prompts is not None:
+        (directory / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": prompts, "default_prompt_name": default_prompt_name})
+        )
     (directory / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
     )
