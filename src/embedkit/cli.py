@@ -153,6 +153,14 @@ def _print_contract(result: dict[str, Any]) -> None:
             f"{seg['max_abs_diff']:.2e}",
             "pass" if seg["passed"] else "FAIL",
         )
+    for name, seg in result.get("prompts", {}).get("prompts", {}).items():
+        table.add_row(
+            f"prompt {name}",
+            str(seg["count"]),
+            f"{seg['min_cosine']:.7f}",
+            f"{seg['max_abs_diff']:.2e}",
+            "pass" if seg["passed"] else "FAIL",
+        )
     out.print(table)
     gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
     for provider, ops in gpu.items():

@@ -152,7 +152,7 @@ class Manifest(BaseModel):
     opset: int
     prompts: dict[str, str] = Field(
         default_factory=dict,
-        description="The model's prompts by name, prepended to a text before tokenising (format 3).",
+        description="The model's prompts by name, put before a text when tokenising (format 3).",
     )
     default_prompt_name: str | None = Field(
         None, description="The prompt a request that names none gets (format 3)."

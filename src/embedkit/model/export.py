@@ -177,7 +177,9 @@ def _export_into(
             library_name="sentence_transformers",
             task="feature-extraction",
             do_validation=False,  # our contract check is stricter and runs next
-            custom_onnx_configs=None if config.include_prompt else _pooling_mask_config(unnormalized),
+            custom_onnx_configs=None
+            if config.include_prompt
+            else _pooling_mask_config(unnormalized),
         )
     except Exception as exc:  # Optimum raises many types; one clear line for the user
         raise ArtifactError(f"Optimum export failed: {exc}") from exc
@@ -225,13 +227,13 @@ def _pooling_mask_config(model: Any) -> dict[str, Any]:
     from optimum.exporters.onnx.model_patcher import ModelPatcher
     from optimum.utils import DummyTextInputGenerator
 
-    class PoolingMaskGenerator(DummyTextInputGenerator):  # type: ignore[misc]
+    class PoolingMaskGenerator(DummyTextInputGenerator):
         SUPPORTED_INPUT_NAMES = (POOLING_MASK_INPUT,)
 
         def generate(self, input_name: str, *args: Any, **kwargs: Any) -> Any:
             return super().generate("attention_mask", *args, **kwargs)
 
-    class PoolingMaskPatcher(ModelPatcher):  # type: ignore[misc]
+    class PoolingMaskPatcher(ModelPatcher):
         def __init__(self, config: Any, model: Any, model_kwargs: Any) -> None:
             super().__init__(config, model, model_kwargs)
             transformer, *rest = list(model)

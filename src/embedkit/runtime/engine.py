@@ -23,6 +23,7 @@ import numpy as np
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
+from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.session import (
     Precision,
     ProviderReport,
@@ -33,7 +34,6 @@ from embedkit.runtime.session import (
     served_precision,
     trt_fp16_decision,
 )
-from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.tokens import TextTokenizer, pad_batch, validate_texts
 from embedkit.runtime.vectors import check_dimensions, postprocess
 

@@ -55,7 +55,9 @@ class Prompts:
                 return None
         prompt = self._by_name.get(name)
         if prompt is None:
-            known = ", ".join(repr(n) for n in self._by_name) or "none (this model defines no prompts)"
+            known = (
+                ", ".join(repr(n) for n in self._by_name) or "none (this model defines no prompts)"
+            )
             raise UnknownPrompt(
                 f"prompt_name {name!r} is not a prompt of this model; known prompts: {known}",
                 param="prompt_name",
