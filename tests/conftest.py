@@ -137,14 +137,12 @@ def private_copy(tmp_path: Path):
 
 # --- a tiny model with prompts (tests/test_prompts.py, tests/http/test_prompts.py) ----------
 
-PROMPTS = {"query": "query: ", "passage": "passage: "}
-
 
 @pytest.fixture(scope="session")
 def prompt_model_dir(session_dir: Path, default_model_dir: Path) -> Path:
     """Random tiny BERT with E5-style prompts, no default prompt, and pooling that leaves
     the prompt out (include_prompt: false)."""
-    from tests.tiny_models import build_tiny_st_model
+    from tests.tiny_models import PROMPTS, build_tiny_st_model
 
     return build_tiny_st_model(
         session_dir / "models" / "tiny-prompts",

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import TypeAdapter
-from tests.conftest import PROMPTS
-from tests.tiny_models import build_tiny_st_model
+from tests.tiny_models import PROMPTS, build_tiny_st_model
 
 from embedkit.core.errors import ModelSourceError, UnknownPrompt
 from embedkit.core.settings import Settings

@@ -9,6 +9,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# E5-style prompts for the tiny prompt model (conftest's prompt_model_dir).
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
 
 def build_tiny_st_model(
     directory: Path,
