@@ -1,9 +1,10 @@
 """Optimum export of a sentence-transformers model to a pooled ONNX artifact.
 
 The exported graph takes ``input_ids``/``attention_mask`` (plus
-``token_type_ids`` only if the model declares it) and returns only the pooled
+``token_type_ids`` only if the model declares it, and ``pooling_mask`` only if its
+pooling leaves the prompt out, include_prompt: false) and returns only the pooled
 ``sentence_embedding [batch, dim]``: the per-token tensor never leaves the
-session. Normalisation is left out of the graph on purpose and applied by the
+session. The model's prompts go into the manifest. Normalisation is left out of the graph on purpose and applied by the
 engine from the manifest, so a client can still ask for raw vectors and
 Matryoshka truncation re-normalises correctly.
 
