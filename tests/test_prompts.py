@@ -134,7 +134,7 @@ def test_jobs_take_the_named_prompt_else_the_default_never_the_lane(
     tok, prompts = engine.tokenizer, engine.prompts
 
     def openai(**body: object):
-        req = EmbeddingsRequest(model="tiny-prompts", **body)  # type: ignore[arg-type]
+        req = EmbeddingsRequest(model="tiny-prompts", **body)
         return openai_job(
             req, tok, CPU, served="tiny-prompts", model_dim=32, normalize=True, prompts=prompts
         )

@@ -4,9 +4,10 @@ The exported graph takes ``input_ids``/``attention_mask`` (plus
 ``token_type_ids`` only if the model declares it, and ``pooling_mask`` only if its
 pooling leaves the prompt out, include_prompt: false) and returns only the pooled
 ``sentence_embedding [batch, dim]``: the per-token tensor never leaves the
-session. The model's prompts go into the manifest. Normalisation is left out of the graph on purpose and applied by the
-engine from the manifest, so a client can still ask for raw vectors and
-Matryoshka truncation re-normalises correctly.
+session. The model's prompts go into the manifest. Normalisation is left out
+of the graph on purpose and applied by the engine from the manifest, so a
+client can still ask for raw vectors and Matryoshka truncation re-normalises
+correctly.
 
 Imports torch, sentence-transformers and Optimum lazily: never import this
 module from the serving path.

@@ -271,9 +271,7 @@ def check_prompt_parity(
     return {
         "passed": all(r["passed"] for r in results.values()),
         "default_prompt_name": engine.manifest.default_prompt_name,
-        "prompts": {
-            name: {**r["overall"], "passed": r["passed"]} for name, r in results.items()
-        },
+        "prompts": {name: {**r["overall"], "passed": r["passed"]} for name, r in results.items()},
     }
 
 
