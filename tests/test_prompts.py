@@ -20,6 +20,7 @@ from embedkit.model.export import export, load_reference
 from embedkit.model.recipe import Recipe, Source, read_prompt_config
 from embedkit.quality import contract
 from embedkit.runtime.engine import Engine
+from embedkit.runtime.prompts import Prompts
 from embedkit.serve.embedder import EmbedderCore
 from embedkit.serve.jobs import native_job, openai_job
 from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Item
@@ -149,7 +150,7 @@ def test_jobs_take_the_named_prompt_else_the_default_never_the_lane(
     assert token_input.ids == [[101, *tok.content_ids("query: "), 2054, 2003, 102]]
 
     # A model with a default prompt: a request naming none gets it.
-    with_default = engine.prompts.__class__(
+    with_default = Prompts(
         prompt_artifact.manifest.model_copy(update={"default_prompt_name": "passage"}), tok
     )
     job = native_job(
