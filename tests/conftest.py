@@ -135,7 +135,7 @@ def private_copy(tmp_path: Path):
     return copy
 
 
-# --- a tiny model with prompts (tests/test_prompts.py, tests/http/test_prompts.py) ----------
+# --- a tiny model with prompts (tests/test_prompts.py, tests/http/test_prompt_routes.py) ----------
 
 
 @pytest.fixture(scope="session")
