@@ -159,3 +159,33 @@ def tiny_architecture(session_dir: Path, default_model_dir: Path):
         return built[name]
 
     return get
+
+
+# --- a tiny model with prompts (tests/test_prompts.py, tests/http/test_prompt_routes.py) ----------
+
+
+@pytest.fixture(scope="session")
+def prompt_model_dir(session_dir: Path, default_model_dir: Path) -> Path:
+    """Random tiny BERT with E5-style prompts, no default prompt, and pooling that leaves
+    the prompt out (include_prompt: false)."""
+    from tests.tiny_models import PROMPTS, build_tiny_st_model
+
+    return build_tiny_st_model(
+        session_dir / "models" / "tiny-prompts",
+        default_model_dir,
+        pooling="mean",
+        normalize=True,
+        prompts=PROMPTS,
+        include_prompt=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def prompt_artifact(session_dir: Path, prompt_model_dir: Path):
+    from embedkit.model.export import export
+    from embedkit.model.recipe import Recipe, Source
+
+    recipe = Recipe(
+        name="tiny-prompts", model_id="tiny-prompts", source=Source(path=prompt_model_dir)
+    )
+    return export(recipe, session_dir / "artifacts" / "tiny-prompts")

@@ -43,6 +43,7 @@ def _write_modules(
     normalize: bool,
     max_seq_length: int | None,
     dense_out: int | None,
+    include_prompt: bool = True,
 ) -> None:
     """The sentence-transformers files over a saved transformer: Pooling (→ Dense) (→ Normalize).
 
@@ -64,6 +65,7 @@ def _write_modules(
         "word_embedding_dimension": HIDDEN,
         **{k: False for k in _POOLING_KEYS.values()},
         _POOLING_KEYS[pooling]: True,
+        "include_prompt": include_prompt,
     }
     (directory / "1_Pooling").mkdir()
     (directory / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
@@ -92,6 +94,10 @@ def _write_modules(
     (directory / "sentence_bert_config.json").write_text(json.dumps(sbert))
 
 
+# E5-style prompts for the tiny prompt model (conftest's prompt_model_dir).
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
 def build_tiny_st_model(
     directory: Path,
     tokenizer_source: Path,
@@ -100,12 +106,16 @@ def build_tiny_st_model(
     normalize: bool = False,
     max_seq_length: int = 64,
     dense_out: int | None = None,
+    prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
+    include_prompt: bool = True,
 ) -> Path:
     """A randomly initialised BERT saved as a sentence-transformers directory.
 
     Covers pooling modes and module stacks the default model does not have,
     without any download: weights come from a seeded config, the tokenizer
-    from the default model.
+    from the default model. ``prompts``/``default_prompt_name`` go into
+    config_sentence_transformers.json, ``include_prompt`` into the Pooling config.
     """
     import torch
     from transformers import BertConfig, BertModel
@@ -122,7 +132,12 @@ def build_tiny_st_model(
         normalize=normalize,
         max_seq_length=max_seq_length,
         dense_out=dense_out,
+        include_prompt=include_prompt,
     )
+    if prompts is not None:
+        (directory / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": prompts, "default_prompt_name": default_prompt_name})
+        )
     return directory
 
 

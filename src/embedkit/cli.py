@@ -146,9 +146,13 @@ def _print_contract(result: dict[str, Any]) -> None:
         section = result.get(key)
         if section:
             table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
-    for name, seg in result.get("parity", {}).get("segments", {}).items():
+    rows = [
+        *((f"parity {n}", seg) for n, seg in result.get("parity", {}).get("segments", {}).items()),
+        *((f"prompt {n}", seg) for n, seg in result.get("prompts", {}).get("prompts", {}).items()),
+    ]
+    for label, seg in rows:
         table.add_row(
-            f"parity {name}",
+            label,
             str(seg["count"]),
             f"{seg['min_cosine']:.7f}",
             f"{seg['max_abs_diff']:.2e}",

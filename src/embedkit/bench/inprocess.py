@@ -35,7 +35,7 @@ from embedkit.core.settings import Settings, get_settings
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
-from embedkit.runtime.session import CPU, create_session
+from embedkit.runtime.session import CPU, Runner, create_session
 from embedkit.runtime.tokens import pad_batch
 from embedkit.runtime.vectors import postprocess
 
@@ -118,15 +118,13 @@ def naive_ort(artifact: Artifact, settings: Settings) -> tuple[Encode, PadCounte
     tokenizer = TextTokenizer.from_artifact(artifact)
     manifest = artifact.manifest
     counts = PadCounter()
+    feeder = Runner(session=session, inputs=tuple(manifest.inputs), output=manifest.output)
 
     def encode(texts: list[str]) -> np.ndarray:
         ids = tokenizer.encode(texts)
         input_ids, mask = pad_batch(ids, tokenizer.pad_id)
         counts.add(int(mask.sum()), mask.size)
-        feeds = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in manifest.inputs:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        raw = session.run([manifest.output], {k: feeds[k] for k in manifest.inputs})[0]
+        raw = session.run([manifest.output], feeder.feeds(input_ids, mask))[0]
         return postprocess(
             raw,
             normalize=manifest.embedding.normalize,

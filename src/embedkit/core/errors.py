@@ -43,6 +43,12 @@ class InvalidInput(EmbedkitError):
     code = "invalid_input"
 
 
+class UnknownPrompt(InvalidInput):
+    """A ``prompt_name`` the model does not define; the message lists the ones it does."""
+
+    code = "unknown_prompt"
+
+
 class Unauthorized(EmbedkitError):
     status = 401
     type = "authentication_error"

@@ -18,22 +18,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedkit.core.errors import ArtifactError, ChecksumMismatch
 from embedkit.model import signing
-from embedkit.model.recipe import EmbeddingConfig
+from embedkit.model.recipe import EmbeddingConfig, PromptConfig
 from embedkit.model.signing import Trust
 
 MANIFEST = signing.MANIFEST
 SIGNATURE = signing.SIGNATURE
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+# The optional graph input of an include_prompt=false model (format 3).
+POOLING_MASK_INPUT = "pooling_mask"
 # 2: compatibility classes, the measurement binding and reference vectors. Format 1
 # manifests still load (their new fields are absent); what serving does with a format-1
 # variant is decided in serve/startup.py (refused by name: it records no binding).
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# 3: the model's prompts (``prompts``, ``default_prompt_name``) and, for a model whose
+# pooling leaves its prompt out (include_prompt: false), ``pooling_mask_input``: a graph
+# input carrying the pooling mask beside the attention mask. Formats 1 and 2 load with no
+# prompts and pooling over the attention mask, which is what they were built with.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 BENTOML_MODULE = "embedkit"
 # Files BentoML writes into a stored model's directory; not part of the artifact.
 _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
@@ -144,6 +150,19 @@ class Manifest(BaseModel):
     inputs: list[str] = Field(description="Graph inputs, in the order the graph declares them.")
     output: str = "sentence_embedding"
     opset: int
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="The model's prompts by name, put before a text when tokenising (format 3).",
+    )
+    default_prompt_name: str | None = Field(
+        None, description="The prompt a request that names none gets (format 3)."
+    )
+    pooling_mask_input: str | None = Field(
+        None,
+        description="Graph input for the pooling mask when it differs from the attention mask "
+        "(include_prompt: false: prompt tokens attend but are not pooled); None: the graph "
+        "pools over the attention mask (format 3).",
+    )
     quantization: Quantization = Field(default_factory=Quantization)
     toolchain: dict[str, str]
     files: dict[str, str] = Field(description="sha256 of every file except manifest and signature.")
@@ -169,6 +188,15 @@ class Manifest(BaseModel):
     )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
+    @model_validator(mode="after")
+    def _prompts_consistent(self) -> Manifest:
+        default = self.default_prompt_name
+        if default is not None and default not in self.prompts:
+            raise ValueError(f"default_prompt_name {default!r} is not one of the prompts")
+        if self.pooling_mask_input is not None and self.pooling_mask_input not in self.inputs:
+            raise ValueError(f"pooling_mask_input {self.pooling_mask_input!r} is not a graph input")
+        return self
+
     @property
     def compatibility(self) -> Compatibility:
         """The class this artifact serves as. The fp32 export defines the index space; a
@@ -179,6 +207,10 @@ class Manifest(BaseModel):
         if q.compatibility is not None:
             return q.compatibility
         return "index-compatible" if q.approved else "rejected"
+
+    @property
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(prompts=self.prompts, default_prompt_name=self.default_prompt_name)
 
     @property
     def variant(self) -> str:
@@ -203,6 +235,8 @@ class Manifest(BaseModel):
             "pooling": self.embedding.pooling.value,
             "max_seq_length": self.embedding.max_seq_length,
             "normalize": self.embedding.normalize,
+            "prompts": ",".join(self.prompts) or None,
+            "default_prompt_name": self.default_prompt_name,
             "opset": self.opset,
             "quantization": self.quantization.mode,
             "approved": self.quantization.approved,

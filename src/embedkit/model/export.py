@@ -1,11 +1,13 @@
 """Optimum export of a sentence-transformers model to a pooled ONNX artifact.
 
 The exported graph takes ``input_ids``/``attention_mask`` (plus
-``token_type_ids`` only if the model declares it) and returns only the pooled
+``token_type_ids`` only if the model declares it, and ``pooling_mask`` only if its
+pooling leaves the prompt out, include_prompt: false) and returns only the pooled
 ``sentence_embedding [batch, dim]``: the per-token tensor never leaves the
-session. Normalisation is left out of the graph on purpose and applied by the
-engine from the manifest, so a client can still ask for raw vectors and
-Matryoshka truncation re-normalises correctly.
+session. The model's prompts go into the manifest. Normalisation is left out
+of the graph on purpose and applied by the engine from the manifest, so a
+client can still ask for raw vectors and Matryoshka truncation re-normalises
+correctly.
 
 Imports torch, sentence-transformers and Optimum lazily: never import this
 module from the serving path.
@@ -25,6 +27,7 @@ from embedkit.core.errors import ArtifactError, MissingExtra, ModelSourceError
 from embedkit.model import toolchain
 from embedkit.model.artifact import (
     MODEL_FILE,
+    POOLING_MASK_INPUT,
     TOKENIZER_FILE,
     Artifact,
     finalize,
@@ -32,7 +35,13 @@ from embedkit.model.artifact import (
     sha256_tree,
     staging_dir,
 )
-from embedkit.model.recipe import EmbeddingConfig, Recipe, read_embedding_config
+from embedkit.model.recipe import (
+    EmbeddingConfig,
+    PromptConfig,
+    Recipe,
+    read_embedding_config,
+    read_prompt_config,
+)
 
 log = logging.getLogger(__name__)
 OUTPUT_NAME = "sentence_embedding"
@@ -145,6 +154,7 @@ def _export_into(
     say("resolving model source")
     model_dir, model_version = recipe.source.resolve()
     config = read_embedding_config(model_dir)
+    prompts = read_prompt_config(model_dir, recipe)
     require_export_extra()
 
     say("loading the PyTorch encoder")
@@ -169,6 +179,9 @@ def _export_into(
             library_name="sentence_transformers",
             task="feature-extraction",
             do_validation=False,  # our contract check is stricter and runs next
+            custom_onnx_configs=None
+            if config.include_prompt
+            else _pooling_mask_config(unnormalized),
         )
     except Exception as exc:  # Optimum raises many types; one clear line for the user
         raise ArtifactError(f"Optimum export failed: {exc}") from exc
@@ -197,9 +210,56 @@ def _export_into(
             pad=(pad_token, pad_id),
             inputs=inputs,
             opset=opset or recipe.opset,
+            prompts=prompts,
         ),
     )
     return move_into_place(artifact_dir, output)
+
+
+def _pooling_mask_config(model: Any) -> dict[str, Any]:
+    """Optimum's sentence-transformers export with a third input, ``pooling_mask``, that the
+    Pooling module reads instead of the attention mask (include_prompt: false).
+
+    The transformer still attends over ``attention_mask``; the caller zeroes the prompt's
+    positions in ``pooling_mask``, as sentence-transformers' Pooling does with its prompt
+    length. Pooling stays inside the graph (so does a Dense after it): only this input is
+    new, and a model that pools its prompt keeps the two-input graph unchanged.
+    """
+    from optimum.exporters.onnx.model_configs import SentenceTransformersTransformerOnnxConfig
+    from optimum.exporters.onnx.model_patcher import ModelPatcher
+    from optimum.utils import DummyTextInputGenerator
+
+    class PoolingMaskGenerator(DummyTextInputGenerator):
+        SUPPORTED_INPUT_NAMES = (POOLING_MASK_INPUT,)
+
+        def generate(self, input_name: str, *args: Any, **kwargs: Any) -> Any:
+            return super().generate("attention_mask", *args, **kwargs)
+
+    class PoolingMaskPatcher(ModelPatcher):
+        def __init__(self, config: Any, model: Any, model_kwargs: Any) -> None:
+            super().__init__(config, model, model_kwargs)
+            transformer, *rest = list(model)
+
+            def patched_forward(input_ids: Any, attention_mask: Any, pooling_mask: Any) -> Any:
+                features = transformer({"input_ids": input_ids, "attention_mask": attention_mask})
+                features["attention_mask"] = pooling_mask  # the mask Pooling reads
+                for module in rest:
+                    features = module(features)
+                return {k: features[k] for k in ("token_embeddings", OUTPUT_NAME)}
+
+            self.patched_forward = patched_forward
+
+    base = SentenceTransformersTransformerOnnxConfig
+
+    class PoolingMaskConfig(base):  # type: ignore[misc,valid-type]
+        _MODEL_PATCHER = PoolingMaskPatcher
+        DUMMY_INPUT_GENERATOR_CLASSES = (*base.DUMMY_INPUT_GENERATOR_CLASSES, PoolingMaskGenerator)
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            return {**super().inputs, POOLING_MASK_INPUT: {0: "batch_size", 1: "sequence_length"}}
+
+    return {"model": PoolingMaskConfig(model[0].auto_model.config, task="feature-extraction")}
 
 
 def manifest_fields(
@@ -211,7 +271,9 @@ def manifest_fields(
     pad: tuple[str, int],
     inputs: list[str],
     opset: int,
+    prompts: PromptConfig | None = None,
 ) -> dict[str, Any]:
+    prompts = prompts or PromptConfig()
     return {
         "name": recipe.name,
         "model_id": recipe.model_id,
@@ -228,5 +290,8 @@ def manifest_fields(
         "inputs": inputs,
         "output": OUTPUT_NAME,
         "opset": opset,
+        "prompts": prompts.prompts,
+        "default_prompt_name": prompts.default_prompt_name,
+        "pooling_mask_input": POOLING_MASK_INPUT if POOLING_MASK_INPUT in inputs else None,
         "toolchain": toolchain.versions(),
     }

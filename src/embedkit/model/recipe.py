@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import ModelSourceError, UnsupportedModel
@@ -103,6 +103,14 @@ class Recipe(BaseModel):
     model_id: str = Field(description="Upstream identifier, recorded in the manifest.")
     source: Source
     opset: int = Field(18, ge=14, le=21)
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Prompts to add to (or override in) the model's own "
+        "config_sentence_transformers.json, by name.",
+    )
+    default_prompt_name: str | None = Field(
+        None, description="Overrides the model's default_prompt_name (a name among the prompts)."
+    )
 
     @model_validator(mode="after")
     def _tag_name(self) -> Recipe:
@@ -159,6 +167,27 @@ class EmbeddingConfig(BaseModel):
     do_lower_case: bool
     dimension: int = Field(ge=1)
     has_dense: bool = False
+    # False (the Pooling config's include_prompt): prompt tokens attend but are left out of
+    # the pooled mean, so the graph takes a pooling mask beside the attention mask.
+    include_prompt: bool = True
+
+
+class PromptConfig(BaseModel):
+    """The model's prompts (``config_sentence_transformers.json``) after the recipe's edits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+    @model_validator(mode="after")
+    def _default_is_a_prompt(self) -> PromptConfig:
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise ValueError(
+                f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts "
+                f"({known})"
+            )
+        return self
 
 
 def _read_json(path: Path) -> Any:
@@ -244,4 +273,28 @@ def read_embedding_config(model_dir: Path) -> EmbeddingConfig:
         do_lower_case=bool(sbert.get("do_lower_case", False)),
         dimension=dimension,
         has_dense=has_dense,
+        include_prompt=bool(pooling_cfg.get("include_prompt", True)),
     )
+
+
+def read_prompt_config(model_dir: Path, recipe: Recipe | None = None) -> PromptConfig:
+    """``prompts`` / ``default_prompt_name`` from the model's sentence-transformers config,
+    with the recipe's prompts added or overriding by name and its default (if set) winning.
+
+    Null prompts (sentence-transformers writes ``{"query": null, ...}`` placeholders) are
+    not prompts: a request naming one is refused rather than silently given none.
+    """
+    file = Path(model_dir) / "config_sentence_transformers.json"
+    saved = _read_json(file) if file.is_file() else {}
+    raw = saved.get("prompts") or {}
+    if not isinstance(raw, dict):
+        raise ModelSourceError(f"{file}: prompts must be an object of name → text")
+    prompts = {str(k): v for k, v in raw.items() if isinstance(v, str)}
+    default = saved.get("default_prompt_name")
+    if recipe is not None:
+        prompts.update(recipe.prompts)
+        default = recipe.default_prompt_name or default
+    try:
+        return PromptConfig(prompts=prompts, default_prompt_name=default)
+    except ValidationError as exc:
+        raise ModelSourceError(f"{model_dir}: {exc.errors()[0]['msg']}") from exc

@@ -230,8 +230,10 @@ def check_parity(
     thresholds: Thresholds = Thresholds(),
     *,
     step: Step | None = None,
+    prompt_name: str | None = None,
 ) -> dict[str, Any]:
-    """Engine vs PyTorch ``SentenceTransformer.encode``, per segment and overall."""
+    """Engine vs PyTorch ``SentenceTransformer.encode``, per segment and overall, both with
+    ``prompt_name`` (None: each applies the model's default prompt, if any)."""
     say = step or (lambda _m: None)
     out: dict[str, Any] = {"thresholds": vars(thresholds), "segments": {}}
     all_ref, all_cand = [], []
@@ -243,8 +245,9 @@ def check_parity(
             convert_to_numpy=True,
             normalize_embeddings=False,
             show_progress_bar=False,
+            prompt_name=prompt_name,
         )
-        cand = engine.encode(texts)
+        cand = engine.encode(texts, prompt_name=prompt_name)
         stats = compare(ref, cand)
         stats["passed"] = (
             stats["min_cosine"] >= thresholds.min_cosine
@@ -261,7 +264,33 @@ def check_parity(
     return out
 
 
+def check_prompt_parity(
+    engine: Any,
+    reference: Any,
+    texts: Sequence[str],
+    thresholds: Thresholds = Thresholds(),
+    *,
+    step: Step | None = None,
+) -> dict[str, Any]:
+    """:func:`check_parity` once per prompt the manifest defines, on ``texts``; passes
+    trivially for a model without prompts."""
+    prompts = engine.manifest.prompts
+    results = {
+        name: check_parity(
+            engine, reference, {"prompted": list(texts)}, thresholds, step=step, prompt_name=name
+        )
+        for name in prompts
+    }
+    return {
+        "passed": all(r["passed"] for r in results.values()),
+        "default_prompt_name": engine.manifest.default_prompt_name,
+        "prompts": {name: {**r["overall"], "passed": r["passed"]} for name, r in results.items()},
+    }
+
+
 # --- the whole contract -------------------------------------------------------
+
+CHECKS = ("operators", "shapes", "batch_invariance", "parity", "prompts")
 
 
 def validate(
@@ -313,9 +342,10 @@ def validate(
         if not source_ok:
             report["parity"]["passed"] = False
             report["parity"]["error"] = "reference model files differ from the artifact's source"
-    report["passed"] = all(
-        report[k]["passed"] for k in ("operators", "shapes", "batch_invariance", "parity")
-    )
+        # Each prompt on the batch-invariance sample: every segment, long texts included.
+        say("prompt parity")
+        report["prompts"] = check_prompt_parity(engine, reference, sample, step=say)
+    report["passed"] = all(report.get(k, {}).get("passed", False) for k in CHECKS)
     return report
 
 
@@ -332,7 +362,7 @@ def parity_summary(report: dict[str, Any]) -> dict[str, Any]:
         },
         "checks": {
             k: report[k]["passed"]
-            for k in ("operators", "shapes", "batch_invariance")
+            for k in ("operators", "shapes", "batch_invariance", "prompts")
             if k in report
         },
     }
@@ -340,9 +370,5 @@ def parity_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def require_passed(report: dict[str, Any]) -> None:
     if not report.get("passed"):
-        failed = [
-            k
-            for k in ("operators", "shapes", "batch_invariance", "parity")
-            if not report.get(k, {}).get("passed", False)
-        ]
+        failed = [k for k in CHECKS if not report.get(k, {}).get("passed", False)]
         raise ContractViolation(f"contract failed: {', '.join(failed)}")

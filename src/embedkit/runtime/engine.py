@@ -23,6 +23,7 @@ import numpy as np
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
+from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.session import (
     Precision,
     ProviderReport,
@@ -118,6 +119,7 @@ class Engine:
         self.manifest = artifact.manifest
         self.dimension = self.manifest.embedding.dimension
         self.tokenizer = TextTokenizer.from_artifact(artifact)
+        self.prompts = Prompts(self.manifest, self.tokenizer)
         profile = ShapeProfile.for_engine(
             self.manifest.inputs, self.settings, self.tokenizer.max_length
         )
@@ -163,6 +165,7 @@ class Engine:
             "dimension": self.dimension,
             "max_length": self.tokenizer.max_length,
             "normalize": self.manifest.embedding.normalize,
+            **self.prompts.describe(),
             "quantization": self.manifest.quantization.mode,
             "providers": self.provider_report.as_dict(),
             "precision": self.precision.as_dict(),
@@ -187,12 +190,17 @@ class Engine:
             },
         }
 
-    def embed_ids(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, Telemetry]:
+    def embed_ids(
+        self, ids: Sequence[Sequence[int]], pool_from: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, Telemetry]:
         """Raw pooled float32 ``[n, dim]`` for token-id lists (special tokens included), in
-        the caller's order."""
+        the caller's order. ``pool_from[i]``: leading positions of row ``i`` (its prompt)
+        that the pooling skips; used only by a graph with a pooling-mask input."""
         if not ids:
             raise InvalidInput("input must not be an empty list", param="input")
         lengths = [len(row) for row in ids]
+        if pool_from is not None and len(pool_from) != len(ids):
+            raise InvalidInput(f"{len(pool_from)} pooling offsets for {len(ids)} inputs")
         for i, n in enumerate(lengths):
             if n == 0:
                 raise InvalidInput(f"input[{i}] has no tokens", param="input")
@@ -216,8 +224,9 @@ class Engine:
         for group in groups:
             input_ids, mask = pad_batch([ids[i] for i in group], self.tokenizer.pad_id)
             padded.append(input_ids.size)
+            pooling = self._pooling_mask(mask, group, pool_from)
             start = time.perf_counter()
-            vectors = self.runner.run(input_ids, mask)
+            vectors = self.runner.run(input_ids, mask, pooling)
             elapsed += time.perf_counter() - start
             if vectors.shape != (len(group), self.dimension):
                 raise InferenceError(
@@ -237,6 +246,18 @@ class Engine:
         )
         return out, telemetry
 
+    def _pooling_mask(
+        self, mask: np.ndarray, group: Sequence[int], pool_from: Sequence[int] | None
+    ) -> np.ndarray | None:
+        """The attention mask with each row's prompt zeroed (include_prompt: false), or None
+        (the runner then pools over the attention mask)."""
+        if pool_from is None or self.manifest.pooling_mask_input is None:
+            return None
+        pooling = mask.copy()
+        for row, i in enumerate(group):
+            pooling[row, : pool_from[i]] = 0
+        return pooling
+
     def encode_with_telemetry(
         self,
         texts: Sequence[str],
@@ -244,12 +265,16 @@ class Engine:
         normalize: bool | None = None,
         dimensions: int | None = None,
         truncate: bool = True,
+        prompt_name: str | None = None,
     ) -> tuple[np.ndarray, Telemetry]:
         """:meth:`encode` plus the call's :class:`Telemetry`."""
         items = validate_texts(texts)
         check_dimensions(dimensions, self.dimension)  # fail before spending inference
+        prompt = self.prompts.resolve(prompt_name)
+        if prompt is not None:
+            items = prompt.apply(items)
         ids = self.tokenizer.encode(items, truncate=truncate)
-        raw, telemetry = self.embed_ids(ids)
+        raw, telemetry = self.embed_ids(ids, pool_starts(prompt, len(ids)))
         if normalize is None:
             normalize = self.manifest.embedding.normalize
         vectors = postprocess(
@@ -264,10 +289,17 @@ class Engine:
         normalize: bool | None = None,
         dimensions: int | None = None,
         truncate: bool = True,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
-        """Validate → tokenise → embed → post-process; ``normalize=None`` follows the manifest."""
+        """Validate → prompt → tokenise → embed → post-process; ``normalize=None`` follows
+        the manifest. ``prompt_name`` names one of the model's prompts; None means its
+        ``default_prompt_name`` (if any), as in ``SentenceTransformer.encode``."""
         vectors, _ = self.encode_with_telemetry(
-            texts, normalize=normalize, dimensions=dimensions, truncate=truncate
+            texts,
+            normalize=normalize,
+            dimensions=dimensions,
+            truncate=truncate,
+            prompt_name=prompt_name,
         )
         return vectors
 

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from embedkit.core import metrics
 from embedkit.core.errors import ArtifactError, InferenceError, ProviderUnavailable
 from embedkit.core.settings import Settings
-from embedkit.model.artifact import Manifest
+from embedkit.model.artifact import POOLING_MASK_INPUT, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +442,18 @@ class Runner:
             options=run_options(settings, device_id if on_gpu else None),
         )
 
-    def feeds(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        known = {"input_ids": input_ids, "attention_mask": attention_mask}
+    def feeds(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling_mask: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        known = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            # Only an include_prompt=false graph declares it; no prompt: pool what attends.
+            POOLING_MASK_INPUT: attention_mask if pooling_mask is None else pooling_mask,
+        }
         out: dict[str, np.ndarray] = {}
         for name in self.inputs:
             if name in known:
@@ -454,9 +464,15 @@ class Runner:
                 raise InferenceError(f"the graph wants an input {name!r} the engine cannot provide")
         return out
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 ``[batch, dim]`` for one padded batch."""
-        feeds = self.feeds(input_ids, attention_mask)
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """float32 ``[batch, dim]`` for one padded batch (``pooling_mask``: see
+        :attr:`~embedkit.model.artifact.Manifest.pooling_mask_input`)."""
+        feeds = self.feeds(input_ids, attention_mask, pooling_mask)
         try:
             if self.io_binding:
                 result = self._run_bound(feeds)

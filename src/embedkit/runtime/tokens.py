@@ -117,17 +117,32 @@ class TextTokenizer:
                     )
         return ids
 
+    def prompt_length(self, prompt: str) -> int:
+        """Leading positions a prompt takes when prepended (what an include_prompt=false
+        pooling skips): its tokens with the special prefix, truncated as a text would be,
+        less a trailing special token — sentence-transformers' own count."""
+        enc = self._truncating.encode(self._lower([prompt])[0])
+        n = len(enc.ids)
+        return n - 1 if n and enc.special_tokens_mask[-1] else n
+
+    def content_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (a prompt before token-id input)."""
+        return list(self._full.encode(self._lower([text])[0], add_special_tokens=False).ids)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts (special tokens included), e.g. for usage accounting."""
         return [len(e.ids) for e in self._full.encode_batch(list(self._lower(texts)))]
 
-    def check_ids(self, ids: Sequence[Sequence[int]], *, truncate: bool = True) -> list[list[int]]:
+    def check_ids(
+        self, ids: Sequence[Sequence[int]], *, truncate: bool = True, prefix: Sequence[int] = ()
+    ) -> list[list[int]]:
         """Validate client-supplied token ids and frame them like :meth:`encode` does.
 
         Clients send content tokens (OpenAI's token-array input), so the model's
         special tokens are added here. Each list must be non-empty and hold ints
         in ``[0, vocab_size)``. Too long: truncated on the manifest's side, or
-        :class:`InputTooLong` with ``truncate=False``.
+        :class:`InputTooLong` with ``truncate=False``. ``prefix`` (a prompt's content
+        tokens) goes before each list's own, inside the special tokens.
         """
         if isinstance(ids, str | bytes) or not isinstance(ids, list | tuple) or not ids:
             raise InvalidInput(
@@ -150,7 +165,7 @@ class TextTokenizer:
                         f"input[{i}][{j}] = {tid} is outside the vocabulary [0, {self.vocab_size})",
                         param="input",
                     )
-            content = list(row)
+            content = [*prefix, *row]
             if len(content) > room:
                 if not truncate:
                     raise InputTooLong(

@@ -23,7 +23,7 @@ from embedkit.serve.coalesce import Coalescer
 from embedkit.serve.http_errors import translate_upstream
 from embedkit.serve.jobs import EmbedJob
 from embedkit.serve.options import ort_runs
-from embedkit.serve.schemas import Item, Lane
+from embedkit.serve.schemas import Item, Lane, Row
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class EmbedderClient:
         # Set by the front once warm: before, a broken connection only means the
         # Embedder is not up yet, which is not worth a warning.
         self.warm = False
-        self._coalescers: dict[Lane, Coalescer] = {}  # per lane; the proxy never changes
+        self._coalescers: dict[Lane, Coalescer[Row]] = {}  # per lane; the proxy never changes
 
     def _batch_size(self, lane: Lane) -> int:
         s = self.settings
@@ -69,9 +69,8 @@ class EmbedderClient:
         self._admit(job.tokens)
         try:
             send = self._sender(job.lane, call)
-            parts = [
-                np.asarray(await send(job.ids[i : i + size])) for i in range(0, len(job.ids), size)
-            ]
+            rows = job.rows()
+            parts = [np.asarray(await send(rows[i : i + size])) for i in range(0, len(rows), size)]
         finally:
             self.queued_tokens -= job.tokens
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -86,7 +85,7 @@ class EmbedderClient:
             raise translate_upstream(exc) from exc
         return info
 
-    def _sender(self, lane: Lane, call: Call) -> Callable[[list[list[int]]], Awaitable[Any]]:
+    def _sender(self, lane: Lane, call: Call) -> Callable[[list[Row]], Awaitable[Any]]:
         """One Embedder call per chunk, or via the lane's :class:`Coalescer` (shared by
         concurrent requests) when ``front_coalescing`` is on."""
         if not self.settings.front_coalescing:
@@ -103,7 +102,7 @@ class EmbedderClient:
             )
         return merger.submit
 
-    async def _call(self, call: Call, ids: list[list[int]]) -> Any:
+    async def _call(self, call: Call, rows: list[Row]) -> Any:
         """One call to the Embedder, retried once if the connection broke.
 
         The proxy reuses keep-alive connections that the Embedder's server closes
@@ -116,7 +115,7 @@ class EmbedderClient:
             sent_at = time.time()
             try:
                 return await asyncio.wait_for(
-                    call([(sent_at, row) for row in ids]), self.settings.request_timeout_s
+                    call([_item(sent_at, row) for row in rows]), self.settings.request_timeout_s
                 )
             except EmbedkitError:
                 raise
@@ -130,6 +129,10 @@ class EmbedderClient:
                     log.exception("embedder call failed")
                 raise err from exc
         raise AssertionError("unreachable")
+
+
+def _item(sent_at: float, row: Row) -> Item:
+    return (sent_at, *row) if isinstance(row, tuple) else (sent_at, row)
 
 
 def _broken_connection(exc: BaseException) -> bool:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import numpy as np
 
-Send = Callable[[list[list[int]]], Awaitable[object]]
-_Waiter = tuple[list[list[int]], "asyncio.Future[np.ndarray]"]
+R = TypeVar("R")  # a row: the coalescer only counts and concatenates them
 
 
-class Coalescer:
+class Coalescer(Generic[R]):
     """Merges concurrent ``submit`` calls of one lane into calls of at most ``max_rows`` rows.
 
     ``send`` performs one Embedder call (timeout, retry and error translation included)
@@ -45,11 +45,16 @@ class Coalescer:
     runs on for the others.
     """
 
-    def __init__(self, send: Send, max_rows: int, max_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[R]], Awaitable[object]],
+        max_rows: int,
+        max_in_flight: int | None = None,
+    ) -> None:
         self._send = send
         self._max_rows = max(1, max_rows)
         self._max_in_flight = max_in_flight
-        self._pending: deque[_Waiter] = deque()
+        self._pending: deque[tuple[list[R], asyncio.Future[np.ndarray]]] = deque()
         self._in_flight = 0
         self._live_rows = 0  # submitted and not yet answered (queued here or in a call)
         self._scheduled = False
@@ -60,7 +65,7 @@ class Coalescer:
         """Requests waiting for a call (not yet sent)."""
         return len(self._pending)
 
-    async def submit(self, ids: list[list[int]]) -> np.ndarray:
+    async def submit(self, ids: list[R]) -> np.ndarray:
         """Raw vectors for ``ids`` (at most ``max_rows`` rows), in order."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
@@ -79,7 +84,7 @@ class Coalescer:
             cap = self._max_rows
             if limit is not None:  # pipeline: leave rows for the next call to overlap
                 cap = min(cap, max(1, -(-self._live_rows // (limit + 1))))
-            group: list[_Waiter] = []
+            group: list[tuple[list[R], asyncio.Future[np.ndarray]]] = []
             rows = 0
             while self._pending:
                 ids, fut = self._pending[0]
@@ -98,7 +103,7 @@ class Coalescer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, group: list[_Waiter]) -> None:
+    async def _run(self, group: list[tuple[list[R], asyncio.Future[np.ndarray]]]) -> None:
         rows = group[0][0] if len(group) == 1 else [row for ids, _ in group for row in ids]
         try:
             raw = np.asarray(await self._send(rows))

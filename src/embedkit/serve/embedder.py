@@ -69,7 +69,10 @@ class EmbedderCore:
         start = time.time()
         for sent_at in {item[0] for item in items}:  # once per request, not per text
             m.queue_wait.labels(api=api_name).observe(max(0.0, start - sent_at))
-        vectors, tel = self.engine.embed_ids([item[1] for item in items])
+        # A third element (include_prompt=false models only): positions pooling skips.
+        prompted = any(len(item) == 3 for item in items)
+        pool_from = [int(item[2]) if len(item) == 3 else 0 for item in items] if prompted else None
+        vectors, tel = self.engine.embed_ids([item[1] for item in items], pool_from)
         m.inference_time.labels(api=api_name).observe(tel.inference_s)
         m.padding_ratio.observe(tel.padding_ratio)
         for size, padded in zip(tel.sub_batch_sizes, tel.sub_batch_padded, strict=True):

@@ -23,13 +23,14 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError, InferenceError
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
 from embedkit.serve import identity
 from embedkit.serve.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.client import EmbedderClient
 from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
-from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job
+from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job, prompted_ids
 from embedkit.serve.openapi import openapi_document
 from embedkit.serve.options import batching_policy
 from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane, TokenizeRequest
@@ -50,6 +51,7 @@ class Front:
         self.artifact = artifact
         self.manifest = artifact.manifest
         self.tokenizer = TextTokenizer.from_artifact(artifact)
+        self.prompts = Prompts(self.manifest, self.tokenizer)
         self.dimension = self.manifest.embedding.dimension
         self.model_name = settings.served_model_name or self.manifest.name
         self.client = EmbedderClient(settings)
@@ -96,6 +98,7 @@ class Front:
                     served=self.model_name,
                     model_dim=self.dimension,
                     normalize=self.manifest.embedding.normalize,
+                    prompts=self.prompts,
                 ),
                 n,
             )
@@ -111,7 +114,12 @@ class Front:
             req = EmbedRequest.model_construct(**body)
             job = await self._job(
                 lambda: native_job(
-                    req, self.tokenizer, self.settings, lane=lane, model_dim=self.dimension
+                    req,
+                    self.tokenizer,
+                    self.settings,
+                    lane=lane,
+                    model_dim=self.dimension,
+                    prompts=self.prompts,
                 ),
                 len(req.texts),
             )
@@ -124,7 +132,9 @@ class Front:
         async def work() -> bytes:
             req = TokenizeRequest.model_construct(**body)
             check_count(len(req.texts), self.settings, param="texts")
-            ids = self.tokenizer.encode(req.texts, truncate=req.truncate)
+            ids, _ = prompted_ids(
+                req.texts, self.tokenizer, self.prompts, req.prompt_name, truncate=req.truncate
+            )
             return tokenize_body(ids, self.tokenizer.max_length)
 
         return await self._guard(work())
@@ -140,6 +150,7 @@ class Front:
                     "object": "model",
                     "created": created,
                     "owned_by": "embedkit",
+                    **self.prompts.describe(),
                     "embedkit": None if served is None else served.as_dict(),
                 }
             ],
@@ -153,6 +164,7 @@ class Front:
                 model=self.model_name,
                 model_dim=self.dimension,
                 vocab_size=self.tokenizer.vocab_size,
+                prompts=list(self.prompts.texts),
             )
         return self._openapi
 
@@ -169,6 +181,7 @@ class Front:
             "engine": engine,
             "topology": s.topology,  # docs/design/serving.md
             "batching": batching_policy(s),
+            **self.prompts.describe(),
             "routing": {
                 "/v1/embeddings": "one input → query lane, several → bulk lane",
                 "/embed": "bulk",

@@ -12,8 +12,9 @@ from typing import Any
 
 from embedkit.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge
 from embedkit.core.settings import Settings
+from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.vectors import check_dimensions
-from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, EncodingFormat, Lane
+from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, EncodingFormat, Lane, Row
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,19 @@ class EmbedJob:
     normalize: bool
     dimensions: int | None
     encoding: EncodingFormat
+    # Per row, the leading positions (its prompt) the pooling skips; None: none skipped.
+    pool_from: list[int] | None = None
 
     @property
     def tokens(self) -> int:
+        """Every token the model reads, the prompt's included (usage counts them)."""
         return sum(len(row) for row in self.ids)
+
+    def rows(self) -> list[Row]:
+        """What the Embedder receives: ids, paired with ``pool_from`` only where set."""
+        if self.pool_from is None:
+            return list(self.ids)
+        return list(zip(self.ids, self.pool_from, strict=True))
 
 
 def check_count(n: int, settings: Settings, *, param: str) -> None:
@@ -59,43 +69,73 @@ def openai_job(
     served: str,
     model_dim: int,
     normalize: bool,
+    prompts: Prompts | None = None,
 ) -> EmbedJob:
     """Validate an OpenAI request and tokenise it (truncating, like sentence-transformers).
 
     Routing: one input goes to the latency-tuned query lane, several to the bulk lane.
-    ``normalize`` is the manifest's (OpenAI has no such parameter).
+    The lane never picks the prompt: that is ``prompt_name``, else the model's default.
+    Token-id input gets the prompt's tokens before its own. ``normalize`` is the
+    manifest's (OpenAI has no such parameter).
     """
     check_model(req.model, served)
     check_dimensions(req.dimensions, model_dim)
+    prompt = prompts.resolve(req.prompt_name) if prompts else None
     raw = req.input
     if isinstance(raw, str):
         raw = [raw]
     check_count(len(raw), settings, param="input")
+    prefix = prompt.ids if prompt else ()
     if isinstance(raw[0], int):  # one token-id list (pydantic guarantees homogeneity)
-        ids = tokenizer.check_ids([raw], truncate=True)
+        ids = tokenizer.check_ids([raw], truncate=True, prefix=prefix)
     elif isinstance(raw[0], list):
-        ids = tokenizer.check_ids(raw, truncate=True)
+        ids = tokenizer.check_ids(raw, truncate=True, prefix=prefix)
     else:
-        ids = tokenizer.encode(raw, truncate=True)
+        ids = tokenizer.encode(prompt.apply(raw) if prompt else raw, truncate=True)
     return EmbedJob(
         ids=ids,
         lane="query" if len(ids) == 1 else "bulk",
         normalize=normalize,
         dimensions=req.dimensions,
         encoding=req.encoding_format,
+        pool_from=pool_starts(prompt, len(ids)),
     )
 
 
+def prompted_ids(
+    texts: list[str],
+    tokenizer: Any,
+    prompts: Prompts | None,
+    prompt_name: str | None,
+    *,
+    truncate: bool,
+) -> tuple[list[list[int]], list[int] | None]:
+    """Token ids of ``texts`` behind their prompt (the named one, else the model's
+    default) and the pooling offsets it implies; ``/tokenize`` shows the same ids."""
+    prompt = prompts.resolve(prompt_name) if prompts else None
+    ids = tokenizer.encode(prompt.apply(texts) if prompt else texts, truncate=truncate)
+    return ids, pool_starts(prompt, len(ids))
+
+
 def native_job(
-    req: EmbedRequest, tokenizer: Any, settings: Settings, *, lane: Lane, model_dim: int
+    req: EmbedRequest,
+    tokenizer: Any,
+    settings: Settings,
+    *,
+    lane: Lane,
+    model_dim: int,
+    prompts: Prompts | None = None,
 ) -> EmbedJob:
     check_dimensions(req.dimensions, model_dim)
     check_count(len(req.texts), settings, param="texts")
-    ids = tokenizer.encode(req.texts, truncate=req.truncate)
+    ids, pool_from = prompted_ids(
+        req.texts, tokenizer, prompts, req.prompt_name, truncate=req.truncate
+    )
     return EmbedJob(
         ids=ids,
         lane=lane,
         normalize=req.normalize,
         dimensions=req.dimensions,
         encoding=req.encoding_format,
+        pool_from=pool_from,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -23,7 +24,8 @@ from embedkit.serve.schemas import (
 )
 
 ERROR_STATUSES = {
-    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type.",
+    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type, "
+    "a prompt_name the model does not define (code unknown_prompt).",
     "401": "Missing or invalid API key (only when keys are configured).",
     "404": "Unknown model.",
     "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
@@ -36,7 +38,13 @@ ERROR_STATUSES = {
 
 
 def openapi_document(
-    spec: dict[str, Any], *, settings: Settings, model: str, model_dim: int, vocab_size: int
+    spec: dict[str, Any],
+    *,
+    settings: Settings,
+    model: str,
+    model_dim: int,
+    vocab_size: int,
+    prompts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """BentoML's generated document made honest: our error body and statuses on every
     route, the limits the server enforces as schema constraints, and the GET routes
@@ -101,6 +109,8 @@ def openapi_document(
             props["dimensions"].update(minimum=1, maximum=model_dim)
         if "model" in props:
             props["model"]["enum"] = [model]
+        if "prompt_name" in props and prompts:  # none defined: any name is a documented 400
+            props["prompt_name"]["enum"] = list(prompts)
         if "input" in props:
             props["input"].pop("type", None)  # BentoML adds "string" beside the anyOf
             props["input"]["anyOf"] = [

@@ -16,8 +16,19 @@ Lane = Literal["query", "bulk"]
 EncodingFormat = Literal["float", "base64"]
 
 # One item of the Embedder's batchable APIs: (time the front handed it over, token ids).
-# The timestamp lets the Embedder measure queue wait across the process boundary.
-Item = tuple[float, list[int]]
+# The timestamp lets the Embedder measure queue wait across the process boundary. A model
+# whose pooling leaves its prompt out (include_prompt: false) adds a third element: the
+# leading positions (the prompt) the pooling skips. Every other model's items stay pairs.
+Item = tuple[float, list[int]] | tuple[float, list[int], int]
+# A row on its way to the Embedder (jobs, client, coalescer): token ids, or (token ids,
+# leading positions the pooling skips), the item without its timestamp.
+Row = list[int] | tuple[list[int], int]
+
+PROMPT_NAME_DESCRIPTION = (
+    "One of the model's prompts (GET /v1/models lists them), prepended to every input "
+    "before tokenising; its tokens count in usage. Omitted: the model's default_prompt_name, "
+    "if it has one, else no prompt. Never chosen by route or lane."
+)
 
 # Routes that need an API key (when keys are configured), obey the body limit,
 # count against admission control and answer errors in the OpenAI shape.
@@ -44,6 +55,9 @@ class EmbeddingsRequest(BaseModel):
         default=None, description="Matryoshka truncation to this many dimensions (re-normalised)."
     )
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+    prompt_name: StrictStr | None = Field(
+        default=None, description=PROMPT_NAME_DESCRIPTION + " (An embedkit extension.)"
+    )
 
 
 class EmbedRequest(BaseModel):
@@ -66,6 +80,7 @@ class EmbedRequest(BaseModel):
         description="'base64': `embeddings` is one base64 string of a row-major "
         "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
     )
+    prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
 
 
 class TokenizeRequest(BaseModel):
@@ -76,6 +91,7 @@ class TokenizeRequest(BaseModel):
     truncate: StrictBool = Field(
         default=True, description="false: texts over the limit answer 413."
     )
+    prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
 
 
 # --- responses (for the OpenAPI document; bodies are written by hand) -------------------
@@ -123,6 +139,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    prompts: dict[str, str] = Field(
+        default_factory=dict, description="The model's prompts by name (prompt_name)."
+    )
+    default_prompt_name: str | None = Field(
+        default=None, description="The prompt a request that names none gets."
+    )
 
 
 class ModelList(BaseModel):

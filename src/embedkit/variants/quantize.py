@@ -34,6 +34,7 @@ from embedkit.model import evaldata, toolchain
 from embedkit.model.artifact import (
     MANIFEST,
     MODEL_FILE,
+    POOLING_MASK_INPUT,
     TOKENIZER_FILE,
     Artifact,
     finalize,
@@ -379,6 +380,7 @@ class SentenceCalibrationReader:
                 "input_ids": input_ids,
                 "attention_mask": mask,
                 "token_type_ids": np.zeros_like(input_ids),
+                POOLING_MASK_INPUT: mask,  # include_prompt=false graphs: no prompt here
             }
             self._batches.append({k: v for k, v in feed.items() if k in parent.manifest.inputs})
         self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
