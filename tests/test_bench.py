@@ -284,9 +284,11 @@ def test_script_commands_fail_on_one_line(tmp_path: Path) -> None:
 def test_memory_criterion_tells_a_leak_from_a_noisy_warm_up() -> None:
     """The soak's RSS verdict (bench.loadtest): a warm-up that levels off with the arena's
     +-4 % swings passes; a steady leak of 12 % over the run fails, as does one big jump."""
+    from collections.abc import Sequence
+
     from embedkit.bench import loadtest as lt
 
-    def verdict(samples_mb: list[float]) -> bool:
+    def verdict(samples_mb: Sequence[float]) -> bool:
         report = lt.summarize([], 60.0, rss=[int(mb * 2**20) for mb in samples_mb])
         return lt.memory_levels_off(report)
 
