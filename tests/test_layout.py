@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "release": 6,
     "bento": 6,
     "container": 6,
+    "pools": 6,
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

@@ -1030,5 +1030,66 @@ def bentofile_cmd(
     print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
+# --- pools on Kubernetes (deploy/k8s): patches generated from a release's records -------------
+
+pools_app = typer.Typer(
+    help="Generate the deploy/k8s patches a release's records allow (docs/deployment.md, Pools).",
+    no_args_is_help=True,
+)
+app.add_typer(pools_app, name="pools")
+K8sOpt = Annotated[Path, typer.Option(help="The kustomize tree (deploy/k8s of the project).")]
+ISA_OVERLAYS = ("cpu", "canary")
+
+
+@pools_app.command("isa")
+@one_line_errors
+def pools_isa_cmd(
+    target: Annotated[str, typer.Argument(help="Model tag or artifact dir the pool serves.")],
+    overlay: Annotated[str, typer.Option(help="cpu (stable) or canary (the candidate).")] = "cpu",
+    k8s: K8sOpt = Path("deploy/k8s"),
+) -> None:
+    """Write OVERLAY/isa-affinity.yaml: node affinity to the ISA level the served variant's
+    verdict was measured on (`embedkit.dev/isa-level`), none for fp32."""
+    from embedkit import pools
+    from embedkit.model.artifact import resolve
+
+    if overlay not in ISA_OVERLAYS:
+        raise InvalidInput(f"--overlay is one of {', '.join(ISA_OVERLAYS)}, not {overlay!r}")
+    artifact = resolve(target)
+    patch = pools.isa_patch(artifact)
+    path = pools.write_patch(
+        patch, k8s / "overlays" / overlay / "isa-affinity.yaml", f"`embedkit pools isa {target}`"
+    )
+    level = pools.isa_level(artifact)
+    err.print(f"{path}: " + (f"nodes labelled {pools.ISA_LABEL}={level}" if level else "any node"))
+
+
+@pools_app.command("mixed")
+@one_line_errors
+def pools_mixed_cmd(
+    target: Annotated[str, typer.Argument(help="Model tag or artifact dir both pools serve.")],
+    gpu_check: Annotated[
+        Path | None,
+        typer.Option(help="gpu-check.json (default: the one recorded with the release)."),
+    ] = None,
+    k8s: K8sOpt = Path("deploy/k8s"),
+) -> None:
+    """Write overlays/mixed/parity-verdict.yaml if the GPU check measured both pools' vectors
+    compatible for this model and precision; exit 1 with the reasons otherwise."""
+    from embedkit import pools
+    from embedkit.model.artifact import resolve
+
+    artifact = resolve(target)
+    verdict = pools.mixed_verdict(artifact, pools.load_gpu_check(artifact, gpu_check))
+    if not verdict.allowed:
+        raise InvalidInput(verdict.summary())
+    path = pools.write_patch(
+        pools.verdict_patch(verdict),
+        k8s / "overlays" / "mixed" / "parity-verdict.yaml",
+        f"`embedkit pools mixed {target}`",
+    )
+    err.print(f"{path}: {verdict.summary()}", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -87,6 +87,20 @@ def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
     )
 
 
+def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
+    """Record the GPU check (``scripts/gpu-check``'s gpu-check.json) with a release's working
+    copy, before it is registered: the parity verdict `embedkit pools mixed` reads. Refused
+    when the report measured another model.onnx (it would vouch for vectors it never saw)."""
+    data = json.loads(Path(report).read_text())
+    measured = (data.get("artifacts") or {}).get("fp32", {}).get("model_sha256")
+    if measured != artifact.manifest.files.get("model.onnx"):
+        raise InvalidInput(
+            f"{report} measured model.onnx sha256 {str(measured)[:12]}…, not "
+            f"{artifact.path}'s; run the GPU check on this artifact"
+        )
+    return attach_records(artifact, {"gpu_check": Path(report)}, {})
+
+
 # --- variant candidates: build → evaluate → gate → time ------------------------------------
 
 
