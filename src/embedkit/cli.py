@@ -192,16 +192,34 @@ def release_cmd(
             "(~10 s each); the runtime parameters are always stored."
         ),
     ] = True,
+    override_perf_gate: Annotated[
+        str | None,
+        typer.Option(
+            help="Release even if the performance gate against the previous :latest fails; "
+            "the REASON goes into the release records."
+        ),
+    ] = None,
+    perf_gate_config: Annotated[
+        Path | None,
+        typer.Option(help="Performance gate thresholds (default: config/perf-gate.yaml)."),
+    ] = None,
 ) -> None:
-    """Export → validate → variants and gate (optional) → records → sign → register.
+    """Export → validate → variants and gate (optional) → performance gate against the
+    previous :latest → records → sign → register.
 
-    Prints the default version's tag."""
+    Prints the default version's tag. A performance regression registers nothing (exit 1)
+    unless --override-perf-gate gives the reason."""
+    from embedkit.bench import perfgate
     from embedkit.model.recipe import find_recipe
     from embedkit.model.signing import load_private_key
     from embedkit.release import release
 
     if sign is not None:
         load_private_key(sign)  # fail before minutes of export, not after
+    # Read (and checked) before minutes of export, as the key is.
+    thresholds = perfgate.load_thresholds(perf_gate_config) if perf_gate_config else None
+    if override_perf_gate is not None and not override_perf_gate.strip():
+        raise InvalidInput("--override-perf-gate needs the reason (it goes into the records)")
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
         result = release(
@@ -213,6 +231,8 @@ def release_cmd(
             sign_key=sign,
             step=step,
             bench=bench,
+            perf_thresholds=thresholds,
+            override_perf_gate=override_perf_gate,
         )
     for version in result.versions[:-1]:
         err.print(f"  registered {version.name}: {version.tag}", highlight=False)
