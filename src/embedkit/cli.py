@@ -1050,6 +1050,62 @@ def bentofile_cmd(
     print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
+@app.command("canary")
+@one_line_errors
+def canary_cmd(
+    stable: Annotated[
+        str, typer.Option(help="URL of the stable service, e.g. http://127.0.0.1:3000.")
+    ],
+    candidate: Annotated[str, typer.Option(help="URL of the candidate, behind its own Service.")],
+    pairs: Annotated[int, typer.Option(help="STS Benchmark test pairs sent to both.")] = 200,
+    long: Annotated[int, typer.Option(help="Long documents (~256 tokens) sent to both.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Texts per request.")] = 16,
+    max_p95_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Most candidate/stable p95 latency (default: 1 + p95_rise_max of "
+            "config/perf-gate.yaml)."
+        ),
+    ] = None,
+) -> None:
+    """Compare a candidate server with the stable one before it takes user traffic: same
+    texts, vectors judged by the candidate's class, errors and p95. Exit 0 = promote,
+    1 = roll back (docs/deployment.md, Canary)."""
+    from rich.table import Table
+
+    from embedkit.bench.canary import TextSet, report_lines, run_canary
+
+    if batch_size < 1:
+        raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
+    result = run_canary(
+        stable,
+        candidate,
+        texts=TextSet.default(pairs, long),
+        batch_size=batch_size,
+        max_p95_ratio=max_p95_ratio,
+    )
+    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
+    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
+        table.add_column(column, overflow="fold")
+    for row in report_lines(result):
+        table.add_row(*row)
+    out.print(table)
+    checks = Table(show_header=False, box=None)
+    if result.refused:
+        checks.add_row("[red]REFUSED[/red]", result.refused)
+    for what, figure, ok in result.checks:
+        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
+    for side in (result.stable, result.candidate):
+        for error in side.errors[:3]:
+            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
+    out.print(checks)
+    if result.passed:
+        out.print("[bold green]PROMOTE[/bold green]: the candidate may join the stable Service")
+        return
+    out.print("[bold red]ROLL BACK[/bold red]: " + "; ".join(result.reasons), soft_wrap=True)
+    raise typer.Exit(1)
+
+
 # --- pools on Kubernetes (deploy/k8s): patches generated from a release's records -------------
 
 pools_app = typer.Typer(
