@@ -119,6 +119,14 @@ def test_info_refuses_a_tampered_artifact(artifact_copy: Path) -> None:
 
 def test_release_registers_a_verified_model(tmp_path: Path) -> None:
     """export → validate (contract + parity) → register, through the real CLI process."""
+    # When the session's store already holds all-minilm-l6-v2:latest, the performance gate
+    # runs against it: a small same-vs-same run (the gate's own tests are in test_bench and
+    # test_release).
+    gate = tmp_path / "perf-gate.yaml"
+    gate.write_text(
+        "throughput_drop_max: 0.5\np95_rise_max: 2.0\nthroughput_batch_sizes: [32]\n"
+        "latency_batch_sizes: []\ntexts: 64\nrounds: 1\nshort: {texts: 64, rounds: 1}\n"
+    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -129,6 +137,8 @@ def test_release_registers_a_verified_model(tmp_path: Path) -> None:
             str(tmp_path),
             "--limit",
             "60",
+            "--perf-gate-config",
+            str(gate),
         ],
         capture_output=True,
         text=True,

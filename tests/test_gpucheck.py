@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from embedkit import pools
 from embedkit.bench import gpucheck, transfer
 from embedkit.runtime.session import CUDA, available_providers
 
@@ -75,6 +76,10 @@ def test_dry_run_says_no_gpu_and_rehearses_every_stage(
         "cpu-rehearsal/fp16-variant",
     }
     assert all(r["texts_per_s"] > 0 for row in rows.values() for r in row.values())
+    # What it measured, by content; a rehearsal never vouches for mixing CPU and GPU pools.
+    assert report["artifacts"]["fp32"]["model_sha256"] == fp32_artifact.manifest.files["model.onnx"]
+    verdict = pools.mixed_verdict(fp32_artifact, report)
+    assert not verdict.allowed and "did not pass on a GPU" in verdict.summary()
 
 
 def test_no_rehearsal_stops_after_saying_so(tmp_path: Path) -> None:

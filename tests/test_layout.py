@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "bento": 6,
     "container": 6,
     "reembed": 6,  # a client of the HTTP service (reads the served identity's header)
+    "pools": 6,
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

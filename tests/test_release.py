@@ -12,7 +12,15 @@ from tests.quality_reports import quality_report, segment
 from embedkit.model.artifact import resolve
 from embedkit.model.recipe import find_recipe
 from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
-from embedkit.release import PARENT, Candidate, candidates_summary, pick_default, release
+from embedkit.release import (
+    PARENT,
+    Candidate,
+    build,
+    candidates_summary,
+    pick_default,
+    publish,
+    release,
+)
 
 APPROVED = GateVerdict(approved=True, failures=[], segments_checked=1)
 REJECTED = GateVerdict(
@@ -130,3 +138,78 @@ def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Pat
 
     summary = result.summary_markdown or ""
     assert "| fused |" in summary and "| bad-int8 |" in summary and "rejected" in summary
+
+
+# --- the performance gate against the previous :latest ---------------------------------------
+
+# The configured limits, timed at batch 128 only (where padding costs most) on 128 texts: the
+# slow candidate (1 thread, token-aware batching off) measured 0.35-0.50x the baseline,
+# against a limit of 0.80x (docs/benchmarks/perf-gate.md), so the test cannot flake.
+# `release` is `build` + `publish`; building once keeps the test to one export.
+SLOW = {"EMBEDKIT_INTRA_OP_THREADS": "1", "EMBEDKIT_TOKEN_AWARE_BATCHING": "false"}
+
+
+@pytest.mark.slow
+def test_a_slower_release_does_not_become_latest_without_an_override(
+    fp32_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import shutil
+
+    import bentoml
+
+    from embedkit.bench import perfgate, records
+    from embedkit.core.errors import PerformanceRegression
+    from embedkit.core.settings import get_settings
+    from embedkit.model.artifact import Artifact, finalize, register
+    from embedkit.release import attach_records
+
+    name = "perfgate-e2e"  # its own model-store name: NAME:latest belongs to this test
+    # The current :latest: the session's export under this name, with its runtime record.
+    shutil.copytree(fp32_artifact.path, tmp_path / "baseline")
+    fields = Artifact.load(tmp_path / "baseline").manifest.model_dump(
+        mode="json", exclude={"files"}
+    )
+    baseline = finalize(tmp_path / "baseline", {**fields, "name": name})
+    files, perf = records.write_records(
+        baseline, "fp32", tmp_path / "baseline-records", bench=False
+    )
+    baseline_tag = register(attach_records(baseline, files, {"performance": perf}))
+
+    th = perfgate.load_thresholds().model_copy(
+        update={
+            "texts": 128,
+            "rounds": 2,
+            "throughput_batch_sizes": [128],
+            "latency_batch_sizes": [],
+        }
+    )
+    # Built (export, contract) once with the ordinary settings; published slow, twice.
+    built = build(
+        find_recipe(None).model_copy(update={"name": name}), workdir=tmp_path, limit_per_segment=2
+    )
+    for key, value in SLOW.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(PerformanceRegression, match="throughput at batch 128") as refused:
+            publish(built, bench=False, perf_thresholds=th)
+        assert f"{name}:latest stays {baseline_tag}" in refused.value.message
+        assert str(bentoml.models.get(f"{name}:latest").tag) == baseline_tag
+        assert len(bentoml.models.list(name)) == 1  # nothing of the slow release registered
+
+        reason = "hotfix for a tokenizer bug; speed regression accepted until #21"
+        result = publish(built, bench=False, perf_thresholds=th, override_perf_gate=reason)
+    finally:
+        get_settings.cache_clear()
+    assert str(bentoml.models.get(f"{name}:latest").tag) == result.tag != baseline_tag
+    stored = resolve(result.tag)
+    record = json.loads((stored.path / stored.manifest.records["release"]).read_text())
+    gate = record["perf_gate"]
+    assert gate["baseline"] == baseline_tag and gate["passed"] is False
+    assert gate["override_reason"] == reason and gate["failures"]
+    assert record["code"]["commit"] is None or len(record["code"]["commit"]) == 40
+    assert record["code"]["clean"] in (True, False, None)
+    assert "perf_gate" in stored.manifest.records  # the measured figures travel along
+    metadata = bentoml.models.get(result.tag).info.metadata
+    assert reason in str(metadata["release.perf_gate"])

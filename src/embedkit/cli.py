@@ -197,16 +197,34 @@ def release_cmd(
             "(~10 s each); the runtime parameters are always stored."
         ),
     ] = True,
+    override_perf_gate: Annotated[
+        str | None,
+        typer.Option(
+            help="Release even if the performance gate against the previous :latest fails; "
+            "the REASON goes into the release records."
+        ),
+    ] = None,
+    perf_gate_config: Annotated[
+        Path | None,
+        typer.Option(help="Performance gate thresholds (default: config/perf-gate.yaml)."),
+    ] = None,
 ) -> None:
-    """Export → validate → variants and gate (optional) → records → sign → register.
+    """Export → validate → variants and gate (optional) → performance gate against the
+    previous :latest → records → sign → register.
 
-    Prints the default version's tag."""
+    Prints the default version's tag. A performance regression registers nothing (exit 1)
+    unless --override-perf-gate gives the reason."""
+    from embedkit.bench import perfgate
     from embedkit.model.recipe import find_recipe
     from embedkit.model.signing import load_private_key
     from embedkit.release import release
 
     if sign is not None:
         load_private_key(sign)  # fail before minutes of export, not after
+    # Read (and checked) before minutes of export, as the key is.
+    thresholds = perfgate.load_thresholds(perf_gate_config) if perf_gate_config else None
+    if override_perf_gate is not None and not override_perf_gate.strip():
+        raise InvalidInput("--override-perf-gate needs the reason (it goes into the records)")
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
         result = release(
@@ -218,6 +236,8 @@ def release_cmd(
             sign_key=sign,
             step=step,
             bench=bench,
+            perf_thresholds=thresholds,
+            override_perf_gate=override_perf_gate,
         )
     for version in result.versions[:-1]:
         err.print(f"  registered {version.name}: {version.tag}", highlight=False)
@@ -1112,6 +1132,123 @@ def reembed_cmd(
         "out": str(out),
     }
     print(json.dumps(result), flush=True)
+
+
+@app.command("canary")
+@one_line_errors
+def canary_cmd(
+    stable: Annotated[
+        str, typer.Option(help="URL of the stable service, e.g. http://127.0.0.1:3000.")
+    ],
+    candidate: Annotated[str, typer.Option(help="URL of the candidate, behind its own Service.")],
+    pairs: Annotated[int, typer.Option(help="STS Benchmark test pairs sent to both.")] = 200,
+    long: Annotated[int, typer.Option(help="Long documents (~256 tokens) sent to both.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Texts per request.")] = 16,
+    max_p95_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Most candidate/stable p95 latency (default: 1 + p95_rise_max of "
+            "config/perf-gate.yaml)."
+        ),
+    ] = None,
+) -> None:
+    """Compare a candidate server with the stable one before it takes user traffic: same
+    texts, vectors judged by the candidate's class, errors and p95. Exit 0 = promote,
+    1 = roll back (docs/deployment.md, Canary)."""
+    from rich.table import Table
+
+    from embedkit.bench.canary import TextSet, report_lines, run_canary
+
+    if batch_size < 1:
+        raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
+    result = run_canary(
+        stable,
+        candidate,
+        texts=TextSet.default(pairs, long),
+        batch_size=batch_size,
+        max_p95_ratio=max_p95_ratio,
+    )
+    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
+    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
+        table.add_column(column, overflow="fold")
+    for row in report_lines(result):
+        table.add_row(*row)
+    out.print(table)
+    checks = Table(show_header=False, box=None)
+    if result.refused:
+        checks.add_row("[red]REFUSED[/red]", result.refused)
+    for what, figure, ok in result.checks:
+        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
+    for side in (result.stable, result.candidate):
+        for error in side.errors[:3]:
+            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
+    out.print(checks)
+    if result.passed:
+        out.print("[bold green]PROMOTE[/bold green]: the candidate may join the stable Service")
+        return
+    out.print("[bold red]ROLL BACK[/bold red]: " + "; ".join(result.reasons), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+# --- pools on Kubernetes (deploy/k8s): patches generated from a release's records -------------
+
+pools_app = typer.Typer(
+    help="Generate the deploy/k8s patches a release's records allow (docs/deployment.md, Pools).",
+    no_args_is_help=True,
+)
+app.add_typer(pools_app, name="pools")
+K8sOpt = Annotated[Path, typer.Option(help="The kustomize tree (deploy/k8s of the project).")]
+ISA_OVERLAYS = ("cpu", "canary")
+
+
+@pools_app.command("isa")
+@one_line_errors
+def pools_isa_cmd(
+    target: Annotated[str, typer.Argument(help="Model tag or artifact dir the pool serves.")],
+    overlay: Annotated[str, typer.Option(help="cpu (stable) or canary (the candidate).")] = "cpu",
+    k8s: K8sOpt = Path("deploy/k8s"),
+) -> None:
+    """Write OVERLAY/isa-affinity.yaml: node affinity to the ISA level the served variant's
+    verdict was measured on (`embedkit.dev/isa-level`), none for fp32."""
+    from embedkit import pools
+    from embedkit.model.artifact import resolve
+
+    if overlay not in ISA_OVERLAYS:
+        raise InvalidInput(f"--overlay is one of {', '.join(ISA_OVERLAYS)}, not {overlay!r}")
+    artifact = resolve(target)
+    patch = pools.isa_patch(artifact)
+    path = pools.write_patch(
+        patch, k8s / "overlays" / overlay / "isa-affinity.yaml", f"`embedkit pools isa {target}`"
+    )
+    level = pools.isa_level(artifact)
+    err.print(f"{path}: " + (f"nodes labelled {pools.ISA_LABEL}={level}" if level else "any node"))
+
+
+@pools_app.command("mixed")
+@one_line_errors
+def pools_mixed_cmd(
+    target: Annotated[str, typer.Argument(help="Model tag or artifact dir both pools serve.")],
+    gpu_check: Annotated[
+        Path | None,
+        typer.Option(help="gpu-check.json (default: the one recorded with the release)."),
+    ] = None,
+    k8s: K8sOpt = Path("deploy/k8s"),
+) -> None:
+    """Write overlays/mixed/parity-verdict.yaml if the GPU check measured both pools' vectors
+    compatible for this model and precision; exit 1 with the reasons otherwise."""
+    from embedkit import pools
+    from embedkit.model.artifact import resolve
+
+    artifact = resolve(target)
+    verdict = pools.mixed_verdict(artifact, pools.load_gpu_check(artifact, gpu_check))
+    if not verdict.allowed:
+        raise InvalidInput(verdict.summary())
+    path = pools.write_patch(
+        pools.verdict_patch(verdict),
+        k8s / "overlays" / "mixed" / "parity-verdict.yaml",
+        f"`embedkit pools mixed {target}`",
+    )
+    err.print(f"{path}: {verdict.summary()}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from embedkit.bench import records
+from embedkit.bench import perfgate, records
 from embedkit.bench.stats import percentile
-from embedkit.core.errors import InvalidInput
+from embedkit.core.errors import InvalidInput, PerformanceRegression
 from embedkit.core.settings import get_settings
 from embedkit.model import evaldata, signing
 from embedkit.model.artifact import Artifact, finalize, register
@@ -85,6 +85,20 @@ def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
     return attach_records(
         artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
     )
+
+
+def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
+    """Record the GPU check (``scripts/gpu-check``'s gpu-check.json) with a release's working
+    copy, before it is registered: the parity verdict `embedkit pools mixed` reads. Refused
+    when the report measured another model.onnx (it would vouch for vectors it never saw)."""
+    data = json.loads(Path(report).read_text())
+    measured = (data.get("artifacts") or {}).get("fp32", {}).get("model_sha256")
+    if measured != artifact.manifest.files.get("model.onnx"):
+        raise InvalidInput(
+            f"{report} measured model.onnx sha256 {str(measured)[:12]}…, not "
+            f"{artifact.path}'s; run the GPU check on this artifact"
+        )
+    return attach_records(artifact, {"gpu_check": Path(report)}, {})
 
 
 # --- variant candidates: build → evaluate → gate → time ------------------------------------
@@ -207,6 +221,86 @@ def candidates_summary(
     )
 
 
+# --- the performance gate against the previous :latest ----------------------------------------
+
+
+def previous_latest(name: str) -> str | None:
+    """The tag ``NAME:latest`` resolves to in the model store; None before the first release."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return str(bentoml.models.get(f"{name}:latest").tag)
+    except NotFound:
+        return None
+
+
+@dataclass(frozen=True)
+class PerfDecision:
+    """The performance gate's word on a release's default version, and any override."""
+
+    baseline: str | None  # the previous NAME:latest; None for a first release
+    result: perfgate.GateResult | None
+    override: str | None = None  # the operator's reason, when the gate failed and was overridden
+
+    @property
+    def blocks(self) -> bool:
+        return self.result is not None and not self.result.passed and self.override is None
+
+    def summary(self) -> str:
+        if self.result is None:
+            return "no baseline (first release of this name)"
+        if self.result.passed:
+            return f"passed against {self.baseline}"
+        verdict = f"FAILED against {self.baseline}: {'; '.join(self.result.failures)}"
+        return verdict + (f" — overridden: {self.override}" if self.override else "")
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline,
+            "passed": None if self.result is None else self.result.passed,
+            "failures": [] if self.result is None else self.result.failures,
+            "override_reason": self.override,
+            "summary": self.summary(),
+        }
+
+
+def run_perf_gate(
+    name: str,
+    candidate: Artifact,
+    *,
+    thresholds: perfgate.PerfThresholds | None = None,
+    override: str | None = None,
+    say: Callable[[str], None] = log.info,
+) -> PerfDecision:
+    """``candidate`` (run with this environment's settings) against the previous
+    ``NAME:latest`` (run with the runtime parameters its release recorded), both measured
+    in this run (:func:`embedkit.bench.perfgate.run_gate`). ``override`` is kept only
+    when the gate fails: a passing release needs none."""
+    baseline = previous_latest(name)
+    if baseline is None:
+        say(f"performance gate: no previous {name}:latest, nothing to compare")
+        return PerfDecision(None, None)
+    say(f"performance gate: candidate vs {baseline}, interleaved in this run")
+    config = perfgate.Config(f"candidate {candidate.path.name}", candidate, get_settings())
+    result = perfgate.run_gate(perfgate.load_baseline(baseline), config, thresholds)
+    return PerfDecision(baseline, result, None if result.passed else override)
+
+
+def release_record(decision: PerfDecision, default: str, code: dict[str, Any], out: Path) -> Path:
+    """``release.json``: the code that built the release and the performance gate's word."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "release.json"
+    data = {
+        "kind": "embedkit-release",
+        "code": code,
+        "default_version": default,
+        "perf_gate": decision.record(),
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
 def release(
     recipe: Recipe,
     *,
@@ -219,16 +313,61 @@ def release(
     step: Step | None = None,
     bench: bool = True,
     candidate_options: Mapping[str, Any] | None = None,
+    perf_thresholds: perfgate.PerfThresholds | None = None,
+    override_perf_gate: str | None = None,
 ) -> Release:
-    """Export, validate, optionally build and gate variants, sign and register.
+    """Export, validate, optionally build and gate variants (:func:`build`), then the
+    performance gate, records, signing and registration (:func:`publish`).
 
     Every registered version carries release records (:mod:`embedkit.bench.records`): its
     runtime parameters and, with ``bench``, a short benchmark and profiler summary.
     ``candidate_options`` go to :func:`run_candidates` (evaluation size, timing rounds,
     cache), e.g. to make a quick run smaller.
 
-    Raises ContractViolation when the fp32 contract fails (nothing registered).
+    Before anything is registered, the default version goes through the performance gate
+    against the previous ``NAME:latest`` (:func:`run_perf_gate`, ``perf_thresholds`` or
+    ``config/perf-gate.yaml``). A regression registers nothing, so ``:latest`` stays where
+    it was, unless ``override_perf_gate`` gives the operator's reason; the gate's result,
+    that reason and the code's git commit go into every version's ``records/release.json``.
+
+    Raises ContractViolation when the fp32 contract fails, PerformanceRegression when the
+    performance gate fails without an override (nothing registered either way).
     """
+    if override_perf_gate is not None and not override_perf_gate.strip():
+        raise InvalidInput("--override-perf-gate needs the reason (it goes into the records)")
+    built = build(
+        recipe,
+        workdir=workdir,
+        limit_per_segment=limit_per_segment,
+        variants=variants,
+        presets=presets,
+        force=force,
+        step=step,
+        candidate_options=candidate_options,
+    )
+    return publish(
+        built,
+        sign_key=sign_key,
+        step=step,
+        bench=bench,
+        perf_thresholds=perf_thresholds,
+        override_perf_gate=override_perf_gate,
+    )
+
+
+def build(
+    recipe: Recipe,
+    *,
+    workdir: Path | None = None,
+    limit_per_segment: int | None = None,
+    variants: bool = False,
+    presets: dict[str, dict[str, Any]] | None = None,
+    force: Sequence[str] = (),
+    step: Step | None = None,
+    candidate_options: Mapping[str, Any] | None = None,
+) -> Built:
+    """Export, validate, optionally build, gate and time variants; pick the default.
+    Nothing is registered. Raises ContractViolation when the fp32 contract fails."""
     say = step or (lambda _m: None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     base = Path(workdir) if workdir else get_settings().artifacts_dir
@@ -276,15 +415,80 @@ def release(
         best = pick_default(candidates, parent_speed)
         default_name = best.name if best else PARENT
     versions.insert(0, (PARENT, artifact, parent_speed, True))
+    return Built(recipe.name, root, report, versions, default_name, summary)
+
+
+@dataclass
+class Built:
+    """A release up to registration: versions exported, validated, gated, in ``root``."""
+
+    name: str
+    root: Path
+    report: dict[str, Any]  # the fp32 validation report
+    versions: list[tuple[str, Artifact, float | None, bool]]  # name, artifact, speed, approved
+    default_name: str
+    summary: str | None = None
+
+
+def publish(
+    built: Built,
+    *,
+    sign_key: Path | None = None,
+    step: Step | None = None,
+    bench: bool = True,
+    perf_thresholds: perfgate.PerfThresholds | None = None,
+    override_perf_gate: str | None = None,
+) -> Release:
+    """The performance gate, then records → sign → register, the default version last (so
+    ``NAME:latest`` is it). A failed gate without ``override_perf_gate`` registers nothing
+    and raises PerformanceRegression; ``built`` stays as it was (publish it again later)."""
+    if override_perf_gate is not None and not override_perf_gate.strip():
+        raise InvalidInput("--override-perf-gate needs the reason (it goes into the records)")
+    say = step or (lambda _m: None)
+    root, default_name, versions = built.root, built.default_name, built.versions
+    # The default would become NAME:latest: measured against the current one first.
+    default_art = next(art for name, art, _, _ in versions if name == default_name)
+    decision = run_perf_gate(
+        built.name,
+        default_art,
+        thresholds=perf_thresholds,
+        override=override_perf_gate,
+        say=say,
+    )
+    gate_files: dict[str, Path] = {}
+    if decision.result is not None:
+        gate_files["perf_gate"] = root / "records" / "perf-gate.json"
+        gate_files["perf_gate"].parent.mkdir(parents=True, exist_ok=True)
+        gate_files["perf_gate"].write_text(json.dumps(decision.result.as_dict(), indent=2) + "\n")
+        say(decision.result.markdown())
+    if decision.blocks:
+        raise PerformanceRegression(
+            f"{built.name}:latest stays {decision.baseline}: {decision.summary()}. Nothing "
+            f"registered (artifacts and perf-gate.json under {root}); to release it anyway, "
+            "pass --override-perf-gate REASON"
+        )
+    if decision.override:
+        say(f"performance gate overridden: {decision.override}")
 
     # The default is registered last, so NAME:latest is it.
     ordered = sorted(versions, key=lambda v: v[0] == default_name)
     registered: list[Registered] = []
+    code = records.code_revision()
     for name, art, speed, ok in ordered:
         role = "default" if name == default_name else "candidate"
         # Records before signing: attaching them re-finalises the manifest.
         say(f"release records for {name}" + (" (short benchmark, profile)" if bench else ""))
         files, perf = records.write_records(art, name, root / "records" / name, bench=bench)
+        files["release"] = release_record(decision, default_name, code, root / "records" / name)
+        if name == default_name:
+            files.update(gate_files)
+        perf.update(
+            {
+                "release.commit": code["commit"],
+                "release.tree_clean": code["clean"],
+                "release.perf_gate": decision.summary()[:200],
+            }
+        )
         art = attach_records(art, files, {"performance": perf})
         if sign_key is not None:
             say(f"signing {name} with key {signing.sign(art.path, sign_key)}")
@@ -294,7 +498,7 @@ def release(
     return Release(
         tag=registered[-1].tag,
         artifact=art,  # the default, registered last, with its records
-        report=report,
+        report=built.report,
         versions=registered,
-        summary_markdown=summary,
+        summary_markdown=built.summary,
     )

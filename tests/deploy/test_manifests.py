@@ -637,7 +637,10 @@ def test_canary_render_holds_only_canary_objects(rendered: dict[str, list[Doc]])
         assert doc["metadata"]["labels"].get(TRACK) == "canary", ident(doc)
     kinds = {d["kind"] for d in rendered["canary"]}
     assert {"Deployment", "HorizontalPodAutoscaler"} <= kinds
-    assert not kinds & {"Service", "PodDisruptionBudget"}
+    assert "PodDisruptionBudget" not in kinds
+    # Its own Service (no user traffic before `embedkit canary` passed) selects only canary pods.
+    (service,) = of_kind(rendered["canary"], "Service")
+    assert service["spec"]["selector"].get(TRACK) == "canary"
 
 
 def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) -> None:

@@ -217,6 +217,38 @@ def test_body_over_limit_is_413_before_parsing(server) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
+def test_every_response_names_the_served_version(server) -> None:
+    """The identity header on every route's answer: the bulk route (a request the front
+    splits into several engine calls), the query lane, OpenAI, tokenize, and errors raised
+    at the edge (405, 413), by validation (400) and by the route (404)."""
+    from embedkit.serve.identity import HEADER, ServedIdentity
+
+    served = ServedIdentity.from_dict(httpx.get(server.url + "/info", timeout=30).json()["served"])
+    big = b'{"texts": ["' + b"a" * (8 * 1024 * 1024) + b'"]}'
+    answers = {
+        "bulk": post(server, "/embed", {"texts": [f"text {i}" for i in range(300)]}),
+        "query": post(server, "/embed/query", {"texts": ["a query"]}),
+        "openai": post(server, "/v1/embeddings", {"model": MODEL, "input": ["a", "b"]}),
+        "tokenize": post(server, "/tokenize", {"texts": ["a"]}),
+        "400": post(server, "/embed", {"texts": "not a list"}),
+        "404": post(server, "/v1/embeddings", {"model": "other", "input": "a"}),
+        "405": httpx.request("TRACE", server.url + "/embed", timeout=10),
+        "413": httpx.post(
+            server.url + "/embed",
+            content=big,
+            timeout=60,
+            headers={"content-type": "application/json"},
+        ),
+    }
+    statuses = {k: r.status_code for k, r in answers.items()}
+    assert statuses == {
+        **dict.fromkeys(("bulk", "query", "openai", "tokenize"), 200),
+        **{k: int(k) for k in ("400", "404", "405", "413")},
+    }
+    for what, response in answers.items():
+        assert response.headers.get(HEADER) == served.header_value(), what
+
+
 def test_empty_strings_embed(server, engine) -> None:
     body = post(server, "/embed", {"texts": ["", ""]}).json()
     assert_parity(np.array(body["embeddings"], dtype=np.float32), engine.encode(["", ""]))

@@ -301,6 +301,12 @@ class Check:
         self.shape_batches = (1, 7, 32, 128) if self.gpu else (1, 7)
         self.fp32 = Artifact.load(args.fp32)
         self.fp16 = Artifact.load(args.fp16) if args.fp16 else None
+        # What was measured, by content: `embedkit pools mixed` binds the verdict to it.
+        report.data["artifacts"] = {
+            role: {"name": a.manifest.name, "model_sha256": a.manifest.files["model.onnx"]}
+            for role, a in (("fp32", self.fp32), ("fp16", self.fp16))
+            if a is not None
+        }
         self.reference_dir = args.reference
         self.out = report.out
         self.configs = configs(env)

@@ -25,6 +25,31 @@ from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import Artifact
 
 BENCH_BATCHES = (1, 32)
+
+
+def code_revision(where: Path | None = None) -> dict[str, Any]:
+    """The git commit of the code (this package's checkout, or ``where``) and whether its
+    tree was clean (untracked files count); both None outside a git checkout, e.g. a Bento."""
+    import subprocess
+
+    cwd = where or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "clean": None}
+    status = git("status", "--porcelain")
+    return {"commit": commit.strip(), "clean": None if status is None else status.strip() == ""}
+
+
 BENCH_TEXTS = 256
 PROFILE_BATCH = 32
 

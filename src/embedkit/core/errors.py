@@ -174,6 +174,15 @@ class ContractViolation(EmbedkitError):
     code = "contract_violation"
 
 
+class PerformanceRegression(EmbedkitError):
+    """A release's default version is slower than the previous ``:latest`` beyond
+    ``config/perf-gate.yaml``; it was not registered (``--override-perf-gate REASON``)."""
+
+    status = 500
+    type = "server_error"
+    code = "performance_regression"
+
+
 class MissingExtra(EmbedkitError):
     """An optional dependency group is needed (e.g. ``pip install embedkit[export]``)."""
 
