@@ -23,6 +23,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError, InferenceError
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.runtime.chunking import aggregate
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
 from embedkit.serve import identity
@@ -32,7 +33,13 @@ from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
 from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job
 from embedkit.serve.openapi import openapi_document
 from embedkit.serve.options import batching_policy
-from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane, TokenizeRequest
+from embedkit.serve.schemas import (
+    EmbedBulkRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    Lane,
+    TokenizeRequest,
+)
 from embedkit.serve.startup import settle_gc
 
 log = logging.getLogger(__name__)
@@ -108,7 +115,7 @@ class Front:
         route = "/embed/query" if lane == "query" else "/embed"
 
         async def work() -> bytes:
-            req = EmbedRequest.model_construct(**body)
+            req = EmbedBulkRequest.model_construct(**body)  # chunking stays None on /embed/query
             job = await self._job(
                 lambda: native_job(
                     req, self.tokenizer, self.settings, lane=lane, model_dim=self.dimension
@@ -116,6 +123,8 @@ class Front:
                 len(req.texts),
             )
             vectors = await self.embed(embedder, job, route)
+            if job.chunks is not None:
+                vectors = aggregate(vectors, job.chunks, normalize=job.normalize)
             return native_body(vectors, job, self.model_name)
 
         return await self._guard(work())

@@ -12,6 +12,7 @@ from typing import Any
 
 from embedkit.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge
 from embedkit.core.settings import Settings
+from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks
 from embedkit.runtime.vectors import check_dimensions
 from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, EncodingFormat, Lane
 
@@ -25,6 +26,7 @@ class EmbedJob:
     normalize: bool
     dimensions: int | None
     encoding: EncodingFormat
+    chunks: ChunkPlan | None = None  # with chunking: what each row of ``ids`` is
 
     @property
     def tokens(self) -> int:
@@ -91,11 +93,21 @@ def native_job(
 ) -> EmbedJob:
     check_dimensions(req.dimensions, model_dim)
     check_count(len(req.texts), settings, param="texts")
-    ids = tokenizer.encode(req.texts, truncate=req.truncate)
+    plan = None
+    options = getattr(req, "chunking", None)  # only /embed's model has it
+    if options is not None:
+        # Chunks are rows like texts: max_client_batch bounds them too. No chunk is over
+        # the limit, so ``truncate`` has nothing to do.
+        chunking = Chunking(**dict(options))
+        plan = plan_chunks(req.texts, tokenizer, chunking, max_rows=settings.max_client_batch)
+        ids = plan.ids
+    else:
+        ids = tokenizer.encode(req.texts, truncate=req.truncate)
     return EmbedJob(
         ids=ids,
         lane=lane,
         normalize=req.normalize,
         dimensions=req.dimensions,
         encoding=req.encoding_format,
+        chunks=plan,
     )
