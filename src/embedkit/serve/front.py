@@ -162,6 +162,8 @@ class Front:
                 model=self.model_name,
                 model_dim=self.dimension,
                 vocab_size=self.tokenizer.vocab_size,
+                max_length=self.tokenizer.max_length,
+                frame_tokens=sum(len(part) for part in self.tokenizer.frame),
             )
         return self._openapi
 
