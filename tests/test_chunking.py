@@ -161,3 +161,34 @@ def test_engine_chunked_dimensions_and_raw(engine: Engine) -> None:
     want = aggregate(per_chunk, replace(plan, aggregate="mean"), normalize=True)
     np.testing.assert_allclose(unit, want, atol=1e-6)
     assert np.isclose(np.linalg.norm(unit[0]), 1, atol=1e-5)
+
+
+# --- the retrieval comparison (embedkit chunk-retrieval) -----------------------------------
+
+
+def test_chunk_retrieval_arms_on_a_tiny_set(engine: Engine) -> None:
+    from embedkit.core.errors import InvalidInput
+    from embedkit.quality import chunked_retrieval
+    from embedkit.quality.retrieval import RetrievalSet
+
+    docs = [long_text(300), "a dog ran", long_text(40)]
+    data = RetrievalSet(
+        name="tiny",
+        doc_ids=["d0", "d1", "d2"],
+        docs=docs,
+        query_ids=["q0", "q1"],
+        queries=["the cat sat on a mat", "my dog"],
+        qrels={"q0": {"d0": 1}, "q1": {"d1": 1}},
+    )
+    report = chunked_retrieval.run(engine, data, [(64, 16)])
+    assert [a.arm for a in report.arms] == ["truncate", "mean", "weighted"]
+    assert report.long_documents == 1 and report.arms[0].tokens == 256 + 5 + 42
+    _, plan = engine.encode_chunked(docs, Chunking(64, 16))
+    assert report.arms[1].rows == len(plan.ids) and report.arms[1].tokens == sum(map(len, plan.ids))
+    table = chunked_retrieval.markdown_table(report)
+    assert table.count("\n") == 4 and "| mean | 64 / 16 |" in table
+    assert chunked_retrieval.parse_window("128:32") == (128, 32)
+    with pytest.raises(InvalidInput, match="MAX_TOKENS:OVERLAP"):
+        chunked_retrieval.parse_window("128")
+    with pytest.raises(InvalidChunking):  # refused before any corpus is encoded
+        chunked_retrieval.run(engine, data, [(64, 64)])
