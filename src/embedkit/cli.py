@@ -351,6 +351,10 @@ def chunk_retrieval_cmd(
     from embedkit.runtime.engine import Engine
 
     windows = [chunked_retrieval.parse_window(w) for w in window or []]
+    commit = subprocess.run(  # the code that runs, even if HEAD moves meanwhile
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with progress("chunk-retrieval") as step:
         data = load_beir(max_docs=max_docs, max_queries=max_queries)
         engine = Engine.load(default_artifact(artifact))
@@ -359,13 +363,9 @@ def chunk_retrieval_cmd(
         )
     if json_out:
         json_out.write_text(report.model_dump_json(indent=2))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     host = machine()
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out.print(
-        f"`{_invocation()}` — {now}, commit {commit or '?'}, {host['cpu']} "
+        f"`{_invocation()}` — started {started}, commit {commit or '?'}, {host['cpu']} "
         f"({host['cores']} cores, {host['isa']['level']}); model {engine.manifest.name} "
         f"({engine.artifact.tag or engine.artifact.path.name})\n\n"
         f"{report.dataset}: {report.documents:,} documents ({report.long_documents:,} over "

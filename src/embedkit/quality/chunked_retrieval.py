@@ -5,10 +5,10 @@ title; ~70 % exceed all-MiniLM-L6-v2's 256. Each arm indexes the corpus one way 
 scored with the same query vectors (queries are short: never chunked):
 
 * ``truncate``: the plain path, each document cut at the model's limit;
-* ``mean``: :meth:`Engine.encode_chunked`'s aggregation (the mean of unit chunk vectors,
-  re-normalised), what ``/embed`` with ``chunking`` returns;
-* ``weighted``: the alternative ``mean`` was chosen over, a token-weighted mean of the raw
-  pooled chunk vectors (≈ mean pooling over the whole text), from the same chunk vectors.
+* ``mean``: what ``/embed`` with ``chunking`` returns (:meth:`Engine.encode_chunked`):
+  the token-weighted mean of the raw pooled chunk vectors, normalised;
+* ``unit-mean``: the alternative ``mean`` was chosen over, from the same chunk vectors:
+  the plain mean of the unit chunk vectors, re-normalised.
 
 Tokens embedded (chunk frames and overlap included) are the cost, exact and
 machine-independent.
@@ -19,12 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedkit.core.errors import InvalidInput
 from embedkit.quality.retrieval import RetrievalSet, rank_metrics
-from embedkit.runtime.chunking import Chunking, aggregate, mean_per_text
+from embedkit.runtime.chunking import Chunking, mean_per_text, pool
 from embedkit.runtime.engine import Engine
 from embedkit.runtime.vectors import postprocess
 
@@ -33,7 +32,7 @@ DEFAULT_WINDOWS = ((256, 0), (256, 64), (128, 32))
 
 class ArmResult(BaseModel):
     model_config = ConfigDict(frozen=True)
-    arm: str = Field(description="truncate | mean | weighted")
+    arm: str = Field(description="truncate | mean | unit-mean")
     max_tokens: int
     overlap: int
     rows: int = Field(description="Rows embedded (documents or chunks).")
@@ -92,15 +91,17 @@ def run(
     for chunking in chunkings:
         step(f"{len(data.docs)} documents, chunks of {chunking.max_tokens}/{chunking.overlap}")
         raw, plan = engine.encode_chunked(data.docs, chunking, normalize=False)
-        unit = postprocess(raw, normalize=True, dimensions=None, model_dim=raw.shape[1])
-        tokens = np.array([c.tokens for c in plan.chunks], dtype=np.float64)
-        docs = {
-            "mean": aggregate(unit, replace(plan, aggregate="mean"), normalize=True),
-            "weighted": postprocess(
-                mean_per_text(raw, plan, weights=tokens),
+        dim = raw.shape[1]
+        unit = postprocess(raw, normalize=True, dimensions=None, model_dim=dim)
+        docs = {  # the same numbers Engine.encode_chunked(..., Chunking(aggregate="mean")) gives
+            "mean": postprocess(
+                pool(raw, replace(plan, aggregate="mean")),
                 normalize=True,
                 dimensions=None,
-                model_dim=raw.shape[1],
+                model_dim=dim,
+            ),
+            "unit-mean": postprocess(
+                mean_per_text(unit, plan), normalize=True, dimensions=None, model_dim=dim
             ),
         }
         for arm, vectors in docs.items():
@@ -111,7 +112,7 @@ def run(
                     max_tokens=int(chunking.max_tokens or limit),
                     overlap=chunking.overlap,
                     rows=len(plan.ids),
-                    tokens=int(tokens.sum()),
+                    tokens=sum(c.tokens for c in plan.chunks),
                     ndcg_at_10=ndcg,
                     recall_at_100=recall,
                 )

@@ -23,7 +23,7 @@ import numpy as np
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
-from embedkit.runtime.chunking import Chunking, ChunkPlan, aggregate, plan_chunks
+from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks, pool
 from embedkit.runtime.session import (
     Precision,
     ProviderReport,
@@ -281,8 +281,8 @@ class Engine:
         dimensions: int | None = None,
     ) -> tuple[np.ndarray, ChunkPlan]:
         """Texts split into token windows (:mod:`embedkit.runtime.chunking`), embedded as
-        rows, post-processed, then aggregated: one vector per text (``mean``) or per chunk
-        (``none``, in ``plan.chunks`` order). The same path as ``/embed`` with ``chunking``."""
+        rows, pooled per text (``mean``) or kept per chunk (``none``, in ``plan.chunks``
+        order), then post-processed. The same path as ``/embed`` with ``chunking``."""
         items = validate_texts(texts)
         check_dimensions(dimensions, self.dimension)
         plan = plan_chunks(items, self.tokenizer, chunking)
@@ -290,9 +290,9 @@ class Engine:
         if normalize is None:
             normalize = self.manifest.embedding.normalize
         vectors = postprocess(
-            raw, normalize=normalize, dimensions=dimensions, model_dim=self.dimension
+            pool(raw, plan), normalize=normalize, dimensions=dimensions, model_dim=self.dimension
         )
-        return aggregate(vectors, plan, normalize=normalize), plan
+        return vectors, plan
 
     def warmup(self) -> None:
         """Run the shortest and the longest shapes once so the first request pays no setup."""

@@ -23,7 +23,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError, InferenceError
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.chunking import aggregate
+from embedkit.runtime.chunking import pool
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
 from embedkit.serve import identity
@@ -71,6 +71,8 @@ class Front:
 
     async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
         raw = await self.client.embed(embedder, job)
+        if job.chunks is not None:
+            raw = pool(raw, job.chunks)
         vectors = postprocess(
             raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
         )
@@ -123,8 +125,6 @@ class Front:
                 len(req.texts),
             )
             vectors = await self.embed(embedder, job, route)
-            if job.chunks is not None:
-                vectors = aggregate(vectors, job.chunks, normalize=job.normalize)
             return native_body(vectors, job, self.model_name)
 
         return await self._guard(work())

@@ -117,8 +117,9 @@ class ChunkingOptions(BaseModel):
     )
     aggregate: Aggregate = Field(
         default="mean",
-        description="'mean': one vector per text, the mean of its chunks' vectors "
-        "(re-normalised when normalize); 'none': one vector per chunk.",
+        description="'mean': one vector per text, its chunks' raw vectors averaged with "
+        "their token counts as weights, then normalised when normalize; 'none': one "
+        "vector per chunk.",
     )
 
 
