@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from embedkit.core.errors import InvalidChunking, PayloadTooLarge
 from embedkit.core.settings import Settings
-from embedkit.runtime.chunking import Chunking, aggregate, plan_chunks, windows
+from embedkit.runtime.chunking import Chunking, plan_chunks, windows
 from embedkit.runtime.engine import Engine
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
@@ -130,37 +129,40 @@ def test_engine_chunked_short_texts_are_the_plain_vectors(engine: Engine) -> Non
         np.testing.assert_allclose(got, plain, atol=1e-6)
 
 
-def test_engine_mean_is_the_renormalised_mean_of_the_chunk_vectors(engine: Engine) -> None:
+def test_engine_mean_is_the_token_weighted_mean_of_the_raw_chunk_vectors(engine: Engine) -> None:
     texts = [long_text(400), "short one", long_text(150)]
-    each, plan = engine.encode_chunked(texts, Chunking(64, 16, aggregate="none"))
-    assert each.shape == (len(plan.ids), 384) and len(plan.ids) > 3
-    np.testing.assert_allclose(np.linalg.norm(each, axis=1), 1, atol=1e-5)
-    mean, _ = engine.encode_chunked(texts, Chunking(64, 16))
-    for i in range(len(texts)):
-        rows = each[[k for k, c in enumerate(plan.chunks) if c.index == i]]
-        want = rows.mean(0) / np.linalg.norm(rows.mean(0))
-        np.testing.assert_allclose(mean[i], want, atol=1e-6)
+    raw, plan = engine.encode_chunked(texts, Chunking(64, 16, aggregate="none"), normalize=False)
+    assert raw.shape == (len(plan.ids), 384) and len(plan.ids) > 3
     # Each chunk is an ordinary row: the same vector as embedding its ids plainly.
-    raw, _ = engine.embed_ids(plan.ids)
+    np.testing.assert_allclose(raw, engine.embed_ids(plan.ids)[0], atol=1e-6)
+    each, _ = engine.encode_chunked(texts, Chunking(64, 16, aggregate="none"))
     np.testing.assert_allclose(
         each, postprocess(raw, normalize=True, dimensions=None, model_dim=384), atol=1e-6
     )
+    mean, _ = engine.encode_chunked(texts, Chunking(64, 16))
+    raw_mean, _ = engine.encode_chunked(texts, Chunking(64, 16), normalize=False)
+    for i in range(len(texts)):
+        mine = [k for k, c in enumerate(plan.chunks) if c.index == i]
+        weights = np.array([plan.chunks[k].tokens for k in mine], dtype=np.float64)
+        want = (raw[mine] * weights[:, None]).sum(0) / weights.sum()
+        assert (len(mine) > 1) == (i != 1)  # the long texts have unequal chunks: a real weighting
+        np.testing.assert_allclose(raw_mean[i], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mean[i], want / np.linalg.norm(want), atol=1e-6)
 
 
-def test_engine_chunked_dimensions_and_raw(engine: Engine) -> None:
+def test_engine_chunked_dimensions(engine: Engine) -> None:
     texts = [long_text(300)]
-    chunking = Chunking(max_tokens=128, overlap=32, aggregate="none")
-    raw, plan = engine.encode_chunked(texts, chunking, normalize=False, dimensions=32)
-    assert raw.shape == (len(plan.ids), 32) and not np.allclose(np.linalg.norm(raw, axis=1), 1)
-    mean, _ = engine.encode_chunked(
-        texts, Chunking(max_tokens=128, overlap=32), normalize=False, dimensions=32
-    )
-    np.testing.assert_allclose(mean[0], raw.mean(0), rtol=1e-5, atol=1e-6)
-    unit, _ = engine.encode_chunked(texts, Chunking(max_tokens=128, overlap=32), dimensions=32)
-    per_chunk = postprocess(raw, normalize=True, dimensions=None, model_dim=32)
-    want = aggregate(per_chunk, replace(plan, aggregate="mean"), normalize=True)
-    np.testing.assert_allclose(unit, want, atol=1e-6)
-    assert np.isclose(np.linalg.norm(unit[0]), 1, atol=1e-5)
+    full, plan = engine.encode_chunked(texts, Chunking(128, 32), normalize=False)
+    for how in ("mean", "none"):
+        got, _ = engine.encode_chunked(
+            texts, Chunking(128, 32, aggregate=how), dimensions=32, normalize=False
+        )
+        rows = full[:, :32] if how == "mean" else engine.embed_ids(plan.ids)[0][:, :32]
+        np.testing.assert_allclose(got, rows, rtol=1e-5, atol=1e-6)  # Matryoshka after pooling
+        unit, _ = engine.encode_chunked(texts, Chunking(128, 32, aggregate=how), dimensions=32)
+        np.testing.assert_allclose(
+            unit, rows / np.linalg.norm(rows, axis=1, keepdims=True), atol=1e-6
+        )
 
 
 # --- the retrieval comparison (embedkit chunk-retrieval) -----------------------------------
@@ -169,7 +171,7 @@ def test_engine_chunked_dimensions_and_raw(engine: Engine) -> None:
 def test_chunk_retrieval_arms_on_a_tiny_set(engine: Engine) -> None:
     from embedkit.core.errors import InvalidInput
     from embedkit.quality import chunked_retrieval
-    from embedkit.quality.retrieval import RetrievalSet
+    from embedkit.quality.retrieval import RetrievalSet, rank_metrics
 
     docs = [long_text(300), "a dog ran", long_text(40)]
     data = RetrievalSet(
@@ -181,12 +183,19 @@ def test_chunk_retrieval_arms_on_a_tiny_set(engine: Engine) -> None:
         qrels={"q0": {"d0": 1}, "q1": {"d1": 1}},
     )
     report = chunked_retrieval.run(engine, data, [(64, 16)])
-    assert [a.arm for a in report.arms] == ["truncate", "mean", "weighted"]
+    assert [a.arm for a in report.arms] == ["truncate", "mean", "unit-mean"]
     assert report.long_documents == 1 and report.arms[0].tokens == 256 + 5 + 42
     _, plan = engine.encode_chunked(docs, Chunking(64, 16))
     assert report.arms[1].rows == len(plan.ids) and report.arms[1].tokens == sum(map(len, plan.ids))
     table = chunked_retrieval.markdown_table(report)
     assert table.count("\n") == 4 and "| mean | 64 / 16 |" in table
+    # the mean arm is the API's: the same vectors scored as the report says
+    vectors, _ = engine.encode_chunked(docs, Chunking(64, 16))
+    queries = engine.encode(data.queries, normalize=True)
+    assert rank_metrics(queries, vectors, data) == (
+        report.arms[1].ndcg_at_10,
+        report.arms[1].recall_at_100,
+    )
     assert chunked_retrieval.parse_window("128:32") == (128, 32)
     with pytest.raises(InvalidInput, match="MAX_TOKENS:OVERLAP"):
         chunked_retrieval.parse_window("128")
