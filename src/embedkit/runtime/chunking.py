@@ -13,7 +13,7 @@ mean pooling carried across the windows. On SciFact it retrieved better than the
 of unit chunk vectors, which lets a short tail chunk outvote a full one (docs/chunking.md).
 A text within ``max_tokens`` is one chunk, so its vector is the plain one.
 
-Plain numpy and the tokenizer: the HTTP front plans and aggregates with this module too.
+Plain numpy and the tokenizer: the HTTP front plans and pools with this module too.
 """
 
 from __future__ import annotations
