@@ -43,6 +43,7 @@ from embedkit.serve.http_errors import error_response
 from embedkit.serve.middleware import EdgeMiddleware
 from embedkit.serve.options import embedder_config, engine_settings, front_config, ort_runs
 from embedkit.serve.schemas import (
+    EmbedBulkRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
     EmbedRequest,
@@ -162,9 +163,9 @@ class EmbeddingAPI:
         """OpenAI-compatible embeddings (one input → query lane, several → bulk lane)."""
         return await self.front.openai(self.embedder, body)
 
-    @bentoml.api(route="/embed", input_spec=EmbedRequest, output_spec=EmbedResponse)
+    @bentoml.api(route="/embed", input_spec=EmbedBulkRequest, output_spec=EmbedResponse)
     async def embed(self, **body: Any) -> Any:
-        """Bulk embedding (throughput-tuned batching)."""
+        """Bulk embedding (throughput-tuned batching), with opt-in chunking of long texts."""
         return await self.front.native(self.embedder, body, "bulk")
 
     @bentoml.api(route="/embed/query", input_spec=EmbedRequest, output_spec=EmbedResponse)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -39,6 +40,7 @@ from embedkit.serve.http_errors import (
 from embedkit.serve.jobs import EmbedJob, native_job, openai_job
 from embedkit.serve.middleware import EdgeMiddleware, check_auth
 from embedkit.serve.schemas import (
+    EmbedBulkRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
     EmbedRequest,
@@ -112,6 +114,47 @@ def test_native_job(tokenizer) -> None:
         native_job(long, tokenizer, SETTINGS, lane="bulk", model_dim=384)
     with pytest.raises(ValidationError):
         EmbedRequest.model_validate({"texts": ["a"], "unknown": 1})
+
+
+def test_chunking_is_a_bulk_route_field(tokenizer) -> None:
+    cases: list[tuple[type[EmbeddingsRequest | EmbedRequest], dict[str, Any]]] = [
+        (EmbeddingsRequest, {"model": MODEL, "input": "a"}),
+        (EmbedRequest, {"texts": ["a"]}),
+    ]
+    for model, body in cases:
+        with pytest.raises(ValidationError, match="chunking is supported on POST /embed only"):
+            model.model_validate({**body, "chunking": {}})
+    req = EmbedBulkRequest.model_validate(
+        {"texts": ["a", "b " * 9], "chunking": {"max_tokens": 6, "overlap": 1}}
+    )
+    job = native_job(req, tokenizer, SETTINGS, lane="bulk", model_dim=384)
+    assert job.chunks is not None and job.ids == job.chunks.ids
+    b = 1038  # "b": 9 tokens in windows of 4 sharing 1, the last holding what is left
+    assert job.ids == [
+        [101, 1037, 102],
+        [101, b, b, b, b, 102],
+        [101, b, b, b, b, 102],
+        [101, b, b, b, 102],
+    ]
+    body = json.loads(native_body(np.zeros((4, 2), np.float32), job, MODEL))
+    assert [(c["index"], c["start"], c["end"]) for c in body["chunks"]] == [
+        (0, 0, 1),
+        (1, 0, 7),
+        (1, 6, 13),
+        (1, 12, 17),
+    ]
+    EmbedResponse.model_validate(body)
+    assert "chunks" not in json.loads(
+        native_body(np.zeros((1, 2), np.float32), replace(job, chunks=None), MODEL)
+    )
+    with pytest.raises(PayloadTooLarge, match="5 chunks"):  # max_client_batch bounds chunks
+        native_job(
+            EmbedBulkRequest.model_validate({"texts": ["b " * 17], "chunking": {"max_tokens": 6}}),
+            tokenizer,
+            SETTINGS,
+            lane="bulk",
+            model_dim=384,
+        )
 
 
 # --- bodies -----------------------------------------------------------------------------

@@ -221,3 +221,7 @@ def test_configuration_reference_is_current(pytestconfig: pytest.Config) -> None
     assert doc.read_text() == result.stdout, (
         "run: embedkit config --markdown > docs/configuration.md"
     )
+
+
+def test_chunk_retrieval_bad_window_is_one_line() -> None:
+    assert_one_line_error(run("chunk-retrieval", "--window", "128"), "--window '128'", "128:32")

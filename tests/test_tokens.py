@@ -125,3 +125,14 @@ def test_validate_texts_rejects(texts: object, match: str) -> None:
 
 def test_validate_texts_accepts() -> None:
     assert validate_texts(("a", "")) == ["a", ""]
+
+
+def test_encode_content_spans_point_into_the_original_text(cased_tokenizer_json: Path) -> None:
+    lower = TextTokenizer(cased_tokenizer_json, _spec(do_lower_case=True))
+    assert lower.frame == ([2], [3])
+    # "İ" lowercases to two characters: spans must still index the text as sent.
+    text = "İ Hello a"
+    [(ids, spans)] = lower.encode_content([text])
+    assert ids[-2:] == [5, 6] and [lower.frame[0] + ids + lower.frame[1]] == lower.encode([text])
+    assert [text[s:e] for s, e in spans[-2:]] == ["Hello", "a"]
+    assert lower.encode_content([""]) == [([], [])]

@@ -20,7 +20,7 @@ from embedkit.serve.http_errors import (
     is_openai_error_body,
 )
 from embedkit.serve.jobs import native_job, openai_job
-from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane
+from embedkit.serve.schemas import EmbedBulkRequest, EmbeddingsRequest, EmbedRequest, Lane
 
 SETTINGS = Settings(max_client_batch=16)
 MODEL = "all-minilm-l6-v2"
@@ -121,6 +121,40 @@ def test_native_request_is_a_job_or_a_client_error(
         _client_error(exc)
         return
     assert len(job.ids) == len(req.texts) and job.lane == lane
+
+
+@FUZZ
+@given(
+    texts=st.lists(texts, min_size=1, max_size=6),
+    chunking=st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.none() | st.integers(min_value=-3, max_value=260) | json_scalars,
+            "overlap": st.integers(min_value=-3, max_value=260) | json_scalars,
+            "aggregate": st.sampled_from(["mean", "none"]) | json_scalars,
+        },
+    )
+    | json_values,
+)
+def test_chunked_request_is_a_job_or_a_client_error(
+    tokenizer, texts: list[str], chunking: Any
+) -> None:
+    try:
+        req = EmbedBulkRequest.model_validate({"texts": texts, "chunking": chunking})
+    except ValidationError:
+        return
+    try:
+        job = native_job(req, tokenizer, SETTINGS, lane="bulk", model_dim=DIM)
+    except EmbedkitError as exc:
+        _client_error(exc)
+        return
+    if job.chunks is None:
+        assert chunking is None
+        return
+    limit = req.chunking.max_tokens if req.chunking and req.chunking.max_tokens else 256
+    assert all(0 < len(row) <= limit for row in job.ids) and len(job.ids) <= 16
+    assert sorted({c.index for c in job.chunks.chunks}) == list(range(len(texts)))
+    assert all(0 <= c.start <= c.end <= len(texts[c.index]) for c in job.chunks.chunks)
 
 
 @FUZZ

@@ -4,8 +4,10 @@ parity with the in-process engine, batching seen in /metrics, >100 in flight."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -166,6 +168,30 @@ ERRORS = [
         "dimensions",
     ),
     ("/v1/embeddings", {"model": "other", "input": "a"}, 404, "model_not_found", "model"),
+    # chunking (/embed only; limits from the model: 256 tokens, 2 of them special)
+    *[
+        ("/embed", {"texts": ["a"], "chunking": c}, 422, "invalid_chunking", f"chunking.{p}")
+        for c, p in [
+            ({"max_tokens": 64, "overlap": 64}, "overlap"),
+            ({"max_tokens": 64, "overlap": 100}, "overlap"),
+            ({"max_tokens": 0}, "max_tokens"),
+            ({"max_tokens": -5}, "max_tokens"),
+            ({"max_tokens": 257}, "max_tokens"),
+            ({"overlap": -1}, "overlap"),
+        ]
+    ],
+    ("/embed", {"texts": ["a"], "chunking": {"aggregate": "max"}}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "chunking": {"size": 9}}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "chunking": {"max_tokens": "9"}}, 400, "invalid_input", None),
+    (
+        "/embed",
+        {"texts": ["w " * 3000], "chunking": {"max_tokens": 3}},
+        413,
+        "payload_too_large",
+        "chunking",
+    ),
+    ("/embed/query", {"texts": ["a"], "chunking": {}}, 400, "invalid_input", None),
+    ("/v1/embeddings", {"model": MODEL, "input": "a", "chunking": {}}, 400, "invalid_input", None),
 ]
 
 
@@ -186,6 +212,8 @@ def test_error_table(server, path, body, status, code, param) -> None:
     assert err["code"] == code and err["param"] == param
     assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
     assert "\n" not in err["message"] and "Traceback" not in err["message"]
+    if "chunking" in str(body):  # a chunking refusal names the field
+        assert "chunking" in err["message"], err["message"]
 
 
 @pytest.mark.parametrize(
@@ -247,6 +275,58 @@ def test_every_response_names_the_served_version(server) -> None:
     }
     for what, response in answers.items():
         assert response.headers.get(HEADER) == served.header_value(), what
+
+
+def test_chunking_mean_matches_in_process(server, engine, texts) -> None:
+    from embedkit.runtime.chunking import Chunking
+
+    docs = [*evaldata.long_texts(300, 2), *texts[:5], texts[-1]]
+    chunking = Chunking(max_tokens=128, overlap=32)
+    options = asdict(chunking)
+    want, plan = engine.encode_chunked(docs, chunking)
+    body = post(server, "/embed", {"texts": docs, "chunking": options}).json()
+    assert_parity(np.array(body["embeddings"], dtype=np.float32), want)
+    truncated = sum(len(r) for r in engine.tokenizer.encode(docs))
+    assert body["usage"]["tokens"] == sum(len(r) for r in plan.ids) > truncated  # every chunk
+    assert [c["index"] for c in body["chunks"]] == [c.index for c in plan.chunks]
+    raw = post(
+        server,
+        "/embed",
+        {
+            "texts": docs,
+            "chunking": options,
+            "dimensions": 48,
+            "normalize": False,
+            "encoding_format": "base64",
+        },
+    ).json()
+    got = decode_base64(raw["embeddings"], 48)
+    assert got.shape == (len(docs), 48)
+    assert_parity(got, engine.encode_chunked(docs, chunking, normalize=False, dimensions=48)[0])
+    # A text within max_tokens is one chunk: its vector is the plain one.
+    plain = post(server, "/embed", {"texts": texts[:5], "chunking": {}}).json()
+    assert_parity(np.array(plain["embeddings"], dtype=np.float32), engine.encode(texts[:5]))
+
+
+def test_chunking_none_returns_each_chunk_with_its_span(server, engine) -> None:
+    from embedkit.runtime.chunking import Chunking
+
+    # Words of one word piece each: a span re-tokenises to exactly its chunk's tokens.
+    docs = ["a short one", "the cat sat on the mat " * 70, "and ran to see my dog " * 30]
+    chunking = Chunking(max_tokens=96, overlap=16, aggregate="none")
+    body = post(server, "/embed", {"texts": docs, "chunking": asdict(chunking)}).json()
+    chunks, rows = body["chunks"], np.array(body["embeddings"], dtype=np.float32)
+    assert len(rows) == len(chunks) > len(docs) and body["dimensions"] == DIM
+    want, plan = engine.encode_chunked(docs, chunking)
+    assert_parity(rows, want)
+    for c, ids in zip(chunks, plan.ids, strict=True):
+        assert engine.tokenizer.encode([docs[c["index"]][c["start"] : c["end"]]])[0] == ids
+        assert c["tokens"] == len(ids) <= 96
+    for i, doc in enumerate(docs):
+        mine = [c for c in chunks if c["index"] == i]
+        assert mine[0]["start"] == 0 and mine[-1]["end"] == len(doc.rstrip())
+        for a, b in itertools.pairwise(mine):
+            assert a["start"] < b["start"] < a["end"] < b["end"]  # overlapping, in order
 
 
 def test_empty_strings_embed(server, engine) -> None:
@@ -368,6 +448,11 @@ def test_openapi_document_is_honest(server) -> None:
     body = paths["/embed"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["dimensions"]["maximum"] == DIM
     assert body["properties"]["texts"]["minItems"] == 1
+    chunking = doc["components"]["schemas"]["ChunkingOptions"]["properties"]
+    assert chunking["max_tokens"]["maximum"] == 256 and chunking["max_tokens"]["minimum"] == 3
+    assert chunking["aggregate"]["enum"] == ["mean", "none"]
+    query = paths["/embed/query"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "chunking" in body["properties"] and "chunking" not in query["properties"]
     assert "ErrorResponse" in doc["components"]["schemas"]
 
 

@@ -81,6 +81,14 @@ class InvalidDimensions(EmbedkitError):
     code = "invalid_dimensions"
 
 
+class InvalidChunking(EmbedkitError):
+    """Chunking options out of range for this model (window size, overlap)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_chunking"
+
+
 class Overloaded(EmbedkitError):
     """Admission refused: the queue is full. Clients should retry later."""
 

@@ -23,6 +23,7 @@ import numpy as np
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
+from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks, pool
 from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.session import (
     Precision,
@@ -302,6 +303,28 @@ class Engine:
             prompt_name=prompt_name,
         )
         return vectors
+
+    def encode_chunked(
+        self,
+        texts: Sequence[str],
+        chunking: Chunking,
+        *,
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+    ) -> tuple[np.ndarray, ChunkPlan]:
+        """Texts split into token windows (:mod:`embedkit.runtime.chunking`), embedded as
+        rows, pooled per text (``mean``) or kept per chunk (``none``, in ``plan.chunks``
+        order), then post-processed. The same path as ``/embed`` with ``chunking``."""
+        items = validate_texts(texts)
+        check_dimensions(dimensions, self.dimension)
+        plan = plan_chunks(items, self.tokenizer, chunking)
+        raw, _ = self.embed_ids(plan.ids)
+        if normalize is None:
+            normalize = self.manifest.embedding.normalize
+        vectors = postprocess(
+            pool(raw, plan), normalize=normalize, dimensions=dimensions, model_dim=self.dimension
+        )
+        return vectors, plan
 
     def warmup(self) -> None:
         """Run the shortest and the longest shapes once so the first request pays no setup."""

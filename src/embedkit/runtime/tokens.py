@@ -129,6 +129,24 @@ class TextTokenizer:
         """Token ids of ``text`` without special tokens (a prompt before token-id input)."""
         return list(self._full.encode(self._lower([text])[0], add_special_tokens=False).ids)
 
+    @property
+    def frame(self) -> tuple[list[int], list[int]]:
+        """The special ids :meth:`encode` puts before and after every text's content."""
+        return list(self._prefix), list(self._suffix)
+
+    def encode_content(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Per text: its content token ids (no special tokens, never truncated) and each
+        token's ``(start, end)`` character span in the text as given (not lowercased).
+
+        ``frame`` + content is what :meth:`encode` returns for a text within the limit.
+        """
+        lowered = self._lower(texts)
+        encodings = self._full.encode_batch(list(lowered), add_special_tokens=False)
+        return [
+            (list(e.ids), _original_spans(text, low, e.offsets))
+            for text, low, e in zip(texts, lowered, encodings, strict=True)
+        ]
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Untruncated token counts (special tokens included), e.g. for usage accounting."""
         return [len(e.ids) for e in self._full.encode_batch(list(self._lower(texts)))]
@@ -177,6 +195,18 @@ class TextTokenizer:
                 content = content[-room:] if self.spec.truncation_side == "left" else content[:room]
             out.append([*self._prefix, *content, *self._suffix])
         return out
+
+
+def _original_spans(
+    text: str, lowered: str, offsets: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Offsets into ``lowered`` mapped back to ``text``: ``str.lower`` may lengthen a
+    character ("İ" becomes two), which shifts every offset after it."""
+    if len(lowered) == len(text):
+        return [(int(s), int(e)) for s, e in offsets]
+    origin = [i for i, ch in enumerate(text) for _ in ch.lower()]  # lowered index → text index
+    origin.append(len(text))
+    return [(origin[s], origin[e - 1] + 1 if e > s else origin[s]) for s, e in offsets]
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -50,15 +51,16 @@ def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
 
 def native_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
     embeddings: Any = encode_base64(vectors) if job.encoding == "base64" else vectors.tolist()
-    return dumps(
-        {
-            "embeddings": embeddings,
-            "model": model,
-            "dimensions": int(vectors.shape[1]),
-            "encoding_format": job.encoding,
-            "usage": {"tokens": job.tokens},
-        }
-    )
+    body = {
+        "embeddings": embeddings,
+        "model": model,
+        "dimensions": int(vectors.shape[1]),
+        "encoding_format": job.encoding,
+        "usage": {"tokens": job.tokens},
+    }
+    if job.chunks is not None:
+        body["chunks"] = [asdict(c) for c in job.chunks.chunks]
+    return dumps(body)
 
 
 def tokenize_body(ids: list[list[int]], max_length: int) -> bytes:

@@ -23,6 +23,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError, InferenceError
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.runtime.chunking import pool
 from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import postprocess
@@ -33,7 +34,13 @@ from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
 from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job, prompted_ids
 from embedkit.serve.openapi import openapi_document
 from embedkit.serve.options import batching_policy
-from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Lane, TokenizeRequest
+from embedkit.serve.schemas import (
+    EmbedBulkRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    Lane,
+    TokenizeRequest,
+)
 from embedkit.serve.startup import settle_gc
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,8 @@ class Front:
 
     async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
         raw = await self.client.embed(embedder, job)
+        if job.chunks is not None:
+            raw = pool(raw, job.chunks)
         vectors = postprocess(
             raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
         )
@@ -111,7 +120,7 @@ class Front:
         route = "/embed/query" if lane == "query" else "/embed"
 
         async def work() -> bytes:
-            req = EmbedRequest.model_construct(**body)
+            req = EmbedBulkRequest.model_construct(**body)  # chunking stays None on /embed/query
             job = await self._job(
                 lambda: native_job(
                     req,
@@ -165,6 +174,8 @@ class Front:
                 model_dim=self.dimension,
                 vocab_size=self.tokenizer.vocab_size,
                 prompts=list(self.prompts.texts),
+                max_length=self.tokenizer.max_length,
+                frame_tokens=sum(len(part) for part in self.tokenizer.frame),
             )
         return self._openapi
 

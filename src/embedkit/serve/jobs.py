@@ -12,6 +12,7 @@ from typing import Any
 
 from embedkit.core.errors import InvalidInput, ModelNotFound, PayloadTooLarge
 from embedkit.core.settings import Settings
+from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks
 from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.vectors import check_dimensions
 from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, EncodingFormat, Lane, Row
@@ -28,6 +29,7 @@ class EmbedJob:
     encoding: EncodingFormat
     # Per row, the leading positions (its prompt) the pooling skips; None: none skipped.
     pool_from: list[int] | None = None
+    chunks: ChunkPlan | None = None  # with chunking: what each row of ``ids`` is
 
     @property
     def tokens(self) -> int:
@@ -128,9 +130,26 @@ def native_job(
 ) -> EmbedJob:
     check_dimensions(req.dimensions, model_dim)
     check_count(len(req.texts), settings, param="texts")
-    ids, pool_from = prompted_ids(
-        req.texts, tokenizer, prompts, req.prompt_name, truncate=req.truncate
-    )
+    plan = None
+    options = getattr(req, "chunking", None)  # only /embed's model has it
+    if options is not None:
+        # A prompt would have to open every window (and be left out of include_prompt=false
+        # pooling per window): not built yet, so refused rather than silently dropped.
+        if prompts and prompts.resolve(req.prompt_name) is not None:
+            raise InvalidInput(
+                "chunking with a prompt (prompt_name, or the model's default prompt) is not "
+                "supported yet; send the texts without chunking",
+                param="chunking",
+            )
+        # Chunks are rows like texts: max_client_batch bounds them too. No chunk is over
+        # the limit, so ``truncate`` has nothing to do.
+        chunking = Chunking(**dict(options))
+        plan = plan_chunks(req.texts, tokenizer, chunking, max_rows=settings.max_client_batch)
+        ids, pool_from = plan.ids, None
+    else:
+        ids, pool_from = prompted_ids(
+            req.texts, tokenizer, prompts, req.prompt_name, truncate=req.truncate
+        )
     return EmbedJob(
         ids=ids,
         lane=lane,
@@ -138,4 +157,5 @@ def native_job(
         dimensions=req.dimensions,
         encoding=req.encoding_format,
         pool_from=pool_from,
+        chunks=plan,
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from embedkit.core.settings import Settings
 from embedkit.serve.schemas import (
     INFERENCE_ROUTES,
+    ChunkSpan,
     EmbeddingItem,
     EmbeddingsResponse,
     EmbedResponse,
@@ -29,7 +30,7 @@ ERROR_STATUSES = {
     "401": "Missing or invalid API key (only when keys are configured).",
     "404": "Unknown model.",
     "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
-    "422": "dimensions out of range.",
+    "422": "dimensions or chunking out of range.",
     "429": "Overloaded: retry after the Retry-After header.",
     "500": "Internal error (details only in the server log).",
     "503": "Not ready yet.",
@@ -45,6 +46,8 @@ def openapi_document(
     model_dim: int,
     vocab_size: int,
     prompts: Sequence[str] = (),
+    max_length: int | None = None,
+    frame_tokens: int = 0,
 ) -> dict[str, Any]:
     """BentoML's generated document made honest: our error body and statuses on every
     route, the limits the server enforces as schema constraints, and the GET routes
@@ -63,11 +66,16 @@ def openapi_document(
         TokenUsage,
         EmbedResponse,
         TokenizeResponse,
+        ChunkSpan,
     )
     for cls in models:
         schema = cls.model_json_schema(ref_template=template)
         schema.pop("$defs", None)
-        schemas[cls.__name__] = schema
+        schemas[cls.__name__] = _nullable(schema)
+    if max_length is not None and "ChunkingOptions" in schemas:  # /embed's chunking limits
+        props = _nullable(schemas["ChunkingOptions"])["properties"]
+        props["max_tokens"].update(minimum=frame_tokens + 1, maximum=max_length)
+        props["overlap"].update(minimum=0, maximum=max_length - frame_tokens - 1)
     # BentoML flattens `list[...] | str` response fields to the list: use ours.
     responses = {
         "/v1/embeddings": "EmbeddingsResponse",
@@ -145,3 +153,19 @@ def openapi_document(
         }
     }
     return spec
+
+
+def _nullable(schema: Any) -> Any:
+    """pydantic's ``anyOf: [X, {type: null}]`` as OpenAPI 3.0 says it (X, nullable), in place."""
+    if isinstance(schema, dict):
+        options = schema.get("anyOf")
+        if isinstance(options, list) and {"type": "null"} in options and len(options) == 2:
+            (kept,) = [o for o in options if o != {"type": "null"}]
+            del schema["anyOf"]
+            schema.update(kept, nullable=True)
+        for value in schema.values():
+            _nullable(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _nullable(value)
+    return schema

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from embedkit.runtime.chunking import Aggregate
 
 Lane = Literal["query", "bulk"]
 EncodingFormat = Literal["float", "base64"]
@@ -36,6 +47,20 @@ INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/toke
 METADATA_ROUTES = frozenset({"/v1/models", "/info"})
 PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
 
+# Fields only some routes take: a request model without one refuses it by name (400),
+# never ignores it silently.
+ROUTE_ONLY_FIELDS = {"chunking": "POST /embed"}
+
+
+def _refuse_route_only(model: type[BaseModel], data: object) -> object:
+    if isinstance(data, dict):
+        for name, where in ROUTE_ONLY_FIELDS.items():
+            if name in data and name not in model.model_fields:
+                raise PydanticCustomError(
+                    "unsupported_field", f"{name} is supported on {where} only, not on this route"
+                )
+    return data
+
 
 # --- requests ----------------------------------------------------------------------------
 
@@ -59,6 +84,11 @@ class EmbeddingsRequest(BaseModel):
         default=None, description=PROMPT_NAME_DESCRIPTION + " (An embedkit extension.)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _route_only(cls, data: object) -> object:
+        return _refuse_route_only(cls, data)
+
 
 class EmbedRequest(BaseModel):
     """Native ``POST /embed`` and ``POST /embed/query``."""
@@ -81,6 +111,41 @@ class EmbedRequest(BaseModel):
         "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
     )
     prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_only(cls, data: object) -> object:
+        return _refuse_route_only(cls, data)
+
+
+class ChunkingOptions(BaseModel):
+    """Split texts over ``max_tokens`` into overlapping token windows (docs/service.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: StrictInt | None = Field(
+        default=None,
+        description="Tokens per chunk, the model's special tokens included (at most the "
+        "model's limit, the default).",
+    )
+    overlap: StrictInt = Field(
+        default=0, description="Tokens shared by consecutive chunks (fewer than a chunk's text)."
+    )
+    aggregate: Aggregate = Field(
+        default="mean",
+        description="'mean': one vector per text, its chunks' raw vectors averaged with "
+        "their token counts as weights, then normalised when normalize; 'none': one "
+        "vector per chunk.",
+    )
+
+
+class EmbedBulkRequest(EmbedRequest):
+    """Native ``POST /embed``: :class:`EmbedRequest` plus opt-in chunking (bulk lane only)."""
+
+    chunking: ChunkingOptions | None = Field(
+        default=None,
+        description="Chunk texts over max_tokens instead of truncating them; the response's "
+        "`chunks` says which span of which text each chunk is.",
+    )
 
 
 class TokenizeRequest(BaseModel):
@@ -119,12 +184,24 @@ class TokenUsage(BaseModel):
     tokens: int
 
 
+class ChunkSpan(BaseModel):
+    index: int = Field(description="The text's index in `texts`.")
+    start: int = Field(description="First character of the chunk in that text.")
+    end: int = Field(description="One past its last character: text[start:end].")
+    tokens: int = Field(description="Tokens embedded for it, special tokens included.")
+
+
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]] | str
     model: str
     dimensions: int
     encoding_format: EncodingFormat = "float"
     usage: TokenUsage
+    chunks: list[ChunkSpan] | None = Field(
+        default=None,
+        description="With chunking, one entry per chunk in text order: the rows of "
+        "`embeddings` (aggregate 'none') or what each text's mean was taken over ('mean').",
+    )
 
 
 class TokenizeResponse(BaseModel):
