@@ -169,6 +169,7 @@ class Played:
     ip: str
     ready_s: float | None  # until the startup probe's endpoint answered 200
     probes: dict[str, int]  # probe kind -> HTTP status of its httpGet, as the kubelet sends it
+    manifest: Path | None = None  # what was played: `podman kube down` of it removes the pod
 
     @property
     def url(self) -> str:
@@ -196,6 +197,18 @@ def run_probes(manifest: str, ip: str) -> dict[str, int]:
     return out
 
 
+def deployment_pod(manifest: str) -> dict[str, Any]:
+    """podman's record of the pod it runs for the manifest's Deployment (``<name>-pod``), so
+    two plays (a stable and a canary render) are told apart; BuildError if none runs."""
+    dep = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment")
+    name = dep["metadata"]["name"]
+    pods = json.loads(podman("pod", "ps", "--format", "json").stdout)
+    for pod in pods:
+        if pod["Name"] in (name, f"{name}-pod") or pod["Name"].startswith(f"{name}-pod-"):
+            return dict(pod)
+    raise BuildError(f"no pod of Deployment {name} runs (podman pod ps)")
+
+
 @contextmanager
 def kube_play(manifest: str, workdir: Path, *, timeout_s: float = 180) -> Iterator[Played]:
     """``podman kube play`` the manifest; yields the serving container; ``kube down`` after."""
@@ -204,11 +217,10 @@ def kube_play(manifest: str, workdir: Path, *, timeout_s: float = 180) -> Iterat
     podman("kube", "down", str(path), check=False)
     try:
         podman("kube", "play", str(path), timeout=600)
-        pods = json.loads(podman("pod", "ps", "--format", "json").stdout)
-        pod = next(p for p in pods if p["Name"].startswith("embedkit"))
+        pod = deployment_pod(manifest)
         container = next(c["Names"] for c in pod["Containers"] if c["Id"] != pod["InfraId"])
         ip = container_ip(pod["InfraId"])  # the pod's network namespace is its infra's
         ready_s = wait_ready(container, f"http://{ip}:3000", timeout_s)
-        yield Played(pod["Name"], container, ip, ready_s, run_probes(manifest, ip))
+        yield Played(pod["Name"], container, ip, ready_s, run_probes(manifest, ip), path)
     finally:
         podman("kube", "down", str(path), check=False)
