@@ -133,9 +133,13 @@ def run_image(
         podman("rm", "-f", "-t", "5", name, check=False)
 
 
-def kube_manifest(image: str, trusted_key: Path, overlay: Path = OVERLAY) -> str:
+def kube_manifest(
+    image: str, trusted_key: Path, overlay: Path = OVERLAY, *, host_port: int | None = None
+) -> str:
     """The overlay's render (``kubectl kustomize``), limited to what kube play runs, with the
-    locally built image and the operator's trusted-key ConfigMap added."""
+    locally built image and the operator's trusted-key ConfigMap added. podman 4.3 publishes
+    a containerPort on the host's same port when no hostPort is set, so two pods side by
+    side (the drill's stable and canary) each need their own ``host_port``."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise BuildError("kubectl not on PATH (it renders the kustomize overlays)")
@@ -151,6 +155,8 @@ def kube_manifest(image: str, trusted_key: Path, overlay: Path = OVERLAY) -> str
         for c in dep["spec"]["template"]["spec"]["containers"]:
             c["image"] = image
             c["imagePullPolicy"] = "Never"
+            for port in c.get("ports", []) if host_port is not None else []:
+                port["hostPort"] = host_port
     keep.append(
         {
             "apiVersion": "v1",

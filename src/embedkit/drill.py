@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -175,6 +176,13 @@ def build_image(model_tag: str, workdir: Path, *, reuse: bool) -> tuple[str, str
     return ref, f"built from {built.tag}"
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (podman publishes each pod's port on the host)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 def served_header(url: str) -> str | None:
     """The ``X-Embedkit-Model`` header of one embedding request to ``url``; None if none."""
     try:
@@ -268,7 +276,9 @@ def _run(
             refs[role], how = build_image(tag, workdir, reuse=reuse)
             refs[role + " how"] = how
         for role, overlay in (("stable", "cpu"), ("candidate", "canary")):
-            manifests[role] = container.kube_manifest(refs[role], key, OVERLAYS / overlay)
+            manifests[role] = container.kube_manifest(
+                refs[role], key, OVERLAYS / overlay, host_port=free_port()
+            )
             if (pod := _running(manifests[role])) is not None:
                 raise BuildError(
                     f"pod {pod['Name']} already runs (another drill or test?); "
