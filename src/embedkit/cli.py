@@ -1243,7 +1243,7 @@ def rollback_drill_cmd(
         ready_timeout_s=ready_timeout,
         progress=lambda what: err.print(f"[dim]… {what}[/dim]"),
     )
-    screen = Console(record=True, width=110)
+    screen = Console(record=True, width=120)
     screen.print(
         f"[bold]rollback drill[/bold] {result.started}: stable {stable}, candidate {candidate}\n"
         f"code {result.code['commit'] or '?'} (clean tree: {result.code['clean']}); "
