@@ -28,7 +28,8 @@ LAYERS: dict[str, int] = {
     "container": 6,
     "reembed": 6,  # a client of the HTTP service (reads the served identity's header)
     "pools": 6,
-    "cli": 7,
+    "drill": 7,  # the rollback drill: runs container (podman) and bench.canary together
+    "cli": 8,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).
 EMBEDDER_SIDE = {"embedkit.serve.embedder"}

@@ -15,13 +15,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from embedkit.core.errors import EmbedkitError, InvalidInput
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from embedkit.bench.canary import CanaryResult
 
 app = typer.Typer(
     name="embedkit",
@@ -1188,6 +1193,28 @@ def reembed_cmd(
     print(json.dumps(result), flush=True)
 
 
+def _canary_tables(result: CanaryResult) -> list[Table]:
+    """The canary's identities side by side, then its checks (`canary`, `rollback-drill`)."""
+    from rich.table import Table
+
+    from embedkit.bench.canary import report_lines
+
+    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
+    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
+        table.add_column(column, overflow="fold")
+    for row in report_lines(result):
+        table.add_row(*row)
+    checks = Table(show_header=False, box=None)
+    if result.refused:
+        checks.add_row("[red]REFUSED[/red]", result.refused)
+    for what, figure, ok in result.checks:
+        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
+    for side in (result.stable, result.candidate):
+        for error in side.errors[:3]:
+            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
+    return [table, checks]
+
+
 @app.command("canary")
 @one_line_errors
 def canary_cmd(
@@ -1209,9 +1236,7 @@ def canary_cmd(
     """Compare a candidate server with the stable one before it takes user traffic: same
     texts, vectors judged by the candidate's class, errors and p95. Exit 0 = promote,
     1 = roll back (docs/deployment.md, Canary)."""
-    from rich.table import Table
-
-    from embedkit.bench.canary import TextSet, report_lines, run_canary
+    from embedkit.bench.canary import TextSet, run_canary
 
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
@@ -1222,26 +1247,86 @@ def canary_cmd(
         batch_size=batch_size,
         max_p95_ratio=max_p95_ratio,
     )
-    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
-    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
-        table.add_column(column, overflow="fold")
-    for row in report_lines(result):
-        table.add_row(*row)
-    out.print(table)
-    checks = Table(show_header=False, box=None)
-    if result.refused:
-        checks.add_row("[red]REFUSED[/red]", result.refused)
-    for what, figure, ok in result.checks:
-        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
-    for side in (result.stable, result.candidate):
-        for error in side.errors[:3]:
-            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
-    out.print(checks)
+    for part in _canary_tables(result):
+        out.print(part)
     if result.passed:
         out.print("[bold green]PROMOTE[/bold green]: the candidate may join the stable Service")
         return
     out.print("[bold red]ROLL BACK[/bold red]: " + "; ".join(result.reasons), soft_wrap=True)
     raise typer.Exit(1)
+
+
+@app.command("rollback-drill")
+@one_line_errors
+def rollback_drill_cmd(
+    stable: Annotated[str, typer.Option(help="The stable release, NAME:VERSION.")],
+    candidate: Annotated[str, typer.Option(help="The candidate, another version of NAME.")],
+    trusted_key: Annotated[
+        Path, typer.Option(help="Public key both releases are signed with (the pods' ConfigMap).")
+    ],
+    workdir: Annotated[
+        Path, typer.Option(help="Bentos, played manifests, the images record, the report.")
+    ] = Path("build/rollback-drill"),
+    reuse_image: Annotated[
+        bool, typer.Option(help="Reuse the images a previous drill in WORKDIR built.")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Write the report here (default WORKDIR/report.txt).")
+    ] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds a pod may take to be ready.")] = 240,
+) -> None:
+    """Deploy a stable and a candidate release with `podman kube play` (overlays cpu and
+    canary), run the canary check, roll back (`podman kube down` of the candidate) and check
+    pod by pod that only the stable version answers. Exit 0 only if every step did what it
+    should (docs/deployment.md, Rollback drill)."""
+    from rich.table import Table
+
+    from embedkit import drill as drills
+
+    drills.check_tags(stable, candidate)
+    if ready_timeout <= 0:
+        raise InvalidInput(f"--ready-timeout must be positive, not {ready_timeout}")
+    if not trusted_key.is_file():
+        raise InvalidInput(f"--trusted-key: {trusted_key} is not a file")
+    result = drills.run_drill(
+        stable,
+        candidate,
+        trusted_key,
+        workdir,
+        reuse_image=reuse_image,
+        ready_timeout_s=ready_timeout,
+        progress=lambda what: err.print(f"[dim]… {what}[/dim]"),
+    )
+    screen = Console(record=True, width=120)
+    screen.print(
+        f"[bold]rollback drill[/bold] {result.started}: stable {stable}, candidate {candidate}\n"
+        f"code {result.code['commit'] or '?'} (clean tree: {result.code['clean']}); "
+        f"{result.machine}",
+        highlight=False,
+    )
+    steps = Table(show_header=True, title_justify="left")
+    for column in ("", "step", "s", "what happened"):
+        steps.add_column(column, overflow="fold")
+    for i, name in enumerate(drills.STEPS):
+        done = result.steps[i] if i < len(result.steps) else None
+        if done is None:
+            steps.add_row("[dim]—[/dim]", name, "", "[dim]not run[/dim]")
+            continue
+        mark = "[green]ok[/green]" if done.ok else "[red]FAIL[/red]"
+        steps.add_row(mark, name, f"{done.seconds:.0f}", done.detail)
+    screen.print(steps)
+    if result.canary is not None:
+        for part in _canary_tables(result.canary):
+            screen.print(part)
+    verdict = "[bold green]PASSED[/bold green]" if result.passed else "[bold red]FAILED[/bold red]"
+    screen.print(f"{verdict} in {result.seconds:.0f} s", highlight=False)
+    path = report or workdir / "report.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(screen.export_text())
+    path.with_suffix(".json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    err.print(f"report: {path} (and {path.with_suffix('.json').name})")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 # --- pools on Kubernetes (deploy/k8s): patches generated from a release's records -------------

@@ -133,9 +133,13 @@ def run_image(
         podman("rm", "-f", "-t", "5", name, check=False)
 
 
-def kube_manifest(image: str, trusted_key: Path, overlay: Path = OVERLAY) -> str:
+def kube_manifest(
+    image: str, trusted_key: Path, overlay: Path = OVERLAY, *, host_port: int | None = None
+) -> str:
     """The overlay's render (``kubectl kustomize``), limited to what kube play runs, with the
-    locally built image and the operator's trusted-key ConfigMap added."""
+    locally built image and the operator's trusted-key ConfigMap added. podman 4.3 publishes
+    a containerPort on the host's same port when no hostPort is set, so two pods side by
+    side (the drill's stable and canary) each need their own ``host_port``."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise BuildError("kubectl not on PATH (it renders the kustomize overlays)")
@@ -151,6 +155,8 @@ def kube_manifest(image: str, trusted_key: Path, overlay: Path = OVERLAY) -> str
         for c in dep["spec"]["template"]["spec"]["containers"]:
             c["image"] = image
             c["imagePullPolicy"] = "Never"
+            for port in c.get("ports", []) if host_port is not None else []:
+                port["hostPort"] = host_port
     keep.append(
         {
             "apiVersion": "v1",
@@ -169,6 +175,7 @@ class Played:
     ip: str
     ready_s: float | None  # until the startup probe's endpoint answered 200
     probes: dict[str, int]  # probe kind -> HTTP status of its httpGet, as the kubelet sends it
+    manifest: Path | None = None  # what was played: `podman kube down` of it removes the pod
 
     @property
     def url(self) -> str:
@@ -196,6 +203,18 @@ def run_probes(manifest: str, ip: str) -> dict[str, int]:
     return out
 
 
+def deployment_pod(manifest: str) -> dict[str, Any]:
+    """podman's record of the pod it runs for the manifest's Deployment (``<name>-pod``), so
+    two plays (a stable and a canary render) are told apart; BuildError if none runs."""
+    dep = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment")
+    name = dep["metadata"]["name"]
+    pods = json.loads(podman("pod", "ps", "--format", "json").stdout)
+    for pod in pods:
+        if pod["Name"] in (name, f"{name}-pod") or pod["Name"].startswith(f"{name}-pod-"):
+            return dict(pod)
+    raise BuildError(f"no pod of Deployment {name} runs (podman pod ps)")
+
+
 @contextmanager
 def kube_play(manifest: str, workdir: Path, *, timeout_s: float = 180) -> Iterator[Played]:
     """``podman kube play`` the manifest; yields the serving container; ``kube down`` after."""
@@ -204,11 +223,10 @@ def kube_play(manifest: str, workdir: Path, *, timeout_s: float = 180) -> Iterat
     podman("kube", "down", str(path), check=False)
     try:
         podman("kube", "play", str(path), timeout=600)
-        pods = json.loads(podman("pod", "ps", "--format", "json").stdout)
-        pod = next(p for p in pods if p["Name"].startswith("embedkit"))
+        pod = deployment_pod(manifest)
         container = next(c["Names"] for c in pod["Containers"] if c["Id"] != pod["InfraId"])
         ip = container_ip(pod["InfraId"])  # the pod's network namespace is its infra's
         ready_s = wait_ready(container, f"http://{ip}:3000", timeout_s)
-        yield Played(pod["Name"], container, ip, ready_s, run_probes(manifest, ip))
+        yield Played(pod["Name"], container, ip, ready_s, run_probes(manifest, ip), path)
     finally:
         podman("kube", "down", str(path), check=False)
