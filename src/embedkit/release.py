@@ -35,6 +35,7 @@ from embedkit.quality import contract
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, stamp_verdict
 from embedkit.quality.report import summary_markdown, write_report
+from embedkit.runtime import calibration
 from embedkit.runtime.engine import Engine
 from embedkit.variants import quantize
 
@@ -219,13 +220,15 @@ def release(
     step: Step | None = None,
     bench: bool = True,
     candidate_options: Mapping[str, Any] | None = None,
+    calibration_texts: int | None = None,
 ) -> Release:
     """Export, validate, optionally build and gate variants, sign and register.
 
     Every registered version carries release records (:mod:`embedkit.bench.records`): its
     runtime parameters and, with ``bench``, a short benchmark and profiler summary.
     ``candidate_options`` go to :func:`run_candidates` (evaluation size, timing rounds,
-    cache), e.g. to make a quick run smaller.
+    cache), e.g. to make a quick run smaller; ``calibration_texts`` bounds the text the
+    int8/uint8 ranges are calibrated on (:mod:`embedkit.runtime.calibration`; all by default).
 
     Raises ContractViolation when the fp32 contract fails (nothing registered).
     """
@@ -241,6 +244,11 @@ def release(
     )
     contract.require_passed(report)
     artifact = attach_parity(artifact, report)
+    # Before the variants are built from it, so they inherit the parent's buckets.
+    say("calibrating the int8/uint8 output-encoding ranges")
+    artifact = calibration.stamp_ranges(
+        artifact, calibration.calibrate(artifact, limit=calibration_texts)
+    )
 
     # (name, artifact, throughput, approved); the fp32 parent is approved by its contract.
     versions: list[tuple[str, Artifact, float | None, bool]] = []

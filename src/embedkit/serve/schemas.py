@@ -13,7 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Lane = Literal["query", "bulk"]
-EncodingFormat = Literal["float", "base64"]
+# float/base64 as OpenAI's; the rest are codes (docs/service.md § Output encodings).
+EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+TruncationDirection = Literal["right", "left"]
+# Every embedding route and /tokenize answer with it: how many inputs truncation cut.
+TRUNCATED_HEADER = "X-Embedkit-Truncated-Inputs"
 
 # One item of the Embedder's batchable APIs: (time the front handed it over, token ids).
 # The timestamp lets the Embedder measure queue wait across the process boundary.
@@ -28,22 +32,42 @@ PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
 
 # --- requests ----------------------------------------------------------------------------
 
+_TRUNCATE = "Truncate inputs over the model's token limit; false answers 413 naming the input."
+_DIRECTION = (
+    "Which end truncation cuts ('right' keeps the start, 'left' the end); the special "
+    "tokens ([CLS] … [SEP]) are kept either way. Default: the model's side (GET /info)."
+)
+_ENCODINGS = (
+    "'float': JSON floats; 'base64': little-endian float32 bytes, base64; "
+    "'int8'/'uint8': one code per dimension (sentence-transformers' quantize_embeddings "
+    "with the model's calibrated ranges); 'binary'/'ubinary': the sign bits packed 8 to a "
+    "byte (binary = ubinary - 128 as int8). Codes are JSON integer lists, or base64 of "
+    "their raw bytes with base64_codes."
+)
+_BASE64_CODES = (
+    "With an int8/uint8/binary/ubinary encoding_format: base64 of the codes' raw bytes "
+    "instead of JSON integer lists."
+)
+
 
 class EmbeddingsRequest(BaseModel):
     """OpenAI ``POST /v1/embeddings``. Strict types: ``[1, "a"]`` or ``[true]`` is a 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI answers 400 "Unrecognized request argument supplied: X" to unknown fields;
+    # so do we (serve/http_errors.py), instead of dropping them silently.
+    model_config = ConfigDict(extra="forbid")
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="A text, a list of texts, a list of token ids or a list of token-id lists."
     )
     model: StrictStr = Field(description="Served model name (see GET /v1/models).")
-    encoding_format: EncodingFormat = Field(
-        default="float", description="'base64': little-endian float32 bytes, base64-encoded."
-    )
+    encoding_format: EncodingFormat = Field(default="float", description=_ENCODINGS)
     dimensions: StrictInt | None = Field(
         default=None, description="Matryoshka truncation to this many dimensions (re-normalised)."
     )
     user: StrictStr | None = Field(default=None, description="Accepted and ignored.")
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
+    base64_codes: StrictBool = Field(default=False, description=_BASE64_CODES)
 
 
 class EmbedRequest(BaseModel):
@@ -54,18 +78,17 @@ class EmbedRequest(BaseModel):
     normalize: StrictBool = Field(
         default=True, description="L2-normalise (after truncation to `dimensions`)."
     )
-    truncate: StrictBool = Field(
-        default=True,
-        description="Truncate texts over the model's token limit; false answers 413 instead.",
-    )
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
     dimensions: StrictInt | None = Field(
         default=None, description="Keep only the first n dimensions."
     )
     encoding_format: EncodingFormat = Field(
         default="float",
-        description="'base64': `embeddings` is one base64 string of a row-major "
-        "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
+        description=_ENCODINGS + " Here 'base64' (and base64_codes) give one base64 string of "
+        "the row-major [n, width] array (~4x smaller than JSON).",
     )
+    base64_codes: StrictBool = Field(default=False, description=_BASE64_CODES)
 
 
 class TokenizeRequest(BaseModel):
@@ -73,9 +96,8 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr]
-    truncate: StrictBool = Field(
-        default=True, description="false: texts over the limit answer 413."
-    )
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
 
 
 # --- responses (for the OpenAPI document; bodies are written by hand) -------------------
@@ -84,7 +106,9 @@ class TokenizeRequest(BaseModel):
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str = Field(
+        description="floats, integer codes (int8/uint8/binary/ubinary) or a base64 string."
+    )
 
 
 class OpenAIUsage(BaseModel):
@@ -104,11 +128,12 @@ class TokenUsage(BaseModel):
 
 
 class EmbedResponse(BaseModel):
-    embeddings: list[list[float]] | str
+    embeddings: list[list[float]] | list[list[int]] | str
     model: str
-    dimensions: int
+    dimensions: int = Field(description="Dimensions embedded (a binary code is ceil(n/8) bytes).")
     encoding_format: EncodingFormat = "float"
     usage: TokenUsage
+    truncated: int = Field(description="How many texts truncation cut.")
 
 
 class TokenizeResponse(BaseModel):
@@ -116,6 +141,22 @@ class TokenizeResponse(BaseModel):
     counts: list[int]
     max_length: int
     usage: TokenUsage
+    truncated: int = Field(description="How many texts truncation cut.")
+
+
+# Which request fields each route takes: a field of another route is refused by name
+# (UnsupportedParameter), one of none as OpenAI does (UnknownParameter).
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/embeddings": EmbeddingsRequest,
+    "/embed": EmbedRequest,
+    "/embed/query": EmbedRequest,
+    "/tokenize": TokenizeRequest,
+}
+
+
+def routes_taking(field: str) -> list[str]:
+    """The routes whose request body has ``field``."""
+    return [route for route, model in REQUEST_MODELS.items() if field in model.model_fields]
 
 
 class ModelCard(BaseModel):
