@@ -145,7 +145,7 @@ ERRORS = [
     ("/v1/embeddings", {"input": "x"}, 400, "invalid_input", None),
     ("/embed", {"texts": "just a string"}, 400, "invalid_input", None),
     ("/embed", {"texts": ["a", None]}, 400, "invalid_input", None),
-    ("/embed", {"texts": ["a"], "normalise": True}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "normalise": True}, 400, "unknown_parameter", "normalise"),
     ("/embed", {"texts": ["a"], "truncate": 0}, 400, "invalid_input", None),
     ("/v1/embeddings", {"model": MODEL, "input": []}, 400, "invalid_input", "input"),
     ("/v1/embeddings", {"model": MODEL, "input": [[]]}, 400, "invalid_input", "input"),
@@ -166,6 +166,14 @@ ERRORS = [
         "dimensions",
     ),
     ("/v1/embeddings", {"model": "other", "input": "a"}, 404, "model_not_found", "model"),
+    # a model released before output encodings has no int8 ranges
+    (
+        "/v1/embeddings",
+        {"model": MODEL, "input": "a", "encoding_format": "uint8"},
+        422,
+        "encoding_unavailable",
+        "encoding_format",
+    ),
 ]
 
 
