@@ -19,14 +19,14 @@ import pytest
 
 from embedkit.model.artifact import Artifact, register
 from embedkit.runtime.calibration import stamp_ranges
-from embedkit.runtime.vectors import decode_base64
+from embedkit.runtime.vectors import QUANTIZED, RANGED, decode_base64
 from embedkit.serve.schemas import TRUNCATED_HEADER
 
 pytestmark = pytest.mark.slow
 
 MODEL = "all-minilm-l6-v2"
 DIM = 384
-ENCODINGS = ("int8", "uint8", "binary", "ubinary")
+ENCODINGS = QUANTIZED
 DTYPES = {"int8": np.int8, "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
 LONG = "alpha " + "word " * 300 + "omega"  # 304 tokens with [CLS] and [SEP]: over 256
 
@@ -114,7 +114,7 @@ def test_fewer_dimensions_keep_the_first_codes(enc_server, ranges, texts) -> Non
     from sentence_transformers.util import quantize_embeddings
 
     full = floats(enc_server, "/embed", texts)
-    for encoding in ("int8", "uint8"):
+    for encoding in RANGED:
         got = codes(enc_server, "/embed", texts, encoding, dimensions=100)
         assert np.array_equal(got, codes(enc_server, "/embed", texts, encoding)[:, :100])
         want = quantize_embeddings(full[:, :100], encoding, ranges=ranges[:, :100])
@@ -211,7 +211,7 @@ def test_truncation_direction_keeps_the_special_tokens(enc_server) -> None:
 
     # The vector of the left-truncated text is the vector of the tokens it kept.
     left = floats(enc_server, "/embed/query", [LONG], truncation_direction="left")
-    kept = floats(enc_server, "/v1/embeddings", [rows["left"][1:-1]])  # type: ignore[list-item]
+    kept = floats(enc_server, "/v1/embeddings", [rows["left"][1:-1]])
     assert float((left * kept).sum()) > 0.99999
     right = floats(enc_server, "/embed/query", [LONG])
     assert float((left * right).sum()) < 0.999
