@@ -213,6 +213,21 @@ def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: 
     assert_one_line_error(result, "int3")
 
 
+def test_bench_encodings_without_scifact_is_one_line(
+    fp32_artifact: Artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedkit.core.settings import get_settings
+
+    monkeypatch.setenv("EMBEDKIT_EXTENDED_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        result = run("bench-encodings", "--artifact", str(fp32_artifact.path))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert_one_line_error(result, "scifact-train", "corpus.jsonl")
+
+
 def test_configuration_reference_is_current(pytestconfig: pytest.Config) -> None:
     """docs/configuration.md is generated from the settings; regenerate it when they change."""
     result = run("config", "--markdown")

@@ -16,11 +16,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedkit.core.errors import InferenceError, InputTooLong, InvalidDimensions, InvalidInput
+from embedkit.core.errors import (
+    EncodingUnavailable,
+    InferenceError,
+    InputTooLong,
+    InvalidDimensions,
+    InvalidInput,
+)
 from embedkit.core.settings import Settings
 from embedkit.runtime.engine import Engine, Telemetry, plan_sub_batches
 from embedkit.runtime.tokens import pad_batch
-from embedkit.runtime.vectors import postprocess
+from embedkit.runtime.vectors import (
+    QUANTIZED,
+    RANGED,
+    calibrate_ranges,
+    encode_codes,
+    postprocess,
+    quantize,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MIN_COSINE = 0.99999  # fp32 parity thresholds (per vector)
@@ -176,6 +189,27 @@ def test_postprocess_matryoshka_renormalises() -> None:
     np.testing.assert_allclose(unnorm, raw.astype(np.float32))
     zero = postprocess(np.zeros((1, 384)), normalize=True, dimensions=None, model_dim=384)
     assert not zero.any()  # a zero vector stays zero instead of becoming NaN
+
+
+@pytest.mark.parametrize("encoding", QUANTIZED)
+def test_codes_are_sentence_transformers_quantize_embeddings(encoding) -> None:
+    from sentence_transformers.util import quantize_embeddings
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(64, 384)).astype(np.float32)
+    unit = postprocess(raw, normalize=True, dimensions=None, model_dim=384)
+    ranges = calibrate_ranges(unit[:32]).astype(np.float64)  # as the manifest's JSON reads
+    want = quantize_embeddings(unit, encoding, ranges=ranges)
+    got = encode_codes(raw, encoding, normalize=True, dimensions=None, model_dim=384, ranges=ranges)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    # fewer dimensions: the first codes of the whole unit vector (binary: 100 → 13 bytes)
+    few = encode_codes(raw, encoding, normalize=True, dimensions=100, model_dim=384, ranges=ranges)
+    sliced = quantize_embeddings(unit[:, :100], encoding, ranges=ranges[:, :100])
+    assert np.array_equal(few, sliced)
+    assert few.shape[1] == (100 if encoding in RANGED else 13)
+    if encoding in RANGED:
+        with pytest.raises(EncodingUnavailable):
+            quantize(unit, encoding, None)
 
 
 @pytest.mark.parametrize("dims", [0, -1, 385, 1.5, "64", True])

@@ -100,6 +100,7 @@ def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Pat
         force=["bad-int8"],
         bench=False,
         candidate_options=QUICK,
+        calibration_texts=200,
     )
     by_name = {v.name: v for v in result.versions}
     assert set(by_name) == {PARENT, "fused", "bad-int8"}
@@ -128,6 +129,10 @@ def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Pat
         assert labels["role"] == ("default" if version.name == default else "candidate")
         art = resolve(version.tag)  # checksums verified at load
         assert "runtime" in art.manifest.records
+        # Every version carries the parent's int8/uint8 ranges (the same buckets).
+        ranges = art.manifest.encoding_ranges
+        assert ranges is not None and ranges.texts == 200 and len(ranges.min) == 384
+        assert ranges == resolve(by_name[PARENT].tag).manifest.encoding_ranges
     fused, forced = resolve(by_name["fused"].tag), resolve(by_name["bad-int8"].tag)
     assert fused.manifest.quantization.approved is True
     assert not fused.manifest.quantization.forced

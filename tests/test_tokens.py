@@ -86,6 +86,27 @@ def test_check_ids_frames_and_truncates(cased_tokenizer_json: Path) -> None:
         tk.check_ids([[6], [6, 6, 7, 7]], truncate=False)
 
 
+def test_requests_pick_the_side_and_learn_what_was_cut(cased_tokenizer_json: Path) -> None:
+    for spec_side in ("right", "left"):
+        tk = TextTokenizer(cased_tokenizer_json, _spec(truncation_side=spec_side))
+        texts = ["a a a b b", "a b", "b b b b a"]
+        assert tk.encode_counted(texts, direction="right") == (
+            [[2, 6, 6, 6, 3], [2, 6, 7, 3], [2, 7, 7, 7, 3]],
+            2,
+        )
+        assert tk.encode_counted(texts, direction="left") == (
+            [[2, 6, 7, 7, 3], [2, 6, 7, 3], [2, 7, 7, 6, 3]],
+            2,
+        )
+        assert tk.encode_counted(texts)[0] == tk.encode_counted(texts, direction=spec_side)[0]
+        assert tk.encode_counted(["a b"], truncate=False) == ([[2, 6, 7, 3]], 0)
+        assert tk.check_ids_counted([[6, 6, 7, 7], [4]], direction="left") == (
+            [[2, 6, 7, 7, 3], [2, 4, 3]],
+            1,
+        )
+        assert tk.check_ids_counted([[6, 6, 7, 7]], direction="right")[0] == [[2, 6, 6, 7, 3]]
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [

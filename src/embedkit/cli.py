@@ -931,6 +931,48 @@ def bench_stages_cmd(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("bench-encodings")
+@one_line_errors
+def bench_encodings_cmd(
+    artifact: ArtifactOpt = None,
+    max_docs: Annotated[int | None, typer.Option(help="Bound the corpus (quick run).")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="Bound the queries (quick run).")] = None,
+    rescore_multiplier: Annotated[
+        int, typer.Option(help="Rescoring keeps this many × 100 first-stage candidates.", min=1)
+    ] = 4,
+    calibration_texts: Annotated[
+        int | None,
+        typer.Option(help="Calibration sentences when the manifest has no ranges (all: None)."),
+    ] = None,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Write the tables here (docs/encodings.md).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Bytes per vector and SciFact-train retrieval (nDCG@10, recall@100) for each output
+    encoding (float32, int8, uint8, binary, ubinary), with and without rescoring."""
+    from embedkit.bench import encodings
+    from embedkit.bench.inprocess import default_artifact
+    from embedkit.model.artifact import resolve
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with progress("bench-encodings") as say:
+        result = encodings.run(
+            resolve(default_artifact(artifact)),
+            max_docs=max_docs,
+            max_queries=max_queries,
+            rescore_multiplier=rescore_multiplier,
+            calibration_texts=calibration_texts,
+            say=say,
+        )
+    text = encodings.markdown(result, _invocation())
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+    if markdown_out:
+        markdown_out.write_text(text)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @app.command("bench-peers")
 @one_line_errors
 def bench_peers_cmd(

@@ -35,6 +35,7 @@ from embedkit.quality import contract
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, stamp_verdict
 from embedkit.quality.report import summary_markdown, write_report
+from embedkit.runtime import calibration
 from embedkit.runtime.engine import Engine
 from embedkit.variants import quantize
 
@@ -315,6 +316,7 @@ def release(
     candidate_options: Mapping[str, Any] | None = None,
     perf_thresholds: perfgate.PerfThresholds | None = None,
     override_perf_gate: str | None = None,
+    calibration_texts: int | None = None,
 ) -> Release:
     """Export, validate, optionally build and gate variants (:func:`build`), then the
     performance gate, records, signing and registration (:func:`publish`).
@@ -322,7 +324,8 @@ def release(
     Every registered version carries release records (:mod:`embedkit.bench.records`): its
     runtime parameters and, with ``bench``, a short benchmark and profiler summary.
     ``candidate_options`` go to :func:`run_candidates` (evaluation size, timing rounds,
-    cache), e.g. to make a quick run smaller.
+    cache), e.g. to make a quick run smaller; ``calibration_texts`` bounds the text the
+    int8/uint8 ranges are calibrated on (:mod:`embedkit.runtime.calibration`; all by default).
 
     Before anything is registered, the default version goes through the performance gate
     against the previous ``NAME:latest`` (:func:`run_perf_gate`, ``perf_thresholds`` or
@@ -344,6 +347,7 @@ def release(
         force=force,
         step=step,
         candidate_options=candidate_options,
+        calibration_texts=calibration_texts,
     )
     return publish(
         built,
@@ -365,6 +369,7 @@ def build(
     force: Sequence[str] = (),
     step: Step | None = None,
     candidate_options: Mapping[str, Any] | None = None,
+    calibration_texts: int | None = None,
 ) -> Built:
     """Export, validate, optionally build, gate and time variants; pick the default.
     Nothing is registered. Raises ContractViolation when the fp32 contract fails."""
@@ -380,6 +385,11 @@ def build(
     )
     contract.require_passed(report)
     artifact = attach_parity(artifact, report)
+    # Before the variants are built from it, so they inherit the parent's buckets.
+    say("calibrating the int8/uint8 output-encoding ranges")
+    artifact = calibration.stamp_ranges(
+        artifact, calibration.calibrate(artifact, limit=calibration_texts)
+    )
 
     # (name, artifact, throughput, approved); the fp32 parent is approved by its contract.
     versions: list[tuple[str, Artifact, float | None, bool]] = []

@@ -106,7 +106,7 @@ def test_an_unknown_prompt_is_a_400_naming_the_known_ones(
 def test_chunking_with_a_prompt_is_refused_by_name(prompt_server: Server, reference) -> None:
     """Not built yet (each window would need the prompt), so a 400, never a silent drop;
     without a prompt the same model chunks."""
-    body = {"texts": ["x " * 200], "chunking": {"max_tokens": 32}}
+    body: dict[str, object] = {"texts": ["x " * 200], "chunking": {"max_tokens": 32}}
     r = post(prompt_server, "/embed", {**body, "prompt_name": "query"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "chunking" and "prompt" in r.json()["error"]["message"]

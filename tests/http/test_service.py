@@ -147,7 +147,7 @@ ERRORS = [
     ("/v1/embeddings", {"input": "x"}, 400, "invalid_input", None),
     ("/embed", {"texts": "just a string"}, 400, "invalid_input", None),
     ("/embed", {"texts": ["a", None]}, 400, "invalid_input", None),
-    ("/embed", {"texts": ["a"], "normalise": True}, 400, "invalid_input", None),
+    ("/embed", {"texts": ["a"], "normalise": True}, 400, "unknown_parameter", "normalise"),
     ("/embed", {"texts": ["a"], "truncate": 0}, 400, "invalid_input", None),
     ("/v1/embeddings", {"model": MODEL, "input": []}, 400, "invalid_input", "input"),
     ("/v1/embeddings", {"model": MODEL, "input": [[]]}, 400, "invalid_input", "input"),
@@ -181,7 +181,13 @@ ERRORS = [
         ]
     ],
     ("/embed", {"texts": ["a"], "chunking": {"aggregate": "max"}}, 400, "invalid_input", None),
-    ("/embed", {"texts": ["a"], "chunking": {"size": 9}}, 400, "invalid_input", None),
+    (
+        "/embed",
+        {"texts": ["a"], "chunking": {"size": 9}},
+        400,
+        "unknown_parameter",
+        "chunking.size",
+    ),
     ("/embed", {"texts": ["a"], "chunking": {"max_tokens": "9"}}, 400, "invalid_input", None),
     (
         "/embed",
@@ -190,8 +196,22 @@ ERRORS = [
         "payload_too_large",
         "chunking",
     ),
-    ("/embed/query", {"texts": ["a"], "chunking": {}}, 400, "invalid_input", None),
-    ("/v1/embeddings", {"model": MODEL, "input": "a", "chunking": {}}, 400, "invalid_input", None),
+    ("/embed/query", {"texts": ["a"], "chunking": {}}, 400, "unsupported_parameter", "chunking"),
+    (
+        "/v1/embeddings",
+        {"model": MODEL, "input": "a", "chunking": {}},
+        400,
+        "unsupported_parameter",
+        "chunking",
+    ),
+    # a model released before output encodings has no int8 ranges
+    (
+        "/v1/embeddings",
+        {"model": MODEL, "input": "a", "encoding_format": "uint8"},
+        422,
+        "encoding_unavailable",
+        "encoding_format",
+    ),
 ]
 
 

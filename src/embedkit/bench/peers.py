@@ -778,7 +778,7 @@ def run_peers(
         "model": {"name": served_name, "source": model_version, "max_tokens": max_tokens},
         "systems": {
             "embedkit": {
-                "version": _embedkit_version(),
+                "version": embedkit_version(),
                 "url": url or "started by the benchmark",
                 "artifact": str(art.path),
                 "intra_op_threads": threads,
@@ -825,7 +825,8 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _embedkit_version() -> str:
+def embedkit_version() -> str:
+    """This package's version and git commit, for a report."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()

@@ -49,6 +49,18 @@ class UnknownPrompt(InvalidInput):
     code = "unknown_prompt"
 
 
+class UnknownParameter(InvalidInput):
+    """A request field no route of ours knows (OpenAI: "Unrecognized request argument")."""
+
+    code = "unknown_parameter"
+
+
+class UnsupportedParameter(InvalidInput):
+    """A field another route takes, sent to one that does not (refused, never ignored)."""
+
+    code = "unsupported_parameter"
+
+
 class Unauthorized(EmbedkitError):
     status = 401
     type = "authentication_error"
@@ -87,6 +99,15 @@ class InvalidChunking(EmbedkitError):
     status = 422
     type = "invalid_request_error"
     code = "invalid_chunking"
+
+
+class EncodingUnavailable(EmbedkitError):
+    """An output encoding the served model cannot produce as asked (no calibrated int8
+    ranges, or ranges calibrated for other vectors)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "encoding_unavailable"
 
 
 class Overloaded(EmbedkitError):

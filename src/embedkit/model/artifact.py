@@ -104,6 +104,21 @@ class ReferenceVectors(BaseModel):
     min_cosine: float = Field(ge=-1, le=1, description="Least cosine a pod must reproduce.")
 
 
+class EncodingRanges(BaseModel):
+    """Per-dimension [min, max] of the served vectors on calibration text: the int8/uint8
+    output encodings' buckets (sentence-transformers' ``quantize_embeddings`` ``ranges``).
+
+    Fixed once per release, so the same text always maps to the same codes; a request
+    for fewer ``dimensions`` uses the first ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    min: list[float] = Field(min_length=1)
+    max: list[float] = Field(min_length=1)
+    normalized: bool = Field(description="Calibrated on L2-normalised vectors.")
+    texts: int = Field(ge=1, description="How many calibration texts.")
+    source: str = Field(description="The calibration text (e.g. 'stsbenchmark/sts-train').")
+
+
 class Quantization(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     mode: QuantizationMode = "none"
@@ -185,6 +200,11 @@ class Manifest(BaseModel):
     precision_approvals: list[PrecisionApproval] = Field(
         default_factory=list,
         description="Reduced run-time precisions the gate approved (only these are served).",
+    )
+    encoding_ranges: EncodingRanges | None = Field(
+        None,
+        description="int8/uint8 output-encoding ranges calibrated at release (absent: those "
+        "encodings are refused).",
     )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 

@@ -82,6 +82,20 @@ class _EngineEncoder:
         return np.asarray(Engine(self._artifact, self._settings, judging=True).encode(texts))
 
 
+def engine_key(artifact: Artifact) -> str:
+    """The cache key of an artifact's engine vectors (its graph and tokenizer)."""
+    return "onnx:" + artifact.manifest.files[MODEL_FILE] + artifact.manifest.files[TOKENIZER_FILE]
+
+
+def engine_vectors(
+    artifact: Artifact, texts: list[str], cache_dir: Path | None, settings: Settings | None = None
+) -> np.ndarray:
+    """Unit vectors of ``texts`` through the serving engine, cached like fp32's here."""
+    return _cached_encode(
+        _EngineEncoder(artifact, settings), texts, engine_key(artifact), cache_dir
+    )
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -284,7 +298,7 @@ def evaluate(
         lang_pairs=lang_pairs,
     )
     texts = corpus.texts()
-    fp32_key = "onnx:" + fp32.manifest.files[MODEL_FILE] + fp32.manifest.files[TOKENIZER_FILE]
+    fp32_key = engine_key(fp32)
     arrays = {
         "reference": _cached_encode(
             _ReferenceEncoder(reference_dir), texts, "torch:" + ref_sha, cache_dir

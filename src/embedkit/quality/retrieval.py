@@ -13,6 +13,7 @@ plus documents/s while indexing. Encoding and caching live in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,11 +171,19 @@ def rank_metrics(
 ) -> tuple[float, float]:
     """(nDCG@10, recall@100) ×100 of exact cosine search (unit vectors), BEIR's definitions:
     gains are the qrels grades, ideal DCG from the judged documents, recall over them."""
+    return score_metrics(lambda rows: queries[rows] @ docs.T, data, chunk=chunk)
+
+
+def score_metrics(
+    scores: Callable[[slice], np.ndarray], data: RetrievalSet, *, chunk: int = 256
+) -> tuple[float, float]:
+    """:func:`rank_metrics` of any search: ``scores(rows)`` is the ``[queries, docs]`` score
+    matrix of those queries (higher is better)."""
     k = min(100, len(data.doc_ids))
     discounts = 1.0 / np.log2(np.arange(2, 12))
     ndcg, recall = [], []
-    for start in range(0, len(queries), chunk):
-        sims = queries[start : start + chunk] @ docs.T
+    for start in range(0, len(data.query_ids), chunk):
+        sims = scores(slice(start, start + chunk))
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), 1), 1)
         for row, qid in zip(order, data.query_ids[start : start + chunk], strict=True):

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from embedkit.core.errors import ArtifactError, InputTooLong, InvalidInput
 from embedkit.model.artifact import TokenizerSpec
+
+Direction = Literal["right", "left"]
 
 if TYPE_CHECKING:
     from embedkit.model.artifact import Artifact
@@ -52,24 +54,25 @@ def validate_texts(texts: object) -> list[str]:
 class TextTokenizer:
     """Texts → token ids with special tokens, truncated per the manifest, never padded.
 
-    Thread-safe: the two underlying tokenizers are configured once here and only
-    read afterwards (toggling truncation per call would race between threads).
+    Thread-safe: the underlying tokenizers (untruncated, and truncating from each side)
+    are configured once here and only read afterwards (toggling truncation per call
+    would race between threads).
     """
 
     def __init__(self, tokenizer_json: Path, spec: TokenizerSpec) -> None:
         try:
-            full = Tokenizer.from_file(str(tokenizer_json))
-            truncating = Tokenizer.from_file(str(tokenizer_json))
+            full, right, left = (Tokenizer.from_file(str(tokenizer_json)) for _ in range(3))
         except Exception as exc:  # the Rust loader raises bare Exceptions
             raise ArtifactError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
-        for tok in (full, truncating):
+        for tok in (full, right, left):
             tok.no_padding()
             tok.no_truncation()
-        truncating.enable_truncation(
-            spec.max_length, strategy="longest_first", direction=spec.truncation_side
-        )
+        # The post-processor adds the special tokens after truncation, so either side
+        # keeps the [CLS] … [SEP] frame; the manifest's side is the default.
+        right.enable_truncation(spec.max_length, strategy="longest_first", direction="right")
+        left.enable_truncation(spec.max_length, strategy="longest_first", direction="left")
         self._full = full
-        self._truncating = truncating
+        self._by_side: dict[str, Tokenizer] = {"right": right, "left": left}
         self.spec = spec
         self.max_length = spec.max_length
         self.pad_id = spec.pad_id
@@ -103,8 +106,15 @@ class TextTokenizer:
         With ``truncate=False`` a text longer than ``max_length`` raises
         :class:`InputTooLong` naming its index and token count.
         """
+        return self.encode_counted(texts, truncate=truncate)[0]
+
+    def encode_counted(
+        self, texts: Sequence[str], *, truncate: bool = True, direction: Direction | None = None
+    ) -> tuple[list[list[int]], int]:
+        """:meth:`encode` from the ``direction`` side (default: the manifest's), plus how
+        many texts truncation cut."""
         texts = self._lower(texts)
-        tok = self._truncating if truncate else self._full
+        tok = self._by_side[direction or self.spec.truncation_side] if truncate else self._full
         encodings = tok.encode_batch(list(texts), add_special_tokens=True)
         ids = [e.ids for e in encodings]
         if not truncate:
@@ -115,13 +125,14 @@ class TextTokenizer:
                         f"{self.max_length} (truncation is off)",
                         param="input",
                     )
-        return ids
+        # A cut encoding keeps what it dropped in `overflowing` (stride 0: no overlap).
+        return ids, sum(1 for e in encodings if e.overflowing)
 
     def prompt_length(self, prompt: str) -> int:
         """Leading positions a prompt takes when prepended (what an include_prompt=false
         pooling skips): its tokens with the special prefix, truncated as a text would be,
         less a trailing special token — sentence-transformers' own count."""
-        enc = self._truncating.encode(self._lower([prompt])[0])
+        enc = self._by_side[self.spec.truncation_side].encode(self._lower([prompt])[0])
         n = len(enc.ids)
         return n - 1 if n and enc.special_tokens_mask[-1] else n
 
@@ -162,6 +173,20 @@ class TextTokenizer:
         :class:`InputTooLong` with ``truncate=False``. ``prefix`` (a prompt's content
         tokens) goes before each list's own, inside the special tokens.
         """
+        return self.check_ids_counted(ids, truncate=truncate, prefix=prefix)[0]
+
+    def check_ids_counted(
+        self,
+        ids: Sequence[Sequence[int]],
+        *,
+        truncate: bool = True,
+        direction: Direction | None = None,
+        prefix: Sequence[int] = (),
+    ) -> tuple[list[list[int]], int]:
+        """:meth:`check_ids` cutting from the ``direction`` side (default: the manifest's),
+        plus how many lists were cut."""
+        side = direction or self.spec.truncation_side
+        cut = 0
         if isinstance(ids, str | bytes) or not isinstance(ids, list | tuple) or not ids:
             raise InvalidInput(
                 "token input must be a non-empty list of token-id lists", param="input"
@@ -192,9 +217,10 @@ class TextTokenizer:
                         "(truncation is off)",
                         param="input",
                     )
-                content = content[-room:] if self.spec.truncation_side == "left" else content[:room]
+                content = content[-room:] if side == "left" else content[:room]
+                cut += 1
             out.append([*self._prefix, *content, *self._suffix])
-        return out
+        return out, cut
 
 
 def _original_spans(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from embedkit.runtime.vectors import encode_base64
+from embedkit.runtime.vectors import codes_base64, encode_base64
 from embedkit.serve.jobs import EmbedJob
 
 
@@ -31,11 +31,22 @@ def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+def _wire(array: np.ndarray, job: EmbedJob) -> Any:
+    """``array`` (float32 vectors, or int8/uint8 codes) as the request's encoding asks:
+    JSON numbers, base64 of float32 bytes, or base64 of the codes' raw bytes."""
     if job.encoding == "base64":
-        items: Sequence[Any] = [encode_base64(row) for row in vectors]
-    else:
-        items = vectors.tolist()
+        return encode_base64(array)
+    if job.base64_codes:
+        return codes_base64(array)
+    return array.tolist()
+
+
+def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
+    items: Sequence[Any] = (
+        [_wire(row, job) for row in vectors]
+        if job.encoding == "base64" or job.base64_codes
+        else vectors.tolist()
+    )
     tokens = job.tokens
     return dumps(
         {
@@ -49,22 +60,31 @@ def openai_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
     )
 
 
-def native_body(vectors: np.ndarray, job: EmbedJob, model: str) -> bytes:
-    embeddings: Any = encode_base64(vectors) if job.encoding == "base64" else vectors.tolist()
-    body = {
-        "embeddings": embeddings,
+def native_body(
+    vectors: np.ndarray, job: EmbedJob, model: str, *, dimensions: int | None = None
+) -> bytes:
+    """``dimensions``: those embedded, where the array is narrower (packed binary codes)."""
+    body: dict[str, Any] = {
+        "embeddings": _wire(vectors, job),
         "model": model,
-        "dimensions": int(vectors.shape[1]),
+        "dimensions": dimensions or int(vectors.shape[1]),
         "encoding_format": job.encoding,
         "usage": {"tokens": job.tokens},
+        "truncated": job.truncated,
     }
     if job.chunks is not None:
         body["chunks"] = [asdict(c) for c in job.chunks.chunks]
     return dumps(body)
 
 
-def tokenize_body(ids: list[list[int]], max_length: int) -> bytes:
+def tokenize_body(ids: list[list[int]], max_length: int, *, truncated: int = 0) -> bytes:
     counts = [len(row) for row in ids]
     return dumps(
-        {"ids": ids, "counts": counts, "max_length": max_length, "usage": {"tokens": sum(counts)}}
+        {
+            "ids": ids,
+            "counts": counts,
+            "max_length": max_length,
+            "usage": {"tokens": sum(counts)},
+            "truncated": truncated,
+        }
     )

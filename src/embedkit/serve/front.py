@@ -26,7 +26,7 @@ from embedkit.model.artifact import Artifact
 from embedkit.runtime.chunking import pool
 from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
-from embedkit.runtime.vectors import postprocess
+from embedkit.runtime.vectors import QUANTIZED, encode_codes, postprocess
 from embedkit.serve import identity
 from embedkit.serve.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.client import EmbedderClient
@@ -35,6 +35,7 @@ from embedkit.serve.jobs import EmbedJob, check_count, native_job, openai_job, p
 from embedkit.serve.openapi import openapi_document
 from embedkit.serve.options import batching_policy
 from embedkit.serve.schemas import (
+    TRUNCATED_HEADER,
     EmbedBulkRequest,
     EmbeddingsRequest,
     EmbedRequest,
@@ -62,6 +63,8 @@ class Front:
         self.dimension = self.manifest.embedding.dimension
         self.model_name = settings.served_model_name or self.manifest.name
         self.client = EmbedderClient(settings)
+        ranges = self.manifest.encoding_ranges
+        self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
         self.ready = False
         self._openapi: dict[str, Any] | None = None
 
@@ -75,19 +78,33 @@ class Front:
         raw = await self.client.embed(embedder, job)
         if job.chunks is not None:
             raw = pool(raw, job.chunks)
-        vectors = postprocess(
-            raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
-        )
+        if job.encoding in QUANTIZED:
+            vectors = encode_codes(
+                raw,
+                job.encoding,
+                normalize=job.normalize,
+                dimensions=job.dimensions,
+                model_dim=self.dimension,
+                ranges=self.ranges,
+            )
+        else:
+            vectors = postprocess(
+                raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
+            )
         m = metrics.get()
         m.texts_embedded.labels(route=route).inc(len(job.ids))
         m.tokens_embedded.labels(route=route).inc(job.tokens)
         return vectors
 
-    async def _guard(self, work: Awaitable[bytes]) -> Any:
+    async def _guard(self, work: Awaitable[tuple[bytes, int]]) -> Any:
+        """``work`` gives the body and how many inputs truncation cut (a header)."""
         from starlette.responses import Response
 
         try:
-            return Response(await work, media_type="application/json")
+            body, truncated = await work
+            return Response(
+                body, media_type="application/json", headers={TRUNCATED_HEADER: str(truncated)}
+            )
         except EmbedkitError as exc:
             return error_response(exc)
         except Exception:
@@ -96,7 +113,7 @@ class Front:
 
     # --- routes (bodies already schema-validated by BentoML)
     async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
-        async def work() -> bytes:
+        async def work() -> tuple[bytes, int]:
             req = EmbeddingsRequest.model_construct(**body)
             n = 1 if isinstance(req.input, str) else len(req.input)
             job = await self._job(
@@ -108,18 +125,19 @@ class Front:
                     model_dim=self.dimension,
                     normalize=self.manifest.embedding.normalize,
                     prompts=self.prompts,
+                    ranges=self.manifest.encoding_ranges,
                 ),
                 n,
             )
             vectors = await self.embed(embedder, job, "/v1/embeddings")
-            return openai_body(vectors, job, self.model_name)
+            return openai_body(vectors, job, self.model_name), job.truncated
 
         return await self._guard(work())
 
     async def native(self, embedder: Any, body: dict[str, Any], lane: Lane) -> Any:
         route = "/embed/query" if lane == "query" else "/embed"
 
-        async def work() -> bytes:
+        async def work() -> tuple[bytes, int]:
             req = EmbedBulkRequest.model_construct(**body)  # chunking stays None on /embed/query
             job = await self._job(
                 lambda: native_job(
@@ -129,22 +147,29 @@ class Front:
                     lane=lane,
                     model_dim=self.dimension,
                     prompts=self.prompts,
+                    ranges=self.manifest.encoding_ranges,
                 ),
                 len(req.texts),
             )
             vectors = await self.embed(embedder, job, route)
-            return native_body(vectors, job, self.model_name)
+            dims = job.dimensions or self.dimension
+            return native_body(vectors, job, self.model_name, dimensions=dims), job.truncated
 
         return await self._guard(work())
 
     async def tokenize(self, body: dict[str, Any]) -> Any:
-        async def work() -> bytes:
+        async def work() -> tuple[bytes, int]:
             req = TokenizeRequest.model_construct(**body)
             check_count(len(req.texts), self.settings, param="texts")
-            ids, _ = prompted_ids(
-                req.texts, self.tokenizer, self.prompts, req.prompt_name, truncate=req.truncate
+            ids, _, cut = prompted_ids(
+                req.texts,
+                self.tokenizer,
+                self.prompts,
+                req.prompt_name,
+                truncate=req.truncate,
+                direction=req.truncation_direction,
             )
-            return tokenize_body(ids, self.tokenizer.max_length)
+            return tokenize_body(ids, self.tokenizer.max_length, truncated=cut), cut
 
         return await self._guard(work())
 
@@ -202,10 +227,16 @@ class Front:
                 "max_client_batch": s.max_client_batch,
                 "max_body_bytes": s.max_body_bytes,
                 "max_length": self.tokenizer.max_length,
+                "truncation_side": self.tokenizer.spec.truncation_side,
                 "dimensions": [1, self.dimension],
                 "max_concurrency": s.max_concurrency,
                 "max_queued_tokens": s.max_queued_tokens,
                 "request_timeout_s": s.request_timeout_s,
+            },
+            "encodings": {  # docs/service.md § Output encodings
+                "int8_ranges": None
+                if (r := self.manifest.encoding_ranges) is None
+                else {"texts": r.texts, "source": r.source, "normalized": r.normalized},
             },
             "auth": bool(s.api_keys),
             "tracing": s.tracing,

@@ -24,9 +24,12 @@ from embedkit.core.errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    UnknownParameter,
+    UnsupportedParameter,
     UpstreamTimeout,
 )
 from embedkit.serve.bodies import dumps
+from embedkit.serve.schemas import routes_taking
 
 INTERNAL_MESSAGE = "internal error while embedding; the server log has details"
 
@@ -84,6 +87,29 @@ def _validation_message(detail: list[Any]) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+def _field_error(detail: list[Any]) -> EmbedkitError | None:
+    """A request field the route does not take: one another route takes is refused by
+    name (:class:`UnsupportedParameter`); one no route takes as OpenAI refuses it (400,
+    "Unrecognized request argument supplied: X"). None when no such field was sent."""
+    extra = [  # dotted below the body: chunking.size
+        ".".join(str(p) for p in d["loc"] if p != "body")
+        for d in detail
+        if isinstance(d, dict) and d.get("type") == "extra_forbidden" and d.get("loc")
+    ]
+    for field in extra:
+        if routes := routes_taking(field):
+            return UnsupportedParameter(
+                f"{field} is not supported on this route; it is a field of {', '.join(routes)}",
+                param=field,
+            )
+    if not extra:
+        return None
+    plural = "s" if len(extra) > 1 else ""
+    return UnknownParameter(
+        f"Unrecognized request argument{plural} supplied: {', '.join(extra)}", param=extra[0]
+    )
+
+
 def foreign_error(status: int, body: bytes) -> EmbedkitError:
     """BentoML's own error body (validation 400, empty 5xx, 429/504 middlewares) → ours."""
     message = ""
@@ -94,6 +120,8 @@ def foreign_error(status: int, body: bytes) -> EmbedkitError:
         if isinstance(data, dict):
             detail = data.get("detail")
             if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+                if status == 400 and (field_error := _field_error(detail)) is not None:
+                    return field_error
                 message = _validation_message(detail)
             elif isinstance(data.get("error"), str):
                 message = data["error"]

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from embedkit.core.settings import Settings
 from embedkit.serve.schemas import (
     INFERENCE_ROUTES,
+    TRUNCATED_HEADER,
     ChunkSpan,
     EmbeddingItem,
     EmbeddingsResponse,
@@ -25,12 +26,15 @@ from embedkit.serve.schemas import (
 )
 
 ERROR_STATUSES = {
-    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type, "
-    "a prompt_name the model does not define (code unknown_prompt).",
+    "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type, an unknown "
+    "encoding_format or truncation_direction; a prompt_name the model does not define "
+    "(code unknown_prompt); a field another route takes (code unsupported_parameter) or no "
+    "route takes (code unknown_parameter, OpenAI's 'Unrecognized request argument supplied').",
     "401": "Missing or invalid API key (only when keys are configured).",
     "404": "Unknown model.",
     "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
-    "422": "dimensions or chunking out of range.",
+    "422": "dimensions or chunking out of range; int8/uint8 from a model without calibrated "
+    "ranges, or with normalize unlike its calibration (code encoding_unavailable).",
     "429": "Overloaded: retry after the Retry-After header.",
     "500": "Internal error (details only in the server log).",
     "503": "Not ready yet.",
@@ -102,6 +106,12 @@ def openapi_document(
             op["responses"][code] = {"description": text, **error}
         op["responses"]["200"] = {
             "description": "OK",
+            "headers": {
+                TRUNCATED_HEADER: {
+                    "description": "How many inputs truncation cut.",
+                    "schema": {"type": "integer", "minimum": 0},
+                }
+            },
             "content": {
                 "application/json": {"schema": {"$ref": template.format(model=responses[path])}}
             },

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from embedkit.runtime.chunking import Aggregate
 
 Lane = Literal["query", "bulk"]
-EncodingFormat = Literal["float", "base64"]
+# float/base64 as OpenAI's; the rest are codes (docs/service.md § Output encodings).
+EncodingFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+TruncationDirection = Literal["right", "left"]
+# Every embedding route and /tokenize answer with it: how many inputs truncation cut.
+TRUNCATED_HEADER = "X-Embedkit-Truncated-Inputs"
 
 # One item of the Embedder's batchable APIs: (time the front handed it over, token ids).
 # The timestamp lets the Embedder measure queue wait across the process boundary. A model
@@ -47,35 +42,37 @@ INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/toke
 METADATA_ROUTES = frozenset({"/v1/models", "/info"})
 PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
 
-# Fields only some routes take: a request model without one refuses it by name (400),
-# never ignores it silently.
-ROUTE_ONLY_FIELDS = {"chunking": "POST /embed"}
-
-
-def _refuse_route_only(model: type[BaseModel], data: object) -> object:
-    if isinstance(data, dict):
-        for name, where in ROUTE_ONLY_FIELDS.items():
-            if name in data and name not in model.model_fields:
-                raise PydanticCustomError(
-                    "unsupported_field", f"{name} is supported on {where} only, not on this route"
-                )
-    return data
-
-
 # --- requests ----------------------------------------------------------------------------
+
+_TRUNCATE = "Truncate inputs over the model's token limit; false answers 413 naming the input."
+_DIRECTION = (
+    "Which end truncation cuts ('right' keeps the start, 'left' the end); the special "
+    "tokens ([CLS] … [SEP]) are kept either way. Default: the model's side (GET /info)."
+)
+_ENCODINGS = (
+    "'float': JSON floats; 'base64': little-endian float32 bytes, base64; "
+    "'int8'/'uint8': one code per dimension (sentence-transformers' quantize_embeddings "
+    "with the model's calibrated ranges); 'binary'/'ubinary': the sign bits packed 8 to a "
+    "byte (binary = ubinary - 128 as int8). Codes are JSON integer lists, or base64 of "
+    "their raw bytes with base64_codes."
+)
+_BASE64_CODES = (
+    "With an int8/uint8/binary/ubinary encoding_format: base64 of the codes' raw bytes "
+    "instead of JSON integer lists."
+)
 
 
 class EmbeddingsRequest(BaseModel):
     """OpenAI ``POST /v1/embeddings``. Strict types: ``[1, "a"]`` or ``[true]`` is a 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    # OpenAI answers 400 "Unrecognized request argument supplied: X" to unknown fields;
+    # so do we (serve/http_errors.py), instead of dropping them silently.
+    model_config = ConfigDict(extra="forbid")
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         description="A text, a list of texts, a list of token ids or a list of token-id lists."
     )
     model: StrictStr = Field(description="Served model name (see GET /v1/models).")
-    encoding_format: EncodingFormat = Field(
-        default="float", description="'base64': little-endian float32 bytes, base64-encoded."
-    )
+    encoding_format: EncodingFormat = Field(default="float", description=_ENCODINGS)
     dimensions: StrictInt | None = Field(
         default=None, description="Matryoshka truncation to this many dimensions (re-normalised)."
     )
@@ -83,11 +80,9 @@ class EmbeddingsRequest(BaseModel):
     prompt_name: StrictStr | None = Field(
         default=None, description=PROMPT_NAME_DESCRIPTION + " (An embedkit extension.)"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _route_only(cls, data: object) -> object:
-        return _refuse_route_only(cls, data)
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
+    base64_codes: StrictBool = Field(default=False, description=_BASE64_CODES)
 
 
 class EmbedRequest(BaseModel):
@@ -98,24 +93,18 @@ class EmbedRequest(BaseModel):
     normalize: StrictBool = Field(
         default=True, description="L2-normalise (after truncation to `dimensions`)."
     )
-    truncate: StrictBool = Field(
-        default=True,
-        description="Truncate texts over the model's token limit; false answers 413 instead.",
-    )
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
     dimensions: StrictInt | None = Field(
         default=None, description="Keep only the first n dimensions."
     )
     encoding_format: EncodingFormat = Field(
         default="float",
-        description="'base64': `embeddings` is one base64 string of a row-major "
-        "little-endian float32 [n, dimensions] array (~4x smaller than JSON).",
+        description=_ENCODINGS + " Here 'base64' (and base64_codes) give one base64 string of "
+        "the row-major [n, width] array (~4x smaller than JSON).",
     )
     prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _route_only(cls, data: object) -> object:
-        return _refuse_route_only(cls, data)
+    base64_codes: StrictBool = Field(default=False, description=_BASE64_CODES)
 
 
 class ChunkingOptions(BaseModel):
@@ -153,9 +142,8 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr]
-    truncate: StrictBool = Field(
-        default=True, description="false: texts over the limit answer 413."
-    )
+    truncate: StrictBool = Field(default=True, description=_TRUNCATE)
+    truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
     prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
 
 
@@ -165,7 +153,9 @@ class TokenizeRequest(BaseModel):
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str = Field(
+        description="floats, integer codes (int8/uint8/binary/ubinary) or a base64 string."
+    )
 
 
 class OpenAIUsage(BaseModel):
@@ -192,9 +182,9 @@ class ChunkSpan(BaseModel):
 
 
 class EmbedResponse(BaseModel):
-    embeddings: list[list[float]] | str
+    embeddings: list[list[float]] | list[list[int]] | str
     model: str
-    dimensions: int
+    dimensions: int = Field(description="Dimensions embedded (a binary code is ceil(n/8) bytes).")
     encoding_format: EncodingFormat = "float"
     usage: TokenUsage
     chunks: list[ChunkSpan] | None = Field(
@@ -202,6 +192,7 @@ class EmbedResponse(BaseModel):
         description="With chunking, one entry per chunk in text order: the rows of "
         "`embeddings` (aggregate 'none') or what each text's mean was taken over ('mean').",
     )
+    truncated: int = Field(description="How many texts truncation cut.")
 
 
 class TokenizeResponse(BaseModel):
@@ -209,6 +200,22 @@ class TokenizeResponse(BaseModel):
     counts: list[int]
     max_length: int
     usage: TokenUsage
+    truncated: int = Field(description="How many texts truncation cut.")
+
+
+# Which request fields each route takes: a field of another route is refused by name
+# (UnsupportedParameter), one of none as OpenAI does (UnknownParameter).
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/embeddings": EmbeddingsRequest,
+    "/embed": EmbedBulkRequest,
+    "/embed/query": EmbedRequest,
+    "/tokenize": TokenizeRequest,
+}
+
+
+def routes_taking(field: str) -> list[str]:
+    """The routes whose request body has ``field``."""
+    return [route for route, model in REQUEST_MODELS.items() if field in model.model_fields]
 
 
 class ModelCard(BaseModel):
