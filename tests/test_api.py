@@ -45,6 +45,7 @@ from embedkit.serve.schemas import (
     EmbeddingsResponse,
     EmbedRequest,
     EmbedResponse,
+    routes_taking,
 )
 
 MODEL = "all-minilm-l6-v2"
@@ -121,9 +122,11 @@ def test_chunking_is_a_bulk_route_field(tokenizer) -> None:
         (EmbeddingsRequest, {"model": MODEL, "input": "a"}),
         (EmbedRequest, {"texts": ["a"]}),
     ]
-    for model, body in cases:
-        with pytest.raises(ValidationError, match="chunking is supported on POST /embed only"):
+    for model, body in cases:  # refused as a field of another route (http_errors)
+        with pytest.raises(ValidationError, match="chunking") as refused:
             model.model_validate({**body, "chunking": {}})
+        assert refused.value.errors()[0]["type"] == "extra_forbidden"
+    assert routes_taking("chunking") == ["/embed"]
     req = EmbedBulkRequest.model_validate(
         {"texts": ["a", "b " * 9], "chunking": {"max_tokens": 6, "overlap": 1}}
     )
