@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "reembed": 6,  # a client of the HTTP service (reads the served identity's header)
     "pools": 6,
     "drill": 7,  # the rollback drill: runs container (podman) and bench.canary together
+    "supply": 7,  # image records: SBOM and digest read through container (podman)
     "cli": 8,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

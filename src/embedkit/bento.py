@@ -23,7 +23,13 @@ Where each fact comes from:
   image also carries it as ``EMBEDKIT_MODEL`` for anything reading settings;
 * offline: ``lock_packages: false`` (locking resolves against the index) and
   ``BENTOML_NO_LOCAL_URL=1`` (a locally installed bentoml would otherwise become
-  a ``file://`` requirement).
+  a ``file://`` requirement);
+* hash-pinned: the CPU Bento's requirements are ``locks/serving-cpu.txt``, every package
+  the image installs (transitive ones too) with ``--hash`` (``embedkit lock``, uv's
+  resolver). The image's ``uv pip install`` runs with ``UV_REQUIRE_HASHES=1`` and the
+  same file as its constraints (BentoML appends an unhashed ``bentoml==`` line; the
+  constraint supplies its hash), so a package without a hash or with another one is
+  refused.
 
 ``audit(bento_dir, variant, model_tag)`` re-reads what was built and lists every
 problem (torch & co. in the requirements, URLs, unpinned packages, the wrong
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -67,6 +74,7 @@ class Variant:
     extra: tuple[str, ...] = ()
     docker: dict[str, Any] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
+    lock: Path | None = None  # hash-pinned requirements (`embedkit lock`); None: unlocked
 
     @property
     def bento_name(self) -> str:
@@ -85,6 +93,15 @@ ORT_GPU = "onnxruntime-gpu==1.31.1"
 TENSORRT_LIBS = "tensorrt-cu13-libs==10.16.1.11"  # TensorRT 10 (11.x has libnvinfer.so.11)
 CUDA_BASE_IMAGE = "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04"
 _SITE_PACKAGES = f"/app/.venv/lib/python{PYTHON_VERSION}/site-packages"
+LOCK_DIR = Path("locks")
+# The lock resolves for the image, not this host: CPython 3.11 on Debian bookworm (glibc 2.36).
+LOCK_PLATFORM = "x86_64-manylinux_2_28"
+# Where BentoML's Dockerfile puts the Bento (ENV BENTO_PATH) and installs its requirements from.
+IMAGE_REQUIREMENTS = "/home/bentoml/bento/env/python/requirements.txt"
+# uv refuses any requirement without a matching hash; the lock, read again as constraints,
+# supplies the hash of the unhashed `bentoml==` line BentoML appends. Plain ENVs (BentoML turns
+# build-stage envs into build secrets); they stay in the image, where nothing runs uv.
+HASH_CHECKING_ENVS = {"UV_REQUIRE_HASHES": "1", "UV_CONSTRAINT": IMAGE_REQUIREMENTS}
 
 VARIANTS: dict[str, Variant] = {
     "cpu": Variant(
@@ -92,12 +109,15 @@ VARIANTS: dict[str, Variant] = {
         runtime="onnxruntime",
         docker={"distro": "debian", "python_version": PYTHON_VERSION},
         envs={"EMBEDKIT_GPU": "false", "EMBEDKIT_PROVIDERS": '["CPUExecutionProvider"]'},
+        lock=LOCK_DIR / "serving-cpu.txt",
     ),
     "gpu": Variant(
         name="gpu",
         runtime="onnxruntime-gpu",
         replace={"onnxruntime": ORT_GPU},
         extra=(TENSORRT_LIBS,),
+        # Unlocked: tensorrt-cu13-libs on PyPI is a stub sdist that downloads the real wheel
+        # from pypi.nvidia.com while it builds; PyPI carries no hash of what gets installed.
         # The CUDA base has no Python and no pip; BentoML's Dockerfile bootstraps uv with
         # pip, which Ubuntu 24.04 only allows system-wide with PIP_BREAK_SYSTEM_PACKAGES.
         docker={
@@ -157,6 +177,94 @@ def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[
     return [*out, *variant.extra]
 
 
+# --- the lock: every package the image installs, hash-pinned -------------------------------
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Requirement lines with ``\\`` continuations joined; comments and blanks dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    lines = (re.sub(r"(^|\s)#.*", "", ln).strip() for ln in joined.splitlines())
+    return [" ".join(ln.split()) for ln in lines if ln]
+
+
+def _pin(line: str) -> str:
+    """``name==version`` of a requirement line (name normalised), or '' when not ``==``."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;,]+)", line)
+    return f"{_req_name(line)}=={match.group(3)}" if match else ""
+
+
+def lock_problems(text: str, wanted: list[str]) -> list[str]:
+    """Why a lock file is not fit for a hash-checking install of ``wanted``: a line not
+    pinned with ``==`` or without a sha256 hash, or a wanted pin it lacks or pins otherwise."""
+    problems: list[str] = []
+    pins: set[str] = set()
+    for line in _logical_lines(text):
+        if line.startswith("-"):
+            problems.append(f"option line in the lock: {line[:60]}")
+            continue
+        pin = _pin(line)
+        if not pin:
+            problems.append(f"not pinned with ==: {line[:60]}")
+        if not re.search(r"--hash=sha256:[0-9a-f]{64}", line):
+            problems.append(f"no sha256 hash: {line.split()[0]}")
+        pins.add(pin)
+    for req in wanted:
+        if _pin(req) not in pins:
+            problems.append(f"{req} is not in the lock (stale: run `embedkit lock`)")
+    return problems
+
+
+def _uv() -> str:
+    """uv from this venv (PATH may not hold it when the venv is not activated)."""
+    beside = Path(sys.executable).parent / "uv"
+    found = str(beside) if beside.is_file() else shutil.which("uv")
+    if found is None:
+        raise BuildError("uv not found (pip install uv; it resolves and hashes the lock)")
+    return found
+
+
+def compile_lock(requirements: list[str], dest: Path, command: str = "embedkit lock") -> Path:
+    """Resolve ``requirements`` for the image's platform with uv and write them to ``dest``
+    with every file's sha256 (needs the package index); a failure is one line."""
+    proc = subprocess.run(
+        [
+            _uv(),
+            "pip",
+            "compile",
+            "--quiet",
+            "--generate-hashes",
+            "--python-version",
+            PYTHON_VERSION,
+            "--python-platform",
+            LOCK_PLATFORM,
+            "--custom-compile-command",
+            command,
+            "--output-file",
+            str(dest),
+            "-",
+        ],
+        input="\n".join(requirements) + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"uv pip compile for {dest} failed: {last.strip()}")
+    problems = lock_problems(dest.read_text(), requirements)
+    if problems:
+        raise BuildError(f"{dest} is unfit: {'; '.join(problems[:3])}")
+    return dest
+
+
+def lock(variant: Variant, pyproject: Path = PYPROJECT) -> Path:
+    """Write the variant's lock from pyproject's serving pins (``embedkit lock``)."""
+    if variant.lock is None:
+        raise BuildError(f"the {variant.name} image is not hash-pinned (no lock; see bento.py)")
+    variant.lock.parent.mkdir(parents=True, exist_ok=True)
+    return compile_lock(serving_requirements(variant, pyproject), variant.lock)
+
+
 # What a Bento carries from the repo root: the wiring and the package's serving code. The
 # evaluation data (release-time only) stays out of images.
 INCLUDE = ["service.py", "src/embedkit/**"]
@@ -192,14 +300,18 @@ def bentofile(
         },
         "include": INCLUDE,
         "exclude": EXCLUDE,
-        "python": {
-            "packages": serving_requirements(variant, pyproject),
-            "lock_packages": False,
-        },
+        "python": (
+            {"requirements_txt": str(variant.lock), "lock_packages": False}
+            if variant.lock
+            else {"packages": serving_requirements(variant, pyproject), "lock_packages": False}
+        ),
         "docker": variant.docker,
         "envs": [
             {"name": k, "value": v}
             for k, v in {**envs, "HF_HUB_OFFLINE": "1", **variant.envs}.items()
+        ]
+        + [
+            {"name": k, "value": v} for k, v in (HASH_CHECKING_ENVS if variant.lock else {}).items()
         ],
     }
 
@@ -318,9 +430,8 @@ def _emit_containerfile(tag: str, dest: Path) -> None:
 
 
 def requirement_lines(bento_dir: Path) -> list[str]:
-    """Requirement lines of a built Bento (comments and blanks dropped)."""
-    text = (Path(bento_dir) / "env" / "python" / "requirements.txt").read_text()
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    """Requirement lines of a built Bento (continuations joined, comments and blanks dropped)."""
+    return _logical_lines((Path(bento_dir) / "env" / "python" / "requirements.txt").read_text())
 
 
 def container_user(dockerfile_text: str) -> str | None:
@@ -379,4 +490,24 @@ def audit(
     user = container_user(docker_text)
     if user is None or user in {"root", "0"} or user.startswith(("root:", "0:")):
         problems.append(f"container runs as root (USER {user})")
+    if variant.lock is not None:
+        problems.extend(_hash_problems(lines, envs, docker_text))
+    return problems
+
+
+def _hash_problems(lines: list[str], envs: dict[str, str], docker_text: str) -> list[str]:
+    """A locked variant's install must check hashes: every requirement hashed, or (BentoML's
+    own appended line) pinned to a version a hashed line pins; the build envs that make uv
+    require them present in the Bento and the Dockerfile."""
+    hashed = {_pin(ln) for ln in lines if "--hash=sha256:" in ln}
+    problems = [
+        f"requirement without a hash in a hash-pinned image: {ln}"
+        for ln in lines
+        if "--hash=sha256:" not in ln and _pin(ln) not in hashed
+    ]
+    for name, value in HASH_CHECKING_ENVS.items():
+        if envs.get(name) != value:
+            problems.append(f"{name} is not {value!r}: the image would install without hashes")
+        elif not re.search(rf"^ENV {name}=", docker_text, flags=re.MULTILINE):
+            problems.append(f"the Dockerfile does not set {name}")
     return problems

@@ -1156,6 +1156,129 @@ def bentofile_cmd(
     print(bento.render_bentofile(bento.bentofile(bento.get_variant(variant))), end="")
 
 
+@app.command("lock")
+@one_line_errors
+def lock_cmd() -> None:
+    """Re-resolve the hash-pinned locks (needs the package index): the CPU image's serving
+    requirements (locks/serving-cpu.txt, from pyproject's pins) and the SBOM tool's."""
+    from embedkit import bento, supply
+
+    for variant in bento.VARIANTS.values():
+        if variant.lock is not None:
+            err.print(f"{bento.lock(variant)}: {variant.name} image", highlight=False)
+    err.print(f"{supply.lock_sbom_tool()}: {supply.SBOM_TOOL}", highlight=False)
+
+
+# --- the image supply chain: record (SBOM + digest), sign, pin by digest, verify ----------
+
+image_app = typer.Typer(
+    help="A built image's signed record, its digest in the overlays, the deploy-time check "
+    "(docs/deployment.md, Supply chain).",
+    no_args_is_help=True,
+)
+app.add_typer(image_app, name="image")
+RecordArg = Annotated[
+    Path, typer.Argument(help="Image record directory (`embedkit image record`).")
+]
+OverlaysOpt = Annotated[
+    list[Path], typer.Option("--overlay", help="Kustomization directory; repeatable.")
+]
+
+
+@image_app.command("record")
+@one_line_errors
+def image_record_cmd(
+    image: Annotated[str, typer.Argument(help="Local image reference (scripts/build-image).")],
+    sign: Annotated[
+        Path | None, typer.Option(help="Ed25519 private key (PEM) that signs the record.")
+    ] = None,
+    bento_tag: Annotated[str | None, typer.Option("--bento", help="The Bento it holds.")] = None,
+    model: Annotated[str | None, typer.Option(help="The model tag it serves.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Record directory (default: build/image/records/NAME-TAG)."),
+    ] = None,
+) -> None:
+    """SBOM (cyclonedx-py inside the image + dpkg status) and digest of IMAGE, written as a
+    record and signed; prints the record directory."""
+    from embedkit import bento, supply
+
+    dest = out_dir or supply.RECORDS / image.rsplit("/", 1)[-1].replace(":", "-")
+    with progress("image record") as step:
+        step("SBOM tool (locks/sbom-tool.txt, hash-checked)")
+        tool = supply.install_sbom_tool()
+        step(f"SBOM of {image}")
+        sbom = supply.image_sbom(image, tool)
+        if bento_tag and model is None:
+            import bentoml
+
+            model = bentoml.bentos.get(bento_tag).info.labels.get("model")
+        record = supply.write_record(
+            image,
+            supply.inspect_image(image),
+            sbom,
+            dest,
+            lock=bento.VARIANTS["cpu"].lock,
+            bento=bento_tag,
+            model=model,
+        )
+        if sign is not None:
+            step("sign")
+            supply.sign_record(dest, sign)
+    err.print(
+        f"{image}: {record.digest}, SBOM {record.sbom_components} components"
+        + ("" if sign else " (unsigned: `embedkit image verify` will refuse it)"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    print(dest)
+
+
+@image_app.command("pin")
+@one_line_errors
+def image_pin_cmd(
+    record: RecordArg,
+    overlay: OverlaysOpt,
+    name: Annotated[
+        str | None, typer.Option(help="Registry repository (newName) to pull the digest from.")
+    ] = None,
+) -> None:
+    """Write the record's digest into each overlay's kustomize `images:` (`digest:`)."""
+    from embedkit import supply
+
+    loaded = supply.ImageRecord.load(record)
+    for kustomization in overlay:
+        path = supply.pin(kustomization, loaded.digest, name)
+        err.print(f"{path}: {loaded.digest}", highlight=False, soft_wrap=True)
+
+
+@image_app.command("verify")
+@one_line_errors
+def image_verify_cmd(
+    record: RecordArg,
+    overlay: OverlaysOpt,
+    trusted_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Trusted public key (PEM path or base64); default: settings.trusted_keys."
+        ),
+    ] = None,
+) -> None:
+    """The deploy gate, before `kubectl apply -k` / `podman kube play`: the record's signature
+    under a trusted key, its SBOM unchanged, every image the overlays render == its digest."""
+    from embedkit import supply
+    from embedkit.model.signing import Trust
+
+    keys = trusted_key or list(Trust.from_settings().trusted_keys)
+    loaded = supply.verify_deploy(record, overlay, keys)
+    err.print(
+        f"verified: {', '.join(map(str, overlay))} run {loaded.digest} "
+        f"(signed record {record}, SBOM {loaded.sbom_components} components)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 class VectorFormat(StrEnum):
     npy = "npy"
     jsonl = "jsonl"

@@ -133,27 +133,32 @@ def run_image(
         podman("rm", "-f", "-t", "5", name, check=False)
 
 
-def kube_manifest(
-    image: str, trusted_key: Path, overlay: Path = OVERLAY, *, host_port: int | None = None
-) -> str:
-    """The overlay's render (``kubectl kustomize``), limited to what kube play runs, with the
-    locally built image and the operator's trusted-key ConfigMap added. podman 4.3 publishes
-    a containerPort on the host's same port when no hostPort is set, so two pods side by
-    side (the drill's stable and canary) each need their own ``host_port``."""
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of one directory: its documents (no cluster needed)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise BuildError("kubectl not on PATH (it renders the kustomize overlays)")
     done = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, check=False
+        [kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise BuildError(f"kubectl kustomize {overlay} failed: {done.stderr.strip()}")
-    docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(done.stdout) if d]
-    keep = [d for d in docs if d["kind"] in PLAYABLE]
+        raise BuildError(f"kubectl kustomize {kustomization} failed: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def kube_manifest(
+    image: str | None, trusted_key: Path, overlay: Path = OVERLAY, *, host_port: int | None = None
+) -> str:
+    """The overlay's render (``kubectl kustomize``), limited to what kube play runs, with the
+    locally built image (None: the image the overlay pins, e.g. by digest) and the
+    operator's trusted-key ConfigMap added. podman 4.3 publishes
+    a containerPort on the host's same port when no hostPort is set, so two pods side by
+    side (the drill's stable and canary) each need their own ``host_port``."""
+    keep = [d for d in render(overlay) if d["kind"] in PLAYABLE]
     for dep in (d for d in keep if d["kind"] == "Deployment"):
         dep["spec"]["replicas"] = 1  # the HPA's job in a cluster
         for c in dep["spec"]["template"]["spec"]["containers"]:
-            c["image"] = image
+            c["image"] = image or c["image"]
             c["imagePullPolicy"] = "Never"
             for port in c.get("ports", []) if host_port is not None else []:
                 port["hostPort"] = host_port

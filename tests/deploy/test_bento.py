@@ -73,8 +73,8 @@ def _info(b: bento.Built) -> dict[str, Any]:
 
 
 def _requirements(b: bento.Built) -> list[str]:
-    text = (b.path / "env" / "python" / "requirements.txt").read_text()
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    """Requirement lines without their ``--hash`` options (the CPU Bento's are hashed)."""
+    return [ln.split(" --hash=")[0] for ln in bento.requirement_lines(b.path)]
 
 
 # --- what the Bentos contain ----------------------------------------------------------
@@ -216,6 +216,7 @@ MUTATIONS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "sentence-transformers": ("gpu", _append(REQS, "sentence-transformers==5.7.0\n"), "export"),
     "file-url": ("cpu", _append(REQS, "bentoml @ file:///tmp/bentoml.whl\n"), "URL or local"),
     "unpinned": ("cpu", _append(REQS, "requests>=2\n"), "not pinned"),
+    "unhashed": ("cpu", _append(REQS, "requests==2.32.0\n"), "without a hash"),
     "both-runtimes": ("gpu", _append(REQS, "onnxruntime==1.32.0\n"), "both provide"),
     "root-user": ("cpu", _replace("env/docker/Dockerfile", "USER bentoml", "USER root"), "root"),
     "no-model-argument": ("cpu", _drop_model_argument, "Bento argument model"),

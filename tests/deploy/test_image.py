@@ -9,6 +9,7 @@ model its trusted key did not sign. Skips only where podman cannot run a contain
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit import bento, container
+from embedkit import bento, container, supply
 from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
 
 pytestmark = pytest.mark.slow
@@ -64,14 +65,21 @@ def _podman_cannot_run() -> str | None:
 
 @pytest.fixture(scope="module")
 def image(
-    signed: tuple[str, Path], session_dir: Path, pytestconfig: pytest.Config
+    signed: tuple[str, Path],
+    keys: dict[str, Path],
+    session_dir: Path,
+    pytestconfig: pytest.Config,
 ) -> Iterator[str]:
     """scripts/build-image on the signed release's CPU Bento (installs podman when missing)."""
     built = bento.build("cpu", signed[0], session_dir / "image-bento")
     assert built.warnings == ()  # signed: nothing for the overlays to refuse
     started = time.monotonic()
     done = subprocess.run(
-        [str(pytestconfig.rootpath / "scripts" / "build-image"), "--bento-tag", built.tag],
+        [
+            str(pytestconfig.rootpath / "scripts" / "build-image"),
+            *("--bento-tag", built.tag),
+            *("--signing-key", str(keys["private"])),  # signs the image record too
+        ],
         cwd=pytestconfig.rootpath,
         capture_output=True,
         text=True,
@@ -202,3 +210,90 @@ def test_cpu_overlay_refuses_a_model_its_key_did_not_sign(
         assert pod.ready_s is None
         line = container.wait_for_log(pod.container, "embedkit refuses to start", 60)
         assert line is not None and "signed by untrusted key" in line
+
+
+# --- the supply chain: hash-pinned install, signed record, deploy by digest -----------------
+
+
+def _installed(name: str) -> dict[str, str]:
+    """name -> version of every distribution in the image's venv (normalised names)."""
+    listed = container.podman(
+        "exec",
+        name,
+        "/app/.venv/bin/python",
+        "-c",
+        "import importlib.metadata as m\n"
+        "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+    ).stdout.split("\n")
+    return {bento._req_name(n): v for n, v in (ln.split() for ln in listed if ln.strip())}
+
+
+def test_image_installed_exactly_the_hash_pinned_lock(
+    running: container.Running, pytestconfig: pytest.Config
+) -> None:
+    lock = (pytestconfig.rootpath / "locks" / "serving-cpu.txt").read_text()
+    want = dict(bento._pin(ln).split("==") for ln in bento._logical_lines(lock))
+    assert _installed(running.name) == want
+    env = container.podman("exec", running.name, "env").stdout.splitlines()
+    assert {f"{k}={v}" for k, v in bento.HASH_CHECKING_ENVS.items()} <= set(env)
+
+
+def test_signed_record_verifies_and_the_overlay_runs_by_digest(
+    image: str,
+    signed: tuple[str, Path],
+    keys: dict[str, Path],
+    tmp_path: Path,
+    pytestconfig: pytest.Config,
+) -> None:
+    """The documented flow: the build's record, `embedkit image pin`, `embedkit image
+    verify`, then `podman kube play` of the overlay as rendered (the image by digest)."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    record = pytestconfig.rootpath / supply.RECORDS / image.rsplit("/", 1)[-1].replace(":", "-")
+    loaded = supply.verify_record(record, [str(keys["public"])])
+    assert loaded.digest == supply.inspect_image(image)[0]
+    assert loaded.bento == image.rsplit("/", 1)[-1] and loaded.model == signed[0]
+    sbom = json.loads((record / supply.SBOM).read_text())
+    purls = [c.get("purl", "") for c in sbom["components"]]
+    pypi = {p.split("/")[1].split("@")[0].lower() for p in purls if p.startswith("pkg:pypi/")}
+    assert {"onnxruntime", "bentoml", "tokenizers", "numpy"} <= pypi
+    assert not pypi & set(EXPORT_SIDE)
+    assert any(p.startswith("pkg:deb/debian/python3.11@") for p in purls)
+    print(f"\nrecord {record}: {loaded.digest}, SBOM {loaded.sbom_components} components")
+
+    tree = tmp_path / "k8s"
+    shutil.copytree(pytestconfig.rootpath / "deploy" / "k8s", tree)
+    overlay = tree / "overlays" / "cpu"
+    # What a registry would hold: the image under the overlay's repository.
+    repo = "registry.example.com/embedkit/embedkit-cpu"
+    container.podman("tag", image, f"{repo}:{image.rsplit(':', 1)[-1]}")
+    runner = CliRunner()
+    verify = ["image", "verify", str(record), "--overlay", str(overlay)]
+    verify += ["--trusted-key", str(keys["public"])]
+    try:
+        assert (
+            runner.invoke(app, ["image", "pin", str(record), "--overlay", str(overlay)]).exit_code
+            == 0
+        )
+        ok = runner.invoke(app, verify)
+        assert ok.exit_code == 0, ok.output
+        # Another key's trust, or a changed SBOM: refused in one line, before any deploy.
+        other = runner.invoke(app, [*verify[:-1], str(keys["other"])])
+        assert other.exit_code == 1 and "untrusted key" in other.output
+        sbom_file = record / supply.SBOM
+        original = sbom_file.read_text()
+        sbom_file.write_text(original.replace('"onnxruntime"', '"onnxruntime-evil"', 1))
+        try:
+            tampered = runner.invoke(app, verify)
+        finally:
+            sbom_file.write_text(original)
+        assert tampered.exit_code == 1 and "SBOM" in tampered.output
+        manifest = container.kube_manifest(None, keys["public"], overlay)
+        assert f"image: {repo}@{loaded.digest}" in manifest
+        with container.kube_play(manifest, tmp_path, timeout_s=READY_BUDGET_S * 2) as pod:
+            assert pod.ready_s is not None, container.podman("logs", pod.container).stderr[-2000:]
+            assert httpx.get(pod.url + "/info", timeout=30).json()["tag"] == signed[0]
+    finally:
+        container.podman("rmi", f"{repo}:{image.rsplit(':', 1)[-1]}", check=False)

@@ -17,6 +17,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from embedkit import supply
 from embedkit.core.settings import Settings
 
 OVERLAYS = ("cpu", "gpu", "canary")
@@ -157,19 +159,16 @@ def under(path: str, mounts: list[str]) -> bool:
 
 
 def check_images(docs: list[Doc]) -> list[str]:
-    """Every image names a registry path and a pinned tag (or digest), never `latest`."""
+    """Every image names a registry path and a sha256 digest: a tag, even a pinned one, can be
+    moved to other bytes (`embedkit image pin` writes the signed record's digest)."""
     problems = []
     for dep, _, c in containers(docs):
         image = c.get("image", "")
-        if "@sha256:" in image:
-            continue  # a digest pins harder than any tag
-        name, sep, tag = image.rpartition(":")
-        if not sep or "/" in tag:  # the colon belonged to a registry port
-            name, tag = image, ""
-        if not tag:
-            problems.append(f"{ident(dep)}: image {image!r} has no tag")
-        elif tag == "latest":
-            problems.append(f"{ident(dep)}: image {image!r} uses the latest tag")
+        name, at, digest = image.partition("@")
+        if not at:
+            problems.append(f"{ident(dep)}: image {image!r} is a mutable tag, not a digest")
+        elif not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            problems.append(f"{ident(dep)}: image {image!r} has a malformed digest")
         if "/" not in name:
             problems.append(f"{ident(dep)}: image {image!r} has no registry path")
     return problems
@@ -625,7 +624,7 @@ def test_deployment_invariants_hold(rendered: dict[str, list[Doc]], target: str)
 
 def test_base_alone_is_not_deployable(rendered: dict[str, list[Doc]]) -> None:
     """The base leaves the image unpinned so that only an overlay can ship."""
-    assert any("has no tag" in p for p in check_images(rendered["base"]))
+    assert any("mutable tag" in p for p in check_images(rendered["base"]))
 
 
 def test_canary_render_holds_only_canary_objects(rendered: dict[str, list[Doc]]) -> None:
@@ -656,16 +655,15 @@ def test_stable_hpa_targets_stable_deployment(rendered: dict[str, list[Doc]]) ->
 def test_promote_edit_makes_the_candidate_stable(
     rendered: dict[str, list[Doc]], k8s: Path, tmp_path: Path
 ) -> None:
-    """Promote = the cpu overlay's tag set to the candidate's (what `kustomize edit set
-    image` writes); the result must still pass every check and run the candidate image."""
-    candidate = _container(rendered["canary"], "canary")["image"]
+    """Promote = the cpu overlay's digest set to the candidate's (`embedkit image pin` of the
+    candidate's record); the result must still pass every check and run the candidate."""
     tree = tmp_path / "k8s"
     shutil.copytree(k8s, tree)
-    kfile = tree / "overlays" / "cpu" / "kustomization.yaml"
-    kustomization = yaml.safe_load(kfile.read_text())
-    (entry,) = [i for i in kustomization["images"] if i["name"] == "embedkit"]
-    entry["newName"], _, entry["newTag"] = candidate.rpartition(":")
-    kfile.write_text(yaml.safe_dump(kustomization))
+    candidate_digest = "sha256:" + "c" * 64
+    supply.pin(tree / "overlays" / "canary", candidate_digest)
+    candidate = _container(render(tree / "overlays" / "canary"), "canary")["image"]
+    assert candidate.endswith("@" + candidate_digest)
+    supply.pin(tree / "overlays" / "cpu", candidate_digest)
     promoted = render(tree / "overlays" / "cpu")
     assert _container(promoted)["image"] == candidate
     assert problems_in(promoted, OVERLAY_CHECKS["cpu"]) == []
@@ -709,13 +707,19 @@ MUTATIONS: list[tuple[str, Callable[[list[Doc]], object], Check, str]] = [
         "cpu",
         lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu:latest"),
         check_images,
-        "latest tag",
+        "mutable tag",
     ),
     (
         "cpu",
-        lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu"),
+        lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu:0.1.0"),
         check_images,
-        "has no tag",
+        "mutable tag",
+    ),
+    (
+        "cpu",
+        lambda d: _set_image(d, "registry.example.com/embedkit/embedkit-cpu@sha256:abc"),
+        check_images,
+        "malformed digest",
     ),
     ("cpu", lambda d: _container(d).pop("livenessProbe"), check_probes, "livenessProbe missing"),
     ("cpu", lambda d: _container(d).pop("startupProbe"), check_probes, "startupProbe missing"),
