@@ -21,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 
 from embedkit.core import metrics
-from embedkit.core.errors import EmbedkitError, InferenceError, InvalidInput
+from embedkit.core.errors import EmbedkitError, InferenceError, InvalidInput, Overloaded
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.chunking import pool
@@ -88,9 +88,10 @@ class Front:
         asked = request.asked_lane
         if asked is not None and asked != lane:
             if route != "/v1/embeddings":
+                other = "/embed/query" if asked == "query" else "/embed"
                 raise InvalidInput(
                     f"{trace.LANE_HEADER}: {asked} contradicts {route}, which is the {lane} "
-                    "lane; call the other route or drop the header",
+                    f"lane; call {other} for the {asked} lane, or drop the header",
                     param=trace.LANE_HEADER,
                 )
             lane = asked
@@ -101,7 +102,12 @@ class Front:
 
     async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
         job, request = self._for_tenant(job, route)
-        raw = await self.client.embed(embedder, job, request)
+        try:
+            raw = await self.client.embed(embedder, job, request)
+        except Overloaded:  # shed by the queue, not run: not the tenant's to pay
+            if request is not None and request.tenant is not None:
+                request.tenant.refund(job.tokens)
+            raise
         if job.chunks is not None:
             raw = pool(raw, job.chunks)
         if job.encoding in QUANTIZED:

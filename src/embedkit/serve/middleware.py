@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +42,20 @@ from embedkit.serve.http_errors import (
 from embedkit.serve.schemas import PROTECTED_ROUTES
 from embedkit.serve.tenants import Tenants
 
-log = logging.getLogger(__name__)
 LANES = ("query", "bulk")
+
+
+def request_logger() -> logging.Logger:
+    """``embedkit.requests``: bare JSON lines on stdout, for a log collector to parse.
+    BentoML configures only its own loggers, so this one gets its handler here, once."""
+    logger = logging.getLogger("embedkit.requests")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
@@ -58,6 +71,7 @@ class EdgeMiddleware:
         self.settings = settings
         self.in_flight = 0
         self.tenants = Tenants.from_settings(settings)  # startup refused a bad file already
+        self.log = request_logger() if settings.request_log else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
@@ -72,8 +86,8 @@ class EdgeMiddleware:
             await self._serve(scope, receive, traced, headers, request)
         finally:
             trace.CURRENT.reset(opened)
-            if self.settings.request_log:
-                _log_request(scope, request, traced.status, started)
+            if self.log is not None:
+                _log_request(self.log, scope, request, traced.status, started)
 
     async def _serve(
         self,
@@ -185,12 +199,18 @@ class _Traced:
 
 
 def _log_request(
-    scope: Scope, request: trace.RequestTrace, status: int | None, started: float
+    log: logging.Logger,
+    scope: Scope,
+    request: trace.RequestTrace,
+    status: int | None,
+    started: float,
 ) -> None:
     """One JSON line per request: what came in, who sent it, what served it."""
     served = identity.served()
     tenant = request.tenant
     line = {
+        "event": "embedkit.request",
+        "time": time.time(),
         "request_id": request.request_id,
         "method": scope["method"],
         "route": scope["path"],
@@ -203,7 +223,7 @@ def _log_request(
         "ms": round((time.perf_counter() - started) * 1000, 2),
         "served": None if served is None else served.header_value(),
     }
-    log.info("embedkit request %s", json.dumps(line, separators=(",", ":")))
+    log.info(json.dumps(line, separators=(",", ":")))
 
 
 def _with_identity(send: Send) -> Send:

@@ -98,6 +98,11 @@ class Tenant:
             )
         self._level -= tokens
 
+    def refund(self, tokens: int) -> None:
+        """Give back a charge whose work never ran (the queue shed it)."""
+        if self.rate is not None:
+            self._level = min(self.burst, self._level + tokens)
+
 
 def _digest(key: str) -> bytes:
     # Keys are looked up by hash: a dict lookup's timing then says nothing about the keys.
@@ -140,10 +145,14 @@ class Tenants:
     @classmethod
     def from_settings(cls, settings: Settings) -> Tenants:
         """From ``api_keys``, ``tenants_file`` and ``revoked_keys``; a bad file raises one line."""
-        specs = None
-        if settings.tenants_file is not None:
-            specs = load_yaml(settings.tenants_file, TenantsFile, "tenants file").tenants
-        return cls(settings.api_keys, specs, settings.revoked_keys)
+        path = settings.tenants_file
+        if path is None:
+            return cls(settings.api_keys, None, settings.revoked_keys)
+        specs = load_yaml(path, TenantsFile, "tenants file").tenants
+        try:
+            return cls(settings.api_keys, specs, settings.revoked_keys)
+        except InvalidInput as exc:
+            raise InvalidInput(f"tenants file {path} is invalid: {exc.message}") from exc
 
     @property
     def auth(self) -> bool:
