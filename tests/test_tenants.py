@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from embedkit.serve import tenants, trace
 from embedkit.serve.tenants import Tenant, Tenants
 
 
-def _settings(tmp_path: Path, text: str, **kw: object) -> Settings:
+def _settings(tmp_path: Path, text: str, **kw: Any) -> Settings:
     path = tmp_path / "tenants.yaml"
     path.write_text(text)
     return Settings(tenants_file=path, **kw)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -71,7 +72,7 @@ def _samples(server, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return out
 
 
-def _request_log(server, rid: str) -> dict[str, object]:
+def _request_log(server, rid: str) -> dict[str, Any]:
     line = server.wait_for_line(f'"request_id":"{rid}"', timeout=30)
     return json.loads(line[line.index("{") :])
 
