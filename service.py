@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
+from embedkit.serve import tenants
 from embedkit.serve.embedder import EmbedderCore, LocalEmbedder
 from embedkit.serve.front import Front
 from embedkit.serve.http_errors import error_response
@@ -130,6 +131,7 @@ class EmbeddingAPI:
         remote = bentoml.depends(Embedder)
 
     def __init__(self) -> None:
+        tenants.check_startup(SETTINGS)  # a bad tenants file stops startup (one line)
         artifact = load_artifact(type(self).model)
         self.front = Front(artifact, SETTINGS)
         if SETTINGS.topology == "single":

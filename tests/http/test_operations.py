@@ -35,12 +35,13 @@ from embedkit.serve.identity import HEADER
 pytestmark = pytest.mark.slow
 
 CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
-# Counted only when their event happens (a refused model, a refused variant): this server
-# has neither, so they are checked against the declared metrics; the tests named show
-# them in a live server's metrics.
+# Counted only when their event happens (a refused model, a refused variant, a tenant over
+# its quota): this server has none, so they are checked against the declared metrics; the
+# tests named show them in a live server's metrics.
 EVENT_ONLY = {
     "embedkit_model_load_failures_total": "tests/faults/test_faults.py",
     "embedkit_variant_refusals_total": "tests/http/test_served_class.py",
+    "embedkit_quota_rejections_total": "tests/http/test_tenants.py",
 }
 
 

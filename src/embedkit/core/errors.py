@@ -67,6 +67,12 @@ class Unauthorized(EmbedkitError):
     code = "invalid_api_key"
 
 
+class RevokedKey(Unauthorized):
+    """A key on ``revoked_keys``: refused even while a tenant still lists it."""
+
+    code = "revoked_api_key"
+
+
 class ModelNotFound(EmbedkitError):
     status = 404
     type = "invalid_request_error"
@@ -120,6 +126,13 @@ class Overloaded(EmbedkitError):
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant's token-rate quota is spent; ``retry_after_s``: until its bucket holds
+    the request's tokens again (serve/tenants.py)."""
+
+    code = "quota_exceeded"
 
 
 class IdentityMismatch(EmbedkitError):

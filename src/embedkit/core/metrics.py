@@ -31,6 +31,10 @@ class Metrics:
         Any  # Histogram{api}: front hand-off → inner batch start (transport + batching wait)
     )
     inference_time: Any  # Histogram{api}: one batched inference call in the Embedder
+    # --- tenants (serve/tenants.py) ---
+    quota_rejections: Any  # Counter{tenant}: requests refused 429 over the tenant's quota
+    tenant_tokens: Any  # Counter{tenant, lane}: real tokens embedded per tenant and lane
+    bulk_runs_ahead: Any  # Histogram: bulk ORT runs an interactive call waited behind
 
 
 @lru_cache(maxsize=1)
@@ -105,5 +109,21 @@ def get() -> Metrics:
             "One batched inference call in the Embedder (all its sub-batches).",
             ["api"],
             buckets=seconds,
+        ),
+        quota_rejections=Counter(
+            "embedkit_quota_rejections_total",
+            "Requests refused (429) because their tenant's token-rate quota was spent.",
+            ["tenant"],
+        ),
+        tenant_tokens=Counter(
+            "embedkit_tenant_tokens_total",
+            "Real tokens embedded, per tenant and the lane that served them.",
+            ["tenant", "lane"],
+        ),
+        bulk_runs_ahead=Histogram(
+            "embedkit_bulk_runs_ahead_of_query",
+            "Bulk ONNX Runtime runs that held a runner while an interactive call waited for one "
+            "(bounded by the runs at once: docs/service.md § Tenants).",
+            buckets=(0, 1, 2, 4, 8, 16),
         ),
     )

@@ -263,7 +263,28 @@ class Settings(BaseSettings):
     )
     api_keys: list[str] = Field(
         default_factory=list,
-        description="Bearer tokens accepted on inference routes; empty disables auth.",
+        description="Bearer tokens accepted on inference routes; empty disables auth. They "
+        "belong to the `default` tenant: no quota, interactive class (docs/service.md § Tenants).",
+    )
+    tenants_file: Path | None = Field(
+        None,
+        description="YAML file of tenants: per tenant its API keys, a token-rate quota "
+        "(`rate_tokens_per_s`, required, > 0; `burst_tokens`) and a priority class "
+        "(`interactive`, or `bulk`: every request of the tenant runs on the bulk lane). "
+        "Over quota answers 429 with Retry-After. A malformed file (a missing or negative "
+        "rate, a key given twice) stops startup with one line. Setting it turns auth on. "
+        "Mount it from a Secret: it holds keys (docs/service.md § Tenants).",
+    )
+    revoked_keys: list[str] = Field(
+        default_factory=list,
+        description="API keys refused with 401 even while `api_keys` or the tenants file still "
+        "list them: revoke first, then remove the key at the next rollout.",
+    )
+    request_log: bool = Field(
+        True,
+        description="One JSON log line per request on our routes (request id, status, tenant, "
+        "lane, the batches it rode in, the served identity). Off saves a little front CPU per "
+        "request; the X-Request-Id header is sent either way.",
     )
 
     # --- project files ------------------------------------------------------

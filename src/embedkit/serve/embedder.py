@@ -30,6 +30,7 @@ from embedkit.runtime.reference import reference_cosine
 from embedkit.serve import identity
 from embedkit.serve.schemas import Item
 from embedkit.serve.startup import find_parent, refusal, settle_gc
+from embedkit.serve.trace import ENGINE_REPORT, EngineReport
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ class LocalEmbedder:
     of similar token counts, one per run, so a single big request still uses every core.
     Waiting calls leave interactive lane first: a query waits only for runs in progress,
     never for queued bulk calls. A call whose request was cancelled before its turn is
-    skipped.
+    skipped. How many bulk runs an interactive call waited behind is counted (the runs
+    holding a runner when it queued, plus any that started while it waited: at most
+    ``runs``, since none may start) and reported to the caller's :class:`EngineReport`.
     """
 
     LANES: tuple[str, ...] = ("query", "bulk")  # priority order
@@ -145,6 +148,10 @@ class LocalEmbedder:
         self.runs = max(1, runs)
         self._queues: dict[str, deque[_Call]] = {lane: deque() for lane in self.LANES}
         self._wake = threading.Condition()
+        # Under _wake: runners waiting for work, bulk runs holding a runner, bulk runs begun.
+        self._idle = 0
+        self._bulk_running = 0
+        self._bulk_started = 0
         for i in range(self.runs):
             threading.Thread(target=self._serve, name=f"embedkit-ort-{i}", daemon=True).start()
 
@@ -180,8 +187,13 @@ class LocalEmbedder:
     async def _enqueue(self, items: list[Item], lane: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
+        report = ENGINE_REPORT.get() if lane == "query" else None
         with self._wake:
-            self._queues[lane].append((items, fut, loop))
+            # A query that finds a runner idle (not claimed by a query queued before it)
+            # waits for no bulk run.
+            free = self._idle - len(self._queues["query"])
+            ahead = 0 if free > 0 else self._bulk_running
+            self._queues[lane].append((items, fut, loop, report, ahead - self._bulk_started))
             self._wake.notify()
         return await fut
 
@@ -190,20 +202,34 @@ class LocalEmbedder:
             while True:
                 for lane in self.LANES:
                     if self._queues[lane]:
-                        return lane, self._queues[lane].popleft()
+                        call = self._queues[lane].popleft()
+                        if lane == "bulk":
+                            self._bulk_running += 1
+                            self._bulk_started += 1
+                        elif call[3] is not None:
+                            ahead = call[4] + self._bulk_started
+                            call[3].waited(ahead)
+                            metrics.get().bulk_runs_ahead.observe(ahead)
+                        return lane, call
+                self._idle += 1
                 self._wake.wait()
+                self._idle -= 1
 
     def _serve(self) -> None:
         while True:
-            lane, (items, fut, loop) = self._next()
-            if fut.cancelled():
-                continue
+            lane, (items, fut, loop, _, _) = self._next()
             try:
+                if fut.cancelled():
+                    continue
                 result = self.core.embed(items, lane)
             except BaseException as exc:  # handed to the caller, who translates it
                 loop.call_soon_threadsafe(_settle, fut, None, exc)
             else:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
+            finally:
+                if lane == "bulk":
+                    with self._wake:
+                        self._bulk_running -= 1
 
     async def embed_query(self, items: list[Item]) -> np.ndarray:
         return await self._run(items, "query")
@@ -215,7 +241,15 @@ class LocalEmbedder:
         return {**self.core.info(), "ort_runs": self.runs}
 
 
-_Call = tuple[list[Item], "asyncio.Future[np.ndarray]", "asyncio.AbstractEventLoop"]
+# items, their future and loop, the caller's report (queries) and the bulk runs ahead at
+# enqueue minus the bulk runs begun by then (so adding those begun since gives the count).
+_Call = tuple[
+    list[Item],
+    "asyncio.Future[np.ndarray]",
+    "asyncio.AbstractEventLoop",
+    EngineReport | None,
+    int,
+]
 
 
 def _settle(

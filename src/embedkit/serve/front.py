@@ -14,20 +14,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from embedkit.core import metrics
-from embedkit.core.errors import EmbedkitError, InferenceError
+from embedkit.core.errors import EmbedkitError, InferenceError, InvalidInput, Overloaded
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.chunking import pool
 from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
 from embedkit.runtime.vectors import QUANTIZED, encode_codes, postprocess
-from embedkit.serve import identity
+from embedkit.serve import identity, trace
 from embedkit.serve.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.client import EmbedderClient
 from embedkit.serve.http_errors import INTERNAL_MESSAGE, error_response
@@ -74,8 +75,39 @@ class Front:
             return await asyncio.to_thread(build)
         return build()
 
+    def _for_tenant(self, job: EmbedJob, route: str) -> tuple[EmbedJob, trace.RequestTrace | None]:
+        """The job on the lane its request gets, charged to its tenant's quota (429 when
+        spent). /v1/embeddings takes the lane from ``X-Embedkit-Lane`` when sent (else one
+        input → query, several → bulk); on a native route the route is the lane and a
+        header naming the other one is refused. A bulk-class tenant's job runs on the bulk
+        lane whatever was asked (docs/service.md § Tenants)."""
+        request = trace.current()
+        if request is None or request.tenant is None:  # warm-up, in-process use
+            return job, None
+        lane: str = job.lane
+        asked = request.asked_lane
+        if asked is not None and asked != lane:
+            if route != "/v1/embeddings":
+                other = "/embed/query" if asked == "query" else "/embed"
+                raise InvalidInput(
+                    f"{trace.LANE_HEADER}: {asked} contradicts {route}, which is the {lane} "
+                    f"lane; call {other} for the {asked} lane, or drop the header",
+                    param=trace.LANE_HEADER,
+                )
+            lane = asked
+        request.lane = lane = request.tenant.lane(lane)
+        request.tokens = job.tokens
+        request.tenant.charge(job.tokens)
+        return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
+
     async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
-        raw = await self.client.embed(embedder, job)
+        job, request = self._for_tenant(job, route)
+        try:
+            raw = await self.client.embed(embedder, job, request)
+        except Overloaded:  # shed by the queue, not run: not the tenant's to pay
+            if request is not None and request.tenant is not None:
+                request.tenant.refund(job.tokens)
+            raise
         if job.chunks is not None:
             raw = pool(raw, job.chunks)
         if job.encoding in QUANTIZED:
@@ -94,6 +126,8 @@ class Front:
         m = metrics.get()
         m.texts_embedded.labels(route=route).inc(len(job.ids))
         m.tokens_embedded.labels(route=route).inc(job.tokens)
+        if request is not None and request.tenant is not None:
+            m.tenant_tokens.labels(tenant=request.tenant.name, lane=job.lane).inc(job.tokens)
         return vectors
 
     async def _guard(self, work: Awaitable[tuple[bytes, int]]) -> Any:
@@ -219,7 +253,8 @@ class Front:
             "batching": batching_policy(s),
             **self.prompts.describe(),
             "routing": {
-                "/v1/embeddings": "one input → query lane, several → bulk lane",
+                "/v1/embeddings": "X-Embedkit-Lane if sent, else one input → query lane, "
+                "several → bulk lane; a bulk-class tenant: always bulk",
                 "/embed": "bulk",
                 "/embed/query": "query",
             },
@@ -238,7 +273,7 @@ class Front:
                 if (r := self.manifest.encoding_ranges) is None
                 else {"texts": r.texts, "source": r.source, "normalized": r.normalized},
             },
-            "auth": bool(s.api_keys),
+            "auth": bool(s.api_keys or s.tenants_file),
             "tracing": s.tracing,
             "ready": self.ready,
         }

@@ -1,18 +1,24 @@
 """The edge: ASGI middleware on the front service, guarding our routes only.
 
-In order: auth, body-size limit (Content-Length first, then counted while reading,
-so a huge body is never buffered), admission control (in-flight requests per worker
-above ``max_concurrency`` → 429 + Retry-After), and the rewrite of any non-OpenAI
-error body into ours (:func:`~embedkit.serve.http_errors.foreign_error`); a request
-whose client disconnects is cancelled. BentoML's own concurrency and timeout
-middlewares sit outside this one and answer in their own shape, so
-``serve.options.front_config`` sets their limits above ours.
+Every request gets an id (the client's ``X-Request-Id`` when valid, else a fresh one),
+sent back on every response, errors included, and logged with what served it in one
+JSON line (:mod:`embedkit.serve.trace`). In order: auth (the key names the tenant,
+:mod:`embedkit.serve.tenants`), the ``X-Embedkit-Lane`` header's value, body-size limit
+(Content-Length first, then counted while reading, so a huge body is never buffered),
+admission control (in-flight requests per worker above ``max_concurrency`` → 429 +
+Retry-After), and the rewrite of any non-OpenAI error body into ours
+(:func:`~embedkit.serve.http_errors.foreign_error`); a request whose client disconnects
+is cancelled. BentoML's own concurrency and timeout middlewares sit outside this one and
+answer in their own shape, so ``serve.options.front_config`` sets their limits above ours.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
+import logging
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +30,9 @@ from embedkit.core.errors import (
     InvalidInput,
     Overloaded,
     PayloadTooLarge,
-    Unauthorized,
 )
 from embedkit.core.settings import Settings
-from embedkit.serve import identity
+from embedkit.serve import identity, trace
 from embedkit.serve.http_errors import (
     count_rejection,
     error_status_body,
@@ -35,18 +40,27 @@ from embedkit.serve.http_errors import (
     is_openai_error_body,
 )
 from embedkit.serve.schemas import PROTECTED_ROUTES
+from embedkit.serve.tenants import Tenants
+
+LANES = ("query", "bulk")
+
+
+def request_logger() -> logging.Logger:
+    """``embedkit.requests``: bare JSON lines on stdout, for a log collector to parse.
+    BentoML configures only its own loggers, so this one gets its handler here, once."""
+    logger = logging.getLogger("embedkit.requests")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
     """Bearer-token check; no keys configured means auth is off."""
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-        raise Unauthorized("invalid API key")
+    Tenants(keys).identify(authorization)
 
 
 class EdgeMiddleware:
@@ -56,16 +70,44 @@ class EdgeMiddleware:
         self.app = app
         self.settings = settings
         self.in_flight = 0
+        self.tenants = Tenants.from_settings(settings)  # startup refused a bad file already
+        self.log = request_logger() if settings.request_log else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
             await self.app(scope, receive, send)
             return
-        send = _with_identity(send)
+        started = time.perf_counter()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        request = trace.RequestTrace(trace.request_id(headers.get("x-request-id")))
+        traced = _Traced(_with_identity(send), request)
+        opened = trace.CURRENT.set(request)  # the route's task inherits it
+        try:
+            await self._serve(scope, receive, traced, headers, request)
+        finally:
+            trace.CURRENT.reset(opened)
+            if self.log is not None:
+                _log_request(self.log, scope, request, traced.status, started)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        request: trace.RequestTrace,
+    ) -> None:
         raw_receive = receive
         try:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            check_auth(headers.get("authorization"), self.settings.api_keys)
+            request.tenant = self.tenants.identify(headers.get("authorization"))
+            asked = headers.get(trace.LANE_HEADER.lower())
+            if asked is not None:
+                if asked.strip().lower() not in LANES:
+                    raise InvalidInput(
+                        f"{trace.LANE_HEADER} must be 'query' or 'bulk', not {asked!r}",
+                        param=trace.LANE_HEADER,
+                    )
+                request.asked_lane = asked.strip().lower()
             if scope["method"] == "POST":
                 # BentoML would also accept multipart and pickle bodies (pickle → 415,
                 # a malformed multipart body → 500): our routes take JSON only.
@@ -138,6 +180,50 @@ class EdgeMiddleware:
         raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
+
+
+class _Traced:
+    """``send`` that adds the request's id (and lane, bulk runs ahead) to the response
+    start and remembers its status for the log line."""
+
+    def __init__(self, send: Send, request: trace.RequestTrace) -> None:
+        self.send = send
+        self.request = request
+        self.status: int | None = None
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            message = {**message, "headers": [*message.get("headers", ()), *self.request.headers()]}
+        await self.send(message)
+
+
+def _log_request(
+    log: logging.Logger,
+    scope: Scope,
+    request: trace.RequestTrace,
+    status: int | None,
+    started: float,
+) -> None:
+    """One JSON line per request: what came in, who sent it, what served it."""
+    served = identity.served()
+    tenant = request.tenant
+    line = {
+        "event": "embedkit.request",
+        "time": time.time(),
+        "request_id": request.request_id,
+        "method": scope["method"],
+        "route": scope["path"],
+        "status": status,
+        "tenant": None if tenant is None else tenant.name,
+        "lane": request.lane,
+        "batches": request.batches,
+        "bulk_runs_ahead": request.bulk_runs_ahead,
+        "tokens": request.tokens,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+        "served": None if served is None else served.header_value(),
+    }
+    log.info(json.dumps(line, separators=(",", ":")))
 
 
 def _with_identity(send: Send) -> Send:

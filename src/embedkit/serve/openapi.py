@@ -24,18 +24,22 @@ from embedkit.serve.schemas import (
     TokenizeResponse,
     TokenUsage,
 )
+from embedkit.serve.trace import BULK_AHEAD_HEADER, LANE_HEADER, REQUEST_ID_HEADER
 
 ERROR_STATUSES = {
     "400": "Malformed JSON, wrong types, empty input, non-JSON Content-Type, an unknown "
     "encoding_format or truncation_direction; a prompt_name the model does not define "
     "(code unknown_prompt); a field another route takes (code unsupported_parameter) or no "
-    "route takes (code unknown_parameter, OpenAI's 'Unrecognized request argument supplied').",
-    "401": "Missing or invalid API key (only when keys are configured).",
+    "route takes (code unknown_parameter, OpenAI's 'Unrecognized request argument supplied'); "
+    "an X-Embedkit-Lane other than query/bulk, or naming the other lane on a native route.",
+    "401": "Missing, invalid (code invalid_api_key) or revoked (code revoked_api_key) API key "
+    "(only when keys are configured).",
     "404": "Unknown model.",
     "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
     "422": "dimensions or chunking out of range; int8/uint8 from a model without calibrated "
     "ranges, or with normalize unlike its calibration (code encoding_unavailable).",
-    "429": "Overloaded: retry after the Retry-After header.",
+    "429": "Overloaded (code overloaded), or the tenant's token quota is spent (code "
+    "quota_exceeded): retry after the Retry-After header.",
     "500": "Internal error (details only in the server log).",
     "503": "Not ready yet.",
     "504": "The model did not answer in time.",
@@ -110,13 +114,18 @@ def openapi_document(
                 TRUNCATED_HEADER: {
                     "description": "How many inputs truncation cut.",
                     "schema": {"type": "integer", "minimum": 0},
-                }
+                },
+                **_TRACE_HEADERS,
             },
             "content": {
                 "application/json": {"schema": {"$ref": template.format(model=responses[path])}}
             },
         }
         op["requestBody"]["required"] = True
+        op["parameters"] = [
+            *op.get("parameters", []),
+            *_REQUEST_HEADERS[: 2 if path == "/v1/embeddings" else 1],
+        ]
         props = op["requestBody"]["content"]["application/json"]["schema"].get("properties", {})
         for prop in props.values():  # BentoML flattens Optional[X] to X: OpenAPI 3.0 nullable
             if "default" in prop and prop["default"] is None:
@@ -163,6 +172,35 @@ def openapi_document(
         }
     }
     return spec
+
+
+# docs/service.md § Lanes, § Request ids, § Tenants.
+_REQUEST_HEADERS = [
+    {
+        "name": REQUEST_ID_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request, echoed back and logged; another value is "
+        "replaced by a generated one.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    },
+    {
+        "name": LANE_HEADER,
+        "in": "header",
+        "required": False,
+        "description": "The lane to run on (default: one input → query, several → bulk); a "
+        "bulk-class tenant runs on bulk regardless.",
+        "schema": {"type": "string", "enum": ["query", "bulk"]},
+    },
+]
+_TRACE_HEADERS = {
+    REQUEST_ID_HEADER: {"description": "The request's id.", "schema": {"type": "string"}},
+    LANE_HEADER: {"description": "The lane that served it.", "schema": {"type": "string"}},
+    BULK_AHEAD_HEADER: {
+        "description": "Bulk ORT runs its query calls waited behind (topology=single).",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
 
 
 def _nullable(schema: Any) -> Any:
