@@ -35,8 +35,9 @@ class EmbedderClient:
     """Calls the Embedder through ``embedder``, the ``bentoml.depends`` proxy's ``to_async``
     side (``embed_query``, ``embed_bulk``, ``info``), passed to each call."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, model: str = "") -> None:
         self.settings = settings
+        self.model = model  # several models: each has its own client, so its own budget
         self.queued_tokens = 0  # admitted to the Embedder, not yet answered (see _admit)
         # Set by the front once warm: before, a broken connection only means the
         # Embedder is not up yet, which is not worth a warning.
@@ -50,11 +51,13 @@ class EmbedderClient:
     def _admit(self, tokens: int) -> None:
         """Token-budget admission: the Embedder's queue holds at most ``max_queued_tokens``
         (bounded work, so bounded queueing delay); the excess gets 429 + Retry-After.
-        A request alone is always admitted."""
+        A request alone is always admitted. The budget is per model (each model's front
+        has its own client): a flood on one model sheds only that model's work."""
         limit = self.settings.max_queued_tokens
         if self.queued_tokens and self.queued_tokens + tokens > limit:
+            whose = f"model {self.model}'s" if self.model else "the model"
             raise Overloaded(
-                f"the model queue is full ({self.queued_tokens} tokens waiting, limit {limit}); "
+                f"{whose} queue is full ({self.queued_tokens} tokens waiting, limit {limit}); "
                 "retry after the indicated delay"
             )
         self.queued_tokens += tokens
