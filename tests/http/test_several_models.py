@@ -230,3 +230,36 @@ def test_two_models_of_one_name_are_refused_in_one_line(fp32_artifact) -> None:
     assert "\n" not in str(refused.value)
     renamed = Settings(served_model_name="minilm")
     assert served_names([fp32_artifact], renamed) == ["minilm"]
+
+
+def test_the_service_class_carries_one_bento_model_per_served_tag() -> None:
+    """BentoML collects a service's models from its class attributes: what `bentoml build`
+    packs into the Bento and `bentoml serve` checks before any worker starts."""
+    import os
+    import subprocess
+    import sys
+
+    tags = ["all-minilm-l6-v2:aaaa", "tiny-bert-dense:bbbb"]
+    show = "import service; print([str(m.tag) for m in service.EmbeddingAPI.models])"
+    out = subprocess.run(
+        [sys.executable, "-c", show],
+        env={**os.environ, "EMBEDKIT_MODELS": json.dumps(tags)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip().splitlines()[-1] == repr(tags)
+
+
+def test_a_bento_argument_pins_the_list() -> None:
+    """`bentoml build --arg models=TAG,TAG` (restored whenever that Bento serves) wins over
+    settings, as `--arg model=TAG` does for one model."""
+    from types import SimpleNamespace
+
+    from embedkit.serve.startup import served_tags
+
+    env_list = Settings(models=["c:3"])
+    pinned = SimpleNamespace(models="a:1, b:2")
+    assert served_tags(env_list, pinned) == ["a:1", "b:2"]
+    assert served_tags(env_list, SimpleNamespace(model="a:1")) == ["a:1"]
+    assert served_tags(env_list, SimpleNamespace()) == ["c:3"]
