@@ -11,7 +11,8 @@ what makes BentoML batch across requests) and shapes responses.
 Where the work is: ``serve.embedder`` (the Embedder's engine), ``serve.front`` (the
 routes' work and warm-up), ``serve.schemas`` (request/response bodies),
 ``serve.middleware`` (auth, limits, admission, error rewriting), ``serve.options``
-(service options from settings) and ``serve.startup`` (artifact loading).
+(service options from settings), ``serve.startup`` (artifact loading) and
+``serve.registry`` (several models in one deployment: the request's ``model`` picks one).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
 from embedkit.serve import tenants
 from embedkit.serve.embedder import EmbedderCore, LocalEmbedder
-from embedkit.serve.front import Front
 from embedkit.serve.http_errors import error_response
 from embedkit.serve.middleware import EdgeMiddleware
 from embedkit.serve.options import embedder_config, engine_settings, front_config, ort_runs
+from embedkit.serve.registry import ServedModels
 from embedkit.serve.schemas import (
     EmbedBulkRequest,
     EmbeddingsRequest,
@@ -53,13 +54,15 @@ from embedkit.serve.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from embedkit.serve.startup import load_artifact, served_tag
+from embedkit.serve.startup import load_artifact, load_artifacts, served_tags, with_models
 
 SETTINGS = get_settings()
-# A built Bento pins its model version as a Bento argument (`bentoml build --arg model=TAG`,
-# kept in bento.yaml and restored whenever that Bento is served); else EMBEDKIT_MODEL, or
-# the variant EMBEDKIT_VARIANT names (serve/startup.py).
-MODEL_TAG = str(getattr(bentoml.use_arguments(), "model", None) or served_tag(SETTINGS))
+# A built Bento pins its model versions as a Bento argument (`bentoml build --arg model=TAG`
+# or `--arg models=TAG,TAG`, kept in bento.yaml and restored whenever that Bento is served);
+# else EMBEDKIT_MODELS, EMBEDKIT_MODEL, or the variant EMBEDKIT_VARIANT names
+# (serve/startup.py). The first is the default model.
+MODEL_TAGS = served_tags(SETTINGS, bentoml.use_arguments())
+MODEL_TAG = MODEL_TAGS[0]
 
 
 @bentoml.service(**embedder_config(SETTINGS))
@@ -98,7 +101,7 @@ class Embedder:
 
 
 async def _models(_: Request) -> Response:
-    front: Front = bentoml.get_current_service().front
+    front: ServedModels = bentoml.get_current_service().front
     return JSONResponse(front.models())
 
 
@@ -111,7 +114,7 @@ async def _info(_: Request) -> Response:
 
 
 async def _docs(_: Request) -> Response:
-    front: Front = bentoml.get_current_service().front
+    front: ServedModels = bentoml.get_current_service().front
     spec = cast("bentoml.Service[Any]", EmbeddingAPI).openapi_spec.asdict()
     return JSONResponse(front.openapi(spec))
 
@@ -125,18 +128,22 @@ metadata_app = Starlette(
 
 @bentoml.asgi_app(metadata_app, path="/")
 @bentoml.service(**front_config(SETTINGS))
+@with_models(MODEL_TAGS)  # `model`, `model_1`, …: one BentoModel class attribute each
 class EmbeddingAPI:
-    model = bentoml.models.BentoModel(MODEL_TAG)
     if SETTINGS.topology == "split":
         remote = bentoml.depends(Embedder)
 
     def __init__(self) -> None:
         tenants.check_startup(SETTINGS)  # a bad tenants file stops startup (one line)
-        artifact = load_artifact(type(self).model)
-        self.front = Front(artifact, SETTINGS)
+        # Every model loaded and verified before any session is built: one bad one stops
+        # startup naming it. Several models share the runner threads (LocalEmbedder).
+        self.front = ServedModels(load_artifacts(type(self)), SETTINGS)
         if SETTINGS.topology == "single":
-            core = EmbedderCore(artifact, engine_settings(SETTINGS))
-            self.local = LocalEmbedder(core, runs=ort_runs(SETTINGS))
+            cores = {
+                name: EmbedderCore(front.artifact, engine_settings(SETTINGS), default=front.default)
+                for name, front in self.front.fronts.items()
+            }
+            self.local = LocalEmbedder(cores, runs=ort_runs(SETTINGS))
 
     @property
     def embedder(self) -> Any:
@@ -149,8 +156,9 @@ class EmbeddingAPI:
         import asyncio
 
         async def warm() -> None:
-            if SETTINGS.topology == "single":  # the engine's own warm-up, off the event loop
-                await asyncio.to_thread(self.local.core.warmup)
+            if SETTINGS.topology == "single":  # the engines' own warm-up, off the event loop
+                for core in self.local.cores.values():
+                    await asyncio.to_thread(core.warmup)
             await self.front.warmup(self.embedder)
 
         self._warm_task = asyncio.get_running_loop().create_task(warm())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from embedkit.core.settings import Settings
@@ -124,3 +125,68 @@ def test_a_big_call_is_split_by_length_across_runs_and_reassembled_in_order() ->
     assert max(len(rows[i]) for i in short) <= min(len(rows[i]) for i in long)
     small = asyncio.run(local.embed_query([(0.0, [5])] * 15))  # under 2 × SPLIT_ROWS: one run
     assert small.shape == (15, 2) and len(core.runs) == 3
+
+
+class _ModelCore:
+    """One model's stand-in core on a shared recorder: the first run of any model holds
+    the (one) ORT thread until released; each vector is the row's first token id."""
+
+    def __init__(self, name: str, order: list[str], release) -> None:
+        self.name, self.order, self.release = name, order, release
+
+    def embed(self, items, lane: str) -> np.ndarray:
+        tag = items[0][1][0]
+        if not self.order:
+            self.release.wait(10)
+        self.order.append(f"{self.name}:{lane}:{tag}")
+        return np.array([[row[0]] for _, row in items], np.float32)
+
+
+def test_several_models_share_the_runner_threads_by_model_and_lane() -> None:
+    """Interactive lanes of every model before any bulk lane, round-robin between models
+    of one lane, on the one thread all models share; each caller gets its own model's
+    vectors."""
+    import asyncio
+    import threading
+
+    from embedkit.serve.embedder import LocalEmbedder
+
+    order: list[str] = []
+    release = threading.Event()
+    cores = {name: _ModelCore(name, order, release) for name in ("a", "b")}
+    local = LocalEmbedder(cores, runs=1)  # type: ignore[arg-type]
+    a, b = local.for_model("a"), local.for_model("b")
+
+    async def scenario() -> list[np.ndarray]:
+        first = asyncio.ensure_future(a.embed_bulk([(0.0, [1])]))
+        await asyncio.sleep(0.05)  # a's bulk call holds the one thread
+        calls = [
+            a.embed_bulk([(0.0, [2])]),
+            a.embed_bulk([(0.0, [3])]),
+            b.embed_bulk([(0.0, [4])]),
+            a.embed_query([(0.0, [5])]),
+            a.embed_query([(0.0, [6])]),
+            b.embed_query([(0.0, [7])]),
+            b.embed_bulk([(0.0, [8])]),
+        ]
+        pending = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(first, *pending)
+
+    results = asyncio.run(scenario())
+    assert order == [
+        "a:bulk:1",
+        # queries first, alternating between the models that have one waiting
+        "a:query:5",
+        "b:query:7",
+        "a:query:6",
+        # then bulk, alternating, starting after the model whose bulk call ran last
+        "b:bulk:4",
+        "a:bulk:2",
+        "b:bulk:8",
+        "a:bulk:3",
+    ]
+    assert [int(r[0, 0]) for r in results] == [1, 2, 3, 4, 5, 6, 7, 8]
+    with pytest.raises(KeyError):
+        local.for_model("c")

@@ -1,7 +1,8 @@
 """Tenants without a server: the tenants file refused with one line, the token bucket's
 admission and Retry-After, the priority class's lane cap, keys and revocation, request
 ids, and the bulk runs an interactive call waits behind (serve/tenants.py, serve/trace.py,
-serve/embedder.py). Through a real server: tests/http/test_tenants.py (a distinct basename: pytest collects by it)."""
+serve/embedder.py). Through a real server: tests/http/test_tenants.py (a distinct
+basename: pytest collects by it)."""
 
 from __future__ import annotations
 

@@ -356,7 +356,9 @@ def test_empty_strings_embed(server, engine) -> None:
 
 # --- batching and concurrency ----------------------------------------------------------
 
-_CALLS = re.compile(r'^embedkit_inference_seconds_count\{api="(?P<api>\w+)"\} (?P<value>\S+)$')
+_CALLS = re.compile(
+    r'^embedkit_inference_seconds_count\{api="(?P<api>\w+)",model="[^"]+"\} (?P<value>\S+)$'
+)
 
 
 def batch_calls(metrics: str, lane: str) -> float:
@@ -451,7 +453,9 @@ def test_our_metrics_are_exported(server) -> None:
         "embedkit_rejected_requests_total",
     ):
         assert name in text, name
-    assert re.search(r'embedkit_texts_embedded_total\{route="/embed"\} [1-9]', text)
+    assert re.search(
+        r'embedkit_texts_embedded_total\{model="all-minilm-l6-v2",route="/embed"\} [1-9]', text
+    )
     assert re.search(r'embedkit_rejected_requests_total\{reason="invalid_input"\} [1-9]', text)
 
 

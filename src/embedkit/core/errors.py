@@ -186,6 +186,14 @@ class SignatureError(ArtifactError):
     code = "signature_error"
 
 
+class ConfigurationError(EmbedkitError):
+    """Settings that cannot serve together (e.g. several models with topology=split)."""
+
+    status = 500
+    type = "server_error"
+    code = "configuration_error"
+
+
 class ModelSourceError(EmbedkitError):
     """The export source is not a usable sentence-transformers model."""
 

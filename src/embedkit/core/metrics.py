@@ -20,17 +20,17 @@ class Metrics:
     variant_refusals: Any  # Counter{variant, reason}: variant refused at startup, fp32 serves
     served_model: Any  # Gauge{name, version, variant, compatibility, precision, provider, isa}
     # --- serving (the BentoML services) ---
-    texts_embedded: Any  # Counter{route}
-    tokens_embedded: Any  # Counter{route}
+    texts_embedded: Any  # Counter{route, model}
+    tokens_embedded: Any  # Counter{route, model}
     rejected_requests: Any  # Counter{reason}: client mistakes and overload, by error code
     dropped_requests: Any  # Counter: requests cancelled because their client disconnected
     padding_ratio: Any  # Histogram: padded tokens / real tokens of one inference call
     sub_batch_size: Any  # Histogram: texts per ORT run
     sub_batch_tokens: Any  # Histogram: padded tokens per ORT run
     queue_wait: (
-        Any  # Histogram{api}: front hand-off → inner batch start (transport + batching wait)
+        Any  # Histogram{api, model}: front hand-off → inner batch start (transport + batching)
     )
-    inference_time: Any  # Histogram{api}: one batched inference call in the Embedder
+    inference_time: Any  # Histogram{api, model}: one batched inference call in the Embedder
     # --- tenants (serve/tenants.py) ---
     quota_rejections: Any  # Counter{tenant}: requests refused 429 over the tenant's quota
     tenant_tokens: Any  # Counter{tenant, lane}: real tokens embedded per tenant and lane
@@ -67,12 +67,14 @@ def get() -> Metrics:
             multiprocess_mode="max",
         ),
         texts_embedded=Counter(
-            "embedkit_texts_embedded_total", "Texts (or token-id inputs) embedded.", ["route"]
+            "embedkit_texts_embedded_total",
+            "Texts (or token-id inputs) embedded.",
+            ["route", "model"],
         ),
         tokens_embedded=Counter(
             "embedkit_tokens_embedded_total",
             "Real tokens embedded (special tokens included, padding excluded).",
-            ["route"],
+            ["route", "model"],
         ),
         rejected_requests=Counter(
             "embedkit_rejected_requests_total",
@@ -101,13 +103,13 @@ def get() -> Metrics:
         queue_wait=Histogram(
             "embedkit_queue_wait_seconds",
             "From the front service handing a request over to the Embedder batch starting.",
-            ["api"],
+            ["api", "model"],
             buckets=seconds,
         ),
         inference_time=Histogram(
             "embedkit_inference_seconds",
             "One batched inference call in the Embedder (all its sub-batches).",
-            ["api"],
+            ["api", "model"],
             buckets=seconds,
         ),
         quota_rejections=Counter(

@@ -52,10 +52,19 @@ class Settings(BaseSettings):
         "index built entirely with it (docs/service.md § Compatibility classes). Unset: the "
         "release's default (fp32 or an index-compatible variant).",
     )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Several released models in one deployment (topology=single): BentoML "
+        "model tags, the first the default a request without `model` gets; each is picked by "
+        "its name (the request's `model`), has its own admission budget (max_queued_tokens "
+        "each) and adds its session's memory, not a process; the ORT runner threads are "
+        "shared (docs/service.md § Several models). Empty: serve `model` alone. A tag that is "
+        "missing or tampered with stops startup, naming it.",
+    )
     served_model_name: str | None = Field(
         None,
         description="Name clients pass as `model` in /v1/embeddings; defaults to the "
-        "artifact's name.",
+        "artifact's name. With `models`, it names the first (default) model.",
     )
 
     # --- ONNX Runtime session ----------------------------------------------

@@ -40,8 +40,9 @@ class EmbedderClient:
     """Calls the Embedder through ``embedder``, the ``bentoml.depends`` proxy's ``to_async``
     side (``embed_query``, ``embed_bulk``, ``info``), passed to each call."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, model: str = "") -> None:
         self.settings = settings
+        self.model = model  # several models: each has its own client, so its own budget
         self.queued_tokens = 0  # admitted to the Embedder, not yet answered (see _admit)
         self.queued_query_tokens = 0  # the interactive lane's part of it
         self._batch_ids = itertools.count(1)
@@ -58,12 +59,15 @@ class EmbedderClient:
         """Token-budget admission: the Embedder's queue holds at most ``max_queued_tokens``
         (bounded work, so bounded queueing delay); the excess gets 429 + Retry-After.
         A request alone is always admitted. Queries count only queued queries: they run
-        before any queued bulk work, so bulk work never delays nor sheds them."""
+        before any queued bulk work, so bulk work never delays nor sheds them. The budget
+        is per model (each model's front has its own client): a flood on one model sheds
+        only that model's work."""
         limit = self.settings.max_queued_tokens
         queued = self.queued_query_tokens if lane == "query" else self.queued_tokens
         if queued and queued + tokens > limit:
+            whose = f"model {self.model}'s" if self.model else "the model"
             raise Overloaded(
-                f"the model queue is full ({queued} tokens waiting, limit {limit}); "
+                f"{whose} queue is full ({queued} tokens waiting, limit {limit}); "
                 "retry after the indicated delay"
             )
         self.queued_tokens += tokens

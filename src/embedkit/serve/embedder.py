@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 class EmbedderCore:
     """Owns the ORT engine; runs merged batches and records what they cost."""
 
-    def __init__(self, artifact: Artifact, settings: Settings) -> None:
+    def __init__(self, artifact: Artifact, settings: Settings, *, default: bool = True) -> None:
+        """``default``: the deployment's default model (the only one unless several are
+        served, ``settings.models``): its identity is the process's."""
         isa = toolchain.detect_isa().level
         try:
             served, self.engine, note = _choose(artifact, settings, isa)
@@ -57,7 +59,7 @@ class EmbedderCore:
             isa=isa,
             refused=note,
         )
-        identity.publish(self.identity)
+        identity.publish(self.identity, default=default)
         self.ready = False
 
     def warmup(self) -> None:
@@ -67,14 +69,15 @@ class EmbedderCore:
 
     def embed(self, items: Sequence[Item], api_name: str) -> np.ndarray:
         m = metrics.get()
+        model = self.identity.name
         start = time.time()
         for sent_at in {item[0] for item in items}:  # once per request, not per text
-            m.queue_wait.labels(api=api_name).observe(max(0.0, start - sent_at))
+            m.queue_wait.labels(api=api_name, model=model).observe(max(0.0, start - sent_at))
         # A third element (include_prompt=false models only): positions pooling skips.
         prompted = any(len(item) == 3 for item in items)
         pool_from = [int(item[2]) if len(item) == 3 else 0 for item in items] if prompted else None
         vectors, tel = self.engine.embed_ids([item[1] for item in items], pool_from)
-        m.inference_time.labels(api=api_name).observe(tel.inference_s)
+        m.inference_time.labels(api=api_name, model=model).observe(tel.inference_s)
         m.padding_ratio.observe(tel.padding_ratio)
         for size, padded in zip(tel.sub_batch_sizes, tel.sub_batch_padded, strict=True):
             m.sub_batch_size.observe(size)
@@ -138,15 +141,28 @@ class LocalEmbedder:
     skipped. How many bulk runs an interactive call waited behind is counted (the runs
     holding a runner when it queued, plus any that started while it waited: at most
     ``runs``, since none may start) and reported to the caller's :class:`EngineReport`.
+
+    Several models (``settings.models``; ``core`` maps each served name to its core, the
+    default first): the same threads run every model's session, so models never run more
+    batches at once than there are runs; waiting calls are queued by (model, lane), the
+    interactive lanes of all models before any bulk lane, round-robin between models of
+    one lane (docs/design/serving.md, decision 5). :meth:`for_model` is one model's surface.
     """
 
     LANES: tuple[str, ...] = ("query", "bulk")  # priority order
     SPLIT_ROWS = 8  # fewest rows per part when a call is split across runs
 
-    def __init__(self, core: EmbedderCore, runs: int = 1) -> None:
-        self.core = core
+    def __init__(self, core: EmbedderCore | Mapping[str, EmbedderCore], runs: int = 1) -> None:
+        self.cores: dict[str, EmbedderCore] = (
+            dict(core) if isinstance(core, Mapping) else {"": core}
+        )
+        self.models = list(self.cores)
+        self.core = self.cores[self.models[0]]  # the default model's
         self.runs = max(1, runs)
-        self._queues: dict[str, deque[_Call]] = {lane: deque() for lane in self.LANES}
+        self._queues: dict[tuple[str, str], deque[_Call]] = {
+            (model, lane): deque() for lane in self.LANES for model in self.models
+        }
+        self._turn = dict.fromkeys(self.LANES, 0)  # per lane: the model whose turn is next
         self._wake = threading.Condition()
         # Under _wake: runners waiting for work, bulk runs holding a runner, bulk runs begun.
         self._idle = 0
@@ -154,6 +170,10 @@ class LocalEmbedder:
         self._bulk_started = 0
         for i in range(self.runs):
             threading.Thread(target=self._serve, name=f"embedkit-ort-{i}", daemon=True).start()
+
+    def for_model(self, name: str) -> _ModelEmbedder:
+        """Model ``name``'s async surface (``embed_query``, ``embed_bulk``, ``info``)."""
+        return _ModelEmbedder(self, name)
 
     def _parts(self, items: list[Item]) -> list[list[int]]:
         """Row indices per run: all rows, or (big calls) runs of similar token counts,
@@ -172,56 +192,62 @@ class LocalEmbedder:
             done += len(items[i][1])
         return parts
 
-    async def _run(self, items: list[Item], lane: str) -> np.ndarray:
+    async def _run(self, items: list[Item], lane: str, model: str | None = None) -> np.ndarray:
+        key = (model if model is not None else self.models[0], lane)
         parts = self._parts(items)
         if len(parts) == 1:
-            return await self._enqueue(items, lane)
+            return await self._enqueue(items, key)
         results = await asyncio.gather(
-            *(self._enqueue([items[i] for i in part], lane) for part in parts)
+            *(self._enqueue([items[i] for i in part], key) for part in parts)
         )
         out = np.empty((len(items), results[0].shape[1]), dtype=results[0].dtype)
         for part, vectors in zip(parts, results, strict=True):
             out[part] = vectors
         return out
 
-    async def _enqueue(self, items: list[Item], lane: str) -> np.ndarray:
+    async def _enqueue(self, items: list[Item], key: tuple[str, str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
-        report = ENGINE_REPORT.get() if lane == "query" else None
+        report = ENGINE_REPORT.get() if key[1] == "query" else None
         with self._wake:
-            # A query that finds a runner idle (not claimed by a query queued before it)
-            # waits for no bulk run.
-            free = self._idle - len(self._queues["query"])
+            # A query that finds a runner idle (not claimed by a query queued before it,
+            # of any model) waits for no bulk run.
+            free = self._idle - sum(len(self._queues[(m, "query")]) for m in self.models)
             ahead = 0 if free > 0 else self._bulk_running
-            self._queues[lane].append((items, fut, loop, report, ahead - self._bulk_started))
+            self._queues[key].append((items, fut, loop, report, ahead - self._bulk_started))
             self._wake.notify()
         return await fut
 
-    def _next(self) -> tuple[str, _Call]:
+    def _next(self) -> tuple[str, str, _Call]:
         with self._wake:
             while True:
                 for lane in self.LANES:
-                    if self._queues[lane]:
-                        call = self._queues[lane].popleft()
-                        if lane == "bulk":
-                            self._bulk_running += 1
-                            self._bulk_started += 1
-                        elif call[3] is not None:
-                            ahead = call[4] + self._bulk_started
-                            call[3].waited(ahead)
-                            metrics.get().bulk_runs_ahead.observe(ahead)
-                        return lane, call
+                    n = len(self.models)
+                    for k in range(n):
+                        i = (self._turn[lane] + k) % n
+                        queue = self._queues[(self.models[i], lane)]
+                        if queue:
+                            self._turn[lane] = (i + 1) % n
+                            call = queue.popleft()
+                            if lane == "bulk":
+                                self._bulk_running += 1
+                                self._bulk_started += 1
+                            elif call[3] is not None:
+                                ahead = call[4] + self._bulk_started
+                                call[3].waited(ahead)
+                                metrics.get().bulk_runs_ahead.observe(ahead)
+                            return self.models[i], lane, call
                 self._idle += 1
                 self._wake.wait()
                 self._idle -= 1
 
     def _serve(self) -> None:
         while True:
-            lane, (items, fut, loop, _, _) = self._next()
+            model, lane, (items, fut, loop, _, _) = self._next()
             try:
                 if fut.cancelled():
                     continue
-                result = self.core.embed(items, lane)
+                result = self.cores[model].embed(items, lane)
             except BaseException as exc:  # handed to the caller, who translates it
                 loop.call_soon_threadsafe(_settle, fut, None, exc)
             else:
@@ -239,6 +265,25 @@ class LocalEmbedder:
 
     async def info(self) -> dict[str, Any]:
         return {**self.core.info(), "ort_runs": self.runs}
+
+
+class _ModelEmbedder:
+    """One model's calls on a shared :class:`LocalEmbedder` (its runner threads)."""
+
+    def __init__(self, local: LocalEmbedder, model: str) -> None:
+        if model not in local.cores:
+            raise KeyError(model)
+        self.local = local
+        self.model = model
+
+    async def embed_query(self, items: list[Item]) -> np.ndarray:
+        return await self.local._run(items, "query", self.model)
+
+    async def embed_bulk(self, items: list[Item]) -> np.ndarray:
+        return await self.local._run(items, "bulk", self.model)
+
+    async def info(self) -> dict[str, Any]:
+        return {**self.local.cores[self.model].info(), "ort_runs": self.local.runs}
 
 
 # items, their future and loop, the caller's report (queries) and the bulk runs ahead at

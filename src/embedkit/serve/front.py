@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, cast
@@ -55,15 +55,28 @@ class Front:
     """Validation, routing and response shaping; talks to the Embedder through ``embedder``,
     the ``bentoml.depends`` proxy's ``to_async`` side, passed to each route."""
 
-    def __init__(self, artifact: Artifact, settings: Settings) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        default: bool = True,
+    ) -> None:
+        """``name``: what clients pass as ``model`` (default: ``served_model_name``, else
+        the artifact's name); ``default``: the deployment's default model (the only one
+        unless several are served, :mod:`embedkit.serve.registry`)."""
         self.settings = settings
         self.artifact = artifact
         self.manifest = artifact.manifest
         self.tokenizer = TextTokenizer.from_artifact(artifact)
         self.prompts = Prompts(self.manifest, self.tokenizer)
         self.dimension = self.manifest.embedding.dimension
-        self.model_name = settings.served_model_name or self.manifest.name
-        self.client = EmbedderClient(settings)
+        self.model_name = name or settings.served_model_name or self.manifest.name
+        self.default = default
+        # This model's served identity, received from the Embedder during warm-up.
+        self.identity: identity.ServedIdentity | None = None
+        self.client = EmbedderClient(settings)  # this model's own token budget
         ranges = self.manifest.encoding_ranges
         self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
         self.ready = False
@@ -124,8 +137,9 @@ class Front:
                 raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
             )
         m = metrics.get()
-        m.texts_embedded.labels(route=route).inc(len(job.ids))
-        m.tokens_embedded.labels(route=route).inc(job.tokens)
+        model = self.manifest.name  # the identity's name, as the Embedder's metrics label it
+        m.texts_embedded.labels(route=route, model=model).inc(len(job.ids))
+        m.tokens_embedded.labels(route=route, model=model).inc(job.tokens)
         if request is not None and request.tenant is not None:
             m.tenant_tokens.labels(tenant=request.tenant.name, lane=job.lane).inc(job.tokens)
         return vectors
@@ -134,16 +148,22 @@ class Front:
         """``work`` gives the body and how many inputs truncation cut (a header)."""
         from starlette.responses import Response
 
+        # This model's identity (several models: the middleware's would be the default's).
+        served = {} if self.identity is None else {identity.HEADER: self.identity.header_value()}
         try:
             body, truncated = await work
             return Response(
-                body, media_type="application/json", headers={TRUNCATED_HEADER: str(truncated)}
+                body,
+                media_type="application/json",
+                headers={TRUNCATED_HEADER: str(truncated), **served},
             )
         except EmbedkitError as exc:
-            return error_response(exc)
+            response = error_response(exc)
         except Exception:
             log.exception("unexpected error in the front service")
-            return error_response(InferenceError(INTERNAL_MESSAGE))
+            response = error_response(InferenceError(INTERNAL_MESSAGE))
+        response.headers.update(served)
+        return response
 
     # --- routes (bodies already schema-validated by BentoML)
     async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
@@ -207,33 +227,38 @@ class Front:
 
         return await self._guard(work())
 
-    def models(self) -> dict[str, Any]:
-        created = int(_iso_to_epoch(self.manifest.created_at))
-        served = identity.served()
+    def card(self) -> dict[str, Any]:
+        """This model's entry in ``/v1/models``: OpenAI's fields, then its dimension, token
+        limit and prompts, and the served identity (version, variant, class, ...)."""
+        served = self.identity or (identity.served() if self.default else None)
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "embedkit",
-                    **self.prompts.describe(),
-                    "embedkit": None if served is None else served.as_dict(),
-                }
-            ],
+            "id": self.model_name,
+            "object": "model",
+            "created": int(_iso_to_epoch(self.manifest.created_at)),
+            "owned_by": "embedkit",
+            "dimensions": self.dimension,
+            "max_length": self.tokenizer.max_length,
+            **self.prompts.describe(),
+            "embedkit": None if served is None else served.as_dict(),
         }
 
-    def openapi(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.card()]}
+
+    def openapi(self, spec: dict[str, Any], served: Sequence[Front] = ()) -> dict[str, Any]:
+        """The OpenAPI document; with several ``served`` models (this one first), the
+        model enum names them all and each limit is the widest (each model checks its own)."""
         if self._openapi is None:
+            fronts = list(served) or [self]
             self._openapi = openapi_document(
                 spec,
                 settings=self.settings,
                 model=self.model_name,
-                model_dim=self.dimension,
-                vocab_size=self.tokenizer.vocab_size,
-                prompts=list(self.prompts.texts),
-                max_length=self.tokenizer.max_length,
+                models=[f.model_name for f in fronts],
+                model_dim=max(f.dimension for f in fronts),
+                vocab_size=max(f.tokenizer.vocab_size for f in fronts),
+                prompts=list(dict.fromkeys(p for f in fronts for p in f.prompts.texts)),
+                max_length=max(f.tokenizer.max_length for f in fronts),
                 frame_tokens=sum(len(part) for part in self.tokenizer.frame),
             )
         return self._openapi
@@ -319,14 +344,14 @@ class Front:
                 )
         # The Embedder decided what serves; the front says so from now on.
         info = await self.client.info(embedder)
-        identity.publish(identity.ServedIdentity.from_dict(info["identity"]))
+        self.identity = identity.ServedIdentity.from_dict(info["identity"])
+        identity.publish(self.identity, default=self.default)
         settle_gc(self.settings)
         self.ready = self.client.warm = True
-        served = identity.served()
         log.info(
             "embedkit front service warm and ready (model %s, serving %s)",
             self.model_name,
-            served.header_value() if served else "?",
+            self.identity.header_value(),
         )
 
 

@@ -110,21 +110,30 @@ def build(
 
 
 _served: ServedIdentity | None = None
+_published: dict[str, ServedIdentity] = {}  # by model name: every model this process serves
 
 
-def publish(identity: ServedIdentity) -> None:
-    """Make ``identity`` this process's, log it and expose it as metric labels. Startup
-    calls it once per process; a later call (tests building several Embedders in one
-    process) replaces it, labels included."""
+def publish(identity: ServedIdentity, *, default: bool = True) -> None:
+    """Make ``identity`` this process's (``default``), or one more model it serves
+    (several models, ``settings.models``), log it and expose it as metric labels, one
+    series per model. Startup calls it once per model; a later call (tests building
+    several Embedders in one process) replaces the default, or the model of the same
+    name, labels included."""
     global _served
     gauge = metrics.get().served_model
-    if _served is not None and _served != identity:
-        gauge.remove(*_served.labels().values())
-    _served = identity
+    stale = {_served if default else None, _published.get(identity.name)} - {None, identity}
+    for old in stale:
+        if old is not None and _published.get(old.name) == old:
+            gauge.remove(*old.labels().values())
+            del _published[old.name]
+    _published[identity.name] = identity
+    if default:
+        _served = identity
     gauge.labels(**identity.labels()).set(1)
     log.info("embedkit serving %s", identity.header_value())
 
 
-def served() -> ServedIdentity | None:
-    """This process's identity; None until startup has built (or received) it."""
-    return _served
+def served(name: str | None = None) -> ServedIdentity | None:
+    """The identity of model ``name``, or this process's (default) one; None until
+    startup has built (or received) it."""
+    return _served if name is None else _published.get(name)

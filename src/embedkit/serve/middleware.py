@@ -228,15 +228,19 @@ def _log_request(
 
 def _with_identity(send: Send) -> Send:
     """``send`` that adds the served identity's header to every response start (errors
-    and 499s included) once startup has built it."""
+    and 499s included) once startup has built it. A response that names its model
+    already (several models: the front of the model a request picked) keeps its own."""
     served = identity.served()
     if served is None:
         return send
-    header = (identity.HEADER.lower().encode(), served.header_value().encode("latin-1"))
+    name = identity.HEADER.lower().encode()
+    header = (name, served.header_value().encode("latin-1"))
 
     async def sending(message: Any) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), header]}
+            headers = list(message.get("headers", ()))
+            if not any(k.lower() == name for k, _ in headers):
+                message = {**message, "headers": [*headers, header]}
         await send(message)
 
     return sending

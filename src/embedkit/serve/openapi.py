@@ -56,6 +56,7 @@ def openapi_document(
     prompts: Sequence[str] = (),
     max_length: int | None = None,
     frame_tokens: int = 0,
+    models: Sequence[str] = (),
 ) -> dict[str, Any]:
     """BentoML's generated document made honest: our error body and statuses on every
     route, the limits the server enforces as schema constraints, and the GET routes
@@ -63,7 +64,7 @@ def openapi_document(
     spec = copy.deepcopy(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     template = "#/components/schemas/{model}"
-    models: tuple[type[BaseModel], ...] = (
+    bodies: tuple[type[BaseModel], ...] = (
         ErrorDetail,
         ErrorResponse,
         ModelCard,
@@ -76,7 +77,7 @@ def openapi_document(
         TokenizeResponse,
         ChunkSpan,
     )
-    for cls in models:
+    for cls in bodies:
         schema = cls.model_json_schema(ref_template=template)
         schema.pop("$defs", None)
         schemas[cls.__name__] = _nullable(schema)
@@ -135,7 +136,7 @@ def openapi_document(
         if "dimensions" in props:
             props["dimensions"].update(minimum=1, maximum=model_dim)
         if "model" in props:
-            props["model"]["enum"] = [model]
+            props["model"]["enum"] = list(models) or [model]  # several: every served name
         if "prompt_name" in props and prompts:  # none defined: any name is a documented 400
             props["prompt_name"]["enum"] = list(prompts)
         if "input" in props:

@@ -30,6 +30,10 @@ Item = tuple[float, list[int]] | tuple[float, list[int], int]
 # leading positions the pooling skips), the item without its timestamp.
 Row = list[int] | tuple[list[int], int]
 
+NATIVE_MODEL_DESCRIPTION = (
+    "Served model name (GET /v1/models lists them); omitted: the deployment's default "
+    "(first) model."
+)
 PROMPT_NAME_DESCRIPTION = (
     "One of the model's prompts (GET /v1/models lists them), prepended to every input "
     "before tokenising; its tokens count in usage. Omitted: the model's default_prompt_name, "
@@ -90,6 +94,7 @@ class EmbedRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(description="Texts to embed; empty strings are allowed.")
+    model: StrictStr | None = Field(default=None, description=NATIVE_MODEL_DESCRIPTION)
     normalize: StrictBool = Field(
         default=True, description="L2-normalise (after truncation to `dimensions`)."
     )
@@ -142,6 +147,7 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr]
+    model: StrictStr | None = Field(default=None, description=NATIVE_MODEL_DESCRIPTION)
     truncate: StrictBool = Field(default=True, description=_TRUNCATE)
     truncation_direction: TruncationDirection | None = Field(default=None, description=_DIRECTION)
     prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
@@ -223,6 +229,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    dimensions: int = Field(description="The model's output dimension (before `dimensions`).")
+    max_length: int = Field(description="The model's token limit, special tokens included.")
     prompts: dict[str, str] = Field(
         default_factory=dict, description="The model's prompts by name (prompt_name)."
     )

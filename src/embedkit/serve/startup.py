@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from embedkit.core import metrics
-from embedkit.core.errors import ArtifactError
+from embedkit.core.errors import ArtifactError, ConfigurationError, EmbedkitError
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact, Manifest
 
@@ -37,7 +38,9 @@ def load_artifact(model: Any) -> Artifact:
             )
         return Artifact.load(Path(stored.path), tag=str(stored.tag))
     except ArtifactError as exc:
-        log.error("embedkit refuses to start: %s", exc)
+        # Named, so that in a list of several models the line says which one.
+        named = exc.message if tag in exc.message else f"model {tag}: {exc.message}"
+        log.error("embedkit refuses to start: %s", named)
         metrics.get().model_load_failures.labels(reason=exc.code or "artifact_error").inc()
         raise
 
@@ -59,6 +62,75 @@ def served_tag(settings: Settings) -> str:
             f"(registered: {', '.join(known) or 'none'}); check EMBEDKIT_VARIANT"
         )
     return str(max(named, key=lambda m: m.info.creation_time).tag)
+
+
+def served_tags(settings: Settings, arguments: Any = None) -> list[str]:
+    """The model tags one deployment serves, the default first.
+
+    A built Bento's arguments win (``--arg models=TAG,TAG`` or ``--arg model=TAG``, which
+    BentoML restores whenever that Bento is served), then ``settings.models``, then the
+    one model :func:`served_tag` picks. Several models need ``topology=single`` (one
+    process whose runner threads serve them all, docs/design/serving.md decision 5);
+    a list that cannot serve stops startup with one line.
+    """
+    pinned = getattr(arguments, "models", None)
+    if pinned:
+        tags = [t.strip() for t in str(pinned).split(",") if t.strip()]
+    elif getattr(arguments, "model", None):
+        tags = [str(arguments.model)]
+    elif settings.models:
+        tags = list(settings.models)
+    else:
+        return [served_tag(settings)]
+    try:
+        if len(tags) > 1 and settings.topology != "single":
+            raise ConfigurationError(
+                f"several models ({', '.join(tags)}) are served only with topology=single; "
+                "use one deployment per model with topology=split"
+            )
+        if len(tags) > 1 and settings.variant:
+            raise ConfigurationError(
+                "EMBEDKIT_VARIANT picks a version of EMBEDKIT_MODEL; with several models "
+                "name each version's tag in EMBEDKIT_MODELS instead"
+            )
+        if twice := sorted({t for t in tags if tags.count(t) > 1}):
+            raise ConfigurationError(f"EMBEDKIT_MODELS names {', '.join(twice)} twice")
+    except EmbedkitError as exc:
+        log.error("embedkit refuses to start: %s", exc)
+        raise
+    return tags
+
+
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def model_attributes(count: int) -> list[str]:
+    """The service class attributes holding the served models: ``model``, ``model_1``, …"""
+    return ["model", *(f"model_{i}" for i in range(1, count))]
+
+
+def with_models(tags: Sequence[str]) -> Callable[[_Cls], _Cls]:
+    """Class decorator (under ``@bentoml.service``): one ``BentoModel`` class attribute
+    per tag. BentoML collects a service's models from its class attributes: that is what
+    makes ``bentoml build`` pack every version and ``bentoml serve`` refuse, naming it,
+    one that is not in the store before any worker starts."""
+    import bentoml
+
+    def attach(cls: _Cls) -> _Cls:
+        for attr, tag in zip(model_attributes(len(tags)), tags, strict=True):
+            setattr(cls, attr, bentoml.models.BentoModel(tag))
+        service: Any = cls
+        service.served_models = len(tags)  # read back by load_artifacts
+        return cls
+
+    return attach
+
+
+def load_artifacts(service_cls: Any) -> list[Artifact]:
+    """Every model :func:`with_models` attached, in order, each sha256-verified
+    (:func:`load_artifact`: a tampered one stops startup naming it)."""
+    attrs = model_attributes(getattr(service_cls, "served_models", 1))
+    return [load_artifact(getattr(service_cls, attr)) for attr in attrs]
 
 
 def refusal(
