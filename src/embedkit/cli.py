@@ -1315,6 +1315,10 @@ def reembed_cmd(
     max_wait: Annotated[
         float, typer.Option(help="Seconds of 429/503 retries per chunk before giving up.")
     ] = 600.0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Which served model (GET /v1/models ids); default: the first."),
+    ] = None,
 ) -> None:
     """Embed a JSONL corpus through a running service's bulk route, resumably.
 
@@ -1337,6 +1341,7 @@ def reembed_cmd(
         api_key=api_key,
         timeout_s=timeout,
         max_wait_s=max_wait,
+        model=model,
     )
 
     def warn(line: str) -> None:

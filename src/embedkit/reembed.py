@@ -86,6 +86,7 @@ class Options:
     api_key: str | None = None
     timeout_s: float = 120.0  # one request
     max_wait_s: float = 600.0  # one chunk's retries (429/503/504, connection errors) in all
+    model: str | None = None  # a deployment serving several models: which one (None: default)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class Output:
             "text_field": o.text_field,
             "chunk_size": o.chunk_size,
             "format": o.format,
+            "model": o.model,
         }
 
     def load(self) -> bool:
@@ -397,6 +399,7 @@ class Service:
             transport=transport,
         )
         self.max_wait_s = options.max_wait_s
+        self.model = options.model
         self.sleep = sleep
         self.retries: dict[str, int] = {}
 
@@ -435,15 +438,25 @@ class Service:
         """What the service serves now (``/v1/models``), before any work is sent."""
         response = self._call("GET /v1/models", lambda: self.client.get("/v1/models"))
         try:
-            return ServedIdentity.from_dict(response.json()["data"][0]["embedkit"])
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            cards = response.json()["data"]
+            card = cards[0] if self.model is None else _card(cards, self.model)
+            if card is None:
+                served = ", ".join(repr(c.get("id")) for c in cards)
+                raise InvalidInput(
+                    f"{self.client.base_url} does not serve model {self.model!r}; "
+                    f"it serves: {served}"
+                )
+            return ServedIdentity.from_dict(card["embedkit"])
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise InvalidInput(
                 f"{self.client.base_url} is not an embedkit service (/v1/models: {exc})"
             ) from None
 
     def embed(self, chunk: Chunk) -> tuple[np.ndarray, ServedIdentity, str]:
         what = chunk.span
-        body = {"texts": chunk.texts, "encoding_format": "base64"}
+        body: dict[str, Any] = {"texts": chunk.texts, "encoding_format": "base64"}
+        if self.model is not None:
+            body["model"] = self.model
         response = self._call(what, lambda: self.client.post("/embed", json=body))
         header = response.headers.get(HEADER, "")
         try:
@@ -455,6 +468,10 @@ class Service:
         if vectors.shape[0] != len(chunk.texts):
             raise InferenceError(f"{what}: {vectors.shape[0]} vectors for {len(chunk.texts)} texts")
         return vectors, served, header
+
+
+def _card(cards: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    return next((c for c in cards if c.get("id") == model), None)
 
 
 def _vector_key(identity: ServedIdentity) -> tuple[str, ...]:

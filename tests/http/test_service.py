@@ -415,7 +415,8 @@ def test_token_budget_admission_is_our_429(server) -> None:
             await asyncio.sleep(0.3)  # admitted alone before the first small request arrives
             small: list[httpx.Response] = []
             while not first.done():
-                small.append(await client.post(server.url + "/embed/query", json={"texts": ["a"]}))
+                # the bulk lane: queries count only queued queries (docs/service.md § Tenants)
+                small.append(await client.post(server.url + "/embed", json={"texts": ["a"]}))
                 await asyncio.sleep(0.05)
             return await first, small
 

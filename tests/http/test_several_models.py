@@ -263,3 +263,27 @@ def test_a_bento_argument_pins_the_list() -> None:
     assert served_tags(env_list, pinned) == ["a:1", "b:2"]
     assert served_tags(env_list, SimpleNamespace(model="a:1")) == ["a:1"]
     assert served_tags(env_list, SimpleNamespace()) == ["c:3"]
+
+
+def test_reembed_picks_a_model_of_several(two_models, tiny, texts, tmp_path: Path) -> None:
+    """`embedkit reembed --model` embeds with the named model and records its identity;
+    a model the deployment does not serve is refused before any work, naming those served."""
+    from tests.http.test_operations import read_output, write_corpus
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    corpus = tmp_path / "corpus.jsonl"
+    ids = write_corpus(corpus, texts[:12])
+    args = ["reembed", str(corpus), "--url", two_models.url, "--chunk-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out"), "--model", TINY])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["served"].startswith(f"{TINY}:")
+    got_ids, got = read_output(tmp_path / "out")
+    assert got_ids == ids
+    want = load_reference(tiny[0]).encode(texts[:12], convert_to_numpy=True)
+    assert_contract_parity(got, want)
+
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o2"), "--model", "x"])
+    assert refused.exit_code == 1
+    assert "does not serve model 'x'" in refused.output and repr(TINY) in refused.output

@@ -244,18 +244,21 @@ class LocalEmbedder:
     def _serve(self) -> None:
         while True:
             model, lane, (items, fut, loop, _, _) = self._next()
+            result: np.ndarray | None = None
+            error: BaseException | None = None
             try:
                 if fut.cancelled():
                     continue
                 result = self.cores[model].embed(items, lane)
             except BaseException as exc:  # handed to the caller, who translates it
-                loop.call_soon_threadsafe(_settle, fut, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, result, None)
+                error = exc
             finally:
+                # Released before the caller hears back, so a query sent next does not
+                # count a bulk run that has already ended.
                 if lane == "bulk":
                     with self._wake:
                         self._bulk_running -= 1
+            loop.call_soon_threadsafe(_settle, fut, result, error)
 
     async def embed_query(self, items: list[Item]) -> np.ndarray:
         return await self._run(items, "query")
