@@ -38,7 +38,7 @@ from embedkit.serve.http_errors import (
     translate_upstream,
 )
 from embedkit.serve.jobs import EmbedJob, native_job, openai_job
-from embedkit.serve.middleware import EdgeMiddleware, check_auth
+from embedkit.serve.middleware import EdgeMiddleware
 from embedkit.serve.schemas import (
     EmbedBulkRequest,
     EmbeddingsRequest,
@@ -47,6 +47,7 @@ from embedkit.serve.schemas import (
     EmbedResponse,
     routes_taking,
 )
+from embedkit.serve.tenants import Tenants
 
 MODEL = "all-minilm-l6-v2"
 SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)
@@ -277,12 +278,12 @@ def test_foreign_errors_become_ours() -> None:
     ],
 )
 def test_check_auth(header: str | None, ok: bool) -> None:
-    check_auth(header, [])  # no keys: auth off
+    Tenants([]).identify(header)  # no keys: auth off
     if ok:
-        check_auth(header, ["k1", "k2"])
+        Tenants(["k1", "k2"]).identify(header)
     else:
         with pytest.raises(Unauthorized):
-            check_auth(header, ["k1", "k2"])
+            Tenants(["k1", "k2"]).identify(header)
 
 
 # --- the middleware, over an in-memory ASGI transport ------------------------------------

@@ -58,11 +58,6 @@ def request_logger() -> logging.Logger:
     return logger
 
 
-def check_auth(authorization: str | None, keys: Sequence[str]) -> None:
-    """Bearer-token check; no keys configured means auth is off."""
-    Tenants(keys).identify(authorization)
-
-
 class EdgeMiddleware:
     """Auth, body limit, admission control and error rewriting for ``PROTECTED_ROUTES``."""
 
@@ -87,7 +82,7 @@ class EdgeMiddleware:
         finally:
             trace.CURRENT.reset(opened)
             if self.log is not None:
-                _log_request(self.log, scope, request, traced.status, started)
+                _log_request(self.log, scope, request, traced, started)
 
     async def _serve(
         self,
@@ -184,16 +179,19 @@ class EdgeMiddleware:
 
 class _Traced:
     """``send`` that adds the request's id (and lane, bulk runs ahead) to the response
-    start and remembers its status for the log line."""
+    start and remembers its status and, when the front named it (several models), the
+    identity of the model that answered, for the log line."""
 
     def __init__(self, send: Send, request: trace.RequestTrace) -> None:
         self.send = send
         self.request = request
         self.status: int | None = None
+        self.served: str | None = None
 
     async def __call__(self, message: Any) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            self.served = _header(message, identity.HEADER)
             message = {**message, "headers": [*message.get("headers", ()), *self.request.headers()]}
         await self.send(message)
 
@@ -202,11 +200,12 @@ def _log_request(
     log: logging.Logger,
     scope: Scope,
     request: trace.RequestTrace,
-    status: int | None,
+    traced: _Traced,
     started: float,
 ) -> None:
     """One JSON line per request: what came in, who sent it, what served it."""
-    served = identity.served()
+    default = identity.served()
+    served = traced.served or (None if default is None else default.header_value())
     tenant = request.tenant
     line = {
         "event": "embedkit.request",
@@ -214,16 +213,24 @@ def _log_request(
         "request_id": request.request_id,
         "method": scope["method"],
         "route": scope["path"],
-        "status": status,
+        "status": traced.status,
         "tenant": None if tenant is None else tenant.name,
         "lane": request.lane,
         "batches": request.batches,
         "bulk_runs_ahead": request.bulk_runs_ahead,
         "tokens": request.tokens,
         "ms": round((time.perf_counter() - started) * 1000, 2),
-        "served": None if served is None else served.header_value(),
+        "served": served,
     }
     log.info(json.dumps(line, separators=(",", ":")))
+
+
+def _header(message: Any, name: str) -> str | None:
+    """A header's value on an ASGI response start (None when absent)."""
+    key = name.lower().encode()
+    return next(
+        (v.decode("latin-1") for k, v in message.get("headers", ()) if k.lower() == key), None
+    )
 
 
 def _with_identity(send: Send) -> Send:
@@ -233,14 +240,12 @@ def _with_identity(send: Send) -> Send:
     served = identity.served()
     if served is None:
         return send
-    name = identity.HEADER.lower().encode()
-    header = (name, served.header_value().encode("latin-1"))
+    header = (identity.HEADER.lower().encode(), served.header_value().encode("latin-1"))
 
     async def sending(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", ()))
-            if not any(k.lower() == name for k, _ in headers):
-                message = {**message, "headers": [*headers, header]}
+        start = message["type"] == "http.response.start"
+        if start and _header(message, identity.HEADER) is None:
+            message = {**message, "headers": [*message.get("headers", ()), header]}
         await send(message)
 
     return sending
