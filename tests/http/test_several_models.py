@@ -101,6 +101,19 @@ def test_native_routes_take_model_and_default_to_the_first(two_models) -> None:
     assert ids["max_length"] == 64 and ids["counts"] == [64] and ids["truncated"] == 1
 
 
+def test_the_request_log_names_the_model_that_answered(two_models) -> None:
+    r = httpx.post(
+        two_models.url + "/embed/query",
+        json={"texts": ["a"], "model": TINY},
+        headers={"X-Request-Id": "several-models-1"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    line = two_models.wait_for_line('"request_id":"several-models-1"', timeout=30)
+    assert json.loads(line[line.index("{") :])["served"] == r.headers["x-embedkit-model"]
+    assert r.headers["x-embedkit-model"].startswith(f"{TINY}:")
+
+
 def test_unknown_model_is_404_listing_the_served_names(two_models) -> None:
     from openai import NotFoundError, OpenAI
 
