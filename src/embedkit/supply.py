@@ -19,7 +19,6 @@ unchanged, every image the overlay renders == the signed digest. Any failure is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -34,6 +33,7 @@ from embedkit import container
 from embedkit.bento import LOCK_DIR, compile_lock
 from embedkit.core.errors import BuildError, SignatureError
 from embedkit.model import signing
+from embedkit.model.artifact import sha256_file
 
 RECORDS = Path("build") / "image" / "records"
 SBOM = "sbom.cdx.json"
@@ -49,10 +49,6 @@ IMAGE_PYTHON = "/app/.venv/bin/python"  # the venv BentoML's Dockerfile installs
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Kinds whose pod template runs the image (what `kubectl apply` of an overlay would start).
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def lock_sbom_tool() -> Path:

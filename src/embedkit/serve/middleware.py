@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from starlette.types import Receive, Scope, Send
 
@@ -39,10 +39,10 @@ from embedkit.serve.http_errors import (
     foreign_error,
     is_openai_error_body,
 )
-from embedkit.serve.schemas import PROTECTED_ROUTES
+from embedkit.serve.schemas import PROTECTED_ROUTES, Lane
 from embedkit.serve.tenants import Tenants
 
-LANES = ("query", "bulk")
+LANES = get_args(Lane)
 
 
 def request_logger() -> logging.Logger:
