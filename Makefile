@@ -4,21 +4,29 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Python sources that lint covers (two scripts are Python without a .py suffix).
-PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/bench-http scripts/bench-peers scripts/bench-stages scripts/soak
+PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/test_times.py scripts/bench-http scripts/bench-peers scripts/bench-stages scripts/soak
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# Test reports: JUnit XML of every run (durations are printed too: docs/benchmarks/test-time.md).
+REPORTS := build/test-reports
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/pytest
+# Each phase prints its wall time ("phase NAME: N s"), so a CI log says where minutes go.
+PHASE := scripts/phase
 
-.PHONY: setup serve test lint image clean
+.PHONY: setup serve test test-fast lint image clean _install
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(PHASE) install $(MAKE) --no-print-directory _install
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+_install:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release.
 	$(BIN)/pip install --quiet -e '.[export,dev]'
-	rm -f $(VENV)/.installed-*
-	touch $@
 
 serve: setup
 	./scripts/serve
@@ -28,8 +36,15 @@ lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/mypy
 
-test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+# Every tier; the timed tier (latency, memory, soak) runs alone, after the rest.
+test: setup
+	@$(PHASE) lint $(MAKE) --no-print-directory lint
+	@$(PHASE) tests $(PYTEST) -m "not timed" --durations=30 --junitxml=$(REPORTS)/junit.xml
+	@$(PHASE) timed-tests $(PYTEST) -m timed --durations=10 --junitxml=$(REPORTS)/junit-timed.xml
+
+# The unit tier: the edit loop (no lint, no server, no release, no image).
+test-fast: setup
+	$(PYTEST) -m unit --durations=10 -q
 
 # The CPU image with podman, from nothing (docs/bento.md); SIGNING_KEY=release.pem signs the release.
 image: setup

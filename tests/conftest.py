@@ -1,9 +1,16 @@
-"""Shared fixtures: an isolated BentoML home, the default model and its fp32 artifact.
+"""Shared fixtures: an isolated BentoML home, the default model and its artifacts, tiers.
 
 BENTOML_HOME and the evaluation cache are set before anything imports bentoml or reads
-settings, so tests never touch the user's model store or a stale cache. The fp32
-artifact (a real Optimum export, ~15 s) and the variants are built once per session
-and are read-only for tests: copy one to tamper with it.
+settings, so tests never touch the user's model store. What the tests build (the fp32
+export, variants, tiny models) comes from a content-addressed cache that outlives the
+session (tests/artifact_cache.py) through the normal verified load; it is read-only for
+tests: copy an artifact to tamper with it. The evaluation cache (reference vectors) also
+persists, keyed by the toolchain; tests of the cache itself pass their own ``cache_dir``.
+
+Every test gets one tier marker from the fixtures it uses (``pytest_collection_modifyitems``):
+``timed`` (it measures time or memory: run alone, `make test` runs them after the rest),
+``server`` (a real `bentoml serve`), ``system`` (an export, a release, podman, a whole
+CLI process), else ``unit`` (`make test-fast`).
 """
 
 from __future__ import annotations
@@ -13,25 +20,132 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tests.artifact_cache import (
+    EXPORT_CODE,
+    TINY_CODE,
+    VARIANT_CODE,
+    ArtifactCache,
+    artifact_files,
+    code_digest,
+    toolchain_key,
+)
+
+# Server fixtures (tests/servers.py), registered once so session-scoped ones are shared.
+pytest_plugins = ("tests.servers",)
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="embedkit-tests-"))
+_CACHE = ArtifactCache()
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The session's own evaluation cache: a cache left by an earlier run (the default lives in
-# /tmp) would hide the PyTorch reference path; a test that needs none passes cache_dir=None.
-os.environ["EMBEDKIT_EVAL_CACHE_DIR"] = str(_SESSION_DIR / "eval-cache")
+# Reference and engine vectors are keyed by content (texts + model hashes); the folder adds
+# the toolchain that computed them, so a new torch or onnxruntime starts a new cache.
+os.environ["EMBEDKIT_EVAL_CACHE_DIR"] = str(
+    _CACHE.root / f"eval-{_CACHE.key({'eval': toolchain_key()})}"
+)
+
+# --- tiers ------------------------------------------------------------------------------
+
+TIERS = ("unit", "server", "system", "timed")
+# A test's tier is the first of these whose fixtures it uses (directly or through others).
+TIER_FIXTURES: dict[str, set[str]] = {
+    "timed": {"timed"},
+    "server": {"launcher", "session_launcher", "served"},
+    "system": {"built_image", "built", "root_built", "system_run"},
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in (
+        ("unit", "no server, no export or release of its own: `make test-fast`"),
+        ("server", "starts or uses a real `bentoml serve`"),
+        ("system", "a release, the container image, or a whole CLI process"),
+        ("timed", "measures time or memory: runs alone, after every other tier"),
+    ):
+        config.addinivalue_line("markers", f"{tier}: {what}")
+
+
+def tier_of(fixturenames: list[str]) -> str:
+    used = set(fixturenames)
+    for tier in ("timed", "server", "system"):
+        if used & TIER_FIXTURES[tier]:
+            return tier
+    return "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(tier_of(list(getattr(item, "fixturenames", ()))))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    _CACHE.prune()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _CACHE.summary():
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def timed() -> None:
+    """Requested by tests that measure time or memory: it makes them tier ``timed``."""
+
+
+@pytest.fixture(scope="session")
+def system_run() -> None:
+    """Requested by tests that run a whole CLI process or a long end-to-end path."""
+
+
+@pytest.fixture(scope="session")
+def artifact_cache() -> ArtifactCache:
+    return _CACHE
 
 
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def test_keys(session_dir: Path) -> dict[str, Path]:
+    """Ed25519 key pairs derived from fixed seeds (test-only, trusted nowhere else): the same
+    bytes every session, so what they sign, and the test image built from it, is too.
+    ``private``/``public`` sign and trust releases; ``other`` is a key that did not sign."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder = session_dir / "keys"
+    folder.mkdir(exist_ok=True)
+    for name in ("release", "other"):
+        seed = hashlib.sha256(f"embedkit test key: {name}".encode()).digest()
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        private = folder / f"{name}.pem"
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        private.chmod(0o600)
+        (folder / f"{name}.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    return {
+        "private": folder / "release.pem",
+        "public": folder / "release.pub",
+        "other_private": folder / "other.pem",
+        "other": folder / "other.pub",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +168,21 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fp32_artifact(session_dir: Path, default_model_dir: Path):
-    """The default model exported once per session with the real Optimum path."""
-    from embedkit.model.export import export
+def fp32_artifact(artifact_cache: ArtifactCache, default_model_dir: Path):
+    """The default model exported with the real Optimum path, once per cache key."""
+    from embedkit.model.export import export, source_checksum
     from embedkit.model.recipe import find_recipe
 
-    return export(find_recipe(None), session_dir / "artifacts" / "minilm-fp32")
+    recipe = find_recipe(None)
+    return artifact_cache.artifact(
+        "minilm-fp32",
+        {
+            "recipe": recipe.model_dump(mode="json"),
+            "source": source_checksum(default_model_dir),
+            "code": code_digest(EXPORT_CODE),
+        },
+        lambda dest: export(recipe, dest),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,28 +201,45 @@ def artifact_copy(fp32_artifact, tmp_path: Path) -> Iterator[Path]:
     yield dest
 
 
-# --- variants, each built once per session (read-only: copy one to stamp or tamper) -------
+# --- variants, each built once per cache key (read-only: copy one to stamp or tamper) ------
 
 
 @pytest.fixture(scope="session")
-def fused_variant(fp32_artifact, session_dir: Path):
-    """Fused FP32: the variant that passes the quality gate on CPU."""
+def cached_variant(artifact_cache: ArtifactCache):
+    """``cached_variant(parent, kind, **options)``: ``build_variant`` through the cache."""
     from embedkit.variants.quantize import build_variant
 
-    return build_variant(fp32_artifact, "fused-fp32", session_dir / "variants" / "fused-fp32")
+    def get(parent, kind: str, **options: Any):
+        parts = {
+            "parent": artifact_files(parent),
+            "kind": kind,
+            "options": options,
+            "code": code_digest(VARIANT_CODE),
+        }
+        name = f"{parent.name}-{kind}"
+        return artifact_cache.artifact(
+            name, parts, lambda dest: build_variant(parent, kind, dest, **options)
+        )
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def int8_variant(fp32_artifact, session_dir: Path):
+def fused_variant(fp32_artifact, cached_variant):
+    """Fused FP32: the variant that passes the quality gate on CPU."""
+    return cached_variant(fp32_artifact, "fused-fp32")
+
+
+@pytest.fixture(scope="session")
+def int8_variant(fp32_artifact, cached_variant):
     """Dynamic INT8 as the presets build it on this CPU: s8 per-channel weights, reduce-range
     where the CPU lacks VNNI (AVX2's u8×s8 kernels can saturate), the most sensitive MatMul
     of the committed ranking kept in fp32."""
     from embedkit.variants import quantize
 
-    return quantize.build_variant(
+    return cached_variant(
         fp32_artifact,
         "dynamic-int8",
-        session_dir / "variants" / "dynamic-int8",
         weight_type="s8",
         per_channel=True,
         reduce_range=not quantize.detect_isa().vnni,
@@ -108,17 +248,10 @@ def int8_variant(fp32_artifact, session_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def bad_int8_variant(fp32_artifact, session_dir: Path):
+def bad_int8_variant(fp32_artifact, cached_variant):
     """Dynamic INT8 that is bad on purpose (s8 per-tensor, reduce-range): the gate rejects it."""
-    from embedkit.variants.quantize import build_variant
-
-    return build_variant(
-        fp32_artifact,
-        "dynamic-int8",
-        session_dir / "variants" / "bad-int8",
-        weight_type="s8",
-        per_channel=False,
-        reduce_range=True,
+    return cached_variant(
+        fp32_artifact, "dynamic-int8", weight_type="s8", per_channel=False, reduce_range=True
     )
 
 
@@ -135,27 +268,63 @@ def private_copy(tmp_path: Path):
     return copy
 
 
-# --- tiny models of other architectures (tests/tiny_models.py), each exported once -------
+# --- tiny models of other architectures (tests/tiny_models.py), each built once -----------
+
+
+def _tiny_entry(
+    cache: ArtifactCache,
+    recipe_fields: dict[str, str],
+    parts: dict[str, Any],
+    make_source,
+    default_model_dir: Path,
+) -> tuple[Path, Any]:
+    """``(source directory, fp32 artifact)`` of a tiny model: ``make_source(dest)`` writes
+    the sentence-transformers directory (seeded weights), then the real Optimum export. The
+    source is verified too: its checksum must be the one the artifact's manifest records."""
+    from embedkit.core.errors import ChecksumMismatch
+    from embedkit.model.artifact import Artifact
+    from embedkit.model.export import export, source_checksum
+    from embedkit.model.recipe import Recipe, Source
+
+    def build(dest: Path) -> None:
+        src = make_source(dest / "src")
+        recipe = Recipe(**recipe_fields, source=Source(path=src))
+        export(recipe, dest / "artifact")
+
+    def verify(dest: Path) -> Artifact:
+        art = Artifact.load(dest / "artifact")
+        if source_checksum(dest / "src") != art.manifest.source_sha256:
+            raise ChecksumMismatch(f"{dest / 'src'} differs from what was exported")
+        return art
+
+    parts = {
+        **parts,
+        "recipe": recipe_fields,
+        "base": source_checksum(default_model_dir),  # the tokenizer the tiny models borrow
+        "code": code_digest(TINY_CODE),
+    }
+    path = cache.entry(recipe_fields["name"], parts, build, verify)
+    return path / "src", verify(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_architecture(session_dir: Path, default_model_dir: Path):
+def tiny_architecture(artifact_cache: ArtifactCache, default_model_dir: Path):
     """``tiny_architecture(name)``: ``(source directory, fp32 artifact)`` of one of
     ``tests.tiny_models.TINY_ARCHITECTURES``, built and exported (real Optimum path) once
-    per session; read-only like ``fp32_artifact``."""
+    per cache key; read-only like ``fp32_artifact``."""
     from tests.tiny_models import TINY_ARCHITECTURES
 
-    from embedkit.model.export import export
-    from embedkit.model.recipe import Recipe, Source
-
-    built: dict[str, tuple[Path, object]] = {}
+    built: dict[str, tuple[Path, Any]] = {}
 
     def get(name: str):
         if name not in built:
-            root = session_dir / "tiny" / name
-            src = TINY_ARCHITECTURES[name](root / "src", default_model_dir)
-            recipe = Recipe(name=f"tiny-{name}", model_id=f"tiny/{name}", source=Source(path=src))
-            built[name] = (src, export(recipe, root / "artifact"))
+            built[name] = _tiny_entry(
+                artifact_cache,
+                {"name": f"tiny-{name}", "model_id": f"tiny/{name}"},
+                {"architecture": name},
+                lambda dest: TINY_ARCHITECTURES[name](dest, default_model_dir),
+                default_model_dir,
+            )
         return built[name]
 
     return get
@@ -165,27 +334,26 @@ def tiny_architecture(session_dir: Path, default_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def prompt_model_dir(session_dir: Path, default_model_dir: Path) -> Path:
+def _prompt_model(artifact_cache: ArtifactCache, default_model_dir: Path) -> tuple[Path, Any]:
     """Random tiny BERT with E5-style prompts, no default prompt, and pooling that leaves
-    the prompt out (include_prompt: false)."""
+    the prompt out (include_prompt: false): its source and its export."""
     from tests.tiny_models import PROMPTS, build_tiny_st_model
 
-    return build_tiny_st_model(
-        session_dir / "models" / "tiny-prompts",
+    options = {"pooling": "mean", "normalize": True, "prompts": PROMPTS, "include_prompt": False}
+    return _tiny_entry(
+        artifact_cache,
+        {"name": "tiny-prompts", "model_id": "tiny-prompts"},
+        {"options": options},
+        lambda dest: build_tiny_st_model(dest, default_model_dir, **options),
         default_model_dir,
-        pooling="mean",
-        normalize=True,
-        prompts=PROMPTS,
-        include_prompt=False,
     )
 
 
 @pytest.fixture(scope="session")
-def prompt_artifact(session_dir: Path, prompt_model_dir: Path):
-    from embedkit.model.export import export
-    from embedkit.model.recipe import Recipe, Source
+def prompt_model_dir(_prompt_model: tuple[Path, Any]) -> Path:
+    return _prompt_model[0]
 
-    recipe = Recipe(
-        name="tiny-prompts", model_id="tiny-prompts", source=Source(path=prompt_model_dir)
-    )
-    return export(recipe, session_dir / "artifacts" / "tiny-prompts")
+
+@pytest.fixture(scope="session")
+def prompt_artifact(_prompt_model: tuple[Path, Any]):
+    return _prompt_model[1]

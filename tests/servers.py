@@ -6,8 +6,8 @@ log file; here a :class:`Launcher` tracks the servers of one test module and sto
 at its end, and a server that never gets ready fails the test with its log. Starting
 one takes seconds: share them per module.
 
-The pytest fixtures at the bottom are imported by the conftest of each test
-directory that starts servers.
+The pytest fixtures at the bottom are a plugin of the root conftest (``pytest_plugins``),
+so a session-scoped one exists once for the whole run.
 """
 
 from __future__ import annotations
@@ -130,7 +130,27 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
         launch.stop_all()
 
 
-@pytest.fixture(scope="module")
-def server(model_tag: str, launcher: Launcher) -> Server:
-    """The default configuration (auth off), shared by a module's tests."""
-    return launcher.start(model_tag)
+@pytest.fixture(scope="session")
+def corpus(fp32_artifact):
+    """400 short + 20 long distinct texts with their expected raw vectors (in-process engine)."""
+    from embedkit.bench import loadtest
+    from embedkit.runtime.engine import Engine
+
+    texts = loadtest.sts_texts(n_short=400, n_long=20)
+    return loadtest.build_corpus(Engine(fp32_artifact), texts, n_long=20)
+
+
+@pytest.fixture(scope="session")
+def session_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    launch = Launcher(tmp_path_factory.mktemp("session-servers"))
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+
+
+@pytest.fixture(scope="session")
+def server(model_tag: str, session_launcher: Launcher) -> Server:
+    """The default configuration (auth off): one for the session, shared by every module
+    that asks for it, so no test may break it (one that does starts its own)."""
+    return session_launcher.start(model_tag)

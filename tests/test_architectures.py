@@ -22,8 +22,6 @@ from embedkit.model.recipe import read_embedding_config
 from embedkit.quality import contract
 from embedkit.runtime.engine import Engine
 
-pytestmark = pytest.mark.slow
-
 CPU = Settings(providers=["CPUExecutionProvider"], intra_op_threads=1)
 # Every check and every parity segment; STS capped per genre (the full split adds ~2,500
 # PyTorch encodes per model and no new kind of input).

@@ -95,7 +95,7 @@ def test_http_sweep_against_a_started_service(fp32_artifact):
 # --- the gate --------------------------------------------------------------------------
 
 
-def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):
+def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path, timed):
     report = tmp_path / "gate.json"
     res = runner.invoke(
         app, ["gate", "--baseline", str(fp32_artifact.path), "--short", "--report", str(report)]
@@ -106,7 +106,7 @@ def test_gate_passes_the_default_against_itself(fp32_artifact, tmp_path):
     assert data["passed"] and set(data["throughput"]) == {"1", "32", "128"}
 
 
-def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path):
+def test_gate_fails_a_deliberately_slow_candidate(fp32_artifact, tmp_path, timed):
     # The configured thresholds, timed at batch 128 only: the slow candidate is slow by
     # construction, and measuring it at every batch size would only cost CI time.
     config = perfgate.load_thresholds().model_dump()

@@ -117,7 +117,7 @@ def test_info_refuses_a_tampered_artifact(artifact_copy: Path) -> None:
     assert_one_line_error(run("info", str(artifact_copy)), "model.onnx", "checksum")
 
 
-def test_release_registers_a_verified_model(tmp_path: Path) -> None:
+def test_release_registers_a_verified_model(tmp_path: Path, system_run: None) -> None:
     """export → validate (contract + parity) → register, through the real CLI process."""
     # When the session's store already holds all-minilm-l6-v2:latest, the performance gate
     # runs against it: a small same-vs-same run (the gate's own tests are in test_bench and
@@ -139,6 +139,8 @@ def test_release_registers_a_verified_model(tmp_path: Path) -> None:
             "60",
             "--perf-gate-config",
             str(gate),
+            "--calibration-texts",
+            "300",
         ],
         capture_output=True,
         text=True,

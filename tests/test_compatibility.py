@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from tests.planted import plant, stamped
 from tests.quality_reports import quality_report, segment
-from tests.servers import model_tag
 
 from embedkit.core import metrics
 from embedkit.core.errors import ArtifactError
@@ -25,8 +24,6 @@ from embedkit.quality.report import report_markdown
 from embedkit.quality.retrieval import RetrievalMetrics, RetrievalResult, RetrievalSet
 from embedkit.serve.embedder import EmbedderCore
 from embedkit.serve.startup import refusal
-
-__all__ = ["model_tag"]  # the fixture: the fp32 artifact registered in the test store
 
 TH = GateThresholds(
     spearman_drop_max={"stsb": 0.5, "lang": 1.0, "length": None},
@@ -131,7 +128,6 @@ def scifact(pytestconfig: pytest.Config) -> Path:
     return pytestconfig.rootpath / "tests" / "data" / "scifact-slice"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [("copy", "index-compatible"), ("rotated", "reindex"), ("damaged", "rejected")],
@@ -162,7 +158,6 @@ def test_gate_classes_planted_variants(
         assert "Spearman fails on" in (verdict.why_not_reindex or "")
 
 
-@pytest.mark.slow
 def test_without_retrieval_data_nothing_is_reindex(
     planted: dict[str, Artifact],
     fp32_artifact: Artifact,

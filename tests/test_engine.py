@@ -301,7 +301,7 @@ def test_engine_never_imports_torch(fp32_artifact) -> None:
 RSS_BOUND_MB = 64  # growth allowed after warm-up; unbounded arena growth shows up as hundreds
 
 
-def test_rss_stays_bounded_over_mixed_lengths(fp32_artifact) -> None:
+def test_rss_stays_bounded_over_mixed_lengths(fp32_artifact, timed) -> None:
     """~2,000 batches of ever-changing shapes (lengths 2..256) must not grow the process."""
     import psutil
 

@@ -21,14 +21,17 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def fp16(fp32_artifact, tmp_path_factory: pytest.TempPathFactory):
-    from embedkit.variants import quantize
-
-    return quantize.build_variant(fp32_artifact, "fp16", tmp_path_factory.mktemp("v") / "fp16")
+def fp16(fp32_artifact, cached_variant):
+    return cached_variant(fp32_artifact, "fp16")
 
 
 def test_dry_run_says_no_gpu_and_rehearses_every_stage(
-    pytestconfig: pytest.Config, fp32_artifact, fp16, default_model_dir: Path, tmp_path: Path
+    pytestconfig: pytest.Config,
+    fp32_artifact,
+    fp16,
+    default_model_dir: Path,
+    tmp_path: Path,
+    system_run: None,
 ) -> None:
     out = tmp_path / "report"
     none = tmp_path / "nothing-sent"

@@ -85,8 +85,9 @@ QUICK: dict[str, Any] = {
 }
 
 
-@pytest.mark.slow
-def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Path) -> None:
+def test_release_with_variants_end_to_end(
+    default_model_dir: Path, tmp_path: Path, system_run: None
+) -> None:
     import bentoml
 
     # Its own model-store name, so NAME:latest belongs to this test alone.
@@ -154,9 +155,8 @@ def test_release_with_variants_end_to_end(default_model_dir: Path, tmp_path: Pat
 SLOW = {"EMBEDKIT_INTRA_OP_THREADS": "1", "EMBEDKIT_TOKEN_AWARE_BATCHING": "false"}
 
 
-@pytest.mark.slow
 def test_a_slower_release_does_not_become_latest_without_an_override(
-    fp32_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fp32_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: None
 ) -> None:
     import json
     import shutil
@@ -191,7 +191,10 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     )
     # Built (export, contract) once with the ordinary settings; published slow, twice.
     built = build(
-        find_recipe(None).model_copy(update={"name": name}), workdir=tmp_path, limit_per_segment=2
+        find_recipe(None).model_copy(update={"name": name}),
+        workdir=tmp_path,
+        limit_per_segment=2,
+        calibration_texts=200,  # the ranges are not what this test is about
     )
     for key, value in SLOW.items():
         monkeypatch.setenv(key, value)

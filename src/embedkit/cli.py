@@ -213,6 +213,14 @@ def release_cmd(
         Path | None,
         typer.Option(help="Performance gate thresholds (default: config/perf-gate.yaml)."),
     ] = None,
+    calibration_texts: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Calibrate the int8/uint8 output-encoding ranges on at most this many STS "
+            "sentences (default: all ~10.6k, ~30 s on 2 cores; fewer is quicker, coarser).",
+        ),
+    ] = None,
 ) -> None:
     """Export → validate → variants and gate (optional) → performance gate against the
     previous :latest → records → sign → register.
@@ -243,6 +251,7 @@ def release_cmd(
             bench=bench,
             perf_thresholds=thresholds,
             override_perf_gate=override_perf_gate,
+            calibration_texts=calibration_texts,
         )
     for version in result.versions[:-1]:
         err.print(f"  registered {version.name}: {version.tag}", highlight=False)

@@ -30,6 +30,9 @@ import yaml
 from embedkit.core.errors import BuildError
 
 CONTAINERS_CONF = Path("build") / "image" / "containers.conf"
+# podman on these machines needs runc and no default ulimits (docs/bento.md); the same
+# file scripts/build-image writes, so a clone that reuses an image needs no build first.
+CONTAINERS_CONF_TEXT = '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
 OVERLAY = Path("deploy") / "k8s" / "overlays" / "cpu"
 TRUSTED_KEYS = "embedkit-trusted-keys"  # the ConfigMap the operator creates
 # What `podman kube play` runs; the rest of a render (Service, HPA, PDB) needs a cluster.
@@ -43,6 +46,9 @@ def podman(
     exe = shutil.which("podman")
     if exe is None:
         raise BuildError("podman not installed (scripts/build-image installs it)")
+    if not CONTAINERS_CONF.is_file():
+        CONTAINERS_CONF.parent.mkdir(parents=True, exist_ok=True)
+        CONTAINERS_CONF.write_text(CONTAINERS_CONF_TEXT)
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF.resolve())}
     done = subprocess.run(
         [exe, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False

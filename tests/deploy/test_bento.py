@@ -30,7 +30,6 @@ from embedkit import bento
 from embedkit.bench.server import BENTOML
 from embedkit.core.errors import BuildError
 
-pytestmark = pytest.mark.slow
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sentence_transformers")
 
 

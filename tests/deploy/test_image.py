@@ -1,5 +1,10 @@
 """The CPU image, built from nothing by scripts/build-image and run with podman.
 
+The image is built when one of its inputs changed (the package and service source, the
+lock, scripts/build-image, the signed test model, the base image) and kept for the next
+run (tests/artifact_cache.py's folder holds its record); with nothing to reuse it is built
+from nothing, base included.
+
 What a stranger's deployment does: the image runs read-only as its non-root user,
 serves vectors that match the PyTorch encoder through the `openai` client, carries
 no export packages, refuses a tampered model, and the rendered CPU overlay runs under
@@ -22,36 +27,51 @@ import numpy as np
 import pytest
 
 from embedkit import bento, container, supply
+from embedkit.model.artifact import Artifact
 from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
 
-pytestmark = pytest.mark.slow
 READY_BUDGET_S = 60  # model load + warm-up on 2 cores; measured ~8-15 s (docs/bento.md)
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "onnxscript")
 BASE = "localhost/embedkit-base:bookworm-py3.11"
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from embedkit.model.signing import generate_keypair
+# What decides the image's bytes besides the model and the base (code_digest: every file).
+IMAGE_INPUTS = ("src/embedkit", "service.py", "locks/serving-cpu.txt", "scripts/build-image")
 
-    d = tmp_path_factory.mktemp("keys")
-    generate_keypair(d / "release.pem", d / "release.pub")
-    generate_keypair(d / "other.pem", d / "other.pub")
-    return {"private": d / "release.pem", "public": d / "release.pub", "other": d / "other.pub"}
+
+@pytest.fixture(scope="module")
+def keys(test_keys: dict[str, Path]) -> dict[str, Path]:
+    return test_keys
 
 
 @pytest.fixture(scope="module")
 def signed(
     fp32_artifact, keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, Path]:
-    """(tag, directory) of the session's fp32 artifact signed with the release key."""
+    """(tag, directory) of the session's fp32 artifact signed with the release key. Key and
+    artifact are the same every session, so are the signature and the version (named after
+    the signed manifest): an image built in an earlier run serves this very tag."""
+    import hashlib
+
     from embedkit.model.artifact import Artifact, register
     from embedkit.model.signing import sign
 
     copy = tmp_path_factory.mktemp("signed") / "fp32"
     shutil.copytree(fp32_artifact.path, copy)
     sign(copy, keys["private"])
-    return register(Artifact.load(copy)), copy
+    signed_manifest = (copy / "manifest.json").read_bytes() + (copy / "manifest.sig").read_bytes()
+    version = "t" + hashlib.sha256(signed_manifest).hexdigest()[:15]
+    return register(Artifact.load(copy), version=version), copy
+
+
+def _base_id() -> str | None:
+    done = container.podman("image", "inspect", "--format", "{{.Id}}", BASE, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _image_id(ref: str) -> str | None:
+    done = container.podman("image", "inspect", "--format", "{{.Id}}", ref, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _podman_cannot_run() -> str | None:
@@ -64,23 +84,63 @@ def _podman_cannot_run() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def image(
+def built_image(
     signed: tuple[str, Path],
     keys: dict[str, Path],
     session_dir: Path,
     pytestconfig: pytest.Config,
-) -> Iterator[str]:
-    """scripts/build-image on the signed release's CPU Bento (installs podman when missing)."""
+    artifact_cache,
+) -> tuple[str, Path]:
+    """(image reference, its signed record folder): the image of an earlier run when its
+    inputs are the same and podman still holds it, else scripts/build-image on the signed
+    model's CPU Bento (installs podman when missing, makes the base when absent)."""
+    from tests.artifact_cache import artifact_files, code_digest
+
+    key = artifact_cache.key(
+        {
+            "image": code_digest(IMAGE_INPUTS, suffixes=()),
+            "model": artifact_files(Artifact.load(signed[1])),
+            "signature": (signed[1] / "manifest.sig").read_text(),
+        }
+    )
+    entry = artifact_cache.root / f"image-{key}"
+    if (entry / "image.json").is_file() and shutil.which("podman"):
+        known = json.loads((entry / "image.json").read_text())
+        if _image_id(known["ref"]) == known["id"] and _base_id() == known["base"]:
+            print(f"\nimage {known['ref']}: reused (inputs unchanged, key {key})")
+            return known["ref"], entry / "record"
+    ref, record = _build_image(signed, keys, session_dir, pytestconfig)
+    # Keep this one for the next run; earlier keys' images and records are of no more use.
+    for old in artifact_cache.root.glob("image-*/image.json"):
+        stale = json.loads(old.read_text())["ref"]
+        if stale != ref:
+            container.podman("rmi", "-f", stale, check=False)
+        shutil.rmtree(old.parent, ignore_errors=True)
+    entry.mkdir(parents=True)
+    shutil.copytree(record, entry / "record")
+    known = {"ref": ref, "id": _image_id(ref), "base": _base_id()}
+    (entry / "image.json").write_text(json.dumps(known) + "\n")
+    return ref, entry / "record"
+
+
+@pytest.fixture(scope="module")
+def image(built_image: tuple[str, Path]) -> str:
+    return built_image[0]
+
+
+def _build_image(
+    signed: tuple[str, Path], keys: dict[str, Path], session_dir: Path, config: pytest.Config
+) -> tuple[str, Path]:
     built = bento.build("cpu", signed[0], session_dir / "image-bento")
     assert built.warnings == ()  # signed: nothing for the overlays to refuse
     started = time.monotonic()
     done = subprocess.run(
         [
-            str(pytestconfig.rootpath / "scripts" / "build-image"),
+            str(config.rootpath / "scripts" / "build-image"),
             *("--bento-tag", built.tag),
             *("--signing-key", str(keys["private"])),  # signs the image record too
         ],
-        cwd=pytestconfig.rootpath,
+        cwd=config.rootpath,
         capture_output=True,
         text=True,
         timeout=1800,
@@ -94,9 +154,7 @@ def image(
     ref = done.stdout.strip().splitlines()[-1]
     size = int(container.podman("image", "inspect", "--format", "{{.Size}}", ref).stdout)
     print(f"\nimage {ref}: {size / 1e6:.0f} MB, built in {time.monotonic() - started:.0f} s")
-    yield ref
-    # The base image stays (the next build reuses it); each test image holds a model copy.
-    container.podman("rmi", "-f", ref, check=False)
+    return ref, config.rootpath / supply.RECORDS / ref.rsplit("/", 1)[-1].replace(":", "-")
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +297,7 @@ def test_image_installed_exactly_the_hash_pinned_lock(
 
 
 def test_signed_record_verifies_and_the_overlay_runs_by_digest(
-    image: str,
+    built_image: tuple[str, Path],
     signed: tuple[str, Path],
     keys: dict[str, Path],
     tmp_path: Path,
@@ -251,7 +309,9 @@ def test_signed_record_verifies_and_the_overlay_runs_by_digest(
 
     from embedkit.cli import app
 
-    record = pytestconfig.rootpath / supply.RECORDS / image.rsplit("/", 1)[-1].replace(":", "-")
+    image, kept = built_image
+    record = tmp_path / "record"  # a copy: this test edits the SBOM
+    shutil.copytree(kept, record)
     loaded = supply.verify_record(record, [str(keys["public"])])
     assert loaded.digest == supply.inspect_image(image)[0]
     assert loaded.bento == image.rsplit("/", 1)[-1] and loaded.model == signed[0]

@@ -27,8 +27,6 @@ from tests.servers import assert_held_but_never_ready, engine_worker
 
 from embedkit.bench import loadtest as lt
 
-pytestmark = pytest.mark.slow
-
 MODEL = "all-minilm-l6-v2"
 REFUSED = "embedkit refuses to start"
 CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -24,8 +24,6 @@ import pytest
 
 from embedkit.bench import loadtest as lt
 
-pytestmark = pytest.mark.slow
-
 NOBODY = 65534
 DROP_ROOT = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 

@@ -1,5 +1,2 @@
-"""Fuzz tests: hypothesis in-process, schemathesis against a real server."""
-
-from tests.servers import launcher, model_tag, server
-
-__all__ = ["launcher", "model_tag", "server"]
+"""Fuzz tests: hypothesis in-process, schemathesis against the session's server
+(tests/servers.py)."""

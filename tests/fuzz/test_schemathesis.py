@@ -12,10 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.slow
-
 ST = str(Path(sys.executable).parent / "st")
 MAX_EXAMPLES = 40
 MAX_TIME_S = 60

@@ -1,11 +1,7 @@
-"""A real `bentoml serve service:EmbeddingAPI` subprocess for the HTTP tests.
+"""Real `bentoml serve service:EmbeddingAPI` subprocesses for the HTTP tests.
 
-The fp32 artifact (root conftest, a real export) is registered in the session's
-temporary BENTOML_HOME; each test module that needs a server starts one from
-the repo root on a free loopback port, waits for /readyz and tears the whole
-process group down afterwards (helpers and fixtures: tests/servers.py).
+The fp32 artifact (root conftest) is registered in the session's temporary BENTOML_HOME;
+the default server is started once per session and shared; a module whose settings differ
+starts its own from the repo root on a free loopback port, waits for /readyz and tears the
+whole process group down afterwards (helpers and fixtures: tests/servers.py).
 """
-
-from tests.servers import Launcher, Server, launcher, model_tag, server
-
-__all__ = ["Launcher", "Server", "launcher", "model_tag", "server"]

@@ -11,8 +11,6 @@ import asyncio
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
-
 KEYS = ["key-one", "key-two"]
 AUTH = {"authorization": "Bearer key-two"}
 

@@ -15,7 +15,6 @@ from embedkit.cli import app
 from embedkit.model.artifact import Artifact, register
 from embedkit.serve.identity import ServedIdentity
 
-pytestmark = pytest.mark.slow
 runner = CliRunner()
 SMALL = ["--pairs", "48", "--long", "3", "--batch-size", "16"]
 # Two servers of one machine, interleaved: latency is not what these tests judge.

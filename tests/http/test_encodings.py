@@ -22,8 +22,6 @@ from embedkit.runtime.calibration import stamp_ranges
 from embedkit.runtime.vectors import QUANTIZED, RANGED, decode_base64
 from embedkit.serve.schemas import TRUNCATED_HEADER
 
-pytestmark = pytest.mark.slow
-
 MODEL = "all-minilm-l6-v2"
 DIM = 384
 ENCODINGS = QUANTIZED

@@ -32,8 +32,6 @@ from embedkit.cli import app
 from embedkit.model import evaldata
 from embedkit.serve.identity import HEADER
 
-pytestmark = pytest.mark.slow
-
 CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
 # Counted only when their event happens (a refused model, a refused variant, a tenant over
 # its quota): this server has none, so they are checked against the declared metrics; the

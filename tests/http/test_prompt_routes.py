@@ -14,8 +14,6 @@ from tests.tiny_models import PROMPTS
 
 from embedkit.bench.server import Server
 
-pytestmark = pytest.mark.slow
-
 MODEL = "tiny-prompts"
 TEXTS = ["what is a prompt", "", "a somewhat longer passage about prompts and pooling"]
 

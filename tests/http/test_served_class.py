@@ -14,8 +14,6 @@ from embedkit.model.artifact import Artifact, register
 from embedkit.serve.identity import HEADER
 from embedkit.serve.startup import find_parent
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def copy_variant(fp32_artifact: Artifact, tmp_path_factory: pytest.TempPathFactory) -> Artifact:

@@ -18,8 +18,6 @@ from embedkit.core.settings import Settings
 from embedkit.model import evaldata
 from embedkit.runtime.vectors import decode_base64
 
-pytestmark = pytest.mark.slow
-
 MODEL = "all-minilm-l6-v2"
 DIM = 384
 

@@ -24,8 +24,6 @@ from embedkit.model.artifact import register
 from embedkit.model.export import load_reference
 from embedkit.quality import contract
 
-pytestmark = pytest.mark.slow
-
 MINILM, TINY = "all-minilm-l6-v2", "tiny-bert-dense"
 BUDGET = 600  # max_queued_tokens per model: one 64-text request fills it
 

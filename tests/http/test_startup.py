@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from tests.servers import assert_held_but_never_ready
-
-pytestmark = pytest.mark.slow
 
 
 def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:

@@ -20,8 +20,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = pytest.mark.slow
-
 SEARCH = {"authorization": "Bearer search-key"}
 BACKFILL = {"authorization": "Bearer backfill-key"}
 ARCHIVE = {"authorization": "Bearer archive-key"}

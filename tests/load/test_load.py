@@ -21,7 +21,7 @@ from tests.servers import engine_worker
 
 from embedkit.bench import loadtest as lt
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.usefixtures("timed")  # memory and latency: run alone
 
 MODEL = "all-minilm-l6-v2"
 SOAK_S = float(os.environ.get("EMBEDKIT_SOAK_SECONDS", "60"))

@@ -398,8 +398,11 @@ def move_into_place(built: Path, output: Path) -> Artifact:
 # --- BentoML model store -------------------------------------------------------
 
 
-def register(artifact: Artifact, *, labels: dict[str, str] | None = None) -> str:
-    """Copy a verified artifact into the BentoML model store as a new version; return its tag."""
+def register(
+    artifact: Artifact, *, labels: dict[str, str] | None = None, version: str | None = None
+) -> str:
+    """Copy a verified artifact into the BentoML model store as a new version; return its tag.
+    The version is BentoML's new one unless given (a version the store holds is refused)."""
     import bentoml
 
     artifact.verify()
@@ -412,7 +415,7 @@ def register(artifact: Artifact, *, labels: dict[str, str] | None = None) -> str
         **(labels or {}),
     }
     with bentoml.models.create(
-        manifest.name,
+        f"{manifest.name}:{version}" if version else manifest.name,
         module=BENTOML_MODULE,
         labels=all_labels,
         metadata=manifest.summary(),
