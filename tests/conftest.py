@@ -43,6 +43,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Reference and engine vectors are keyed by content (texts + model hashes); the folder adds
 # the toolchain that computed them, so a new torch or onnxruntime starts a new cache.
+# Retrieval data is the slice the tests ship (tests/data/scifact-slice), on every machine:
+# with ../shared beside the clone, evaluations would otherwise encode all of SciFact's
+# 5,183 documents (minutes each, fp16 emulated on the CPU far longer), and without it skip
+# retrieval; now both run the same evaluation.
+_EXTENDED_DATA = _SESSION_DIR / "extended-data"
+_EXTENDED_DATA.mkdir()
+(_EXTENDED_DATA / "scifact-train").symlink_to(
+    Path(__file__).resolve().parent / "data" / "scifact-slice", target_is_directory=True
+)
+os.environ["EMBEDKIT_EXTENDED_DATA_DIR"] = str(_EXTENDED_DATA)
 os.environ["EMBEDKIT_EVAL_CACHE_DIR"] = str(
     _CACHE.root / f"eval-{_CACHE.key({'eval': toolchain_key()})}"
 )

@@ -12,6 +12,8 @@ so a session-scoped one exists once for the whole run.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,11 +27,17 @@ from embedkit.core.errors import NotReady
 
 
 class Launcher:
-    """Starts servers for one test module and stops them all at its end."""
+    """Starts servers for one test module (or the session) and stops them all at its end.
 
-    def __init__(self, directory: Path) -> None:
+    ``own_metrics``: each server gets a BentoML home of its own whose ``models`` is the
+    session's store. `bentoml serve` empties its home's prometheus folder when it starts,
+    so a server that outlives others' starts (the session's) needs its own folder to keep
+    its metrics."""
+
+    def __init__(self, directory: Path, *, own_metrics: bool = False) -> None:
         self.directory = directory
         self.servers: list[Server] = []
+        self.own_metrics = own_metrics
 
     def _log(self) -> Path:
         return self.directory / f"serve-{len(self.servers)}.log"
@@ -38,6 +46,12 @@ class Launcher:
         self, tag: str, env: Mapping[str, str] | None = None, *, ready: bool = True
     ) -> Server:
         """The project's service serving model ``tag`` (this environment plus ``env``)."""
+        env = dict(env or {})
+        if self.own_metrics:
+            home = self.directory / f"home-{len(self.servers)}"
+            home.mkdir()
+            (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+            env["BENTOML_HOME"] = str(home)
         return self._track(serve_model(tag, self._log(), env), ready)
 
     def spawn(
@@ -142,7 +156,7 @@ def corpus(fp32_artifact):
 
 @pytest.fixture(scope="session")
 def session_launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    launch = Launcher(tmp_path_factory.mktemp("session-servers"))
+    launch = Launcher(tmp_path_factory.mktemp("session-servers"), own_metrics=True)
     try:
         yield launch
     finally:
@@ -154,3 +168,13 @@ def server(model_tag: str, session_launcher: Launcher) -> Server:
     """The default configuration (auth off): one for the session, shared by every module
     that asks for it, so no test may break it (one that does starts its own)."""
     return session_launcher.start(model_tag)
+
+
+CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def fallback_server(model_tag: str, session_launcher: Launcher) -> Server:
+    """CUDA asked for first on a CPU-only onnxruntime: the CPU serves after a visible
+    fallback (tests/http/test_operations.py, tests/faults/test_faults.py share it)."""
+    return session_launcher.start(model_tag, {"EMBEDKIT_PROVIDERS": CUDA_FIRST})

@@ -23,13 +23,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from tests.servers import assert_held_but_never_ready, engine_worker
+from tests.servers import CUDA_FIRST, assert_held_but_never_ready, engine_worker
 
 from embedkit.bench import loadtest as lt
 
 MODEL = "all-minilm-l6-v2"
 REFUSED = "embedkit refuses to start"
-CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
 def counters(name: str) -> dict[str, float]:
@@ -128,9 +127,9 @@ def test_signature_required_refuses_unsigned_serves_signed(
 # --- execution providers ---------------------------------------------------------------------
 
 
-def test_missing_provider_falls_back_visibly(model_tag, launcher) -> None:
+def test_missing_provider_falls_back_visibly(fallback_server) -> None:
     """CUDA asked for first on a CPU-only onnxruntime: CPU serves, and says so."""
-    server = launcher.start(model_tag, {"EMBEDKIT_PROVIDERS": CUDA_FIRST})
+    server = fallback_server
     provider = httpx.get(server.url + "/info", timeout=30).json()["provider"]
     assert provider["fallback"] is True and provider["active"][0] == "CPUExecutionProvider"
     assert "CUDAExecutionProvider" in provider["reason"]

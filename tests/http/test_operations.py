@@ -32,7 +32,6 @@ from embedkit.cli import app
 from embedkit.model import evaldata
 from embedkit.serve.identity import HEADER
 
-CUDA_FIRST = json.dumps(["CUDAExecutionProvider", "CPUExecutionProvider"])
 # Counted only when their event happens (a refused model, a refused variant, a tenant over
 # its quota): this server has none, so they are checked against the declared metrics; the
 # tests named show them in a live server's metrics.
@@ -44,8 +43,9 @@ EVENT_ONLY = {
 
 
 @pytest.fixture(scope="module")
-def server(model_tag: str, launcher):
-    return launcher.start(model_tag, {"EMBEDKIT_PROVIDERS": CUDA_FIRST})
+def server(fallback_server):
+    """The session's server with CUDA asked for first (the CPU serves after a fallback)."""
+    return fallback_server
 
 
 @pytest.fixture(scope="module")
