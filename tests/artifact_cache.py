@@ -140,7 +140,7 @@ class ArtifactCache:
 
     def prune(self, keep_days: float = KEEP_DAYS) -> list[str]:
         """Remove entries unused for ``keep_days`` and leftovers of interrupted builds."""
-        removed = []
+        removed: list[str] = []
         if not self.root.is_dir():
             return removed
         cutoff = time.time() - keep_days * 86400

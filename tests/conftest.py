@@ -349,7 +349,12 @@ def _prompt_model(artifact_cache: ArtifactCache, default_model_dir: Path) -> tup
     the prompt out (include_prompt: false): its source and its export."""
     from tests.tiny_models import PROMPTS, build_tiny_st_model
 
-    options = {"pooling": "mean", "normalize": True, "prompts": PROMPTS, "include_prompt": False}
+    options: dict[str, Any] = {
+        "pooling": "mean",
+        "normalize": True,
+        "prompts": PROMPTS,
+        "include_prompt": False,
+    }
     return _tiny_entry(
         artifact_cache,
         {"name": "tiny-prompts", "model_id": "tiny-prompts"},
