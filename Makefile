@@ -8,7 +8,7 @@ PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/test_t
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # Test reports: JUnit XML of every run (durations are printed too: docs/benchmarks/test-time.md).
 REPORTS := build/test-reports
-PYTEST := HF_HUB_OFFLINE=1 $(BIN)/pytest
+PYTEST := env HF_HUB_OFFLINE=1 $(BIN)/pytest
 # Each phase prints its wall time ("phase NAME: N s"), so a CI log says where minutes go.
 PHASE := scripts/phase
 
