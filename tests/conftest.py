@@ -63,7 +63,7 @@ TIERS = ("unit", "server", "system", "timed")
 # A test's tier is the first of these whose fixtures it uses (directly or through others).
 TIER_FIXTURES: dict[str, set[str]] = {
     "timed": {"timed"},
-    "server": {"launcher", "session_launcher", "served"},
+    "server": {"launcher", "session_launcher", "served", "starts_server"},
     "system": {"built_image", "built", "root_built", "system_run"},
 }
 
@@ -108,7 +108,13 @@ def timed() -> None:
 
 @pytest.fixture(scope="session")
 def system_run() -> None:
-    """Requested by tests that run a whole CLI process or a long end-to-end path."""
+    """Requested by tests that run a whole CLI process or a long end-to-end path (a
+    release, a full evaluation through the gate): they make them tier ``system``."""
+
+
+@pytest.fixture(scope="session")
+def starts_server() -> None:
+    """Requested by tests that start a server of their own without the launcher."""
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ def test_bench_writes_json_markdown_and_plots_side_by_side(fp32_artifact, int8_v
     assert "## Cost per 1,000 embeddings" in md and "throughput.png" in md
 
 
-def test_http_sweep_against_a_started_service(fp32_artifact):
+def test_http_sweep_against_a_started_service(fp32_artifact, starts_server):
     service = start_service(fp32_artifact.path)
     try:
         service.wait_ready()

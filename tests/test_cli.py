@@ -168,7 +168,7 @@ def test_release_registers_a_verified_model(tmp_path: Path, system_run: None) ->
 
 
 def test_quantize_then_evaluate_rejects_a_bad_variant(
-    fp32_artifact: Artifact, tmp_path: Path
+    fp32_artifact: Artifact, tmp_path: Path, system_run: None
 ) -> None:
     """The CLI faces of quantize and evaluate: a deliberately bad variant exits 1, naming
     its segments."""

@@ -104,6 +104,15 @@ def test_beir_loader_bounded_and_optional(scifact: Path, tmp_path: Path) -> None
     assert judged <= set(data.doc_ids)  # the bounded corpus keeps every judged document
 
 
+@pytest.fixture(scope="module")
+def model_tag(fp32_artifact: Artifact) -> str:
+    """The fp32 artifact registered afresh for this module: the newest version with its
+    checksum in the store, so the parent :func:`find_parent` must pick."""
+    from embedkit.model.artifact import register
+
+    return register(fp32_artifact)
+
+
 # --- planted variants through the real evaluation ------------------------------------------
 
 FAST: dict[str, Any] = {
@@ -139,6 +148,7 @@ def test_gate_classes_planted_variants(
     fp32_artifact: Artifact,
     default_model_dir: Path,
     scifact: Path,
+    system_run: None,
 ) -> None:
     report = evaluate(
         planted[kind],
@@ -163,6 +173,7 @@ def test_without_retrieval_data_nothing_is_reindex(
     fp32_artifact: Artifact,
     default_model_dir: Path,
     tmp_path: Path,
+    system_run: None,
 ) -> None:
     report = evaluate(
         planted["rotated"],

@@ -131,6 +131,7 @@ def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bad_variant_is_rejected_naming_segments(
+    system_run: None,
     fp32_artifact: Artifact,
     variants: dict[str, Artifact],
     default_model_dir: Path,
@@ -161,6 +162,7 @@ def test_bad_variant_is_rejected_naming_segments(
 
 
 def test_fused_variant_passes_fast_gate(
+    system_run: None,
     fp32_artifact: Artifact,
     variants: dict[str, Artifact],
     default_model_dir: Path,

@@ -11,6 +11,7 @@ imports ``service.py`` from the working directory, the project root like every c
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,10 +32,32 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    """A port nobody listens on right now (the kernel's pick)."""
-    with socket.socket() as s:
+    """A loopback port nobody listens on right now, below the kernel's ephemeral range.
+
+    `bentoml serve` binds its internal endpoints (circus, the dispatcher) to ports the
+    kernel picks from that range while it starts; a port taken from the same range and
+    released before the server binds it can be handed out again in between ("Address
+    already in use", seen with several servers starting in one test run)."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 16000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range is taken: the kernel's pick
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
