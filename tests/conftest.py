@@ -41,8 +41,6 @@ _CACHE = ArtifactCache()
 os.environ["BENTOML_HOME"] = str(_SESSION_DIR / "bentoml")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Reference and engine vectors are keyed by content (texts + model hashes); the folder adds
-# the toolchain that computed them, so a new torch or onnxruntime starts a new cache.
 # Retrieval data is the slice the tests ship (tests/data/scifact-slice), on every machine:
 # with ../shared beside the clone, evaluations would otherwise encode all of SciFact's
 # 5,183 documents (minutes each, fp16 emulated on the CPU far longer), and without it skip
@@ -53,13 +51,14 @@ _EXTENDED_DATA.mkdir()
     Path(__file__).resolve().parent / "data" / "scifact-slice", target_is_directory=True
 )
 os.environ["EMBEDKIT_EXTENDED_DATA_DIR"] = str(_EXTENDED_DATA)
+# Reference and engine vectors are keyed by content (texts + model hashes); the folder adds
+# the toolchain that computed them, so a new torch or onnxruntime starts a new cache.
 os.environ["EMBEDKIT_EVAL_CACHE_DIR"] = str(
     _CACHE.root / f"eval-{_CACHE.key({'eval': toolchain_key()})}"
 )
 
 # --- tiers ------------------------------------------------------------------------------
 
-TIERS = ("unit", "server", "system", "timed")
 # A test's tier is the first of these whose fixtures it uses (directly or through others).
 TIER_FIXTURES: dict[str, set[str]] = {
     "timed": {"timed"},
@@ -86,6 +85,7 @@ def tier_of(fixturenames: list[str]) -> str:
     return "unit"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(tier_of(list(getattr(item, "fixturenames", ()))))
@@ -159,7 +159,6 @@ def test_keys(session_dir: Path) -> dict[str, Path]:
     return {
         "private": folder / "release.pem",
         "public": folder / "release.pub",
-        "other_private": folder / "other.pem",
         "other": folder / "other.pub",
     }
 
