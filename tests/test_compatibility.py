@@ -14,7 +14,7 @@ from tests.quality_reports import quality_report, segment
 
 from embedkit.core import metrics
 from embedkit.core.errors import ArtifactError
-from embedkit.core.settings import Settings
+from embedkit.core.settings import Settings, get_settings
 from embedkit.model import toolchain
 from embedkit.model.artifact import MANIFEST, Artifact, finalize
 from embedkit.quality import retrieval
@@ -155,6 +155,7 @@ def test_gate_classes_planted_variants(
         fp32=fp32_artifact,
         reference_dir=default_model_dir,
         retrieval_dir=scifact,
+        cache_dir=get_settings().eval_cache_dir,  # the session's: reference vectors once
         **FAST,
     )
     verdict = gate(report)
@@ -180,6 +181,7 @@ def test_without_retrieval_data_nothing_is_reindex(
         fp32=fp32_artifact,
         reference_dir=default_model_dir,
         retrieval_dir=tmp_path,
+        cache_dir=get_settings().eval_cache_dir,
         **FAST,
     )
     verdict = gate(report)
