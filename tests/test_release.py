@@ -15,7 +15,6 @@ from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
 from embedkit.release import (
     PARENT,
     Candidate,
-    build,
     candidates_summary,
     pick_default,
     publish,
@@ -151,12 +150,16 @@ def test_release_with_variants_end_to_end(
 # The configured limits, timed at batch 128 only (where padding costs most) on 128 texts: the
 # slow candidate (1 thread, token-aware batching off) measured 0.35-0.50x the baseline,
 # against a limit of 0.80x (docs/benchmarks/perf-gate.md), so the test cannot flake.
-# `release` is `build` + `publish`; building once keeps the test to one export.
+# `release` is `build` + `publish`: the candidate is built once and published twice.
 SLOW = {"EMBEDKIT_INTRA_OP_THREADS": "1", "EMBEDKIT_TOKEN_AWARE_BATCHING": "false"}
 
 
 def test_a_slower_release_does_not_become_latest_without_an_override(
-    fp32_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: None
+    fp32_artifact,
+    default_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    timed: None,
 ) -> None:
     import json
     import shutil
@@ -167,7 +170,8 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     from embedkit.core.errors import PerformanceRegression
     from embedkit.core.settings import get_settings
     from embedkit.model.artifact import Artifact, finalize, register
-    from embedkit.release import attach_records
+    from embedkit.quality import contract
+    from embedkit.release import Built, attach_parity, attach_records
 
     name = "perfgate-e2e"  # its own model-store name: NAME:latest belongs to this test
     # The current :latest: the session's export under this name, with its runtime record.
@@ -189,12 +193,15 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
             "latency_batch_sizes": [],
         }
     )
-    # Built (export, contract) once with the ordinary settings; published slow, twice.
-    built = build(
-        find_recipe(None).model_copy(update={"name": name}),
-        workdir=tmp_path,
-        limit_per_segment=2,
-        calibration_texts=200,  # the ranges are not what this test is about
+    # The candidate: what `build` makes (contract run, parity attached), from the session's
+    # export instead of a third one (the CLI test and the end-to-end release export from
+    # scratch); built once with the ordinary settings, published slow, twice.
+    shutil.copytree(fp32_artifact.path, tmp_path / "candidate")
+    candidate = finalize(tmp_path / "candidate", {**fields, "name": name})
+    report = contract.validate(candidate, reference_dir=default_model_dir, limit_per_segment=2)
+    contract.require_passed(report)
+    built = Built(
+        name, tmp_path, report, [(PARENT, attach_parity(candidate, report), None, True)], PARENT
     )
     for key, value in SLOW.items():
         monkeypatch.setenv(key, value)
