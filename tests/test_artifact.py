@@ -72,6 +72,17 @@ def test_not_an_artifact(tmp_path: Path) -> None:
         Artifact.load(tmp_path / "missing")
 
 
+def test_register_under_a_given_version(fp32_artifact: Artifact) -> None:
+    """A caller may name the version (the test image's model: the same tag every run)."""
+    from bentoml.exceptions import BentoMLException
+
+    tag = register(fp32_artifact, version="tgiven0001")
+    assert tag == "all-minilm-l6-v2:tgiven0001"
+    assert resolve(tag).manifest.files == fp32_artifact.manifest.files
+    with pytest.raises(BentoMLException, match="already exists"):  # versions are immutable
+        register(fp32_artifact, version="tgiven0001")
+
+
 def test_register_creates_a_new_version_each_time(fp32_artifact: Artifact) -> None:
     tag1 = register(fp32_artifact)
     tag2 = register(fp32_artifact)
