@@ -64,11 +64,6 @@ def signed(
     return register(Artifact.load(copy), version=version), copy
 
 
-def _base_id() -> str | None:
-    done = container.podman("image", "inspect", "--format", "{{.Id}}", BASE, check=False)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def _image_id(ref: str) -> str | None:
     done = container.podman("image", "inspect", "--format", "{{.Id}}", ref, check=False)
     return done.stdout.strip() if done.returncode == 0 else None
@@ -106,7 +101,7 @@ def built_image(
     entry = artifact_cache.root / f"image-{key}"
     if (entry / "image.json").is_file() and shutil.which("podman"):
         known = json.loads((entry / "image.json").read_text())
-        if _image_id(known["ref"]) == known["id"] and _base_id() == known["base"]:
+        if _image_id(known["ref"]) == known["id"] and _image_id(BASE) == known["base"]:
             print(f"\nimage {known['ref']}: reused (inputs unchanged, key {key})")
             return known["ref"], entry / "record"
     ref, record = _build_image(signed, keys, session_dir, pytestconfig)
@@ -118,7 +113,7 @@ def built_image(
         shutil.rmtree(old.parent, ignore_errors=True)
     entry.mkdir(parents=True)
     shutil.copytree(record, entry / "record")
-    known = {"ref": ref, "id": _image_id(ref), "base": _base_id()}
+    known = {"ref": ref, "id": _image_id(ref), "base": _image_id(BASE)}
     (entry / "image.json").write_text(json.dumps(known) + "\n")
     return ref, entry / "record"
 
