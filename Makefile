@@ -36,10 +36,13 @@ lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/mypy
 
-# Every tier; the timed tier (latency, memory, soak) runs alone, after the rest.
+# Every tier; the timed tier (latency, memory, soak) runs alone, after the rest. The rest
+# runs in TEST_WORKERS pytest-xdist workers, a module per worker at a time (module-scoped
+# servers stay one per module): measured on 2 cores in docs/benchmarks/test-time.md.
+TEST_WORKERS ?= 2
 test: setup
 	@$(PHASE) lint $(MAKE) --no-print-directory lint
-	@$(PHASE) tests $(PYTEST) -m "not timed" --durations=30 --junitxml=$(REPORTS)/junit.xml
+	@$(PHASE) tests $(PYTEST) -m "not timed" -n $(TEST_WORKERS) --dist loadfile --durations=30 --junitxml=$(REPORTS)/junit.xml
 	@$(PHASE) timed-tests $(PYTEST) -m timed --durations=10 --junitxml=$(REPORTS)/junit-timed.xml
 
 # The unit tier: the edit loop (no lint, no server, no release, no image).

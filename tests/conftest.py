@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from tests.artifact_cache import (
+    CONTRACT_CODE,
     EXPORT_CODE,
     TINY_CODE,
     VARIANT_CODE,
@@ -85,19 +86,43 @@ def tier_of(fixturenames: list[str]) -> str:
     return "unit"
 
 
+# Modules run heaviest tier first (order inside a module unchanged): `make test` spreads
+# modules over two pytest-xdist workers in this order, so the minutes-long system modules
+# start early and short unit modules fill the end instead of one worker finishing alone.
+TIER_ORDER = ("system", "server", "timed", "unit")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    module_rank: dict[Path, int] = {}
     for item in items:
-        item.add_marker(tier_of(list(getattr(item, "fixturenames", ()))))
+        tier = tier_of(list(getattr(item, "fixturenames", ())))
+        item.add_marker(tier)
+        rank = TIER_ORDER.index(tier)
+        module_rank[item.path] = min(module_rank.get(item.path, rank), rank)
+    items.sort(key=lambda item: module_rank[item.path])  # stable
+
+
+# What the cache evicted and rebuilt, reported at the end; under pytest-xdist each worker
+# has its own cache object and sends its lines to the controller that prints the summary.
+_CACHE_REPORT: list[str] = []
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
     _CACHE.prune()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["artifact_cache"] = _CACHE.summary()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent when it is not loaded
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    _CACHE_REPORT.extend(getattr(node, "workeroutput", {}).get("artifact_cache", []))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in _CACHE.summary():
+    for line in [*_CACHE.summary(), *_CACHE_REPORT]:
         terminalreporter.write_line(line)
 
 
@@ -268,6 +293,30 @@ def bad_int8_variant(fp32_artifact, cached_variant):
     return cached_variant(
         fp32_artifact, "dynamic-int8", weight_type="s8", per_channel=False, reduce_range=True
     )
+
+
+@pytest.fixture(scope="session")
+def validated_fp32(artifact_cache: ArtifactCache, fp32_artifact, default_model_dir: Path):
+    """The export as `build` leaves the fp32 version: through the parity contract (two
+    texts per segment), its report attached (``records/validation.json``, parity summary
+    in the manifest)."""
+    from embedkit.model.artifact import Artifact
+    from embedkit.quality import contract
+    from embedkit.release import attach_parity
+
+    def build(dest: Path) -> None:
+        shutil.copytree(fp32_artifact.path, dest)
+        art = Artifact.load(dest)
+        report = contract.validate(art, reference_dir=default_model_dir, limit_per_segment=2)
+        contract.require_passed(report)
+        attach_parity(art, report)
+
+    parts = {
+        "parent": artifact_files(fp32_artifact),
+        "limit": 2,
+        "code": code_digest(CONTRACT_CODE),
+    }
+    return artifact_cache.artifact("minilm-fp32-validated", parts, build)
 
 
 @pytest.fixture()

@@ -124,10 +124,14 @@ def variants(fused_variant: Artifact, bad_int8_variant: Artifact) -> dict[str, A
     return {"bad": bad_int8_variant, "good": fused_variant}
 
 
-@pytest.fixture(scope="module")
-def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own cache: its first evaluation encodes the PyTorch reference."""
-    return tmp_path_factory.mktemp("eval-cache")
+@pytest.fixture(scope="session")
+def eval_cache() -> Path:
+    """The persistent evaluation cache (tests/conftest.py): reference and fp32 vectors are
+    encoded once per toolchain. The PyTorch reference runs uncached in the end-to-end
+    release (tests/test_release.py)."""
+    from embedkit.core.settings import get_settings
+
+    return get_settings().eval_cache_dir
 
 
 def test_bad_variant_is_rejected_naming_segments(

@@ -156,7 +156,7 @@ SLOW = {"EMBEDKIT_INTRA_OP_THREADS": "1", "EMBEDKIT_TOKEN_AWARE_BATCHING": "fals
 
 def test_a_slower_release_does_not_become_latest_without_an_override(
     fp32_artifact,
-    default_model_dir: Path,
+    validated_fp32,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     timed: None,
@@ -170,8 +170,7 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     from embedkit.core.errors import PerformanceRegression
     from embedkit.core.settings import get_settings
     from embedkit.model.artifact import Artifact, finalize, register
-    from embedkit.quality import contract
-    from embedkit.release import Built, attach_parity, attach_records
+    from embedkit.release import Built, attach_records
 
     name = "perfgate-e2e"  # its own model-store name: NAME:latest belongs to this test
     # The current :latest: the session's export under this name, with its runtime record.
@@ -195,14 +194,14 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     )
     # The candidate: what `build` makes (contract run, parity attached), from the session's
     # export instead of a third one (the CLI test and the end-to-end release export from
-    # scratch); built once with the ordinary settings, published slow, twice.
-    shutil.copytree(fp32_artifact.path, tmp_path / "candidate")
-    candidate = finalize(tmp_path / "candidate", {**fields, "name": name})
-    report = contract.validate(candidate, reference_dir=default_model_dir, limit_per_segment=2)
-    contract.require_passed(report)
-    built = Built(
-        name, tmp_path, report, [(PARENT, attach_parity(candidate, report), None, True)], PARENT
-    )
+    # scratch) and validated outside this timed test (conftest's validated_fp32); built
+    # once with the ordinary settings, published slow, twice.
+    shutil.copytree(validated_fp32.path, tmp_path / "candidate")
+    validated = validated_fp32.manifest.model_dump(mode="json", exclude={"files"})
+    candidate = finalize(tmp_path / "candidate", {**validated, "name": name})
+    report = json.loads((candidate.path / "records" / "validation.json").read_text())
+    assert candidate.manifest.parity and candidate.manifest.parity["passed"] is True
+    built = Built(name, tmp_path, report, [(PARENT, candidate, None, True)], PARENT)
     for key, value in SLOW.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()

@@ -82,9 +82,16 @@ def container_ip(name: str) -> str:
     return str(ip)
 
 
+# What the service logs when it refuses its model (a bad signature, a tampered file): the
+# arbiter keeps the container running, but it will never be ready.
+REFUSAL_LOG = "embedkit refuses to start"
+
+
 def wait_ready(name: str, url: str, timeout_s: float) -> float | None:
-    """Seconds until ``/readyz`` answers 200, or None if the container exits or time runs out."""
+    """Seconds until ``/readyz`` answers 200, or None if the container exits, logs that it
+    refuses to start, or time runs out."""
     start = time.monotonic()
+    polls = 0
     while time.monotonic() - start < timeout_s:
         state = json.loads(podman("inspect", name).stdout)[0]["State"]
         if not state.get("Running"):
@@ -94,6 +101,9 @@ def wait_ready(name: str, url: str, timeout_s: float) -> float | None:
                 return time.monotonic() - start
         except httpx.HTTPError:
             pass
+        polls += 1
+        if polls % 4 == 0 and wait_for_log(name, REFUSAL_LOG, 0) is not None:
+            return None
         time.sleep(0.5)
     return None
 
@@ -101,13 +111,14 @@ def wait_ready(name: str, url: str, timeout_s: float) -> float | None:
 def wait_for_log(name: str, needle: str, timeout_s: float) -> str | None:
     """The first log line of ``name`` containing ``needle``, waiting up to ``timeout_s``."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+    while True:
         done = podman("logs", name, check=False)
         for line in (done.stdout + done.stderr).splitlines():
             if needle in line:
                 return line
+        if time.monotonic() - start >= timeout_s:
+            return None
         time.sleep(1)
-    return None
 
 
 @contextmanager

@@ -206,7 +206,7 @@ def test_image_is_non_root_read_only_and_torch_free(running: container.Running) 
 
 
 def _refusal(logs: str) -> str:
-    lines = [ln for ln in logs.splitlines() if "embedkit refuses to start" in ln]
+    lines = [ln for ln in logs.splitlines() if container.REFUSAL_LOG in ln]
     assert lines, logs[-2000:]
     return lines[0]
 
@@ -259,10 +259,21 @@ def test_cpu_overlay_refuses_a_model_its_key_did_not_sign(
     image: str, keys: dict[str, Path], tmp_path: Path
 ) -> None:
     manifest = container.kube_manifest(image, keys["other"])
-    with container.kube_play(manifest, tmp_path, timeout_s=30) as pod:
+    # kube_play stops waiting for readiness once the pod logs its refusal (or after 60 s).
+    with container.kube_play(manifest, tmp_path, timeout_s=60) as pod:
         assert pod.ready_s is None
-        line = container.wait_for_log(pod.container, "embedkit refuses to start", 60)
+        line = container.wait_for_log(pod.container, container.REFUSAL_LOG, 60)
         assert line is not None and "signed by untrusted key" in line
+        # Refused, it stays that way: the probes kube play sent and five more seconds of them.
+        assert pod.probes.get("readinessProbe") != 200, pod.probes
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(pod.url + "/readyz", timeout=2).status_code
+            except httpx.HTTPError:
+                status = None
+            assert status != 200, "a pod with an untrusted signature became ready"
+            time.sleep(0.5)
 
 
 # --- the supply chain: hash-pinned install, signed record, deploy by digest -----------------
