@@ -126,6 +126,17 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(line)
 
 
+@pytest.fixture(autouse=True)
+def _settings_follow_the_environment() -> Iterator[None]:
+    """Settings are cached per process (``get_settings``): dropped after every test, once
+    monkeypatch has restored the environment, so no test's settings leak into the next
+    (a slow-settings test once left the perf-gate tests after it measuring 1 thread)."""
+    yield
+    from embedkit.core.settings import get_settings
+
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def timed() -> None:
     """Requested by tests that measure time or memory: it makes them tier ``timed``."""
