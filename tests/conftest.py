@@ -122,7 +122,8 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in [*_CACHE.summary(), *_CACHE_REPORT]:
+    # The controller of an xdist run builds nothing itself: its workers' lines are the report.
+    for line in _CACHE_REPORT or _CACHE.summary():
         terminalreporter.write_line(line)
 
 

@@ -73,11 +73,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reduce_range": True,
     },
 }
-# The smallest run the code allows: STSb segments of 60 pairs, one timing round of two
-# batches, no shared cache (so the PyTorch reference really runs).
+# The smallest run the code allows: STSb segments of 60 pairs, retrieval on 48 documents
+# and 8 queries of the shipped slice (the gate's retrieval classes on the whole slice are
+# tests/test_compatibility.py's), one timing round of two batches, no shared cache (so the
+# PyTorch reference really runs).
 QUICK: dict[str, Any] = {
     "groups": ("stsb",),
     "max_pairs": 60,
+    "retrieval_docs": 48,
+    "retrieval_queries": 8,
     "speed_texts": 64,
     "rounds": 1,
     "cache_dir": None,
