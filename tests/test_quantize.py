@@ -196,3 +196,28 @@ def test_variant_of_a_variant_is_refused(fused_variant: Artifact, tmp_path: Path
         json.loads((fused.path / "manifest.json").read_text())["quantization"]["mode"]
         == "fused-fp32"
     )
+
+
+def test_building_a_variant_writes_nothing_beside_its_parent(
+    artifact_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT's quantizer writes a shape-inferred copy beside the graph it is given; the parent
+    (in a model store, read by servers and other builds at the same time) must never see
+    one: a verify of it during the build would find a file its manifest does not cover."""
+    import onnx.shape_inference
+
+    written: list[Path] = []
+    infer = onnx.shape_inference.infer_shapes_path
+
+    def recorded(model_path: str, output_path: str = "", *args: object, **kwargs: object) -> None:
+        written.append(Path(output_path or model_path).resolve())
+        infer(model_path, output_path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", recorded)
+    before = sorted(p.name for p in artifact_copy.iterdir())
+    parent = Artifact.load(artifact_copy)
+    quantize.build_variant(parent, "dynamic-int8", tmp_path / "int8", weight_type="s8")
+    assert written, "the quantizer no longer infers shapes through a file: revisit this test"
+    assert not [w for w in written if artifact_copy.resolve() in w.parents], written
+    assert sorted(p.name for p in artifact_copy.iterdir()) == before
+    Artifact.load(artifact_copy)  # every checksum, and no file the manifest lacks

@@ -124,7 +124,13 @@ def _staged(
         art = staging / "artifact"
         work.mkdir()
         art.mkdir()
-        settings = build(parent.model_path, art / MODEL_FILE)
+        # Builders read the parent's graph from `work`: ORT's quantizers write scratch files
+        # beside their input (`model-inferred.onnx`), and the parent must not change, not
+        # for a moment (a concurrent verify of it would see a file its manifest lacks).
+        # A copy, not a hard link: nothing a builder does to its input can reach the parent.
+        src = work / MODEL_FILE
+        shutil.copyfile(parent.model_path, src)
+        settings = build(src, art / MODEL_FILE)
         shutil.copyfile(parent.tokenizer_path, art / TOKENIZER_FILE)
         _strip_to_declared_output(art / MODEL_FILE, parent.manifest.output)
         fields = parent.manifest.model_dump(
