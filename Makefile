@@ -50,7 +50,7 @@ test: setup
 
 # The unit tier: the edit loop (no lint, no server, no release, no image).
 test-fast: setup
-	$(PYTEST) -m unit --durations=10 -q
+	$(PYTEST) -m unit -n $(TEST_WORKERS) --dist loadfile --durations=10 -q
 
 # The CPU image with podman, from nothing (docs/bento.md); SIGNING_KEY=release.pem signs the release.
 image: setup
