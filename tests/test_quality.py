@@ -9,6 +9,7 @@ import pytest
 from tests.quality_reports import quality_report, segment
 
 from embedkit.core.errors import InvalidInput
+from embedkit.core.settings import get_settings
 from embedkit.model.artifact import Artifact
 from embedkit.quality.evaluate import evaluate, neighbour_overlap
 from embedkit.quality.gate import (
@@ -124,29 +125,20 @@ def variants(fused_variant: Artifact, bad_int8_variant: Artifact) -> dict[str, A
     return {"bad": bad_int8_variant, "good": fused_variant}
 
 
-@pytest.fixture(scope="session")
-def eval_cache() -> Path:
-    """The persistent evaluation cache (tests/conftest.py): reference and fp32 vectors are
-    encoded once per toolchain. The PyTorch reference runs uncached in the end-to-end
-    release (tests/test_release.py)."""
-    from embedkit.core.settings import get_settings
-
-    return get_settings().eval_cache_dir
-
-
 def test_bad_variant_is_rejected_naming_segments(
     system_run: None,
     fp32_artifact: Artifact,
     variants: dict[str, Artifact],
     default_model_dir: Path,
-    eval_cache: Path,
     tmp_path: Path,
 ) -> None:
     report = evaluate(
         variants["bad"],
         fp32=fp32_artifact,
         reference_dir=default_model_dir,
-        cache_dir=eval_cache,
+        # The session's persistent cache (tests/conftest.py): the PyTorch reference runs
+        # uncached in the end-to-end release (tests/test_release.py).
+        cache_dir=get_settings().eval_cache_dir,
         **FAST,
     )
     verdict = gate(report)
@@ -170,14 +162,15 @@ def test_fused_variant_passes_fast_gate(
     fp32_artifact: Artifact,
     variants: dict[str, Artifact],
     default_model_dir: Path,
-    eval_cache: Path,
     private_copy: Any,
 ) -> None:
     report = evaluate(
         variants["good"],
         fp32=fp32_artifact,
         reference_dir=default_model_dir,
-        cache_dir=eval_cache,
+        # The session's persistent cache (tests/conftest.py): the PyTorch reference runs
+        # uncached in the end-to-end release (tests/test_release.py).
+        cache_dir=get_settings().eval_cache_dir,
         **FAST,
     )
     verdict = gate(report)

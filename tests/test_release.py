@@ -206,10 +206,12 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     report = json.loads((candidate.path / "records" / "validation.json").read_text())
     assert candidate.manifest.parity and candidate.manifest.parity["passed"] is True
     built = Built(name, tmp_path, report, [(PARENT, candidate, None, True)], PARENT)
-    for key, value in SLOW.items():
-        monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    try:
+    # Published slow; the environment comes back when the block ends, and the cached
+    # settings are dropped after it (not before, or they would be read slow again).
+    with monkeypatch.context() as slow:
+        for key, value in SLOW.items():
+            slow.setenv(key, value)
+        get_settings.cache_clear()
         with pytest.raises(PerformanceRegression, match="throughput at batch 128") as refused:
             publish(built, bench=False, perf_thresholds=th)
         assert f"{name}:latest stays {baseline_tag}" in refused.value.message
@@ -218,8 +220,7 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
 
         reason = "hotfix for a tokenizer bug; speed regression accepted until #21"
         result = publish(built, bench=False, perf_thresholds=th, override_perf_gate=reason)
-    finally:
-        get_settings.cache_clear()
+    get_settings.cache_clear()
     assert str(bentoml.models.get(f"{name}:latest").tag) == result.tag != baseline_tag
     stored = resolve(result.tag)
     record = json.loads((stored.path / stored.manifest.records["release"]).read_text())
