@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,56 +113,6 @@ def test_info_refuses_a_tampered_artifact(artifact_copy: Path) -> None:
     data[1000] ^= 0xFF
     (artifact_copy / "model.onnx").write_bytes(bytes(data))
     assert_one_line_error(run("info", str(artifact_copy)), "model.onnx", "checksum")
-
-
-def test_release_registers_a_verified_model(tmp_path: Path, system_run: None) -> None:
-    """export → validate (contract + parity) → register, through the real CLI process."""
-    # When the session's store already holds all-minilm-l6-v2:latest, the performance gate
-    # runs against it: a small same-vs-same run (the gate's own tests are in test_bench and
-    # test_release).
-    gate = tmp_path / "perf-gate.yaml"
-    gate.write_text(
-        "throughput_drop_max: 0.5\np95_rise_max: 2.0\nthroughput_batch_sizes: [32]\n"
-        "latency_batch_sizes: []\ntexts: 64\nrounds: 1\nshort: {texts: 64, rounds: 1}\n"
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedkit.cli",
-            "release",
-            "--workdir",
-            str(tmp_path),
-            "--limit",
-            "60",
-            "--perf-gate-config",
-            str(gate),
-            "--calibration-texts",
-            "300",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    tag = proc.stdout.strip().splitlines()[-1]
-    assert tag.startswith("all-minilm-l6-v2:")
-    shown = subprocess.run(
-        [sys.executable, "-m", "bentoml", "models", "get", tag, "-o", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    meta = json.loads(shown)["metadata"]
-    assert meta["parity_passed"] is True
-    assert meta["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert "toolchain.onnxruntime" in meta and meta["opset"] >= 17
-    info = run("info", tag)
-    assert info.exit_code == 0
-    manifest = json.loads(info.stdout.split("records:")[0])
-    assert manifest["parity"]["passed"] is True
-    assert all(seg["passed"] for seg in manifest["parity"]["segments"].values())
-    assert "edge/long_256" in manifest["parity"]["segments"]
 
 
 def test_quantize_then_evaluate_rejects_a_bad_variant(

@@ -1,8 +1,13 @@
-"""The release: its rule for the default version and its candidates summary (pure), and
-``release(variants=True)`` end to end on a small evaluation."""
+"""The release: its rule for the default version and its candidates summary (pure);
+``embedkit release --variants`` end to end on a small evaluation (the session's one
+release); the performance gate against the previous ``:latest``."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +15,6 @@ import pytest
 from tests.quality_reports import quality_report, segment
 
 from embedkit.model.artifact import resolve
-from embedkit.model.recipe import find_recipe
 from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
 from embedkit.release import (
     PARENT,
@@ -18,7 +22,6 @@ from embedkit.release import (
     candidates_summary,
     pick_default,
     publish,
-    release,
 )
 
 APPROVED = GateVerdict(approved=True, failures=[], segments_checked=1)
@@ -64,89 +67,126 @@ def test_candidates_summary_names_speed_and_verdicts() -> None:
 
 # --- end to end: export → contract → candidates → gate → records → register ------------------
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "fused": {"kind": "fused-fp32"},  # passes the gate on CPU
-    "bad-int8": {  # fails it everywhere (s8 per-tensor, reduce-range), forced through below
-        "kind": "dynamic-int8",
-        "weight_type": "s8",
-        "per_channel": False,
-        "reduce_range": True,
-    },
-}
-# The smallest run the code allows: STSb segments of 60 pairs, retrieval on 48 documents
-# and 8 queries of the shipped slice (the gate's retrieval classes on the whole slice are
-# tests/test_compatibility.py's), one timing round of two batches, no shared cache (so the
-# PyTorch reference really runs).
-QUICK: dict[str, Any] = {
-    "groups": ("stsb",),
-    "max_pairs": 60,
-    "retrieval_docs": 48,
-    "retrieval_queries": 8,
-    "speed_texts": 64,
-    "rounds": 1,
-    "cache_dir": None,
-}
+# The session's one full release, through the real CLI process (`embedkit release
+# --variants`): two presets, the smallest evaluation the code allows (STSb segments of 60
+# pairs, retrieval on 48 documents and 8 queries of the shipped slice; the gate's retrieval
+# classes on the whole slice are tests/test_compatibility.py's), one timing round of two
+# batches, and an empty evaluation cache, so the PyTorch reference really runs.
+VARIANTS_CONFIG = """
+presets:
+  fused: {kind: fused-fp32}        # passes the gate on CPU
+  bad-int8:                        # fails it everywhere; forced through below
+    {kind: dynamic-int8, weight_type: s8, per_channel: false, reduce_range: true}
+evaluation: {groups: [stsb], max_pairs: 60, retrieval_docs: 48, retrieval_queries: 8}
+timing: {texts: 64, rounds: 1}
+"""
+# When the worker's store already holds NAME:latest (other modules register the session's
+# export), the performance gate runs against it: a small same-vs-same run (its own tests are
+# the slower-release test below and test_bench's).
+PERF_GATE = (
+    "throughput_drop_max: 0.5\np95_rise_max: 2.0\nthroughput_batch_sizes: [32]\n"
+    "latency_batch_sizes: []\ntexts: 64\nrounds: 1\nshort: {texts: 64, rounds: 1}\n"
+)
+REGISTERED = re.compile(
+    r"registered (\S+) \((default|candidate), (approved|forced, not approved)"
+    r"(?:, ([\d.]+) texts/s)?\): (\S+)$"
+)
 
 
-def test_release_with_variants_end_to_end(
-    default_model_dir: Path, tmp_path: Path, system_run: None
-) -> None:
+def test_release_with_variants_end_to_end(tmp_path: Path, system_run: None) -> None:
+    """export → contract (60 texts per segment) → candidates → gate → records → register."""
     import bentoml
 
-    # Its own model-store name, so NAME:latest belongs to this test alone.
-    recipe = find_recipe(None).model_copy(update={"name": "release-e2e"})
-    result = release(
-        recipe,
-        workdir=tmp_path,
-        limit_per_segment=10,
-        variants=True,
-        presets=PRESETS,
-        force=["bad-int8"],
-        bench=False,
-        candidate_options=QUICK,
-        calibration_texts=200,
+    (tmp_path / "variants.yaml").write_text(VARIANTS_CONFIG)
+    (tmp_path / "perf-gate.yaml").write_text(PERF_GATE)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "embedkit.cli", "release", "--variants"),
+            *("--workdir", str(tmp_path / "work"), "--limit", "60"),
+            *("--variants-config", str(tmp_path / "variants.yaml"), "--force", "bad-int8"),
+            *("--perf-gate-config", str(tmp_path / "perf-gate.yaml")),
+            *("--calibration-texts", "300", "--no-bench"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "EMBEDKIT_EVAL_CACHE_DIR": str(tmp_path / "eval-cache")},
     )
-    by_name = {v.name: v for v in result.versions}
-    assert set(by_name) == {PARENT, "fused", "bad-int8"}
-    assert by_name[PARENT].approved and by_name["fused"].approved
-    assert by_name["bad-int8"].approved is False
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = proc.stdout.strip().splitlines()[-1]
+    assert tag.startswith("all-minilm-l6-v2:")
+    lines = [m.groups() for m in map(REGISTERED.search, proc.stderr.splitlines()) if m]
+    by_name = {name: (role, state, speed, t) for name, role, state, speed, t in lines}
+    assert set(by_name) == {PARENT, "fused", "bad-int8"}, proc.stderr[-3000:]
+    assert by_name[PARENT][1] == by_name["fused"][1] == "approved"
+    assert by_name["bad-int8"][1] == "forced, not approved"
 
     # The default: the fastest approved version, the parent on a tie; never the forced one,
     # however fast. Measured speeds decide between parent and fused, so read them back.
-    speeds = {v.name: v.throughput for v in result.versions}
-    assert all(speed and speed > 0 for speed in speeds.values()), speeds
-    fused_wins = (speeds["fused"] or 0.0) > (speeds[PARENT] or 0.0)
-    default = "fused" if fused_wins else PARENT
+    speeds = {name: float(v[2] or 0) for name, v in by_name.items()}
+    assert all(speed > 0 for speed in speeds.values()), speeds
+    default = "fused" if speeds["fused"] > speeds[PARENT] else PARENT
     # Registered in candidate order with the default moved last, so NAME:latest is it.
-    assert [v.name for v in result.versions] == [
+    assert [line[0] for line in lines] == [
         *(n for n in (PARENT, "fused", "bad-int8") if n != default),
         default,
     ]
-    assert result.tag == by_name[default].tag == result.versions[-1].tag
-    assert str(bentoml.models.get("release-e2e:latest").tag) == result.tag
-    # The returned artifact is the default version's working copy, as registered.
-    assert result.artifact.manifest.files == resolve(result.tag).manifest.files
+    assert by_name[default][0] == "default" and by_name[default][3] == tag
+    assert str(bentoml.models.get("all-minilm-l6-v2:latest").tag) == tag
 
-    for version in result.versions:
-        labels = bentoml.models.get(version.tag).info.labels
-        assert labels["variant"] == version.name
-        assert labels["role"] == ("default" if version.name == default else "candidate")
-        art = resolve(version.tag)  # checksums verified at load
+    for name, (role, _, _, version_tag) in by_name.items():
+        labels = bentoml.models.get(version_tag).info.labels
+        assert labels["variant"] == name and labels["role"] == role
+        art = resolve(version_tag)  # checksums verified at load
         assert "runtime" in art.manifest.records
+        assert "bench" not in art.manifest.records  # --no-bench
         # Every version carries the parent's int8/uint8 ranges (the same buckets).
         ranges = art.manifest.encoding_ranges
-        assert ranges is not None and ranges.texts == 200 and len(ranges.min) == 384
-        assert ranges == resolve(by_name[PARENT].tag).manifest.encoding_ranges
-    fused, forced = resolve(by_name["fused"].tag), resolve(by_name["bad-int8"].tag)
+        assert ranges is not None and ranges.texts == 300 and len(ranges.min) == 384
+        assert ranges == resolve(by_name[PARENT][3]).manifest.encoding_ranges
+    fused, forced = resolve(by_name["fused"][3]), resolve(by_name["bad-int8"][3])
     assert fused.manifest.quantization.approved is True
     assert not fused.manifest.quantization.forced
     assert forced.manifest.quantization.approved is False
     assert forced.manifest.quantization.forced is True
     assert {"quality.json", "quality.markdown"} <= set(forced.manifest.records)
-    assert (resolve(by_name[PARENT].tag).manifest.parity or {}).get("passed") is True
 
-    summary = result.summary_markdown or ""
-    assert "| fused |" in summary and "| bad-int8 |" in summary and "rejected" in summary
+    # The parent's contract: parity on every segment, the long edge case included.
+    meta = bentoml.models.get(by_name[PARENT][3]).info.metadata
+    assert meta["parity_passed"] is True
+    assert meta["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "toolchain.onnxruntime" in meta and meta["opset"] >= 17
+    parity = resolve(by_name[PARENT][3]).manifest.parity or {}
+    assert parity.get("passed") is True
+    assert all(seg["passed"] for seg in parity["segments"].values())
+    assert "edge/long_256" in parity["segments"]
+    assert "| fused |" in proc.stderr and "| bad-int8 |" in proc.stderr
+    assert "rejected" in proc.stderr
+
+
+def test_variants_config_is_checked_before_any_export(tmp_path: Path) -> None:
+    """A wrong preset or bound in --variants-config is one line, before minutes of export."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    cases = {
+        "presets: {x: {kind: int3}}": "presets: Value error, x: unknown variant kind 'int3'",
+        "presets: {x: {kind: fp16, per_channel: true}}": "unknown option(s) for fp16",
+        "presets: {fp32: {kind: fused-fp32}}": "'fp32' is the parent's name",
+        "evaluation: {languages: [xx]}": "evaluation.languages: Value error, unknown ['xx']",
+        "evaluation: {max_pairs: 2}": "evaluation.max_pairs: Input should be greater than",
+        "timing: {rounds: 1, warmup: 3}": "timing.warmup: Extra inputs are not permitted",
+    }
+    for text, expected in cases.items():
+        (tmp_path / "v.yaml").write_text(text)
+        args = ["release", "--variants", "--variants-config", str(tmp_path / "v.yaml")]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, (text, result.output)
+        assert "Traceback" not in result.output
+        assert "variants config" in result.stderr and expected in result.stderr, result.stderr
+    result = CliRunner().invoke(app, ["release", "--variants-config", str(tmp_path / "v.yaml")])
+    assert result.exit_code == 1 and "add --variants" in result.stderr
 
 
 # --- the performance gate against the previous :latest ---------------------------------------
@@ -197,8 +237,8 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
         }
     )
     # The candidate: what `build` makes (contract run, parity attached), from the session's
-    # export instead of a third one (the CLI test and the end-to-end release export from
-    # scratch) and validated outside this timed test (conftest's validated_fp32); built
+    # export instead of a second one (the end-to-end release above exports from scratch)
+    # and validated outside this timed test (conftest's validated_fp32); built
     # once with the ordinary settings, published slow, twice.
     shutil.copytree(validated_fp32.path, tmp_path / "candidate")
     validated = validated_fp32.manifest.model_dump(mode="json", exclude={"files"})
@@ -223,6 +263,8 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     get_settings.cache_clear()
     assert str(bentoml.models.get(f"{name}:latest").tag) == result.tag != baseline_tag
     stored = resolve(result.tag)
+    # The returned artifact is the default version's working copy, as registered.
+    assert result.artifact.manifest.files == stored.manifest.files
     record = json.loads((stored.path / stored.manifest.records["release"]).read_text())
     gate = record["perf_gate"]
     assert gate["baseline"] == baseline_tag and gate["passed"] is False

@@ -221,16 +221,25 @@ def release_cmd(
             "sentences (default: all ~10.6k, ~30 s on 2 cores; fewer is quicker, coarser).",
         ),
     ] = None,
+    variants_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --variants: YAML of the variants to build (presets: NAME: {kind, "
+            "options}) and how much evaluation (evaluation:) and timing (timing:) each gets; "
+            "default: the target CPU's candidates, every segment at full size.",
+        ),
+    ] = None,
 ) -> None:
     """Export → validate → variants and gate (optional) → performance gate against the
     previous :latest → records → sign → register.
 
-    Prints the default version's tag. A performance regression registers nothing (exit 1)
-    unless --override-perf-gate gives the reason."""
+    Prints the default version's tag (each registered version goes to stderr). A
+    performance regression registers nothing (exit 1) unless --override-perf-gate gives
+    the reason."""
     from embedkit.bench import perfgate
     from embedkit.model.recipe import find_recipe
     from embedkit.model.signing import load_private_key
-    from embedkit.release import release
+    from embedkit.release import VariantsConfig, load_variants_config, release
 
     if sign is not None:
         load_private_key(sign)  # fail before minutes of export, not after
@@ -238,6 +247,9 @@ def release_cmd(
     thresholds = perfgate.load_thresholds(perf_gate_config) if perf_gate_config else None
     if override_perf_gate is not None and not override_perf_gate.strip():
         raise InvalidInput("--override-perf-gate needs the reason (it goes into the records)")
+    if variants_config is not None and not variants:
+        raise InvalidInput("--variants-config applies to --variants; add --variants")
+    candidates = load_variants_config(variants_config) if variants_config else VariantsConfig()
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
         result = release(
@@ -245,16 +257,22 @@ def release_cmd(
             workdir=workdir,
             limit_per_segment=limit,
             variants=variants,
+            presets=candidates.presets,
             force=force or (),
             sign_key=sign,
             step=step,
             bench=bench,
+            candidate_options=candidates.candidate_options(),
             perf_thresholds=thresholds,
             override_perf_gate=override_perf_gate,
             calibration_texts=calibration_texts,
         )
-    for version in result.versions[:-1]:
-        err.print(f"  registered {version.name}: {version.tag}", highlight=False)
+    for version in result.versions:  # in registration order: the default last
+        role = "default" if version.tag == result.tag else "candidate"
+        state = "approved" if version.approved else "forced, not approved"
+        speed = f", {version.throughput:.1f} texts/s" if version.throughput else ""
+        line = f"  registered {version.name} ({role}, {state}{speed}): {version.tag}"
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
     if result.summary_markdown:
         err.print(result.summary_markdown, markup=False, highlight=False)
     print(result.tag)

@@ -21,10 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from embedkit.bench import perfgate, records
 from embedkit.bench.stats import percentile
+from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput, PerformanceRegression
 from embedkit.core.settings import get_settings
 from embedkit.model import evaldata, signing
@@ -112,6 +115,79 @@ class Candidate:
     report: QualityReport
     verdict: GateVerdict
     throughput: float | None = None
+
+
+class CandidateEvaluation(BaseModel):
+    """How much of the evaluation each candidate gets (``evaluate``'s bounds; by default
+    every segment at full size)."""
+
+    model_config = ConfigDict(extra="forbid")
+    groups: list[Literal["stsb", "length", "lang"]] | None = None
+    languages: list[str] | None = None
+    max_pairs: int | None = Field(default=None, ge=10)
+    lang_pairs: int | None = Field(default=None, ge=10)
+    retrieval: bool = True
+    retrieval_docs: int | None = Field(default=None, ge=1)
+    retrieval_queries: int | None = Field(default=None, ge=1)
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, languages: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(languages or ()) - set(evaldata.LANGUAGES))
+        if unknown:
+            raise ValueError(f"unknown {unknown} (known: {', '.join(evaldata.LANGUAGES)})")
+        return languages
+
+
+class CandidateTiming(BaseModel):
+    """The side-by-side timing that ranks the candidates (:func:`throughput`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: int = Field(default=640, ge=8)
+    batch_size: int = Field(default=32, ge=1)
+    rounds: int = Field(default=5, ge=1)
+
+
+class VariantsConfig(BaseModel):
+    """``embedkit release --variants --variants-config FILE``: which variants to build
+    (default: the target CPU's :func:`quantize.candidate_presets`), how much evaluation
+    and timing each gets. Quicker is coarser, never less gated: every candidate still
+    passes through the same per-segment gate."""
+
+    model_config = ConfigDict(extra="forbid")
+    presets: dict[str, dict[str, Any]] | None = None
+    evaluation: CandidateEvaluation = CandidateEvaluation()
+    timing: CandidateTiming = CandidateTiming()
+
+    @field_validator("presets")
+    @classmethod
+    def _known_kinds_and_options(
+        cls, presets: dict[str, dict[str, Any]] | None
+    ) -> dict[str, dict[str, Any]] | None:
+        for name, preset in (presets or {}).items():
+            options = dict(preset)
+            if name == PARENT:
+                raise ValueError(f"{PARENT!r} is the parent's name, not a variant's")
+            try:
+                quantize.check_variant(str(options.pop("kind", "")), options)
+            except InvalidInput as exc:
+                raise ValueError(f"{name}: {exc.message}") from None
+        return presets
+
+    def candidate_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`run_candidates` (and so of ``evaluate``)."""
+        evaluation = self.evaluation.model_dump(exclude_none=True)
+        t = self.timing
+        return {
+            **evaluation,
+            "speed_texts": t.texts,
+            "batch_size": t.batch_size,
+            "rounds": t.rounds,
+        }
+
+
+def load_variants_config(path: Path) -> VariantsConfig:
+    return load_yaml(path, VariantsConfig, "variants config")
 
 
 def throughput(

@@ -23,7 +23,7 @@ import inspect
 import logging
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -570,8 +570,9 @@ _BUILDERS: dict[str, Callable[..., Artifact]] = {
 }
 
 
-def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> Artifact:
-    """Build one variant of ``parent`` into ``output`` (see the per-kind functions for options)."""
+def check_variant(kind: str, options: Mapping[str, Any]) -> Callable[..., Artifact]:
+    """The builder of ``kind``, or InvalidInput naming an unknown kind or option (checked
+    before minutes of export when the options come from a file)."""
     try:
         builder = _BUILDERS[kind]
     except KeyError:
@@ -583,4 +584,9 @@ def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> 
             f"unknown option(s) for {kind}: {', '.join(unknown)} "
             f"(accepted: {', '.join(sorted(accepted))})"
         )
-    return builder(parent, output, **options)
+    return builder
+
+
+def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> Artifact:
+    """Build one variant of ``parent`` into ``output`` (see the per-kind functions for options)."""
+    return check_variant(kind, options)(parent, output, **options)
