@@ -26,11 +26,12 @@ _install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release.
-	# Byte-compiled after, on every core: pip compiles one file at a time (138 s in all
-	# against 51 s + 53 s, docs/benchmarks/test-time.md). Like pip, it skips what does not
-	# compile (torch ships a file of Python 3.12 syntax), so its status is not an error.
+	# Byte-compiled after, on every core, packages' own test suites left out (never imported):
+	# pip compiles one file at a time (138 s in all against 51 s + 53 s,
+	# docs/benchmarks/test-time.md). Like pip, it skips what does not compile (torch ships a
+	# file of Python 3.12 syntax), so its status is not an error.
 	$(BIN)/pip install --quiet --no-compile -e '.[export,dev]'
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+	$(BIN)/python -m compileall -qq -j 0 -x '/tests?/' $(VENV)/lib || true
 
 serve: setup
 	./scripts/serve
@@ -46,8 +47,14 @@ lint: setup
 # Every tier; the timed tier (latency, memory, soak) runs alone, after the rest. The rest
 # runs in TEST_WORKERS pytest-xdist workers, a module per worker at a time (module-scoped
 # servers stay one per module): measured on 2 cores in docs/benchmarks/test-time.md.
+# A machine's first run also makes the image tests' base (debootstrap, ~2 min, mostly one
+# core): started first, in the background, it overlaps the install and lint (one core each);
+# the image tests' scripts/build-image waits for it (a lock) and finds it made. Its log:
+# build/image/base-early.log.
 TEST_WORKERS ?= 2
-test: setup
+test:
+	@mkdir -p build/image; scripts/build-image --base-only >build/image/base-early.log 2>&1 &
+	@$(MAKE) --no-print-directory setup
 	@$(PHASE) lint $(MAKE) --no-print-directory lint
 	@$(PHASE) tests $(PYTEST) -m "not timed" -n $(TEST_WORKERS) --dist loadfile --durations=30 --junitxml=$(REPORTS)/junit.xml
 	@$(PHASE) timed-tests $(PYTEST) -m timed --durations=10 --junitxml=$(REPORTS)/junit-timed.xml

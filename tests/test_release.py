@@ -190,6 +190,24 @@ def test_variants_config_is_checked_before_any_export(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "add --variants" in result.stderr
 
 
+def test_a_validated_export_carries_its_contract_report(validated_fp32) -> None:
+    """What `build` leaves as the fp32 version (conftest's validated_fp32, built once per
+    contract code; the slower-release test below publishes it): the whole report in
+    records/validation.json, its summary in the manifest, both under the checksums."""
+    import json
+
+    from embedkit.model.artifact import Artifact
+    from embedkit.quality import contract
+
+    art = Artifact.load(validated_fp32.path)  # verifies every file, the records included
+    report = json.loads((art.path / art.manifest.records["validation"]).read_text())
+    assert report["passed"] is True
+    assert art.manifest.parity == json.loads(json.dumps(contract.parity_summary(report)))
+    segments = art.manifest.parity["segments"]
+    assert "edge/long_256" in segments and all(s["passed"] for s in segments.values())
+    assert set(art.manifest.parity["checks"]) >= {"operators", "shapes", "batch_invariance"}
+
+
 # --- the performance gate against the previous :latest ---------------------------------------
 
 # The configured limits, timed at batch 128 only (where padding costs most) on 128 texts: the
