@@ -202,10 +202,12 @@ def test_a_validated_export_carries_its_contract_report(validated_fp32) -> None:
     art = Artifact.load(validated_fp32.path)  # verifies every file, the records included
     report = json.loads((art.path / art.manifest.records["validation"]).read_text())
     assert report["passed"] is True
-    assert art.manifest.parity == json.loads(json.dumps(contract.parity_summary(report)))
-    segments = art.manifest.parity["segments"]
+    parity = art.manifest.parity
+    assert parity is not None
+    assert parity == json.loads(json.dumps(contract.parity_summary(report)))
+    segments = parity["segments"]
     assert "edge/long_256" in segments and all(s["passed"] for s in segments.values())
-    assert set(art.manifest.parity["checks"]) >= {"operators", "shapes", "batch_invariance"}
+    assert set(parity["checks"]) >= {"operators", "shapes", "batch_invariance"}
 
 
 # --- the performance gate against the previous :latest ---------------------------------------
