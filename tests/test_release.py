@@ -176,6 +176,7 @@ def test_variants_config_is_checked_before_any_export(tmp_path: Path) -> None:
         "presets: {x: {kind: fp16, per_channel: true}}": "unknown option(s) for fp16",
         "presets: {fp32: {kind: fused-fp32}}": "'fp32' is the parent's name",
         "evaluation: {languages: [xx]}": "evaluation.languages: Value error, unknown ['xx']",
+        "evaluation: {groups: [stsb, genre]}": "evaluation.groups: Value error, unknown ['genre']",
         "evaluation: {max_pairs: 2}": "evaluation.max_pairs: Input should be greater than",
         "timing: {rounds: 1, warmup: 3}": "timing.warmup: Extra inputs are not permitted",
     }

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from embedkit.bench import perfgate, records
 from embedkit.bench.stats import percentile
@@ -34,7 +34,7 @@ from embedkit.model import evaldata, signing
 from embedkit.model.artifact import Artifact, finalize, register
 from embedkit.model.export import Step, export
 from embedkit.model.recipe import Recipe
-from embedkit.quality import contract
+from embedkit.quality import contract, segments
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, stamp_verdict
 from embedkit.quality.report import summary_markdown, write_report
@@ -122,7 +122,7 @@ class CandidateEvaluation(BaseModel):
     every segment at full size)."""
 
     model_config = ConfigDict(extra="forbid")
-    groups: list[Literal["stsb", "length", "lang"]] | None = None
+    groups: list[str] | None = None
     languages: list[str] | None = None
     max_pairs: int | None = Field(default=None, ge=10)
     lang_pairs: int | None = Field(default=None, ge=10)
@@ -130,13 +130,14 @@ class CandidateEvaluation(BaseModel):
     retrieval_docs: int | None = Field(default=None, ge=1)
     retrieval_queries: int | None = Field(default=None, ge=1)
 
-    @field_validator("languages")
+    @field_validator("groups", "languages")
     @classmethod
-    def _known_languages(cls, languages: list[str] | None) -> list[str] | None:
-        unknown = sorted(set(languages or ()) - set(evaldata.LANGUAGES))
+    def _known(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        known = segments.GROUPS if info.field_name == "groups" else segments.LANGUAGES
+        unknown = sorted(set(names or ()) - set(known))
         if unknown:
-            raise ValueError(f"unknown {unknown} (known: {', '.join(evaldata.LANGUAGES)})")
-        return languages
+            raise ValueError(f"unknown {unknown} (known: {', '.join(known)})")
+        return names
 
 
 class CandidateTiming(BaseModel):
