@@ -141,12 +141,13 @@ class CandidateEvaluation(BaseModel):
 
 
 class CandidateTiming(BaseModel):
-    """The side-by-side timing that ranks the candidates (:func:`throughput`)."""
+    """The side-by-side timing that ranks the candidates (:func:`throughput`); what is not
+    given keeps :func:`run_candidates`' default."""
 
     model_config = ConfigDict(extra="forbid")
-    texts: int = Field(default=640, ge=8)
-    batch_size: int = Field(default=32, ge=1)
-    rounds: int = Field(default=5, ge=1)
+    texts: int | None = Field(default=None, ge=8)
+    batch_size: int | None = Field(default=None, ge=1)
+    rounds: int | None = Field(default=None, ge=1)
 
 
 class VariantsConfig(BaseModel):
@@ -177,14 +178,10 @@ class VariantsConfig(BaseModel):
 
     def candidate_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`run_candidates` (and so of ``evaluate``)."""
-        evaluation = self.evaluation.model_dump(exclude_none=True)
-        t = self.timing
-        return {
-            **evaluation,
-            "speed_texts": t.texts,
-            "batch_size": t.batch_size,
-            "rounds": t.rounds,
-        }
+        timing = self.timing.model_dump(exclude_none=True)
+        if "texts" in timing:
+            timing["speed_texts"] = timing.pop("texts")
+        return {**self.evaluation.model_dump(exclude_none=True), **timing}
 
 
 def load_variants_config(path: Path) -> VariantsConfig:
