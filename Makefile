@@ -14,6 +14,11 @@ PHASE := scripts/phase
 
 .PHONY: setup serve test test-fast lint image clean _install
 
+# Python byte-compiles each module the first time it is imported and keeps it, in every
+# recipe: a machine that sets PYTHONDONTWRITEBYTECODE would otherwise recompile torch in
+# every process (and compiling the whole venv ahead took 53 s; docs/benchmarks/test-time.md).
+unexport PYTHONDONTWRITEBYTECODE
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -24,14 +29,8 @@ $(STAMP): pyproject.toml
 _install:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release.
-	# Byte-compiled after, on every core, packages' own test suites left out (never imported):
-	# pip compiles one file at a time (138 s in all against 51 s + 53 s,
-	# docs/benchmarks/test-time.md). Like pip, it skips what does not compile (torch ships a
-	# file of Python 3.12 syntax), so its status is not an error.
-	$(BIN)/pip install --quiet --no-compile -e '.[export,dev]'
-	$(BIN)/python -m compileall -qq -j 0 -x '/tests?/' $(VENV)/lib || true
+	scripts/install $(VENV) -e '.[export,dev]'
 
 serve: setup
 	./scripts/serve
