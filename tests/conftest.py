@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.artifact_cache import (
     CONTRACT_CODE,
@@ -243,6 +244,17 @@ def reference(default_model_dir: Path):
     from embedkit.model.export import load_reference
 
     return load_reference(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def reference_vectors(default_model_dir: Path) -> Callable[[list[str]], np.ndarray]:
+    """The PyTorch reference's unit vectors of texts, through the session's persistent
+    evaluation cache (keyed by the model's checksum and the texts): PyTorch encodes each
+    set once per machine, and never loads in a worker whose sets are all cached."""
+    from embedkit.quality.evaluate import reference_vectors as cached
+
+    cache_dir = Path(os.environ["EMBEDKIT_EVAL_CACHE_DIR"])
+    return lambda texts: cached(default_model_dir, texts, cache_dir)
 
 
 @pytest.fixture()

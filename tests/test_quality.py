@@ -9,9 +9,11 @@ import pytest
 from tests.quality_reports import quality_report, segment
 
 from embedkit.core.errors import InvalidInput
-from embedkit.core.settings import get_settings
+from embedkit.core.settings import Settings, get_settings
+from embedkit.model import toolchain
 from embedkit.model.artifact import Artifact
-from embedkit.quality.evaluate import evaluate, neighbour_overlap
+from embedkit.quality import evaluate as evaluation
+from embedkit.quality.evaluate import evaluate, measured_key, neighbour_overlap
 from embedkit.quality.gate import (
     GateFailure,
     GateThresholds,
@@ -182,6 +184,69 @@ def test_fused_variant_passes_fast_gate(
         stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
     )
     Artifact.load(stamped.path)
+
+
+VNNI_CPU = "flags\t: sse4_2 avx2 fma avx512f avx512bw avx512_vnni"
+
+
+def test_a_variants_vectors_are_keyed_by_where_they_were_measured(
+    fused_variant: Artifact, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = measured_key(fused_variant, Settings())
+    assert measured_key(fused_variant, Settings(port=3999)) == here  # not a numeric setting
+    for numeric in ({"graph_optimization_level": "basic"}, {"token_aware_batching": False}):
+        assert measured_key(fused_variant, Settings(**numeric)) != here, numeric
+    detect_isa = toolchain.detect_isa
+    monkeypatch.setattr(toolchain, "detect_isa", lambda: detect_isa(VNNI_CPU))
+    assert "avx512-vnni" in measured_key(fused_variant, Settings()) != here
+
+
+def test_evaluation_reuses_a_variants_vectors_only_where_measured(
+    fp32_artifact: Artifact,
+    fused_variant: Artifact,
+    default_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded: list[Path] = []
+    engine_encode = evaluation._EngineEncoder.encode
+
+    def counted(self: Any, texts: list[str]) -> Any:
+        encoded.append(self._artifact.path)
+        return engine_encode(self, texts)
+
+    monkeypatch.setattr(evaluation._EngineEncoder, "encode", counted)
+    # The reference is not what this tests: its own cache keeps PyTorch out of it here.
+    fp32_engine = evaluation._EngineEncoder(fp32_artifact, None)
+    monkeypatch.setattr(
+        evaluation._ReferenceEncoder,
+        "encode",
+        lambda self, texts: engine_encode(fp32_engine, texts),
+    )
+    quick: dict[str, Any] = {
+        "groups": ("stsb",),
+        "languages": ("en",),
+        "max_pairs": 12,
+        "retrieval": False,
+    }
+
+    def run() -> Any:
+        return evaluate(
+            fused_variant,
+            fp32=fp32_artifact,
+            reference_dir=default_model_dir,
+            cache_dir=tmp_path,
+            **quick,
+        )
+
+    first = run()
+    assert encoded == [fp32_artifact.path, fused_variant.path]
+    encoded.clear()
+    assert run().segments == first.segments and encoded == []  # every set from the cache
+    detect_isa = toolchain.detect_isa
+    monkeypatch.setattr(toolchain, "detect_isa", lambda: detect_isa(VNNI_CPU))
+    run()
+    assert encoded == [fused_variant.path]  # another CPU level: only the variant again
 
 
 def test_force_is_recorded(bad_int8_variant: Artifact, private_copy: Any) -> None:

@@ -179,11 +179,13 @@ def _served_vectors(url: str, texts: list[str]) -> np.ndarray:
     return np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)])
 
 
-def test_image_serves_vectors_matching_pytorch(running: container.Running, reference) -> None:
+def test_image_serves_vectors_matching_pytorch(
+    running: container.Running, reference_vectors
+) -> None:
     assert running.ready_s is not None, running.logs()[-2000:]
     assert running.ready_s <= READY_BUDGET_S
     texts = _texts()
-    want = reference.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+    want = reference_vectors(texts)
     stats = compare(want, _served_vectors(running.url, texts))
     assert stats["min_cosine"] >= MIN_COSINE and stats["max_abs_diff"] <= MAX_ABS_DIFF, stats
 
@@ -236,7 +238,7 @@ def test_image_refuses_a_tampered_model(
 
 
 def test_cpu_overlay_runs_under_kube_play(
-    image: str, signed: tuple[str, Path], keys: dict[str, Path], tmp_path: Path, reference
+    image: str, signed: tuple[str, Path], keys: dict[str, Path], tmp_path: Path, reference_vectors
 ) -> None:
     manifest = container.kube_manifest(image, keys["public"])
     with container.kube_play(manifest, tmp_path, timeout_s=READY_BUDGET_S * 2) as pod:
@@ -244,7 +246,7 @@ def test_cpu_overlay_runs_under_kube_play(
         assert pod.ready_s is not None, (logs.stdout + logs.stderr)[-2000:]
         assert pod.probes == {"startupProbe": 200, "livenessProbe": 200, "readinessProbe": 200}
         texts = _texts()[:16]
-        want = reference.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        want = reference_vectors(texts)
         stats = compare(want, _served_vectors(pod.url, texts))
         assert stats["min_cosine"] >= MIN_COSINE, stats
         assert httpx.get(pod.url + "/info", timeout=30).json()["tag"] == signed[0]

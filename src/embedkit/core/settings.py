@@ -324,8 +324,10 @@ class Settings(BaseSettings):
     eval_cache_dir: Path = Field(
         Path("/tmp/embedkit-eval-cache"),
         description="Where the quality evaluation (`embedkit evaluate`, release candidates) caches "
-        "PyTorch-reference and FP32 ONNX vectors, keyed by model checksum and texts: repeated "
-        "gate runs skip re-encoding them. Only the variant is always encoded afresh.",
+        "PyTorch-reference, FP32 ONNX and variant vectors, keyed by model checksum and texts (a "
+        "variant's also by the CPU's ISA level, ONNX Runtime version and numeric session "
+        "settings: an INT8 graph judged with VNNI is not reused without): repeated gate runs "
+        "skip re-encoding them.",
     )
 
     # --- artifact trust -----------------------------------------------------

@@ -21,6 +21,7 @@ what to register.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from embedkit.core.errors import InvalidInput
-from embedkit.core.settings import Settings
+from embedkit.core.settings import Settings, get_settings
 from embedkit.model import toolchain
 from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, MeasuredOn
 from embedkit.quality import retrieval as retrieval_data
@@ -82,9 +83,43 @@ class _EngineEncoder:
         return np.asarray(Engine(self._artifact, self._settings, judging=True).encode(texts))
 
 
+def reference_vectors(model_dir: Path, texts: list[str], cache_dir: Path | None) -> np.ndarray:
+    """Unit vectors of ``texts`` from the PyTorch reference, cached by its checksum and texts."""
+    from embedkit.model.export import source_checksum
+
+    key = "torch:" + source_checksum(model_dir)
+    return _cached_encode(_ReferenceEncoder(model_dir), texts, key, cache_dir)
+
+
 def engine_key(artifact: Artifact) -> str:
     """The cache key of an artifact's engine vectors (its graph and tokenizer)."""
     return "onnx:" + artifact.manifest.files[MODEL_FILE] + artifact.manifest.files[TOKENIZER_FILE]
+
+
+# The session settings that decide a variant's numbers: provider and kernels, graph fusion,
+# threads, batch shapes (padding changes float sums).
+_NUMERIC_SETTINGS = frozenset(
+    {
+        "providers",
+        "graph_optimization_level",
+        "intra_op_threads",
+        "execution_mode",
+        "trt_fp16",
+        "token_aware_batching",
+        "max_batch_tokens",
+        "max_sub_batch_size",
+    }
+)
+
+
+def measured_key(artifact: Artifact, settings: Settings | None) -> str:
+    """The cache key of a judged variant's vectors: its graph and tokenizer *where they were
+    measured* (the CPU's instruction-set level, ONNX Runtime's version, the numeric session
+    settings). An INT8 graph computes differently with and without VNNI, so its vectors are
+    reused only on the same ISA level and runtime, never carried to another."""
+    bound = (settings or get_settings()).model_dump(include=set(_NUMERIC_SETTINGS), mode="json")
+    where = f"{toolchain.detect_isa().level}|ort {toolchain.runtime_version()}"
+    return f"{engine_key(artifact)}|{where}|{json.dumps(bound, sort_keys=True)}"
 
 
 def engine_vectors(
@@ -270,9 +305,9 @@ def evaluate(
 ) -> QualityReport:
     """Score ``artifact`` per segment against the FP32 ONNX ``fp32`` and the PyTorch reference.
 
-    With ``cache_dir`` (callers pass ``settings.eval_cache_dir``), reference and FP32
-    embeddings are cached there by model checksum and text set; without, all three are
-    encoded. The variant is always encoded afresh through the engine.
+    With ``cache_dir`` (callers pass ``settings.eval_cache_dir``), all three sets of
+    embeddings are cached there by model checksum and text set, the variant's also by where
+    it runs (:func:`measured_key`); without, all three are encoded.
     With ``retrieval`` and the SciFact data present, both also index the corpus
     (bounded by ``retrieval_docs``/``retrieval_queries`` for quick runs).
     ``fp32_settings`` (default: ``settings``) runs the FP32 side elsewhere, e.g. CUDA FP32
@@ -299,14 +334,15 @@ def evaluate(
     )
     texts = corpus.texts()
     fp32_key = engine_key(fp32)
+    variant_key = measured_key(artifact, settings)
     arrays = {
-        "reference": _cached_encode(
-            _ReferenceEncoder(reference_dir), texts, "torch:" + ref_sha, cache_dir
-        ),
+        "reference": reference_vectors(reference_dir, texts, cache_dir),
         "fp32": _cached_encode(
             _EngineEncoder(fp32, fp32_settings or settings), texts, fp32_key, cache_dir
         ),
-        "variant": _cached_encode(_EngineEncoder(artifact, settings), texts, None, cache_dir),
+        "variant": _cached_encode(
+            _EngineEncoder(artifact, settings), texts, variant_key, cache_dir
+        ),
     }
     vectors = {role: dict(zip(texts, arr, strict=True)) for role, arr in arrays.items()}
     result: RetrievalResult | None = None
@@ -320,7 +356,7 @@ def evaluate(
             result = score_retrieval(
                 data,
                 fp32=(_EngineEncoder(fp32, settings), fp32_key),
-                variant=_EngineEncoder(artifact, settings),
+                variant=(_EngineEncoder(artifact, settings), variant_key),
                 cache_dir=cache_dir,
             )
     return QualityReport(
@@ -347,13 +383,13 @@ def score_retrieval(
     data: retrieval_data.RetrievalSet,
     *,
     fp32: tuple[Encoder, str],
-    variant: Encoder,
+    variant: tuple[Encoder, str],
     cache_dir: Path | None = None,
 ) -> RetrievalResult:
-    """Each model indexes ``data``'s corpus and searches it with its own query vectors;
-    fp32's vectors are cached under its key, the variant's are always computed."""
+    """Each model indexes ``data``'s corpus and searches it with its own query vectors,
+    cached under its key (documents/s only when the corpus was encoded here)."""
     metrics = {}
-    for role, (encoder, key) in {"fp32": fp32, "variant": (variant, None)}.items():
+    for role, (encoder, key) in {"fp32": fp32, "variant": variant}.items():
         docs, seconds = _timed_encode(encoder, data.docs, key, cache_dir)
         queries = _cached_encode(encoder, data.queries, key, cache_dir)
         ndcg, recall = retrieval_data.rank_metrics(queries, docs, data)
