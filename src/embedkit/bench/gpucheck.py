@@ -400,6 +400,7 @@ class Check:
         return out
 
     def gate(self, artifact: Any, settings: Any, what: str) -> dict[str, Any]:
+        from embedkit.core.settings import get_settings
         from embedkit.quality.evaluate import evaluate
         from embedkit.quality.gate import gate
 
@@ -414,7 +415,9 @@ class Check:
             lang_pairs=self.sizes["lang_pairs"],
             retrieval_docs=self.sizes["retrieval_docs"],
             retrieval_queries=self.sizes["retrieval_queries"],
-            cache_dir=self.out / "eval-cache" / what,
+            # On a GPU each provider's vectors get the report's own folder (the cache key
+            # does not name fp32's provider); the CPU rehearsal shares `embedkit evaluate`'s.
+            cache_dir=self.out / "eval-cache" / what if self.gpu else get_settings().eval_cache_dir,
         )
         verdict = gate(report)
         failing = set(verdict.failing_segments)
