@@ -216,7 +216,7 @@ def test_evaluation_reuses_a_variants_vectors_only_where_measured(
         return engine_encode(self, texts)
 
     monkeypatch.setattr(evaluation._EngineEncoder, "encode", counted)
-    # The reference is not what this tests: its own cache keeps PyTorch out of it here.
+    # The reference is not what this tests: the fp32 engine stands in for PyTorch.
     fp32_engine = evaluation._EngineEncoder(fp32_artifact, None)
     monkeypatch.setattr(
         evaluation._ReferenceEncoder,
