@@ -83,11 +83,14 @@ class _EngineEncoder:
         return np.asarray(Engine(self._artifact, self._settings, judging=True).encode(texts))
 
 
-def reference_vectors(model_dir: Path, texts: list[str], cache_dir: Path | None) -> np.ndarray:
-    """Unit vectors of ``texts`` from the PyTorch reference, cached by its checksum and texts."""
+def reference_vectors(
+    model_dir: Path, texts: list[str], cache_dir: Path | None, *, checksum: str | None = None
+) -> np.ndarray:
+    """Unit vectors of ``texts`` from the PyTorch reference, cached by its checksum (hashed
+    here unless the caller already has it) and texts."""
     from embedkit.model.export import source_checksum
 
-    key = "torch:" + source_checksum(model_dir)
+    key = "torch:" + (checksum or source_checksum(model_dir))
     return _cached_encode(_ReferenceEncoder(model_dir), texts, key, cache_dir)
 
 
@@ -336,7 +339,7 @@ def evaluate(
     fp32_key = engine_key(fp32)
     variant_key = measured_key(artifact, settings)
     arrays = {
-        "reference": reference_vectors(reference_dir, texts, cache_dir),
+        "reference": reference_vectors(reference_dir, texts, cache_dir, checksum=ref_sha),
         "fp32": _cached_encode(
             _EngineEncoder(fp32, fp32_settings or settings), texts, fp32_key, cache_dir
         ),
