@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -139,12 +140,22 @@ def test_long_and_short_texts_mixed_do_not_blow_up_memory(server, corpus) -> Non
             rs = await asyncio.gather(*(client.post(server.url + "/embed", json=b) for b in bodies))
         return [r.status_code for r in rs]
 
-    assert set(run(burst())) <= {200, 429}  # warm these shapes (429: over the token budget)
-    rss_start = lt.tree_rss(server.proc.pid)
-    for _ in range(5):
+    # Warm these shapes twice: which requests a burst sheds (429: over the token budget)
+    # and which worker takes which shape varies, so a shape may first appear later.
+    for _ in range(2):
         assert set(run(burst())) <= {200, 429}
-    growth = lt.tree_rss(server.proc.pid) / rss_start - 1
-    assert growth < 0.05, f"server RSS grew {growth:.1%} over 30 mixed long/short requests"
+    # Resident memory moves ±5 % between bursts as arenas shrink and malloc trims (measured
+    # 486-563 MiB, no trend; CI stop 38 failed a 5 % end/start bound at 5.3 %), so compare
+    # the median of the last three bursts' samples with the first three's, against 10 %:
+    # what this guards against is far larger (an unsplit 64 x 256-token batch's attention
+    # alone is ~200 MiB a layer; keeping each request's token states, 25 MiB, adds 150 a burst).
+    samples = []
+    for _ in range(6):
+        assert set(run(burst())) <= {200, 429}
+        samples.append(lt.tree_rss(server.proc.pid))
+    growth = statistics.median(samples[3:]) / statistics.median(samples[:3]) - 1
+    mib = [round(s / 2**20) for s in samples]
+    assert growth < 0.10, f"server RSS grew {growth:.1%} over 36 mixed requests (MiB: {mib})"
 
 
 def test_client_disconnect_drops_its_work(server, corpus) -> None:
