@@ -64,6 +64,29 @@ def test_shape_matrix_small(engine: Engine) -> None:
     }
 
 
+def test_shape_matrix_runs_each_graph_shape_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cells are the runs the engine plans; a shape an earlier cell ran is not run again."""
+    ran: list[tuple[int, ...]] = []
+    real_run = engine.runner.run
+    monkeypatch.setattr(
+        engine.runner, "run", lambda ids, *a: ran.append(ids.shape) or real_run(ids, *a)
+    )
+    section = contract.check_shapes(engine, batches=(32, 128))
+    assert section["passed"]
+    cells = {(c["batch"], c["seq_len"]): c for c in section["cells"]}
+    budget = engine.settings.max_batch_tokens
+    assert cells[128, 256]["runs"] == cells[32, 256]["runs"] == [[budget // 256, 256]]
+    assert cells[128, 1]["runs"] == [[engine.settings.max_sub_batch_size, 1]]
+    matrix = ran[:-1]  # the last run is the truncated overlong cell
+    assert (
+        len(matrix)
+        == len(set(matrix))
+        == len({tuple(r) for c in section["cells"][:-1] for r in c["runs"]})
+    )
+
+
 def test_batch_invariance(engine: Engine) -> None:
     texts = ["short", "a much longer sentence " * 12, "", "中文", "mid length text here"]
     section = contract.check_batch_invariance(engine, texts)

@@ -211,14 +211,7 @@ class Engine:
                     f"{self.tokenizer.max_length}",
                     param="input",
                 )
-        s = self.settings
-        groups = plan_sub_batches(
-            lengths,
-            max_tokens=s.max_batch_tokens,
-            max_size=s.max_sub_batch_size,
-            token_aware=s.token_aware_batching,
-            run_cost_tokens=s.sub_batch_cost_tokens,
-        )
+        groups = self.plan(lengths)
         out = np.empty((len(ids), self.dimension), dtype=np.float32)
         padded: list[int] = []
         elapsed = 0.0
@@ -246,6 +239,18 @@ class Engine:
             sub_batch_padded=tuple(padded),
         )
         return out, telemetry
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The runs (index groups, each padded to its longest) that :meth:`embed_ids` makes
+        of texts of these token lengths under this engine's settings."""
+        s = self.settings
+        return plan_sub_batches(
+            lengths,
+            max_tokens=s.max_batch_tokens,
+            max_size=s.max_sub_batch_size,
+            token_aware=s.token_aware_batching,
+            run_cost_tokens=s.sub_batch_cost_tokens,
+        )
 
     def _pooling_mask(
         self, mask: np.ndarray, group: Sequence[int], pool_from: Sequence[int] | None
