@@ -1,8 +1,24 @@
-"""Small hand-made quality reports for the pure gate and release-rule tests."""
+"""Small hand-made quality reports for the pure gate and release-rule tests, and the one
+bounded real evaluation the gate tests share."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from embedkit.quality.evaluate import CosineStats, QualityReport, SegmentResult
+
+# Every test that runs a real evaluation (tests/test_quality.py, test_compatibility.py,
+# test_cli.py's `embedkit evaluate`) asks for these texts, so the PyTorch reference's, the
+# fp32's and a shared variant's vectors are encoded once per machine (the evaluation cache
+# is keyed by the text set) and, with two workers, by one while the other waits. Retrieval
+# reads the shipped SciFact slice (tests/conftest.py points the extended data at it).
+FAST_EVALUATION: dict[str, Any] = {
+    "groups": ("stsb", "length", "lang"),
+    "languages": ("en", "de", "ja"),
+    "max_pairs": 160,
+    "retrieval_docs": 300,
+    "retrieval_queries": 40,
+}
 
 
 def segment(

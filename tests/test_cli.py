@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.quality_reports import FAST_EVALUATION as FAST
 from typer.testing import CliRunner
 
 from embedkit.cli import app
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.quality.segments import GROUPS
 from embedkit.runtime.engine import Engine
 
 runner = CliRunner()
@@ -135,6 +137,7 @@ def test_quantize_then_evaluate_rejects_a_bad_variant(
     )
     assert result.exit_code == 0, result.stderr
     report = tmp_path / "report"
+    assert set(FAST["groups"]) == set(GROUPS)
     result = run(
         "evaluate",
         str(bad),
@@ -142,18 +145,21 @@ def test_quantize_then_evaluate_rejects_a_bad_variant(
         str(fp32_artifact.path),
         "--out",
         str(report),
-        "--max-pairs",
-        "120",
-        "--lang-pairs",
-        "40",
-        "--retrieval-docs",
-        "200",
-        "--retrieval-queries",
-        "20",
+        # The gate tests' evaluation, so the vectors are theirs (every group, as the CLI).
+        *("--max-pairs", str(FAST["max_pairs"])),
+        *(arg for language in FAST["languages"] for arg in ("--language", language)),
+        *("--retrieval-docs", str(FAST["retrieval_docs"])),
+        *("--retrieval-queries", str(FAST["retrieval_queries"])),
     )
     assert result.exit_code == 1, result.stdout + result.stderr
     assert "rejected" in result.stdout and "stsb:" in result.stdout
     assert (report / "quality.json").is_file() and (report / "quality.png").is_file()
+    segments = json.loads((report / "quality.json").read_text())["segments"]
+    assert {s["name"] for s in segments if s["group"] == "lang"} == {
+        f"lang:{language}" for language in FAST["languages"]
+    }
+    unknown = run("evaluate", str(bad), "--fp32", str(fp32_artifact.path), "--language", "xx")
+    assert_one_line_error(unknown, "unknown language(s) ['xx']")
 
 
 def test_quantize_unknown_option_is_one_line(fp32_artifact: Artifact, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tests.planted import plant, stamped
+from tests.quality_reports import FAST_EVALUATION as FAST
 from tests.quality_reports import quality_report, segment
 
 from embedkit.core import metrics
@@ -114,14 +115,6 @@ def model_tag(fp32_artifact: Artifact) -> str:
 
 
 # --- planted variants through the real evaluation ------------------------------------------
-
-FAST: dict[str, Any] = {
-    "groups": ("stsb", "length", "lang"),
-    "languages": ("en", "de", "ja"),
-    "max_pairs": 160,
-    "retrieval_docs": 300,
-    "retrieval_queries": 40,
-}
 
 
 @pytest.fixture(scope="module")

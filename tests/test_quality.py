@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.quality_reports import FAST_EVALUATION as FAST
 from tests.quality_reports import quality_report, segment
 
 from embedkit.core.errors import InvalidInput
@@ -109,14 +110,6 @@ def test_corpus_segments(fp32_artifact: Artifact) -> None:
 
 
 # --- a small real gate run (every CI run) ---------------------------------------------------
-
-FAST: dict[str, Any] = {
-    "groups": ("stsb", "length", "lang"),
-    "languages": ("en", "de", "ja"),
-    "max_pairs": 160,
-    "retrieval_docs": 200,
-    "retrieval_queries": 20,
-}
 
 
 @pytest.fixture(scope="module")

@@ -343,6 +343,10 @@ def evaluate(
     ),
     max_pairs: Annotated[int | None, typer.Option(help="Subsample STS pairs (quick run).")] = None,
     lang_pairs: Annotated[int | None, typer.Option(help="Subsample pairs per language.")] = None,
+    languages: Annotated[
+        list[str] | None,
+        typer.Option("--language", help="Only this language's segment (repeatable; default all)."),
+    ] = None,
     retrieval: Annotated[
         bool, typer.Option(help="Also score retrieval on SciFact train, if present (minutes).")
     ] = True,
@@ -360,6 +364,7 @@ def evaluate(
     from embedkit.quality.evaluate import evaluate as evaluate_variant
     from embedkit.quality.gate import gate
     from embedkit.quality.report import write_report
+    from embedkit.quality.segments import LANGUAGES
 
     with progress("evaluate"):
         report = evaluate_variant(
@@ -367,6 +372,7 @@ def evaluate(
             fp32=resolve(fp32),
             max_pairs=max_pairs,
             lang_pairs=lang_pairs,
+            languages=tuple(languages or LANGUAGES),
             retrieval=retrieval,
             retrieval_docs=retrieval_docs,
             retrieval_queries=retrieval_queries,

@@ -20,6 +20,7 @@ what to register.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
@@ -149,21 +150,28 @@ def _timed_encode(
     encoder: Encoder, texts: list[str], key: str | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, float | None]:
     """:func:`_cached_encode` plus the seconds encoding took (None on a cache hit)."""
-    file = None
-    if key is not None and cache_dir is not None:
-        digest = hashlib.sha256(("\n".join(texts) + "\0" + key).encode()).hexdigest()[:24]
-        file = cache_dir / f"{digest}.npy"
+    if key is None or cache_dir is None:
+        return _encode(encoder, texts)
+    digest = hashlib.sha256(("\n".join(texts) + "\0" + key).encode()).hexdigest()[:24]
+    file = cache_dir / f"{digest}.npy"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One process encodes a set while another that needs the same set waits for it (two
+    # evaluations side by side, e.g. a release's candidates or test workers), not beside it.
+    with open(cache_dir / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if file.is_file():
             return np.load(file), None
-    started = time.perf_counter()
-    vectors = _unit(np.asarray(encoder.encode(texts), dtype=np.float32))
-    seconds = time.perf_counter() - started
-    if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        vectors, seconds = _encode(encoder, texts)
         tmp = file.with_suffix(f".{time.monotonic_ns()}.tmp.npy")
         np.save(tmp, vectors)
         tmp.replace(file)
     return vectors, seconds
+
+
+def _encode(encoder: Encoder, texts: list[str]) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    vectors = _unit(np.asarray(encoder.encode(texts), dtype=np.float32))
+    return vectors, time.perf_counter() - started
 
 
 # --- results --------------------------------------------------------------------------------
