@@ -242,6 +242,32 @@ def test_evaluation_reuses_a_variants_vectors_only_where_measured(
     assert encoded == [fused_variant.path]  # another CPU level: only the variant again
 
 
+def test_two_processes_needing_one_set_encode_it_once(tmp_path: Path) -> None:
+    """While one evaluation encodes a text set, another that needs the same set waits for
+    the cache file instead of encoding it beside it (two workers, two candidates)."""
+    import threading
+
+    calls: list[int] = []
+    inside = threading.Event()
+
+    class Slow:
+        def encode(self, texts: list[str]) -> list[list[float]]:
+            calls.append(1)
+            inside.set()
+            threading.Event().wait(0.5)  # the second caller arrives while this one encodes
+            return [[1.0, float(len(t))] for t in texts]
+
+    texts, out = ["a", "bb"], []
+    first = threading.Thread(
+        target=lambda: out.append(evaluation._cached_encode(Slow(), texts, "k", tmp_path))
+    )
+    first.start()
+    inside.wait(5)
+    out.append(evaluation._cached_encode(Slow(), texts, "k", tmp_path))
+    first.join()
+    assert len(calls) == 1 and len(out) == 2 and (out[0] == out[1]).all()
+
+
 def test_force_is_recorded(bad_int8_variant: Artifact, private_copy: Any) -> None:
     art = private_copy(bad_int8_variant)
     rejected = GateVerdict(
