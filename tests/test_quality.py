@@ -240,6 +240,16 @@ def test_evaluation_reuses_a_variants_vectors_only_where_measured(
     monkeypatch.setattr(toolchain, "detect_isa", lambda: detect_isa(VNNI_CPU))
     run()
     assert encoded == [fused_variant.path]  # another CPU level: only the variant again
+    encoded.clear()
+    own = evaluate(
+        fp32_artifact,
+        fp32=fp32_artifact,
+        reference_dir=default_model_dir,
+        cache_dir=tmp_path / "own",
+        **quick,
+    )
+    assert encoded == [fp32_artifact.path]  # the parent as its own variant: encoded once
+    assert own.segment("stsb:all").cosine_fp32.min == pytest.approx(1.0)
 
 
 def test_two_processes_needing_one_set_encode_it_once(tmp_path: Path) -> None:
