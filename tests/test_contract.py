@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,9 +71,12 @@ def test_shape_matrix_runs_each_graph_shape_once(
     """Cells are the runs the engine plans; a shape an earlier cell ran is not run again."""
     ran: list[tuple[int, ...]] = []
     real_run = engine.runner.run
-    monkeypatch.setattr(
-        engine.runner, "run", lambda ids, *a: ran.append(ids.shape) or real_run(ids, *a)
-    )
+
+    def counted(ids: np.ndarray, *rest: Any) -> np.ndarray:
+        ran.append(ids.shape)
+        return real_run(ids, *rest)
+
+    monkeypatch.setattr(engine.runner, "run", counted)
     section = contract.check_shapes(engine, batches=(32, 128))
     assert section["passed"]
     cells = {(c["batch"], c["seq_len"]): c for c in section["cells"]}

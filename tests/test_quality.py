@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.quality_reports import FAST_EVALUATION as FAST
 from tests.quality_reports import quality_report, segment
@@ -82,8 +83,6 @@ def test_thresholds_live_in_one_config_file(tmp_path: Path) -> None:
 
 
 def test_neighbour_overlap_detects_reordering() -> None:
-    import numpy as np
-
     rng = np.random.default_rng(0)
     q, d = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
     assert neighbour_overlap(q, d, q, d) == 1.0
@@ -261,11 +260,11 @@ def test_two_processes_needing_one_set_encode_it_once(tmp_path: Path) -> None:
     inside = threading.Event()
 
     class Slow:
-        def encode(self, texts: list[str]) -> list[list[float]]:
+        def encode(self, texts: list[str]) -> np.ndarray:
             calls.append(1)
             inside.set()
             threading.Event().wait(0.5)  # the second caller arrives while this one encodes
-            return [[1.0, float(len(t))] for t in texts]
+            return np.array([[1.0, float(len(t))] for t in texts])
 
     texts, out = ["a", "bb"], []
     first = threading.Thread(
