@@ -327,7 +327,8 @@ class Settings(BaseSettings):
         "PyTorch-reference, FP32 ONNX and variant vectors, keyed by model checksum and texts (a "
         "variant's also by the CPU's ISA level, ONNX Runtime version and numeric session "
         "settings: an INT8 graph judged with VNNI is not reused without): repeated gate runs "
-        "skip re-encoding them.",
+        "skip re-encoding them, and a set another process is encoding is waited for, not "
+        "encoded beside it.",
     )
 
     # --- artifact trust -----------------------------------------------------
