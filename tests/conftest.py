@@ -251,9 +251,10 @@ def reference_vectors(default_model_dir: Path) -> Callable[[list[str]], np.ndarr
     """The PyTorch reference's unit vectors of texts, through the session's persistent
     evaluation cache (keyed by the model's checksum and the texts): PyTorch encodes each
     set once per machine, and never loads in a worker whose sets are all cached."""
+    from embedkit.core.settings import get_settings
     from embedkit.quality.evaluate import reference_vectors as cached
 
-    cache_dir = Path(os.environ["EMBEDKIT_EVAL_CACHE_DIR"])
+    cache_dir = get_settings().eval_cache_dir
     return lambda texts: cached(default_model_dir, texts, cache_dir)
 
 
