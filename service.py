@@ -38,13 +38,10 @@ from starlette.routing import Route
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
-from embedkit.serve import tenants
-from embedkit.serve.embedder import EmbedderCore, LocalEmbedder
-from embedkit.serve.http_errors import error_response
-from embedkit.serve.middleware import EdgeMiddleware
-from embedkit.serve.options import embedder_config, engine_settings, front_config, ort_runs
-from embedkit.serve.registry import ServedModels
-from embedkit.serve.schemas import (
+from embedkit.serve.edge import tenants
+from embedkit.serve.edge.http_errors import error_response
+from embedkit.serve.edge.middleware import EdgeMiddleware
+from embedkit.serve.edge.schemas import (
     EmbedBulkRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -54,7 +51,10 @@ from embedkit.serve.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from embedkit.serve.startup import load_artifact, load_artifacts, served_tags, with_models
+from embedkit.serve.engine.embedder import EmbedderCore, LocalEmbedder
+from embedkit.serve.engine.startup import load_artifact, load_artifacts, served_tags, with_models
+from embedkit.serve.pipeline.options import embedder_config, engine_settings, front_config, ort_runs
+from embedkit.serve.pipeline.registry import ServedModels
 
 SETTINGS = get_settings()
 # A built Bento pins its model versions as a Bento argument (`bentoml build --arg model=TAG`

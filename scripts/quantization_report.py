@@ -35,7 +35,7 @@ from embedkit.model.artifact import Artifact
 from embedkit.quality.evaluate import SegmentResult
 from embedkit.quality.gate import GateThresholds, load_thresholds
 from embedkit.quality.report import plot_deltas
-from embedkit.release import (
+from embedkit.release.pipeline import (
     PARENT,
     Candidate,
     pick_default,
@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
     )
     args = ap.parse_args(argv)
 
-    from embedkit.bench.inprocess import default_artifact
+    from embedkit.release.measure import default_artifact
 
     parent = Artifact.load(default_artifact(args.fp32))
     isa = quantize.detect_isa()

@@ -39,7 +39,7 @@ USED = ".used"  # touched on every hit: what pruning reads
 EXPORT_CODE = ("src/embedkit/model", "src/embedkit/core")
 VARIANT_CODE = (*EXPORT_CODE, "src/embedkit/variants", "src/embedkit/runtime", "src/embedkit/data")
 TINY_CODE = (*EXPORT_CODE, "tests/tiny_models.py")
-CONTRACT_CODE = (*VARIANT_CODE, "src/embedkit/quality", "src/embedkit/release.py")
+CONTRACT_CODE = (*VARIANT_CODE, "src/embedkit/quality", "src/embedkit/release/pipeline.py")
 
 
 def default_root() -> Path:

@@ -327,7 +327,7 @@ def validated_fp32(artifact_cache: ArtifactCache, fp32_artifact, default_model_d
     in the manifest)."""
     from embedkit.model.artifact import Artifact
     from embedkit.quality import contract
-    from embedkit.release import attach_parity
+    from embedkit.release.pipeline import attach_parity
 
     def build(dest: Path) -> None:
         shutil.copytree(fp32_artifact.path, dest)

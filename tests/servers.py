@@ -1,4 +1,4 @@
-"""Real servers for tests: the pytest side of :mod:`embedkit.bench.server`.
+"""Real servers for tests: the pytest side of :mod:`embedkit_bench.server`.
 
 Used by tests/http, tests/load, tests/faults, tests/fuzz and tests/deploy. The launcher
 module starts `bentoml serve` on a free loopback port in its own process group with a
@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from embedkit.bench.server import Server, serve_model, spawn
 from embedkit.core.errors import NotReady
+from embedkit_bench.server import Server, serve_model, spawn
 
 
 class Launcher:
@@ -147,8 +147,8 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
 @pytest.fixture(scope="session")
 def corpus(fp32_artifact):
     """400 short + 20 long distinct texts with their expected raw vectors (in-process engine)."""
-    from embedkit.bench import loadtest
     from embedkit.runtime.engine import Engine
+    from embedkit_bench import loadtest
 
     texts = loadtest.sts_texts(n_short=400, n_long=20)
     return loadtest.build_corpus(Engine(fp32_artifact), texts, n_long=20)

@@ -30,16 +30,15 @@ from embedkit.core.errors import (
 )
 from embedkit.core.settings import Settings
 from embedkit.runtime.vectors import decode_base64, encode_base64
-from embedkit.serve.bodies import dumps, native_body, openai_body
-from embedkit.serve.http_errors import (
+from embedkit.serve.edge.bodies import dumps, native_body, openai_body
+from embedkit.serve.edge.http_errors import (
     INTERNAL_MESSAGE,
     error_status_body,
     foreign_error,
     translate_upstream,
 )
-from embedkit.serve.jobs import EmbedJob, native_job, openai_job
-from embedkit.serve.middleware import EdgeMiddleware
-from embedkit.serve.schemas import (
+from embedkit.serve.edge.middleware import EdgeMiddleware
+from embedkit.serve.edge.schemas import (
     EmbedBulkRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -47,7 +46,8 @@ from embedkit.serve.schemas import (
     EmbedResponse,
     routes_taking,
 )
-from embedkit.serve.tenants import Tenants
+from embedkit.serve.edge.tenants import Tenants
+from embedkit.serve.pipeline.jobs import EmbedJob, native_job, openai_job
 
 MODEL = "all-minilm-l6-v2"
 SETTINGS = Settings(max_client_batch=4, max_body_bytes=2048, max_concurrency=1)

@@ -15,16 +15,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedkit.bench import cost, perfgate, profiling, records, roofline, stats
-from embedkit.bench import http as bench_http
-from embedkit.bench import inprocess as bench
-from embedkit.bench.report import bench_and_report
-from embedkit.bench.server import start_service
 from embedkit.cli import app
+from embedkit.core import stats
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
 from embedkit.model.artifact import finalize, register
-from embedkit.release import attach_records
+from embedkit.release import measure as bench
+from embedkit.release import perfgate, records
+from embedkit.release import profile as profiling
+from embedkit.release.pipeline import attach_records
+from embedkit_bench import cost, roofline
+from embedkit_bench import http as bench_http
+from embedkit_bench.report import bench_and_report
+from embedkit_bench.server import start_service
 
 runner = CliRunner()
 
@@ -286,7 +289,7 @@ def test_memory_criterion_tells_a_leak_from_a_noisy_warm_up() -> None:
     +-4 % swings passes; a steady leak of 12 % over the run fails, as does one big jump."""
     from collections.abc import Sequence
 
-    from embedkit.bench import loadtest as lt
+    from embedkit_bench import loadtest as lt
 
     def verdict(samples_mb: Sequence[float]) -> bool:
         report = lt.summarize([], 60.0, rss=[int(mb * 2**20) for mb in samples_mb])

@@ -170,8 +170,8 @@ def test_engine_chunked_dimensions(engine: Engine) -> None:
 
 def test_chunk_retrieval_arms_on_a_tiny_set(engine: Engine) -> None:
     from embedkit.core.errors import InvalidInput
-    from embedkit.quality import chunked_retrieval
     from embedkit.quality.retrieval import RetrievalSet, rank_metrics
+    from embedkit_bench import chunked_retrieval
 
     docs = [long_text(300), "a dog ran", long_text(40)]
     data = RetrievalSet(

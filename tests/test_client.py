@@ -16,9 +16,9 @@ import pytest
 
 from embedkit.core.errors import InferenceError
 from embedkit.core.settings import Settings
-from embedkit.serve.client import EmbedderClient
-from embedkit.serve.http_errors import INTERNAL_MESSAGE
-from embedkit.serve.jobs import EmbedJob
+from embedkit.serve.edge.http_errors import INTERNAL_MESSAGE
+from embedkit.serve.pipeline.client import EmbedderClient
+from embedkit.serve.pipeline.jobs import EmbedJob
 
 
 @contextlib.asynccontextmanager
@@ -85,7 +85,7 @@ def test_a_broken_connection_is_retried_once(
     coalescing: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(front_coalescing=coalescing)
-    with caplog.at_level(logging.WARNING, logger="embedkit.serve.client"):
+    with caplog.at_level(logging.WARNING, logger="embedkit.serve.pipeline.client"):
         vectors, seen, client = asyncio.run(_embed(1, settings, IDS))
     assert isinstance(vectors, np.ndarray), vectors
     np.testing.assert_array_equal(vectors, [[101, 3], [101, 4]])

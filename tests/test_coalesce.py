@@ -1,4 +1,4 @@
-"""embedkit.serve.coalesce: requests arriving together share one Embedder call, split back
+"""embedkit.serve.pipeline.coalesce: requests arriving together share one Embedder call, split back
 exactly."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embedkit.core.errors import Overloaded
-from embedkit.serve.coalesce import Coalescer
+from embedkit.serve.pipeline.coalesce import Coalescer
 
 
 class FakeEmbedder:

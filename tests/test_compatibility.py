@@ -23,8 +23,8 @@ from embedkit.quality.evaluate import evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate
 from embedkit.quality.report import report_markdown
 from embedkit.quality.retrieval import RetrievalMetrics, RetrievalResult, RetrievalSet
-from embedkit.serve.embedder import EmbedderCore
-from embedkit.serve.startup import refusal
+from embedkit.serve.engine.embedder import EmbedderCore
+from embedkit.serve.engine.startup import refusal
 
 TH = GateThresholds(
     spearman_drop_max={"stsb": 0.5, "lang": 1.0, "length": None},

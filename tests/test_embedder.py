@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
-from embedkit.serve.embedder import EmbedderCore
+from embedkit.serve.engine.embedder import EmbedderCore
 
 
 def _buckets(name: str) -> dict[str, float]:
@@ -70,7 +70,7 @@ class _GatedCore:
 def test_single_process_embedder_runs_queries_before_waiting_bulk_calls() -> None:
     import asyncio
 
-    from embedkit.serve.embedder import LocalEmbedder
+    from embedkit.serve.engine.embedder import LocalEmbedder
 
     core = _GatedCore()
     local = LocalEmbedder(core)  # type: ignore[arg-type]
@@ -113,7 +113,7 @@ class _EchoCore:
 def test_a_big_call_is_split_by_length_across_runs_and_reassembled_in_order() -> None:
     import asyncio
 
-    from embedkit.serve.embedder import LocalEmbedder
+    from embedkit.serve.engine.embedder import LocalEmbedder
 
     core = _EchoCore()
     local = LocalEmbedder(core, runs=2)  # type: ignore[arg-type]
@@ -149,7 +149,7 @@ def test_several_models_share_the_runner_threads_by_model_and_lane() -> None:
     import asyncio
     import threading
 
-    from embedkit.serve.embedder import LocalEmbedder
+    from embedkit.serve.engine.embedder import LocalEmbedder
 
     order: list[str] = []
     release = threading.Event()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from embedkit import pools
-from embedkit.bench import gpucheck, transfer
+from embedkit.deploy import pools
 from embedkit.runtime.session import CUDA, available_providers
+from embedkit_bench import gpucheck, transfer
 
 pytestmark = pytest.mark.skipif(
     CUDA in available_providers(), reason="the dry run needs a machine without CUDA"

@@ -22,18 +22,13 @@ LAYERS: dict[str, int] = {
     "variants": 3,
     "quality": 3,
     "serve": 4,
-    "bench": 5,
-    "release": 6,
-    "bento": 6,
-    "container": 6,
-    "reembed": 6,  # a client of the HTTP service (reads the served identity's header)
-    "pools": 6,
-    "drill": 7,  # the rollback drill: runs container (podman) and bench.canary together
-    "supply": 7,  # image records: SBOM and digest read through container (podman)
-    "cli": 8,
+    "release": 5,  # export → contract → variants → gate → perf gate → records → register
+    "client": 5,  # clients of the HTTP service (reembed; canary and benchmarks use its api)
+    "deploy": 6,  # Bentos, image, supply chain, pools, canary, rollback drill
+    "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).
-EMBEDDER_SIDE = {"embedkit.serve.embedder"}
+EMBEDDER_SIDE = {"embedkit.serve.engine.embedder"}
 ORT_MODULES = {"embedkit.runtime.session", "embedkit.runtime.engine"}
 
 
@@ -147,3 +142,26 @@ def test_importing_the_front_loads_no_onnxruntime() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_the_product_never_imports_the_tooling() -> None:
+    """embedkit_bench (benchmarks, profiles of peers, soak) is not in the Bento or the image:
+    a product module importing it would fail there. The CLI finds it by entry point only."""
+    wrong = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            wrong += [f"{name} -> {n}" for n in names if n.split(".")[0] == "embedkit_bench"]
+    assert not wrong, wrong
+
+
+def test_the_top_of_the_package_is_subpackages() -> None:
+    root = Path(str(resources.files("embedkit")))
+    loose = sorted(p.name for p in root.glob("*.py"))
+    assert len(loose) <= 3, f"loose modules at the top of embedkit/: {loose}"
+    assert (root / "cli" / "__init__.py").is_file(), "the command line is a package"

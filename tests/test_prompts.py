@@ -21,9 +21,9 @@ from embedkit.model.recipe import Recipe, Source, read_prompt_config
 from embedkit.quality import contract
 from embedkit.runtime.engine import Engine
 from embedkit.runtime.prompts import Prompts
-from embedkit.serve.embedder import EmbedderCore
-from embedkit.serve.jobs import native_job, openai_job
-from embedkit.serve.schemas import EmbeddingsRequest, EmbedRequest, Item
+from embedkit.serve.edge.schemas import EmbeddingsRequest, EmbedRequest, Item
+from embedkit.serve.engine.embedder import EmbedderCore
+from embedkit.serve.pipeline.jobs import native_job, openai_job
 from embedkit.variants.quantize import build_variant
 
 CPU = Settings(providers=["CPUExecutionProvider"], intra_op_threads=1)

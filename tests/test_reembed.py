@@ -15,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit import reembed
+from embedkit.client import reembed
 from embedkit.core.errors import IdentityMismatch, InvalidInput, Overloaded, Unauthorized
 from embedkit.runtime.vectors import encode_base64
-from embedkit.serve.identity import HEADER, ServedIdentity
+from embedkit.serve.engine.identity import HEADER, ServedIdentity
 
 IDENTITY = ServedIdentity(
     "all-minilm-l6-v2", "v1", "fp32", "index-compatible", "fp32", "CPUExecutionProvider", "avx2"

@@ -16,7 +16,7 @@ from tests.quality_reports import quality_report, segment
 
 from embedkit.model.artifact import resolve
 from embedkit.quality.gate import GateFailure, GateThresholds, GateVerdict
-from embedkit.release import (
+from embedkit.release.pipeline import (
     PARENT,
     Candidate,
     candidates_summary,
@@ -232,11 +232,11 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
 
     import bentoml
 
-    from embedkit.bench import perfgate, records
     from embedkit.core.errors import PerformanceRegression
     from embedkit.core.settings import get_settings
     from embedkit.model.artifact import Artifact, finalize, register
-    from embedkit.release import Built, attach_records
+    from embedkit.release import perfgate, records
+    from embedkit.release.pipeline import Built, attach_records
 
     name = "perfgate-e2e"  # its own model-store name: NAME:latest belongs to this test
     # The current :latest: the session's export under this name, with its runtime record.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from embedkit.bench import roofline
+from embedkit_bench import roofline
 
 
 def _cpuinfo(vendor: str, family: int, model: int, flags: str) -> str:

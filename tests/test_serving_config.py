@@ -5,7 +5,7 @@ from __future__ import annotations
 from opentelemetry.util.http import ExcludeList
 
 from embedkit.core.settings import Settings
-from embedkit.serve.options import embedder_config, front_config
+from embedkit.serve.pipeline.options import embedder_config, front_config
 
 
 def test_tracing_off_excludes_every_route_from_bentoml_spans() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from embedkit.bench.stages import IDLE, StageRun, parse_raw, stage_of
+from embedkit_bench.stages import IDLE, StageRun, parse_raw, stage_of
 
 WORKER = "python -m _bentoml_impl.worker.service service:EmbeddingAPI"
 FRONT = f'process 9:"{WORKER} --service-name embedkit"'
@@ -13,9 +13,14 @@ ROOT = 'process 7:"bentoml serve service:EmbeddingAPI"'
 
 
 def test_the_innermost_frame_that_names_a_stage_decides() -> None:
-    body = ["Task.__step (asyncio/tasks.py:1)", "Front._guard (embedkit/serve/front.py:79)"]
+    body = [
+        "Task.__step (asyncio/tasks.py:1)",
+        "Front._guard (embedkit/serve/pipeline/front.py:79)",
+    ]
     assert (
-        stage_of([*body, "openai_body (embedkit/serve/bodies.py:30)", "dumps (json/__init__.py:2)"])
+        stage_of(
+            [*body, "openai_body (embedkit/serve/edge/bodies.py:30)", "dumps (json/__init__.py:2)"]
+        )
         == "response body"
     )
     assert stage_of([*body, "encode (embedkit/runtime/tokens.py:9)"]) == "tokenise"
@@ -29,9 +34,10 @@ def test_the_innermost_frame_that_names_a_stage_decides() -> None:
 
 def test_samples_are_split_by_process_and_cpu_per_request_adds_up() -> None:
     raw = [
-        f"{ROOT};{FRONT};Front.openai (embedkit/serve/front.py:1);load (pydantic/main.py:3) 30",
+        f"{ROOT};{FRONT};Front.openai (embedkit/serve/pipeline/front.py:1);"
+        "load (pydantic/main.py:3) 30",
         f"{ROOT};{FRONT};Runner.run (asyncio/runners.py:118) 500",
-        f"{ROOT};{ENGINE};embed (embedkit/serve/embedder.py:1);run (onnxruntime/x.py:1) 80",
+        f"{ROOT};{ENGINE};embed (embedkit/serve/engine/embedder.py:1);run (onnxruntime/x.py:1) 80",
         "not a stack line",
     ]
     samples = parse_raw(raw)

@@ -16,8 +16,9 @@ import pytest
 
 from embedkit.core.errors import InvalidInput, QuotaExceeded, RevokedKey, Unauthorized
 from embedkit.core.settings import Settings
-from embedkit.serve import tenants, trace
-from embedkit.serve.tenants import Tenant, Tenants
+from embedkit.serve.edge import tenants
+from embedkit.serve.edge.tenants import Tenant, Tenants
+from embedkit.serve.pipeline import trace
 
 
 def _settings(tmp_path: Path, text: str, **kw: Any) -> Settings:
@@ -182,7 +183,7 @@ class _GatedCore:
 def test_a_query_waits_behind_the_bulk_runs_in_progress_only() -> None:
     """Bulk calls queued before a query do not run ahead of it: it reports the one bulk
     run that held the runner (its bound: the runs at once), not the three queued."""
-    from embedkit.serve.embedder import LocalEmbedder
+    from embedkit.serve.engine.embedder import LocalEmbedder
 
     core = _GatedCore()
     local = LocalEmbedder(core, runs=1)  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from embedkit.bench import transfer
 from embedkit.core.errors import InvalidInput
+from embedkit_bench import transfer
 
 KiB = 1024
 

@@ -25,7 +25,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from embedkit.bench.server import serve_model  # noqa: E402
+from embedkit_bench.server import serve_model  # noqa: E402
 from embedkit.model import evaldata  # noqa: E402
 from embedkit.model.artifact import Artifact, register  # noqa: E402
 from embedkit.model.export import export  # noqa: E402

@@ -1,4 +1,4 @@
-"""The encodings benchmark's search (embedkit.bench.encodings) on small synthetic data:
+"""The encodings benchmark's search (embedkit_bench.encodings) on small synthetic data:
 binary and ubinary rank alike, rescoring re-ranks the first stage's candidates by the
 float query · the codes, and the report's tables carry every row."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedkit.bench import encodings
 from embedkit.quality.retrieval import RetrievalSet, score_metrics
 from embedkit.runtime.vectors import QUANTIZED, calibrate_ranges, encode_codes
+from embedkit_bench import encodings
 
 
 @pytest.fixture(scope="module")

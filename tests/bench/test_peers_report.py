@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from embedkit.bench import peers
 from embedkit.cli import app
 from embedkit.core.errors import ContractViolation, EmbedkitError, InvalidInput
+from embedkit_bench import peers
 
 runner = CliRunner()
 

@@ -26,9 +26,9 @@ import pytest
 import yaml
 from tests.servers import Launcher
 
-from embedkit import bento
-from embedkit.bench.server import BENTOML
 from embedkit.core.errors import BuildError
+from embedkit.deploy import bento
+from embedkit_bench.server import BENTOML
 
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "sentence_transformers")
 
@@ -111,10 +111,24 @@ def test_root_build_carries_the_package_but_not_the_evaluation_data(
 ) -> None:
     path = bento._bento_path(root_built)
     assert (path / "src" / "service.py").is_file()
-    assert (path / "src" / "src" / "embedkit" / "serve" / "front.py").is_file()
+    assert (path / "src" / "src" / "embedkit" / "serve" / "pipeline" / "front.py").is_file()
     assert not (path / "src" / "src" / "embedkit" / "data" / "evaldata").exists()
     info = yaml.safe_load((path / "bento.yaml").read_text())
     assert bento.pinned_models(info) == {tags[0]}
+
+
+def test_the_bento_carries_no_tooling(root_built: str, pytestconfig: pytest.Config) -> None:
+    """Measurement code (src/embedkit_bench: benchmarks, peers, soak, GPU check) stays in
+    the checkout: the built Bento's file list shares no file with it."""
+    src = pytestconfig.rootpath / "src"
+    tooling = {p.relative_to(src).as_posix() for p in (src / "embedkit_bench").rglob("*.py")}
+    assert len(tooling) > 10, "the tooling package moved: update this test"
+    carried = bento._bento_path(root_built) / "src" / "src"
+    files = {p.relative_to(carried).as_posix() for p in carried.rglob("*") if p.is_file()}
+    assert files & tooling == set()
+    assert not [f for f in files if f.startswith("embedkit_bench/")]
+    names = {Path(f).stem for f in tooling} - {"__init__", "cli", "report"}
+    assert not [f for f in files if Path(f).stem in names], "a tooling module came back"
 
 
 def test_unsigned_model_is_warned_about_at_build_time(built: dict[str, bento.Built]) -> None:

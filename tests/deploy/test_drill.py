@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedkit import drill
 from embedkit.cli import app
 from embedkit.core.errors import InvalidInput
-from embedkit.serve.identity import ServedIdentity
+from embedkit.deploy import drill
+from embedkit.serve.engine.identity import ServedIdentity
 
 STABLE = "all-minilm-l6-v2:owbdq2hkr2wmaax4"
 CANDIDATE = "all-minilm-l6-v2:7kxqhkxks6t3kax4"

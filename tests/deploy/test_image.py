@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit import bento, container, supply
+from embedkit.deploy import bento, container, supply
 from embedkit.model.artifact import Artifact
 from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
 

@@ -33,8 +33,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from embedkit import supply
 from embedkit.core.settings import Settings
+from embedkit.deploy import supply
 
 OVERLAYS = ("cpu", "gpu", "canary")
 # Oldest Kubernetes we support (preStop `sleep` is GA-on-by-default from 1.30) and the

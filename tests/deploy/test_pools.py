@@ -34,11 +34,11 @@ from tests.deploy.test_manifests import (
 from tests.planted import plant, stamped
 from typer.testing import CliRunner
 
-from embedkit import pools
 from embedkit.cli import app
 from embedkit.core.errors import InvalidInput
+from embedkit.deploy import pools
 from embedkit.model.artifact import Artifact
-from embedkit.release import attach_gpu_check
+from embedkit.release.pipeline import attach_gpu_check
 
 POOL = "embedkit.dev/pool"
 TRAFFIC = "embedkit.dev/traffic"

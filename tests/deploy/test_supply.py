@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedkit import bento, container, supply
 from embedkit.cli import app
 from embedkit.core.errors import BuildError, SignatureError
+from embedkit.deploy import bento, container, supply
 from embedkit.model import signing
 
 DIGEST = "sha256:" + "ab" * 32

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from tests.servers import CUDA_FIRST, assert_held_but_never_ready, engine_worker
 
-from embedkit.bench import loadtest as lt
+from embedkit_bench import loadtest as lt
 
 MODEL = "all-minilm-l6-v2"
 REFUSED = "embedkit refuses to start"

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from embedkit.bench import loadtest as lt
+from embedkit_bench import loadtest as lt
 
 NOBODY = 65534
 DROP_ROOT = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]

@@ -12,15 +12,15 @@ from pydantic import ValidationError
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import Settings
-from embedkit.serve.bodies import dumps
-from embedkit.serve.http_errors import (
+from embedkit.serve.edge.bodies import dumps
+from embedkit.serve.edge.http_errors import (
     INTERNAL_MESSAGE,
     error_status_body,
     foreign_error,
     is_openai_error_body,
 )
-from embedkit.serve.jobs import native_job, openai_job
-from embedkit.serve.schemas import EmbedBulkRequest, EmbeddingsRequest, EmbedRequest, Lane
+from embedkit.serve.edge.schemas import EmbedBulkRequest, EmbeddingsRequest, EmbedRequest, Lane
+from embedkit.serve.pipeline.jobs import native_job, openai_job
 
 SETTINGS = Settings(max_client_batch=16)
 MODEL = "all-minilm-l6-v2"

@@ -10,10 +10,10 @@ import pytest
 from tests.planted import plant, stamped
 from typer.testing import CliRunner
 
-from embedkit.bench.canary import TextSet, rule_for, run_canary
 from embedkit.cli import app
+from embedkit.deploy.canary import TextSet, rule_for, run_canary
 from embedkit.model.artifact import Artifact, register
-from embedkit.serve.identity import ServedIdentity
+from embedkit.serve.engine.identity import ServedIdentity
 
 runner = CliRunner()
 SMALL = ["--pairs", "48", "--long", "3", "--batch-size", "16"]

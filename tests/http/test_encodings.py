@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from embedkit.model.artifact import Artifact, register
-from embedkit.runtime.calibration import stamp_ranges
+from embedkit.release.calibration import stamp_ranges
 from embedkit.runtime.vectors import QUANTIZED, RANGED, decode_base64
-from embedkit.serve.schemas import TRUNCATED_HEADER
+from embedkit.serve.edge.schemas import TRUNCATED_HEADER
 
 MODEL = "all-minilm-l6-v2"
 DIM = 384
@@ -31,7 +31,7 @@ LONG = "alpha " + "word " * 300 + "omega"  # 304 tokens with [CLS] and [SEP]: ov
 
 @pytest.fixture(scope="module")
 def calibrated(fp32_artifact, tmp_path_factory) -> Artifact:
-    from embedkit.runtime.calibration import calibrate
+    from embedkit.release.calibration import calibrate
 
     dest = tmp_path_factory.mktemp("calibrated") / "artifact"
     shutil.copytree(fp32_artifact.path, dest)

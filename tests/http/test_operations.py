@@ -27,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import monitoring
 from typer.testing import CliRunner
 
-from embedkit.bench import loadtest as lt
 from embedkit.cli import app
 from embedkit.model import evaldata
-from embedkit.serve.identity import HEADER
+from embedkit.serve.engine.identity import HEADER
+from embedkit_bench import loadtest as lt
 
 # Counted only when their event happens (a refused model, a refused variant, a tenant over
 # its quota): this server has none, so they are checked against the declared metrics; the

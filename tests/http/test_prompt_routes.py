@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tests.tiny_models import PROMPTS
 
-from embedkit.bench.server import Server
+from embedkit_bench.server import Server
 
 MODEL = "tiny-prompts"
 TEXTS = ["what is a prompt", "", "a somewhat longer passage about prompts and pooling"]

@@ -11,8 +11,8 @@ from tests.planted import plant, stamped
 
 from embedkit.model import toolchain
 from embedkit.model.artifact import Artifact, register
-from embedkit.serve.identity import HEADER
-from embedkit.serve.startup import find_parent
+from embedkit.serve.engine.identity import HEADER
+from embedkit.serve.engine.startup import find_parent
 
 
 @pytest.fixture(scope="module")

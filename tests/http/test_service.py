@@ -267,7 +267,7 @@ def test_every_response_names_the_served_version(server) -> None:
     """The identity header on every route's answer: the bulk route (a request the front
     splits into several engine calls), the query lane, OpenAI, tokenize, and errors raised
     at the edge (405, 413), by validation (400) and by the route (404)."""
-    from embedkit.serve.identity import HEADER, ServedIdentity
+    from embedkit.serve.engine.identity import HEADER, ServedIdentity
 
     served = ServedIdentity.from_dict(httpx.get(server.url + "/info", timeout=30).json()["served"])
     big = b'{"texts": ["' + b"a" * (8 * 1024 * 1024) + b'"]}'
@@ -386,9 +386,9 @@ def test_concurrent_requests_are_batched(server, path, body, lane) -> None:
     responses = asyncio.run(_burst(server.url, path, [body] * 48))
     assert all(r.status_code == 200 for r in responses)
     total = batch_calls(server.metrics(), lane) - before
-    # The front merges requests that arrive together into one call (embedkit.serve.coalesce;
-    # with topology=split BentoML also merges queued calls): fewer inference calls than
-    # requests is the proof they were merged.
+    # The front merges requests that arrive together into one call
+    # (embedkit.serve.pipeline.coalesce; with topology=split BentoML also merges queued
+    # calls): fewer inference calls than requests is the proof they were merged.
     assert 0 < total < 48, "requests were not merged into fewer batches"
 
 

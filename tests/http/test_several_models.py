@@ -202,7 +202,7 @@ def test_a_tampered_model_in_the_list_stops_startup_naming_it(
     """What each worker does before building any session (service.py's __init__)."""
     import bentoml
 
-    from embedkit.serve.startup import load_artifacts, with_models
+    from embedkit.serve.engine.startup import load_artifacts, with_models
 
     tampered = register(tiny_architecture("bert-dense")[1])  # a fresh version to spoil
     with open(Path(bentoml.models.get(tampered).path) / "tokenizer.json", "a") as fh:
@@ -219,7 +219,7 @@ def test_a_tampered_model_in_the_list_stops_startup_naming_it(
 
 
 def test_lists_that_cannot_serve_are_refused_in_one_line() -> None:
-    from embedkit.serve.startup import served_tags
+    from embedkit.serve.engine.startup import served_tags
 
     two = ["a:1", "b:1"]
     assert served_tags(Settings(models=two)) == two
@@ -234,7 +234,7 @@ def test_lists_that_cannot_serve_are_refused_in_one_line() -> None:
 
 
 def test_two_models_of_one_name_are_refused_in_one_line(fp32_artifact) -> None:
-    from embedkit.serve.registry import served_names
+    from embedkit.serve.pipeline.registry import served_names
 
     with pytest.raises(ConfigurationError, match=f"named {MINILM}") as refused:
         served_names([fp32_artifact, fp32_artifact], Settings())
@@ -267,7 +267,7 @@ def test_a_bento_argument_pins_the_list() -> None:
     settings, as `--arg model=TAG` does for one model."""
     from types import SimpleNamespace
 
-    from embedkit.serve.startup import served_tags
+    from embedkit.serve.engine.startup import served_tags
 
     env_list = Settings(models=["c:3"])
     pinned = SimpleNamespace(models="a:1, b:2")

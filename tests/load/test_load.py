@@ -20,7 +20,7 @@ import psutil
 import pytest
 from tests.servers import engine_worker
 
-from embedkit.bench import loadtest as lt
+from embedkit_bench import loadtest as lt
 
 pytestmark = pytest.mark.usefixtures("timed")  # memory and latency: run alone
 

@@ -2,7 +2,7 @@
 
 Every error a user can cause or meet carries its HTTP status, an OpenAI-style
 error ``type`` and, where it applies, the offending request parameter. The
-HTTP layer maps these in one place (``embedkit.serve.http_errors``); the CLI prints
+HTTP layer maps these in one place (``embedkit.serve.edge.http_errors``); the CLI prints
 ``str(error)`` on one line. Nothing here knows about a web framework.
 """
 
@@ -242,7 +242,7 @@ class MissingExtra(EmbedkitError):
 
 
 class BuildError(EmbedkitError):
-    """Packaging a Bento failed, or produced one unfit to ship (see ``embedkit.bento.audit``)."""
+    """Packaging a Bento failed, or produced one unfit to ship (``embedkit.deploy.bento.audit``)."""
 
     status = 500
     type = "server_error"

@@ -1,2 +1,0 @@
-"""All measurement: in-process and HTTP benchmarks, load/soak runs, profiling, roofline,
-cost, the performance gate and the release records."""

@@ -1,0 +1,101 @@
+"""Jobs a Kubernetes Job runs from the image: reembed."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from embedkit.cli.common import (
+    app,
+    err,
+    one_line_errors,
+    progress_bar,
+)
+
+
+class VectorFormat(StrEnum):
+    npy = "npy"
+    jsonl = "jsonl"
+
+
+class BadLine(StrEnum):
+    skip = "skip"
+    stop = "stop"
+
+
+@app.command("reembed")
+@one_line_errors
+def reembed_cmd(
+    input: Annotated[Path, typer.Argument(help="JSONL corpus, one document a line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    url: Annotated[str, typer.Option(help="The embedkit service.")] = "http://127.0.0.1:3000",
+    id_field: Annotated[str, typer.Option(help="The documents' id field.")] = "id",
+    text_field: Annotated[str, typer.Option(help="The documents' text field.")] = "text",
+    chunk_size: Annotated[
+        int, typer.Option(help="Lines per request and per checkpoint.", min=1)
+    ] = 64,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1)] = 2,
+    format: Annotated[
+        VectorFormat, typer.Option(help="npy: float32 shards; jsonl: {id, embedding} lines.")
+    ] = VectorFormat.npy,
+    on_bad_line: Annotated[
+        BadLine, typer.Option(help="skip: to rejects.jsonl, named on stderr; stop: exit 1.")
+    ] = BadLine.skip,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="EMBEDKIT_REEMBED_API_KEY", help="Bearer token to send."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 120.0,
+    max_wait: Annotated[
+        float, typer.Option(help="Seconds of 429/503 retries per chunk before giving up.")
+    ] = 600.0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Which served model (GET /v1/models ids); default: the first."),
+    ] = None,
+) -> None:
+    """Embed a JSONL corpus through a running service's bulk route, resumably.
+
+    Vectors are written in checkpointed chunks with the served identity of the model
+    that made them; rerun the same command after a crash to resume (docs/reembed.md).
+    Prints a JSON summary on stdout.
+    """
+    from embedkit.client import reembed
+
+    options = reembed.Options(
+        url=url,
+        input=input,
+        out=out,
+        id_field=id_field,
+        text_field=text_field,
+        chunk_size=chunk_size,
+        concurrency=concurrency,
+        format=format.value,
+        on_bad_line=on_bad_line.value,
+        api_key=api_key,
+        timeout_s=timeout,
+        max_wait_s=max_wait,
+        model=model,
+    )
+
+    def warn(line: str) -> None:
+        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+    with progress_bar("reembed") as update:
+        summary = reembed.run(options, progress=update, warn=warn)
+    result = {
+        "served": summary.identity.header_value(),
+        "documents": summary.documents,
+        "embedded": summary.embedded,
+        "rejected": summary.rejected,
+        "chunks_resumed": summary.chunks_resumed,
+        "retries": summary.retries,
+        "seconds": round(summary.seconds, 2),
+        "docs_per_s": round(summary.embedded / summary.seconds, 1) if summary.seconds else None,
+        "out": str(out),
+    }
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,364 @@
+"""The front (HTTP) service's work, route by route, and its warm-up.
+
+Each embedding route: validate and tokenise (:mod:`embedkit.serve.pipeline.jobs`; no ORT
+session here), hand the ids to the Embedder
+(:class:`~embedkit.serve.pipeline.client.EmbedderClient`), post-process per request
+(normalisation and Matryoshka truncation, so requests with different options share one
+batch) and write the body (:mod:`embedkit.serve.edge.bodies`).
+Tokenising here means tokens are counted once and exactly for usage, and the
+Embedder's process spends its CPU on inference only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, cast
+
+import numpy as np
+
+from embedkit.core import metrics
+from embedkit.core.errors import EmbedkitError, InferenceError, InvalidInput, Overloaded
+from embedkit.core.settings import Settings
+from embedkit.model.artifact import Artifact
+from embedkit.runtime.chunking import pool
+from embedkit.runtime.prompts import Prompts
+from embedkit.runtime.tokens import TextTokenizer
+from embedkit.runtime.vectors import QUANTIZED, encode_codes, postprocess
+from embedkit.serve.edge.bodies import native_body, openai_body, tokenize_body
+from embedkit.serve.edge.http_errors import INTERNAL_MESSAGE, error_response
+from embedkit.serve.edge.openapi import openapi_document
+from embedkit.serve.edge.schemas import (
+    TRUNCATED_HEADER,
+    EmbedBulkRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    Lane,
+    TokenizeRequest,
+)
+from embedkit.serve.engine import identity
+from embedkit.serve.engine.startup import settle_gc
+from embedkit.serve.pipeline import trace
+from embedkit.serve.pipeline.client import EmbedderClient
+from embedkit.serve.pipeline.jobs import EmbedJob, check_count, native_job, openai_job, prompted_ids
+from embedkit.serve.pipeline.options import batching_policy
+
+log = logging.getLogger(__name__)
+
+_OFFLOAD_ITEMS = 64  # tokenise bigger requests in a thread, off the event loop
+_WARM_TEXT = "warm up the whole request path"
+
+
+class Front:
+    """Validation, routing and response shaping; talks to the Embedder through ``embedder``,
+    the ``bentoml.depends`` proxy's ``to_async`` side, passed to each route."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        default: bool = True,
+    ) -> None:
+        """``name``: what clients pass as ``model`` (default: ``served_model_name``, else
+        the artifact's name); ``default``: the deployment's default model (the only one
+        unless several are served, :mod:`embedkit.serve.pipeline.registry`)."""
+        self.settings = settings
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.tokenizer = TextTokenizer.from_artifact(artifact)
+        self.prompts = Prompts(self.manifest, self.tokenizer)
+        self.dimension = self.manifest.embedding.dimension
+        self.model_name = name or settings.served_model_name or self.manifest.name
+        self.default = default
+        # This model's served identity, received from the Embedder during warm-up.
+        self.identity: identity.ServedIdentity | None = None
+        self.client = EmbedderClient(settings)  # this model's own token budget
+        ranges = self.manifest.encoding_ranges
+        self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
+        self.ready = False
+        self._openapi: dict[str, Any] | None = None
+
+    # --- the pipeline
+    async def _job(self, build: Callable[[], EmbedJob], n: int) -> EmbedJob:
+        if n > _OFFLOAD_ITEMS:
+            return await asyncio.to_thread(build)
+        return build()
+
+    def _for_tenant(self, job: EmbedJob, route: str) -> tuple[EmbedJob, trace.RequestTrace | None]:
+        """The job on the lane its request gets, charged to its tenant's quota (429 when
+        spent). /v1/embeddings takes the lane from ``X-Embedkit-Lane`` when sent (else one
+        input → query, several → bulk); on a native route the route is the lane and a
+        header naming the other one is refused. A bulk-class tenant's job runs on the bulk
+        lane whatever was asked (docs/service.md § Tenants)."""
+        request = trace.current()
+        if request is None or request.tenant is None:  # warm-up, in-process use
+            return job, None
+        lane: str = job.lane
+        asked = request.asked_lane
+        if asked is not None and asked != lane:
+            if route != "/v1/embeddings":
+                other = "/embed/query" if asked == "query" else "/embed"
+                raise InvalidInput(
+                    f"{trace.LANE_HEADER}: {asked} contradicts {route}, which is the {lane} "
+                    f"lane; call {other} for the {asked} lane, or drop the header",
+                    param=trace.LANE_HEADER,
+                )
+            lane = asked
+        request.lane = lane = request.tenant.lane(lane)
+        request.tokens = job.tokens
+        request.tenant.charge(job.tokens)
+        return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
+
+    async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
+        job, request = self._for_tenant(job, route)
+        try:
+            raw = await self.client.embed(embedder, job, request)
+        except Overloaded:  # shed by the queue, not run: not the tenant's to pay
+            if request is not None and request.tenant is not None:
+                request.tenant.refund(job.tokens)
+            raise
+        if job.chunks is not None:
+            raw = pool(raw, job.chunks)
+        if job.encoding in QUANTIZED:
+            vectors = encode_codes(
+                raw,
+                job.encoding,
+                normalize=job.normalize,
+                dimensions=job.dimensions,
+                model_dim=self.dimension,
+                ranges=self.ranges,
+            )
+        else:
+            vectors = postprocess(
+                raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
+            )
+        m = metrics.get()
+        model = self.manifest.name  # the identity's name, as the Embedder's metrics label it
+        m.texts_embedded.labels(route=route, model=model).inc(len(job.ids))
+        m.tokens_embedded.labels(route=route, model=model).inc(job.tokens)
+        if request is not None and request.tenant is not None:
+            m.tenant_tokens.labels(tenant=request.tenant.name, lane=job.lane).inc(job.tokens)
+        return vectors
+
+    async def _guard(self, work: Awaitable[tuple[bytes, int]]) -> Any:
+        """``work`` gives the body and how many inputs truncation cut (a header)."""
+        from starlette.responses import Response
+
+        # This model's identity (several models: the middleware's would be the default's).
+        served = {} if self.identity is None else {identity.HEADER: self.identity.header_value()}
+        try:
+            body, truncated = await work
+            return Response(
+                body,
+                media_type="application/json",
+                headers={TRUNCATED_HEADER: str(truncated), **served},
+            )
+        except EmbedkitError as exc:
+            response = error_response(exc)
+        except Exception:
+            log.exception("unexpected error in the front service")
+            response = error_response(InferenceError(INTERNAL_MESSAGE))
+        response.headers.update(served)
+        return response
+
+    # --- routes (bodies already schema-validated by BentoML)
+    async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
+        async def work() -> tuple[bytes, int]:
+            req = EmbeddingsRequest.model_construct(**body)
+            n = 1 if isinstance(req.input, str) else len(req.input)
+            job = await self._job(
+                lambda: openai_job(
+                    req,
+                    self.tokenizer,
+                    self.settings,
+                    served=self.model_name,
+                    model_dim=self.dimension,
+                    normalize=self.manifest.embedding.normalize,
+                    prompts=self.prompts,
+                    ranges=self.manifest.encoding_ranges,
+                ),
+                n,
+            )
+            vectors = await self.embed(embedder, job, "/v1/embeddings")
+            return openai_body(vectors, job, self.model_name), job.truncated
+
+        return await self._guard(work())
+
+    async def native(self, embedder: Any, body: dict[str, Any], lane: Lane) -> Any:
+        route = "/embed/query" if lane == "query" else "/embed"
+
+        async def work() -> tuple[bytes, int]:
+            req = EmbedBulkRequest.model_construct(**body)  # chunking stays None on /embed/query
+            job = await self._job(
+                lambda: native_job(
+                    req,
+                    self.tokenizer,
+                    self.settings,
+                    lane=lane,
+                    model_dim=self.dimension,
+                    prompts=self.prompts,
+                    ranges=self.manifest.encoding_ranges,
+                ),
+                len(req.texts),
+            )
+            vectors = await self.embed(embedder, job, route)
+            dims = job.dimensions or self.dimension
+            return native_body(vectors, job, self.model_name, dimensions=dims), job.truncated
+
+        return await self._guard(work())
+
+    async def tokenize(self, body: dict[str, Any]) -> Any:
+        async def work() -> tuple[bytes, int]:
+            req = TokenizeRequest.model_construct(**body)
+            check_count(len(req.texts), self.settings, param="texts")
+            ids, _, cut = prompted_ids(
+                req.texts,
+                self.tokenizer,
+                self.prompts,
+                req.prompt_name,
+                truncate=req.truncate,
+                direction=req.truncation_direction,
+            )
+            return tokenize_body(ids, self.tokenizer.max_length, truncated=cut), cut
+
+        return await self._guard(work())
+
+    def card(self) -> dict[str, Any]:
+        """This model's entry in ``/v1/models``: OpenAI's fields, then its dimension, token
+        limit and prompts, and the served identity (version, variant, class, ...)."""
+        served = self.identity or (identity.served() if self.default else None)
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": int(_iso_to_epoch(self.manifest.created_at)),
+            "owned_by": "embedkit",
+            "dimensions": self.dimension,
+            "max_length": self.tokenizer.max_length,
+            **self.prompts.describe(),
+            "embedkit": None if served is None else served.as_dict(),
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.card()]}
+
+    def openapi(self, spec: dict[str, Any], served: Sequence[Front] = ()) -> dict[str, Any]:
+        """The OpenAPI document; with several ``served`` models (this one first), the
+        model enum names them all and each limit is the widest (each model checks its own)."""
+        if self._openapi is None:
+            fronts = list(served) or [self]
+            self._openapi = openapi_document(
+                spec,
+                settings=self.settings,
+                model=self.model_name,
+                models=[f.model_name for f in fronts],
+                model_dim=max(f.dimension for f in fronts),
+                vocab_size=max(f.tokenizer.vocab_size for f in fronts),
+                prompts=list(dict.fromkeys(p for f in fronts for p in f.prompts.texts)),
+                max_length=max(f.tokenizer.max_length for f in fronts),
+                frame_tokens=sum(len(part) for part in self.tokenizer.frame),
+            )
+        return self._openapi
+
+    async def info(self, embedder: Any) -> dict[str, Any]:
+        s = self.settings
+        engine = await self.client.info(embedder)
+        served = engine.pop("identity", None)
+        return {
+            "model": self.model_name,
+            "served": served,
+            "tag": (served or {}).get("tag", self.artifact.tag),
+            "manifest": engine.pop("manifest", None) or self.manifest.summary(),
+            "provider": engine.get("providers", {}),
+            "engine": engine,
+            "topology": s.topology,  # docs/design/serving.md
+            "batching": batching_policy(s),
+            **self.prompts.describe(),
+            "routing": {
+                "/v1/embeddings": "X-Embedkit-Lane if sent, else one input → query lane, "
+                "several → bulk lane; a bulk-class tenant: always bulk",
+                "/embed": "bulk",
+                "/embed/query": "query",
+            },
+            "limits": {
+                "max_client_batch": s.max_client_batch,
+                "max_body_bytes": s.max_body_bytes,
+                "max_length": self.tokenizer.max_length,
+                "truncation_side": self.tokenizer.spec.truncation_side,
+                "dimensions": [1, self.dimension],
+                "max_concurrency": s.max_concurrency,
+                "max_queued_tokens": s.max_queued_tokens,
+                "request_timeout_s": s.request_timeout_s,
+            },
+            "encodings": {  # docs/service.md § Output encodings
+                "int8_ranges": None
+                if (r := self.manifest.encoding_ranges) is None
+                else {"texts": r.texts, "source": r.source, "normalized": r.normalized},
+            },
+            "auth": bool(s.api_keys or s.tenants_file),
+            "tracing": s.tracing,
+            "ready": self.ready,
+        }
+
+    # --- warm-up
+    async def warmup(self, embedder: Any, *, deadline_s: float = 300.0) -> None:
+        """Run every lane through the full path until BentoML's dispatcher is past its
+        unbatched training requests (~33 per batchable API), then mark ready.
+
+        Waits for the Embedder to come up: until BentoML has connected the proxy
+        (after the startup hooks) and the Embedder answers, calls fail and are retried.
+        """
+        give_up = time.monotonic() + deadline_s
+        job = native_job(
+            EmbedRequest(texts=[_WARM_TEXT]),
+            self.tokenizer,
+            self.settings,
+            lane="query",
+            model_dim=self.dimension,
+        )
+        while True:
+            try:
+                await self.embed(embedder, job, "warmup")
+                break
+            except Exception as exc:  # not connected / not up yet
+                if time.monotonic() > give_up:
+                    log.error("embedkit warm-up gave up after %.0f s: %s", deadline_s, exc)
+                    raise
+                await asyncio.sleep(0.25)
+        lanes: tuple[Lane, ...] = ("query", "bulk")
+        for lane in lanes:
+            lane_job = EmbedJob(
+                ids=job.ids * (1 if lane == "query" else 2),
+                lane=lane,
+                normalize=True,
+                dimensions=None,
+                encoding="float",
+            )
+            for _ in range(6):
+                await asyncio.gather(
+                    *(self.embed(embedder, lane_job, "warmup") for _ in range(8)),
+                    return_exceptions=True,
+                )
+        # The Embedder decided what serves; the front says so from now on.
+        info = await self.client.info(embedder)
+        self.identity = identity.ServedIdentity.from_dict(info["identity"])
+        identity.publish(self.identity, default=self.default)
+        settle_gc(self.settings)
+        self.ready = self.client.warm = True
+        log.info(
+            "embedkit front service warm and ready (model %s, serving %s)",
+            self.model_name,
+            self.identity.header_value(),
+        )
+
+
+def _iso_to_epoch(stamp: str) -> float:
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
