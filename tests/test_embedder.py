@@ -190,3 +190,77 @@ def test_several_models_share_the_runner_threads_by_model_and_lane() -> None:
     assert [int(r[0, 0]) for r in results] == [1, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(KeyError):
         local.for_model("c")
+
+
+# --- a force-registered rejected variant never serves ---------------------------------------
+
+
+def test_a_rejected_variant_is_refused_even_when_named(fp32_artifact: Artifact) -> None:
+    """docs/service.md: class ``rejected`` serves never — not even when forced into the
+    store and named with EMBEDKIT_VARIANT on the machine that measured it."""
+    from embedkit.model import toolchain
+    from embedkit.model.artifact import MeasuredOn
+    from embedkit.serve.engine.startup import refusal
+
+    isa, runtime = toolchain.detect_isa().level, toolchain.runtime_version()
+    parent = fp32_artifact.manifest
+    rejected = parent.model_copy(
+        update={
+            "format_version": 3,
+            "quantization": parent.quantization.model_copy(
+                update={
+                    "mode": "dynamic-int8",
+                    "variant": "forced-int8",
+                    "approved": False,
+                    "forced": True,
+                    "compatibility": "rejected",
+                    "measured_on": MeasuredOn(
+                        parent_sha256=parent.files["model.onnx"], isa=isa, onnxruntime=runtime
+                    ),
+                }
+            ),
+        }
+    )
+    assert rejected.compatibility == "rejected"
+    for settings in (Settings(), Settings(variant="forced-int8")):
+        reason = refusal(rejected, settings, isa=isa, runtime=runtime)
+        assert reason is not None, "a rejected variant passed the startup check"
+        assert reason[0] == "rejected"
+        assert "forced-int8" in reason[1] and "class rejected" in reason[1]
+
+
+def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
+    fp32_artifact: Artifact, model_tag: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The real startup path: a planted variant stamped ``rejected`` with ``force`` is
+    refused (one log line, a metric) and its fp32 parent serves."""
+    from tests.planted import plant
+
+    from embedkit.core import metrics
+    from embedkit.model import toolchain
+    from embedkit.model.artifact import MeasuredOn
+    from embedkit.quality.gate import GateThresholds, GateVerdict, stamp_verdict
+
+    root = tmp_path_factory.mktemp("rejected")
+    copy = plant(fp32_artifact, "copy", root / "copy")
+    verdict = GateVerdict(
+        approved=False,
+        compatibility="rejected",
+        failures=[],
+        segments_checked=1,
+        measured_on=MeasuredOn(
+            parent_sha256=fp32_artifact.manifest.files["model.onnx"],
+            isa=toolchain.detect_isa().level,
+            onnxruntime=toolchain.runtime_version(),
+        ),
+    )
+    thresholds = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)
+    art = stamp_verdict(copy, verdict, force=True, name="forced-rejected", thresholds=thresholds)
+    assert art.manifest.quantization.forced and art.manifest.compatibility == "rejected"
+    counter = metrics.get().variant_refusals.labels(variant="forced-rejected", reason="rejected")
+    before = float(counter._value.get())
+    core = EmbedderCore(art, Settings(variant="forced-rejected"))
+    assert core.artifact.tag == model_tag and core.identity.variant == "fp32"
+    assert "forced-rejected" in (core.identity.refused or "")
+    assert "class rejected" in (core.identity.refused or "")
+    assert float(counter._value.get()) == before + 1

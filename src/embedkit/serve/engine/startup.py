@@ -137,7 +137,8 @@ def refusal(
     manifest: Manifest, settings: Settings, *, isa: str, runtime: str
 ) -> tuple[str, str] | None:
     """Why this variant must not serve here, as (metric reason, one-line reason); None
-    when it may. fp32 (mode ``none``) always may: it is the fallback and the index space.
+    when it may. fp32 (mode ``none``) always may: it is the fallback and the index space;
+    class ``rejected`` never may (forced into the store or not, named or not).
 
     A verdict holds only where it was measured (INT8 kernels differ between VNNI and
     non-VNNI CPUs, and between runtime versions): a mixed node pool must never put
@@ -146,6 +147,14 @@ def refusal(
     q = manifest.quantization
     if q.mode == "none":
         return None
+    if manifest.compatibility == "rejected":
+        # Wherever it runs and whoever names it: the gate's verdict, not this machine's.
+        forced = " (registered with --force)" if q.forced else ""
+        return (
+            "rejected",
+            f"variant {manifest.variant} is class rejected{forced}: the quality gate "
+            "rejected it and a rejected variant never serves",
+        )
     if q.measured_on is None:
         return (
             "format",
