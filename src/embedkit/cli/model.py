@@ -65,39 +65,12 @@ def validate(
         )
     if report:
         report.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    _print_contract(result)
+    from embedkit.quality.report import contract_lines
+
+    for line in contract_lines(result):
+        out.print(line)
     if not result["passed"]:
         raise typer.Exit(1)
-
-
-def _print_contract(result: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"contract: {result['name']} ({result['quantization']})")
-    for col in ("check / segment", "n", "min cos", "max |Δ|", "result"):
-        table.add_column(col)
-    for key in ("operators", "shapes", "batch_invariance"):
-        section = result.get(key)
-        if section:
-            table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
-    rows = [
-        *((f"parity {n}", seg) for n, seg in result.get("parity", {}).get("segments", {}).items()),
-        *((f"prompt {n}", seg) for n, seg in result.get("prompts", {}).get("prompts", {}).items()),
-    ]
-    for label, seg in rows:
-        table.add_row(
-            label,
-            str(seg["count"]),
-            f"{seg['min_cosine']:.7f}",
-            f"{seg['max_abs_diff']:.2e}",
-            "pass" if seg["passed"] else "FAIL",
-        )
-    out.print(table)
-    gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
-    for provider, ops in gpu.items():
-        found = "all ops implemented" if not ops else "not implemented: " + ", ".join(ops)
-        out.print(f"{provider}: {found}")
-    out.print("PASSED" if result.get("passed") else "FAILED", style="bold")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Quality reports as files: JSON, markdown tables and a per-segment delta plot.
+"""Quality reports: JSON, markdown tables, a per-segment delta plot, the contract for a terminal.
 
 One variant: :func:`write_report` (``quality.{json,md,png}``). Several variants
 side by side (the release's candidates): :func:`summary_markdown` and
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedkit.quality.evaluate import QualityReport, SegmentResult
 from embedkit.quality.gate import GateThresholds, GateVerdict
 from embedkit.quality.retrieval import RetrievalMetrics
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 
 def _fmt(x: float | None, nd: int = 2) -> str:
@@ -204,3 +208,37 @@ def summary_markdown(
         "(recall@100) points."
     )
     return "\n".join(lines)
+
+
+def contract_lines(result: dict[str, Any]) -> list[RenderableType]:
+    """The contract's verdict for a terminal (`embedkit validate`): one table, the GPU
+    providers' operator coverage, PASSED or FAILED."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"contract: {result['name']} ({result['quantization']})")
+    for col in ("check / segment", "n", "min cos", "max |Δ|", "result"):
+        table.add_column(col)
+    for key in ("operators", "shapes", "batch_invariance"):
+        section = result.get(key)
+        if section:
+            table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
+    rows = [
+        *((f"parity {n}", seg) for n, seg in result.get("parity", {}).get("segments", {}).items()),
+        *((f"prompt {n}", seg) for n, seg in result.get("prompts", {}).get("prompts", {}).items()),
+    ]
+    for label, seg in rows:
+        table.add_row(
+            label,
+            str(seg["count"]),
+            f"{seg['min_cosine']:.7f}",
+            f"{seg['max_abs_diff']:.2e}",
+            "pass" if seg["passed"] else "FAIL",
+        )
+    lines: list[RenderableType] = [table]
+    gpu = result.get("operators", {}).get("gpu_unsupported_ops", {})
+    for provider, ops in gpu.items():
+        found = "all ops implemented" if not ops else "not implemented: " + ", ".join(ops)
+        lines.append(f"{provider}: {found}")
+    lines.append(Text("PASSED" if result.get("passed") else "FAILED", style="bold"))
+    return lines
