@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,73 @@ def test_tampered_store_copy_is_refused(fp32_artifact: Artifact) -> None:
 def test_unknown_tag() -> None:
     with pytest.raises(ArtifactError, match="run `embedkit release`"):
         resolve("no-such-model:abc")
+
+
+# --- manifest file entries stay inside the artifact directory ----------------------------------
+
+
+def _tiny_artifact(directory: Path) -> Artifact:
+    """An artifact directory with placeholder files (nothing here runs the model)."""
+    from embedkit.model.artifact import TOKENIZER_FILE, finalize
+
+    directory.mkdir()
+    (directory / MODEL_FILE).write_bytes(b"not really onnx")
+    (directory / TOKENIZER_FILE).write_text("{}")
+    return finalize(
+        directory,
+        {
+            "name": "paths",
+            "model_id": "tests/paths",
+            "model_version": "0",
+            "source_sha256": "0" * 64,
+            "embedding": {
+                "pooling": "mean",
+                "max_seq_length": 8,
+                "normalize": True,
+                "do_lower_case": False,
+                "dimension": 4,
+            },
+            "tokenizer": {"max_length": 8, "pad_token": "[PAD]", "pad_id": 0},
+            "inputs": ["input_ids", "attention_mask"],
+            "opset": 17,
+            "toolchain": {},
+        },
+    )
+
+
+def _list_in_manifest(directory: Path, entry: str, digest: str) -> None:
+    """Add ``entry`` to the manifest's ``files`` as a hand-edited (or hostile) one would."""
+    raw = json.loads((directory / "manifest.json").read_text())
+    raw["files"][entry] = digest
+    (directory / "manifest.json").write_text(json.dumps(raw, indent=2))
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "sub/../../outside.bin", "OUTSIDE"])
+def test_manifest_entries_outside_the_artifact_are_refused(tmp_path: Path, entry: str) -> None:
+    """A ``files`` entry is joined to the artifact directory: an absolute path or a ``..``
+    component would have load hash (and trust) a file that is not part of the artifact."""
+    from embedkit.model.artifact import sha256_file
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"a file beside the artifact, not in it")
+    art = tmp_path / "art"
+    _tiny_artifact(art)
+    Artifact.load(art)  # intact: loads
+    entry = str(outside) if entry == "OUTSIDE" else entry  # the absolute path
+    _list_in_manifest(art, entry, sha256_file(outside))  # its checksum even matches
+    with pytest.raises(ArtifactError, match=re.escape(repr(entry))):
+        Artifact.load(art)
+
+
+def test_manifest_entry_through_a_symlink_out_of_the_artifact_is_refused(tmp_path: Path) -> None:
+    from embedkit.model.artifact import sha256_file
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.bin").write_bytes(b"not the artifact's")
+    art = tmp_path / "art"
+    _tiny_artifact(art)
+    (art / "records").symlink_to(elsewhere, target_is_directory=True)
+    _list_in_manifest(art, "records/secret.bin", sha256_file(elsewhere / "secret.bin"))
+    with pytest.raises(ArtifactError, match=r"'records/secret\.bin'.*outside"):
+        Artifact.load(art)

@@ -14,8 +14,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -72,6 +73,28 @@ def sha256_tree(root: Path, *, exclude: set[str] | None = None) -> dict[str, str
         if path.is_file() and rel not in exclude:
             out[rel] = sha256_file(path)
     return out
+
+
+def unsafe_entry(rel: str) -> str | None:
+    """Why ``rel`` (a manifest ``files``/``records`` entry) cannot name a file inside the
+    artifact directory it is joined to, or None: entries are relative POSIX paths below it."""
+    if not rel:
+        return "is empty"
+    path = PurePosixPath(rel)
+    if path.is_absolute():
+        return "is an absolute path"
+    if ".." in path.parts:
+        return "has a '..' component"
+    return None
+
+
+def _check_entries(kind: str, entries: Iterable[str]) -> None:
+    for rel in entries:
+        why = unsafe_entry(rel)
+        if why is not None:
+            raise ValueError(
+                f"{kind} entry {rel!r} {why}: entries are paths inside the artifact directory"
+            )
 
 
 class TokenizerSpec(BaseModel):
@@ -209,6 +232,12 @@ class Manifest(BaseModel):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @model_validator(mode="after")
+    def _entries_inside(self) -> Manifest:
+        _check_entries("files", self.files)
+        _check_entries("records", self.records.values())
+        return self
+
+    @model_validator(mode="after")
     def _prompts_consistent(self) -> Manifest:
         default = self.default_prompt_name
         if default is not None and default not in self.prompts:
@@ -338,14 +367,29 @@ class Artifact:
                 signing.verify(artifact.path, trust.trusted_keys)
         return artifact
 
+    def file(self, rel: str) -> Path:
+        """``rel`` (a manifest entry) inside the artifact directory; ArtifactError naming it
+        when it is absolute, has a ``..`` component or resolves (symlinks) outside."""
+        why = unsafe_entry(rel)
+        if why is None:
+            root = self.path.resolve()
+            if not (self.path / rel).resolve().is_relative_to(root):
+                why = "resolves outside the artifact directory"
+        if why is not None:
+            raise ArtifactError(f"manifest of {self.path}: entry {rel!r} {why}; refusing to load")
+        return self.path / rel
+
     def verify(self) -> None:
-        """Recompute every checksum; raise naming the first file that differs or is missing."""
+        """Recompute every checksum; raise naming the first file that differs or is missing,
+        or the first entry that is not a path inside the artifact directory."""
         expected = self.manifest.files
         for name in (MODEL_FILE, TOKENIZER_FILE):
             if name not in expected:
                 raise ArtifactError(f"manifest of {self.path} does not list {name}")
+        for rel in sorted({*expected, *self.manifest.records.values()}):
+            self.file(rel)  # every entry inside, before any file is read
         for rel, digest in sorted(expected.items()):
-            file = self.path / rel
+            file = self.file(rel)
             if not file.is_file():
                 raise ChecksumMismatch(f"artifact file {rel} is missing from {self.path}")
             actual = sha256_file(file)

@@ -144,7 +144,7 @@ def load_baseline(tag_or_file: str | Path, base: Settings | None = None) -> Conf
     record = {}
     rel = artifact.manifest.records.get("runtime")
     if rel:
-        record = json.loads((artifact.path / rel).read_text())
+        record = json.loads(artifact.file(rel).read_text())
     return Config(f"baseline {tag_or_file}", artifact, settings_from_record(record, base))
 
 
