@@ -438,3 +438,106 @@ def test_dumps_handles_integers_beyond_64_bits() -> None:
     import json
 
     assert json.loads(dumps({"n": 10**30, "v": [0.5]})) == {"n": 10**30, "v": [0.5]}
+
+
+# --- the front's routes in-process: quota on /tokenize, tokenising off the event loop -------
+
+
+class _ZeroEmbedder:
+    """An Embedder that answers zero vectors (the front's post-processing still runs)."""
+
+    async def embed_query(self, items: list[Any]) -> np.ndarray:
+        return np.zeros((len(items), 384), dtype=np.float32)
+
+    async def embed_bulk(self, items: list[Any]) -> np.ndarray:
+        return np.zeros((len(items), 384), dtype=np.float32)
+
+    async def info(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def front(fp32_artifact):
+    from embedkit.serve.pipeline.front import Front
+
+    return Front(fp32_artifact, Settings(front_coalescing=False))
+
+
+def _as_tenant(tenant: Any, route: Any) -> Any:
+    """``route`` (a coroutine function) run in one request of ``tenant``, as the edge
+    would open it; returns the route's response and the request's trace."""
+    from embedkit.serve.pipeline import trace
+
+    async def run() -> Any:
+        request = trace.RequestTrace("test", tenant=tenant)
+        opened = trace.CURRENT.set(request)
+        try:
+            return await route(), request
+        finally:
+            trace.CURRENT.reset(opened)
+
+    return asyncio.run(run())
+
+
+def test_tokenize_is_charged_to_the_tenants_quota(front: Any) -> None:
+    """/tokenize tokenises like the embedding routes, so its tokens cost the tenant the
+    same: a bucket it spends answers the next call 429 quota_exceeded."""
+    from embedkit.serve.edge.tenants import Tenant
+
+    tenant = Tenant("small", rate=0.001, burst=20.0)  # refills nothing during the test
+    body = {"texts": ["one short sentence to count", "and a second one"]}
+    response, request = _as_tenant(tenant, lambda: front.tokenize(dict(body)))
+    assert response.status_code == 200
+    used = json.loads(response.body)["usage"]["tokens"]
+    assert 10 < used <= 20  # a second call cannot be covered
+    assert request.tokens == used and request.lane is None  # the log line: tokens, no lane
+    assert tenant._level == pytest.approx(20.0 - used, abs=0.01), "/tokenize was not charged"
+    response, _ = _as_tenant(tenant, lambda: front.tokenize(dict(body)))
+    assert response.status_code == 429
+    assert json.loads(response.body)["error"]["code"] == "quota_exceeded"
+
+
+def test_large_inputs_are_tokenised_off_the_event_loop(front: Any, monkeypatch: Any) -> None:
+    """One large text (up to the 8 MiB body limit) would hold the event loop for as long
+    as tokenising takes: above a size it is tokenised in a thread; small ones stay inline."""
+    import threading
+
+    threads: list[threading.Thread] = []
+    encode = front.tokenizer.encode_counted
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(front.tokenizer, "encode_counted", recording)
+    big, small = "many words in one long text " * 2000, "a few words"
+    embedder = _ZeroEmbedder()
+
+    async def run() -> list[tuple[str, bool]]:
+        loop_thread = threading.current_thread()
+        calls = {
+            "tokenize big": lambda: front.tokenize({"texts": [big]}),
+            "tokenize small": lambda: front.tokenize({"texts": [small]}),
+            "embed big": lambda: front.native(embedder, {"texts": [big]}, "bulk"),
+            "openai big": lambda: front.openai(embedder, {"input": big, "model": front.model_name}),
+            "openai small": lambda: front.openai(
+                embedder, {"input": small, "model": front.model_name}
+            ),
+        }
+        seen = []
+        for name, call in calls.items():
+            threads.clear()
+            response = await call()
+            assert response.status_code == 200, (name, response.body)
+            assert len(threads) == 1, name
+            seen.append((name, threads[0] is loop_thread))
+        return seen
+
+    on_loop = dict(asyncio.run(run()))
+    assert on_loop == {
+        "tokenize big": False,
+        "tokenize small": True,
+        "embed big": False,
+        "openai big": False,
+        "openai small": True,
+    }
