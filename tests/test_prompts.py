@@ -227,3 +227,64 @@ def test_variants_of_a_prompt_model_build_and_keep_the_prompts(
     got = Engine(variant, CPU, judging=True).encode(texts, prompt_name="query")
     want = engine.encode(texts, prompt_name="query")
     assert float((got * want).sum(axis=1).min()) > 0.99
+
+
+def test_left_truncation_cuts_the_text_and_keeps_the_prompt(
+    engine: Engine, prompt_model_dir: Path
+) -> None:
+    """truncation_direction 'left' with a prompt: the text loses its start, the prompt
+    stays whole, so the positions an include_prompt=false pooling skips are exactly the
+    prompt's; the vector is PyTorch's for the prompt + the text's surviving tail."""
+    tok, prompts = engine.tokenizer, engine.prompts
+    prompt = prompts.resolve("query")
+    assert prompt is not None and prompt.pool_from == 1 + len(prompt.ids)
+    words = ["first", *(["word"] * 300), "one", "two", "three"]
+    text = " ".join(words)
+    content = tok.content_ids(text)
+    assert len(content) == len(words)  # one token per word: the tail is a text of its own
+    fits = tok.max_length - 2 - len(prompt.ids)  # the text's tokens that fit behind the prompt
+    want = [101, *prompt.ids, *content[-fits:], 102]
+
+    job = native_job(
+        EmbedRequest(texts=[text], prompt_name="query", truncation_direction="left"),
+        tok,
+        CPU,
+        lane="bulk",
+        model_dim=32,
+        prompts=prompts,
+    )
+    assert job.ids == [want] and job.pool_from == [prompt.pool_from] and job.truncated == 1
+
+    def openai(raw: object) -> list[list[int]]:
+        req = EmbeddingsRequest(
+            model="m", input=raw, prompt_name="query", truncation_direction="left"
+        )
+        got = openai_job(req, tok, CPU, served="m", model_dim=32, normalize=True, prompts=prompts)
+        assert got.pool_from == [prompt.pool_from] and got.truncated == 1
+        return got.ids
+
+    assert openai(text) == [want]
+    assert openai([content]) == [want]  # token-id input: the prompt's tokens stay too
+    # The right side (the manifest's, and the one PyTorch parity is checked on) is unchanged.
+    right = native_job(
+        EmbedRequest(texts=[text], prompt_name="query"),
+        tok,
+        CPU,
+        lane="bulk",
+        model_dim=32,
+        prompts=prompts,
+    )
+    assert right.ids == tok.encode(prompt.apply([text]))
+    assert right.ids[0][: prompt.pool_from] == want[: prompt.pool_from]
+
+    # What gets pooled is the text's tail alone, behind the whole prompt: as PyTorch embeds
+    # the tail with the prompt (no truncation needed there).
+    tail = " ".join(words[-fits:])
+    assert tok.content_ids(tail) == content[-fits:]
+    raw, _ = engine.embed_ids(job.ids, job.pool_from)
+    got = raw[0] / np.linalg.norm(raw[0])
+    ref = load_reference(prompt_model_dir).encode(
+        [tail], prompt_name="query", convert_to_numpy=True, normalize_embeddings=True
+    )[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(got, engine.encode([tail], prompt_name="query")[0], atol=1e-6)

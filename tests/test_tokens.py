@@ -107,6 +107,34 @@ def test_requests_pick_the_side_and_learn_what_was_cut(cased_tokenizer_json: Pat
         assert tk.check_ids_counted([[6, 6, 7, 7]], direction="right")[0] == [[2, 6, 6, 7, 3]]
 
 
+def test_a_cut_from_the_left_keeps_the_prompt(cased_tokenizer_json: Path) -> None:
+    """A prompt ("Hello", id 4) before each text: cutting from the left takes the text's
+    start, never the prompt (which an include_prompt=false pooling skips by length)."""
+    tk = TextTokenizer(cased_tokenizer_json, _spec())
+    # Token-id input: the prompt's ids come as ``prefix``.
+    assert tk.check_ids_counted([[6, 6, 7, 7], [6]], prefix=[4], direction="left") == (
+        [[2, 4, 7, 7, 3], [2, 4, 6, 3]],
+        1,
+    )
+    assert tk.check_ids_counted([[6, 6, 7, 7]], prefix=[4], direction="right")[0] == [
+        [2, 4, 6, 6, 3]
+    ]
+    # A prompt with no room left for the text: only its start fits, as from the right.
+    assert tk.check_ids_counted([[6]], prefix=[4, 4, 4, 4], direction="left")[0] == [
+        [2, 4, 4, 4, 3]
+    ]
+    # Text input: the prompt is in the text; ``keep`` says how many tokens it takes.
+    texts = ["Hello a a b b", "Hello a"]
+    assert tk.encode_counted(texts, direction="left", keep=1) == (
+        [[2, 4, 7, 7, 3], [2, 4, 6, 3]],
+        1,
+    )
+    assert tk.encode_counted(texts, direction="right", keep=1) == tk.encode_counted(texts)
+    assert tk.encode_counted(texts[:1], direction="left", keep=9)[0] == [[2, 4, 6, 6, 3]]
+    with pytest.raises(InputTooLong):
+        tk.encode_counted(texts, direction="left", keep=1, truncate=False)
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [

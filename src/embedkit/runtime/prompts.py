@@ -6,7 +6,10 @@ prepended to the text before tokenising, so its tokens count against the token l
 and in usage. For a model whose pooling leaves the prompt out (include_prompt: false,
 the manifest's ``pooling_mask_input``), each prompt also says how many leading positions
 the pooling skips: the prompt's own tokens with the leading special tokens and without
-a trailing one (sentence-transformers' prompt length).
+a trailing one (sentence-transformers' prompt length). Those positions stay the prompt's
+under any truncation: a cut from the left (``truncation_direction: left``) keeps the whole
+prompt and takes the start of the text behind it (``TextTokenizer.encode_counted(keep=)``;
+why, in ``serve.pipeline.jobs.prompted_ids``).
 """
 
 from __future__ import annotations

@@ -109,12 +109,25 @@ class TextTokenizer:
         return self.encode_counted(texts, truncate=truncate)[0]
 
     def encode_counted(
-        self, texts: Sequence[str], *, truncate: bool = True, direction: Direction | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        truncate: bool = True,
+        direction: Direction | None = None,
+        keep: int = 0,
     ) -> tuple[list[list[int]], int]:
         """:meth:`encode` from the ``direction`` side (default: the manifest's), plus how
-        many texts truncation cut."""
+        many texts truncation cut.
+
+        ``keep``: leading content tokens a cut from the left never removes — a prompt's
+        (``len(Prompt.ids)``), put before each text. A cut from the right takes the text's
+        end and leaves them anyway.
+        """
         texts = self._lower(texts)
-        tok = self._by_side[direction or self.spec.truncation_side] if truncate else self._full
+        side = direction or self.spec.truncation_side
+        if truncate and keep and side == "left":
+            return self._encode_keeping(texts, keep)
+        tok = self._by_side[side] if truncate else self._full
         encodings = tok.encode_batch(list(texts), add_special_tokens=True)
         ids = [e.ids for e in encodings]
         if not truncate:
@@ -127,6 +140,25 @@ class TextTokenizer:
                     )
         # A cut encoding keeps what it dropped in `overflowing` (stride 0: no overlap).
         return ids, sum(1 for e in encodings if e.overflowing)
+
+    def _encode_keeping(self, texts: Sequence[str], keep: int) -> tuple[list[list[int]], int]:
+        """Cut from the left, but after the special prefix and ``keep`` content tokens:
+        a prompt stays whole and its text loses its start. The Rust truncation would cut
+        the prompt first (sentence-transformers with ``truncation_side="left"`` does, and
+        then its include_prompt=false pooling skips the text's first tokens instead)."""
+        head = len(self._prefix) + keep
+        cut = 0
+        out: list[list[int]] = []
+        for enc in self._full.encode_batch(list(texts), add_special_tokens=True):
+            row = list(enc.ids)
+            if len(row) > self.max_length:
+                # A prompt that leaves the text no room: only the prompt's start fits, as
+                # with a cut from the right.
+                h = min(head, self.max_length - len(self._suffix))
+                row = row[:h] + row[len(row) - (self.max_length - h) :]
+                cut += 1
+            out.append(row)
+        return out, cut
 
     def prompt_length(self, prompt: str) -> int:
         """Leading positions a prompt takes when prepended (what an include_prompt=false
@@ -217,7 +249,11 @@ class TextTokenizer:
                         "(truncation is off)",
                         param="input",
                     )
-                content = content[-room:] if side == "left" else content[:room]
+                if side == "left":  # the prompt's tokens stay; the row loses its start
+                    kept = min(len(prefix), room)
+                    content = [*content[:kept], *content[len(content) - (room - kept) :]]
+                else:
+                    content = content[:room]
                 cut += 1
             out.append([*self._prefix, *content, *self._suffix])
         return out, cut

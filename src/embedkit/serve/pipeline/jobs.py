@@ -132,7 +132,9 @@ def openai_job(
     elif isinstance(raw[0], list):
         ids, cut = tokenizer.check_ids_counted(raw, prefix=prefix, **side)
     else:
-        ids, cut = tokenizer.encode_counted(prompt.apply(raw) if prompt else raw, **side)
+        # As prompted_ids: a cut from the left keeps the prompt whole.
+        texts = prompt.apply(raw) if prompt else raw
+        ids, cut = tokenizer.encode_counted(texts, keep=len(prefix), **side)
     return EmbedJob(
         ids=ids,
         lane="query" if len(ids) == 1 else "bulk",
@@ -156,10 +158,24 @@ def prompted_ids(
 ) -> tuple[list[list[int]], list[int] | None, int]:
     """Token ids of ``texts`` behind their prompt (the named one, else the model's
     default), the pooling offsets it implies and how many texts truncation cut (from
-    ``direction``, default the manifest's side); ``/tokenize`` shows the same ids."""
+    ``direction``, default the manifest's side); ``/tokenize`` shows the same ids.
+
+    A cut from the left keeps the prompt whole and takes the text's start (``keep``).
+    sentence-transformers with ``truncation_side="left"`` cuts the prompt first and still
+    has its include_prompt=false pooling skip the prompt's length, i.e. the text's first
+    tokens: no one wants that, and nothing checks it (PyTorch parity is checked on the
+    manifest's side, always "right" from export, where the prompt is never cut). Kept
+    this way, the skipped positions are exactly the prompt's, and the vector is PyTorch's
+    for the prompt + the part of the text that survives (tests/test_prompts.py). The
+    prompt is an instruction: losing it changes what the vector means, unlike losing the
+    start of a long text — which is what a client asking for a left cut chose.
+    """
     prompt = prompts.resolve(prompt_name) if prompts else None
     ids, cut = tokenizer.encode_counted(
-        prompt.apply(texts) if prompt else texts, truncate=truncate, direction=direction
+        prompt.apply(texts) if prompt else texts,
+        truncate=truncate,
+        direction=direction,
+        keep=len(prompt.ids) if prompt else 0,
     )
     return ids, pool_starts(prompt, len(ids)), cut
 
