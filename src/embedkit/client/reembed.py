@@ -33,26 +33,22 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import numpy as np
 
+from embedkit.client import api
 from embedkit.core.errors import (
     EmbedkitError,
     IdentityMismatch,
     InferenceError,
-    InvalidDimensions,
     InvalidInput,
-    ModelNotFound,
     Overloaded,
-    PayloadTooLarge,
-    Unauthorized,
 )
 from embedkit.runtime.vectors import decode_base64
-from embedkit.serve.engine.identity import HEADER, ServedIdentity
+from embedkit.serve.engine.identity import ServedIdentity
 
 CHECKPOINT = "reembed.json"
 FORMAT_VERSION = 1
@@ -60,13 +56,6 @@ RETRYABLE = {429, 503, 504}
 # What makes two vectors comparable: the same model version, variant and precision. The
 # provider and CPU ISA level are recorded per chunk but may differ between pods.
 VECTOR_FIELDS = ("name", "version", "variant", "compatibility", "precision")
-_ERRORS: dict[int, type[EmbedkitError]] = {
-    400: InvalidInput,
-    401: Unauthorized,
-    404: ModelNotFound,
-    413: PayloadTooLarge,
-    422: InvalidDimensions,
-}
 
 Format = Literal["npy", "jsonl"]
 OnBadLine = Literal["skip", "stop"]
@@ -358,29 +347,6 @@ def _npy_bytes(vectors: np.ndarray) -> bytes:
 # --- the service ---------------------------------------------------------------------------
 
 
-def _retry_after(response: httpx.Response | None) -> float | None:
-    value = response.headers.get("retry-after") if response is not None else None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
-def _refusal(response: httpx.Response, what: str) -> EmbedkitError:
-    try:
-        error = response.json()["error"]
-        detail = f"{error.get('code') or error.get('type')}: {error.get('message')}"
-    except (ValueError, KeyError, TypeError):
-        detail = response.text[:200] or "(empty body)"
-    cls = _ERRORS.get(response.status_code, InferenceError)
-    return cls(f"the service answered {response.status_code} to {what}: {detail}")
-
-
 class Service:
     """The bulk route of one service, with retries on 429/503/504 and broken connections."""
 
@@ -391,20 +357,17 @@ class Service:
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        headers = {"authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-        self.client = httpx.Client(
-            base_url=options.url.rstrip("/"),
-            headers=headers,
-            timeout=options.timeout_s,
-            transport=transport,
+        self.api = api.Client(
+            options.url, api_key=options.api_key, timeout_s=options.timeout_s, transport=transport
         )
+        self.client = self.api.http
         self.max_wait_s = options.max_wait_s
         self.model = options.model
         self.sleep = sleep
         self.retries: dict[str, int] = {}
 
     def close(self) -> None:
-        self.client.close()
+        self.api.close()
 
     def _call(self, what: str, send: Callable[[], httpx.Response]) -> httpx.Response:
         deadline = time.monotonic() + self.max_wait_s
@@ -412,16 +375,16 @@ class Service:
             response: httpx.Response | None = None
             try:
                 response = send()
-            except httpx.TransportError as exc:
+            except api.TransportError as exc:
                 reason = f"connection: {type(exc).__name__}"
             else:
                 if response.status_code not in RETRYABLE:
                     if response.status_code != 200:
-                        raise _refusal(response, what)
+                        raise api.error_for(response, what)
                     return response
                 reason = str(response.status_code)
             # Backoff with jitter; Retry-After, when given, is the server's own estimate.
-            wait_s = _retry_after(response)
+            wait_s = api.retry_after(response)
             if wait_s is None:
                 wait_s = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
             if time.monotonic() + wait_s > deadline:
@@ -436,7 +399,7 @@ class Service:
 
     def identity(self) -> ServedIdentity:
         """What the service serves now (``/v1/models``), before any work is sent."""
-        response = self._call("GET /v1/models", lambda: self.client.get("/v1/models"))
+        response = self._call("GET /v1/models", lambda: self.api.get(api.MODELS_PATH))
         try:
             cards = response.json()["data"]
             card = cards[0] if self.model is None else _card(cards, self.model)
@@ -454,13 +417,15 @@ class Service:
 
     def embed(self, chunk: Chunk) -> tuple[np.ndarray, ServedIdentity, str]:
         what = chunk.span
-        body: dict[str, Any] = {"texts": chunk.texts, "encoding_format": "base64"}
-        if self.model is not None:
-            body["model"] = self.model
-        response = self._call(what, lambda: self.client.post("/embed", json=body))
-        header = response.headers.get(HEADER, "")
+        response = self._call(
+            what,
+            lambda: self.api.embed(
+                chunk.texts, model=self.model, check=False, encoding_format="base64"
+            ),
+        )
+        header = api.served_header(response) or ""
         try:
-            served = ServedIdentity.from_header(header)
+            served = api.served_identity(response)
             answer = response.json()
             vectors = decode_base64(answer["embeddings"], int(answer["dimensions"]))
         except (ValueError, KeyError, TypeError) as exc:
