@@ -26,17 +26,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 
+from embedkit.client import api
+from embedkit.client.api import check_url
 from embedkit.core.errors import InvalidInput
 from embedkit.core.stats import percentile
 from embedkit.model import evaldata
-from embedkit.serve.engine.identity import HEADER, ServedIdentity
+from embedkit.serve.engine.identity import ServedIdentity
 
 SAME_VERSION_MAX_ABS = 1e-4  # fp32 through HTTP JSON: what the HTTP tests hold the route to
 LONG_MIN_WORDS = 180  # long documents reach the default model's 256-token limit
-ROUTE = "/embed"
+ROUTE = api.EMBED_PATH
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,6 @@ class CanaryResult:
         return out + [f"{what}: {figure}" for what, figure, ok in self.checks if not ok]
 
 
-def check_url(url: str, option: str) -> str:
-    """``url`` as given if it is an explicit http(s) URL with a host; else a one-line error."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise InvalidInput(f"{option}: {url!r} is not a URL ({exc})") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidInput(
-            f"{option}: {url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:3000"
-        )
-    return url.rstrip("/")
-
-
 def rule_for(stable: ServedIdentity, candidate: ServedIdentity) -> tuple[str, str | None]:
     """(the comparison the candidate's class calls for, or why it may not share the index)."""
     separate = "promote it only behind a separate Service, with a plan to re-index"
@@ -128,32 +116,18 @@ def rule_for(stable: ServedIdentity, candidate: ServedIdentity) -> tuple[str, st
     return "index-compatible variant: the quality gate's limits", None
 
 
-def _identity(client: httpx.Client, side: Side) -> None:
-    try:
-        response = client.get(side.url + "/info")
-    except httpx.HTTPError as exc:
-        raise InvalidInput(f"{side.url}: no answer on /info ({type(exc).__name__}: {exc})") from exc
-    served = response.json().get("served") if response.status_code == 200 else None
-    if not served:
-        raise InvalidInput(
-            f"{side.url}/info answered {response.status_code} without a served identity: "
-            "not an embedkit server, or not ready"
-        )
-    side.identity = ServedIdentity.from_dict(served)
-
-
-def _post(client: httpx.Client, side: Side, index: int, batch: list[str]) -> None:
+def _post(client: api.Client, side: Side, index: int, batch: list[str]) -> None:
     started = time.perf_counter()
     try:
-        response = client.post(side.url + ROUTE, json={"texts": batch})
-    except httpx.HTTPError as exc:
+        response = client.embed(batch, path=ROUTE, check=False)
+    except api.HTTPError as exc:
         side.errors.append(f"batch {index}: {type(exc).__name__}: {exc}")
         return
     side.seconds.append(time.perf_counter() - started)
     if response.status_code != 200:
         side.errors.append(f"batch {index}: HTTP {response.status_code} {response.text[:120]}")
         return
-    header = response.headers.get(HEADER)
+    header = api.served_header(response)
     if side.identity is not None and header != side.identity.header_value():
         side.errors.append(f"batch {index}: answered as {header!r}, /info said otherwise")
     side.vectors[index] = response.json()["embeddings"]
@@ -181,15 +155,19 @@ def run_canary(
     corpus = texts.texts
     batches = [corpus[i : i + batch_size] for i in range(0, len(corpus), batch_size)]
     rng = random.Random(seed)
-    with httpx.Client(timeout=timeout_s) as client:
-        for side in (stable, candidate):
-            _identity(client, side)
+    with (
+        api.Client(stable.url, timeout_s=timeout_s) as to_stable,
+        api.Client(candidate.url, timeout_s=timeout_s) as to_candidate,
+    ):
+        sides = ((stable, to_stable), (candidate, to_candidate))
+        for side, client in sides:
+            side.identity = client.info_identity()
         assert stable.identity is not None and candidate.identity is not None
         rule, refused = rule_for(stable.identity, candidate.identity)
-        for side in (stable, candidate):  # warm-up, untimed: first calls allocate arenas
-            client.post(side.url + ROUTE, json={"texts": batches[0]})
+        for _, client in sides:  # warm-up, untimed: first calls allocate arenas
+            client.embed(batches[0], path=ROUTE, check=False)
         for index, batch in enumerate(batches):
-            for side in rng.sample((stable, candidate), 2):
+            for side, client in rng.sample(sides, 2):
                 _post(client, side, index, batch)
     checks: list[tuple[str, str, bool]] = []
     for side, who in ((stable, "stable"), (candidate, "candidate")):

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
-from embedkit.core.errors import BuildError
+from embedkit.client import api
+from embedkit.core.errors import BuildError, NotReady
 
 CONTAINERS_CONF = Path("build") / "image" / "containers.conf"
 # podman on these machines needs runc and no default ulimits (docs/bento.md); the same
@@ -90,22 +90,19 @@ REFUSAL_LOG = "embedkit refuses to start"
 def wait_ready(name: str, url: str, timeout_s: float) -> float | None:
     """Seconds until ``/readyz`` answers 200, or None if the container exits, logs that it
     refuses to start, or time runs out."""
-    start = time.monotonic()
-    polls = 0
-    while time.monotonic() - start < timeout_s:
+
+    def stop(polls: int) -> str | None:
         state = json.loads(podman("inspect", name).stdout)[0]["State"]
         if not state.get("Running"):
-            return None
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        polls += 1
-        if polls % 4 == 0 and wait_for_log(name, REFUSAL_LOG, 0) is not None:
-            return None
-        time.sleep(0.5)
-    return None
+            return "exited"
+        if polls and polls % 4 == 0 and wait_for_log(name, REFUSAL_LOG, 0) is not None:
+            return "refused to start"
+        return None
+
+    try:
+        return api.wait_ready(url, timeout_s=timeout_s, interval_s=0.5, stop=stop)
+    except NotReady:
+        return None
 
 
 def wait_for_log(name: str, needle: str, timeout_s: float) -> str | None:
@@ -218,10 +215,7 @@ def run_probes(manifest: str, ip: str) -> dict[str, int]:
         if get is None:
             continue
         port = ports.get(get["port"], get["port"])
-        try:
-            out[kind] = httpx.get(f"http://{ip}:{port}{get['path']}", timeout=3).status_code
-        except httpx.HTTPError:
-            out[kind] = 0
+        out[kind] = api.status(f"http://{ip}:{port}{get['path']}", timeout_s=3)
     return out
 
 

@@ -35,8 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from embedkit.client import api
 from embedkit.core.errors import BuildError, EmbedkitError, InvalidInput
 from embedkit.deploy import bento, container
 from embedkit.deploy.canary import CanaryResult, TextSet, run_canary
@@ -55,7 +54,7 @@ OVERLAYS = Path("deploy") / "k8s" / "overlays"
 IMAGES_RECORD = "images.json"  # model tag -> image a drill built, for --reuse-image
 PROBE_TEXT = "rollback drill"
 # What a step may meet besides our own errors; each ends the drill as that step's failure.
-FAILURES = (OSError, subprocess.SubprocessError, httpx.HTTPError)
+FAILURES = (OSError, subprocess.SubprocessError, api.HTTPError)
 
 
 @dataclass(frozen=True)
@@ -186,10 +185,11 @@ def free_port() -> int:
 def served_header(url: str) -> str | None:
     """The ``X-Embedkit-Model`` header of one embedding request to ``url``; None if none."""
     try:
-        response = httpx.post(url + "/embed", json={"texts": [PROBE_TEXT]}, timeout=30)
-    except httpx.HTTPError:
+        with api.Client(url, timeout_s=30) as client:
+            response = client.embed([PROBE_TEXT], check=False)
+    except api.HTTPError:
         return None
-    return response.headers.get(HEADER)
+    return api.served_header(response)
 
 
 def _running(manifest: str) -> dict[str, Any] | None:
