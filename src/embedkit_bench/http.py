@@ -22,17 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from embedkit.client import api
 from embedkit.core.stats import percentiles
 from embedkit_bench.server import start_service, wait_ready
 
-ROUTES = {"interactive": "/embed/query", "bulk": "/embed", "openai": "/v1/embeddings"}
+ROUTES = {"interactive": api.QUERY_PATH, "bulk": api.EMBED_PATH, "openai": api.OPENAI_PATH}
 
 
 def request_headers(api_key: str | None = None) -> dict[str, str]:
-    headers = {"content-type": "application/json"}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    return headers
+    """The headers of every request the load sends: a JSON body and the API key."""
+    return {"content-type": "application/json", **api.auth_headers(api_key)}
 
 
 # --- load ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from embedkit.client import api
 from embedkit.core.errors import InvalidInput
 from embedkit.core.stats import percentile, percentiles
 from embedkit.model import evaldata
@@ -192,13 +193,11 @@ class Outcome:
 
 
 async def send(client: Any, url: str, shot: Shot, corpus: Corpus, t0: float) -> Outcome:
-    import httpx
-
     start = time.perf_counter()
     base = Outcome(shot.kind, 0, 0.0, start - t0, len(shot.idx))
     try:
         resp = await client.post(url + shot.path, json=shot.body)
-    except httpx.HTTPError as exc:
+    except api.HTTPError as exc:
         base.latency_s = time.perf_counter() - start
         base.error = type(exc).__name__
         return base
@@ -225,14 +224,12 @@ async def warm_peak(url: str, corpus: Corpus, *, copies: int = 4, timeout_s: flo
     """The mix's largest request (48 long texts), ``copies`` at once, so every ORT run and
     its allocator meet the peak shape before memory is watched: what grows after that is
     not warm-up. 429s (over the token budget) are fine; any other failure is raised."""
-    import httpx
-
     check_loopback(url)
     longs = corpus.texts[corpus.long_from :] or corpus.texts
     body = {"texts": (longs * 48)[:48]}
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    async with api.async_http_client(timeout=timeout_s) as client:
         answers = await asyncio.gather(
-            *(client.post(url + "/embed", json=body) for _ in range(copies))
+            *(client.post(url + api.EMBED_PATH, json=body) for _ in range(copies))
         )
     for resp in answers:
         if resp.status_code not in (200, 429):
@@ -257,8 +254,6 @@ async def closed_loop(
 ) -> list[Outcome]:
     """``concurrency`` clients, each sending its next request when the last one returns,
     until ``duration_s`` has passed (or ``max_requests`` were sent)."""
-    import httpx
-
     check_loopback(url)
     kinds, weights = _kinds(mix or DEFAULT_MIX)
     rng = random.Random(seed)
@@ -266,8 +261,8 @@ async def closed_loop(
     t0 = time.perf_counter()
     end = t0 + duration_s
     budget = max_requests if max_requests is not None else 1 << 62
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    limits = api.limits(concurrency, keepalive=concurrency)
+    async with api.async_http_client(timeout=timeout_s, limits=limits) as client:
 
         async def worker() -> None:
             nonlocal budget
@@ -294,15 +289,13 @@ async def open_loop(
 ) -> list[Outcome]:
     """Requests arrive at ``rate`` per second whatever the server does (how overload
     really looks); the client never holds more than ``max_outstanding`` at once."""
-    import httpx
-
     check_loopback(url)
     kinds, weights = _kinds(mix or DEFAULT_MIX)
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
     tasks: set[asyncio.Task[None]] = set()
-    limits = httpx.Limits(max_connections=max_outstanding, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    limits = api.limits(max_outstanding, keepalive=256)
+    async with api.async_http_client(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
 
         async def one(shot: Shot) -> None:

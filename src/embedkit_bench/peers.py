@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embedkit.client import api
 from embedkit.core.errors import (
     BuildError,
     ContractViolation,
@@ -500,13 +501,11 @@ def start_infinity(venv: Path, model_dir: Path, served_name: str, root: Path) ->
 
 def embed(url: str, texts: Sequence[str], model: str) -> np.ndarray:
     """Vectors of ``texts`` from an OpenAI-style ``/v1/embeddings`` route, in input order."""
-    import httpx
-
-    r = httpx.post(url + PATH, json={"input": list(texts), "model": model}, timeout=300)
+    with api.Client(url, timeout_s=300) as client:
+        r = client.embeddings(list(texts), model=model, check=False)
     if r.status_code != 200:
         raise EmbedkitError(f"{url}{PATH} answered {r.status_code}: {r.text[:200]}")
-    data = sorted(r.json()["data"], key=lambda d: d["index"])
-    return np.asarray([d["embedding"] for d in data], dtype=np.float64)
+    return api.openai_vectors(r.json(), dtype=np.float64)
 
 
 def cosine_parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -806,11 +805,10 @@ def run_peers(
 
 def _check_reachable(url: str) -> None:
     """Refuse a ``url`` nothing answers at once; give one that answers 60 s to be ready."""
-    import httpx
-
     try:
-        httpx.get(url.rstrip("/") + "/readyz", timeout=5)
-    except httpx.HTTPError as exc:
+        with api.Client(url, timeout_s=5) as client:
+            client.get(api.READY_PATH)
+    except api.HTTPError as exc:
         raise NotReady(f"no server answers at {url}: {type(exc).__name__}") from None
     try:
         wait_http_ready(url.rstrip("/"), timeout=60)

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedkit.client import api
 from embedkit.core.errors import NotReady
 
 SERVICE = "service:EmbeddingAPI"
@@ -80,19 +81,13 @@ def wait_ready(
 ) -> None:
     """Poll ``url`` + ``path`` until it answers 200; fail early if ``proc`` exits meanwhile
     (``path``: another server's readiness route, e.g. Infinity's ``/health``)."""
-    import httpx  # a BentoML dependency: present in a serving-only install
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def exited(_: int) -> str | None:
         if proc is not None and proc.poll() is not None:
-            raise NotReady(f"the server for {url} exited early (code {proc.returncode})")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise NotReady(f"server at {url} not ready after {timeout:.0f} s")
+            return f"the server for {url} exited early (code {proc.returncode})"
+        return None
+
+    api.wait_ready(url, timeout_s=timeout, path=path, interval_s=0.3, stop=exited)
 
 
 @dataclass
@@ -124,9 +119,8 @@ class Server:
         raise TimeoutError(f"no log line with {needle!r}:\n{self.log_text()[-3000:]}")
 
     def metrics(self) -> str:
-        import httpx
-
-        return httpx.get(self.url + "/metrics", timeout=10).text
+        with api.Client(self.url, timeout_s=10) as client:
+            return client.metrics()
 
     def stop(self) -> None:
         stop_process_group(self.proc)
