@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -217,7 +218,7 @@ def test_a_format_2_manifest_still_loads_and_serves(
     [("fused-fp32", {}), ("dynamic-int8", {}), ("static-int8", {"size": 32})],
 )
 def test_variants_of_a_prompt_model_build_and_keep_the_prompts(
-    kind: str, options: dict[str, object], prompt_artifact: Artifact, engine: Engine, tmp_path: Path
+    kind: str, options: dict[str, Any], prompt_artifact: Artifact, engine: Engine, tmp_path: Path
 ) -> None:
     variant = build_variant(prompt_artifact, kind, tmp_path / kind, **options)
     m = variant.manifest
