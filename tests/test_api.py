@@ -266,24 +266,35 @@ def test_foreign_errors_become_ours() -> None:
 
 
 @pytest.mark.parametrize(
-    ("header", "ok"),
+    ("header", "refused"),
     [
-        (None, False),
-        ("Bearer k1", True),
-        ("bearer k2", True),
-        ("Bearer nope", False),
-        ("k1", False),
-        ("Basic k1", False),
-        ("Bearer ", False),
+        ("Bearer k1", None),
+        ("bearer k2", None),  # the scheme in any case
+        ("Bearer  k2 ", None),  # the key trimmed
+        (None, "missing API key"),
+        ("k1", "missing API key"),  # a key without the scheme
+        ("Basic k1", "missing API key"),
+        ("Bearer ", "missing API key"),
+        ("Bearer nope", "invalid API key"),
     ],
 )
-def test_check_auth(header: str | None, ok: bool) -> None:
-    Tenants([]).identify(header)  # no keys: auth off
-    if ok:
-        Tenants(["k1", "k2"]).identify(header)
+def test_api_keys_name_the_default_tenant_and_no_keys_let_any_header_in(
+    header: str | None, refused: str | None
+) -> None:
+    """``api_keys`` (no tenants file): each listed key, as a Bearer token, is the default
+    tenant; anything else is a 401 that says what is wrong. With no key configured auth
+    is off: whatever the header (none, an unknown key, another scheme), the default tenant.
+    Tenants-file keys and revocation: tests/test_tenant_quotas.py."""
+    off = Tenants([])
+    assert not off.auth and off.identify(header) is off.default
+    keyed = Tenants(["k1", "k2"])
+    assert keyed.auth
+    if refused is None:
+        assert keyed.identify(header) is keyed.default
     else:
-        with pytest.raises(Unauthorized):
-            Tenants(["k1", "k2"]).identify(header)
+        with pytest.raises(Unauthorized, match=refused) as info:
+            keyed.identify(header)
+        assert info.value.status == 401
 
 
 # --- the middleware, over an in-memory ASGI transport ------------------------------------
