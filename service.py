@@ -8,11 +8,20 @@ adaptive-batching policy from settings; ``EmbeddingAPI`` is the HTTP front:
 it validates, tokenises, routes to a lane through ``bentoml.depends`` (which is
 what makes BentoML batch across requests) and shapes responses.
 
-Where the work is: ``serve.embedder`` (the Embedder's engine), ``serve.front`` (the
-routes' work and warm-up), ``serve.schemas`` (request/response bodies),
-``serve.middleware`` (auth, limits, admission, error rewriting), ``serve.options``
-(service options from settings), ``serve.startup`` (artifact loading) and
-``serve.registry`` (several models in one deployment: the request's ``model`` picks one).
+Where the work is: ``serve.engine.embedder`` (the Embedder's engine),
+``serve.pipeline.front`` (the routes' work and warm-up), ``serve.edge.schemas``
+(request/response bodies), ``serve.edge.middleware`` (auth, limits, admission, error
+rewriting), ``serve.pipeline.options`` (service options from settings),
+``serve.engine.startup`` (artifact loading), ``serve.pipeline.registry`` (several models
+in one deployment: the request's ``model`` picks one) and ``serve.seams`` (the
+``Embedder`` protocol the front calls, whichever topology).
+
+What is handed where, as arguments: the Embedder (``EmbeddingAPI.embedder``) to each
+route's work; the request's context (``serve.pipeline.trace.RequestContext``: tenant,
+lane asked, id, what served it), opened by the edge and put in the ASGI scope's state, to
+the front from ``ctx.request.state``; what this process serves
+(``serve.engine.identity.ServedIdentities``, :data:`IDENTITIES`) to the edge, the fronts
+and the engine cores when they are built.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from starlette.routing import Route
 
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import get_settings
+from embedkit.serve import seams
 from embedkit.serve.edge import tenants
 from embedkit.serve.edge.http_errors import error_response
 from embedkit.serve.edge.middleware import EdgeMiddleware
@@ -52,9 +62,12 @@ from embedkit.serve.edge.schemas import (
     TokenizeResponse,
 )
 from embedkit.serve.engine.embedder import EmbedderCore, LocalEmbedder
+from embedkit.serve.engine.identity import ServedIdentities
 from embedkit.serve.engine.startup import load_artifact, load_artifacts, served_tags, with_models
 from embedkit.serve.pipeline.options import embedder_config, engine_settings, front_config, ort_runs
 from embedkit.serve.pipeline.registry import ServedModels
+from embedkit.serve.pipeline.trace import RequestContext
+from embedkit.serve.pipeline.trace import of as request_context
 
 SETTINGS = get_settings()
 # A built Bento pins its model versions as a Bento argument (`bentoml build --arg model=TAG`
@@ -63,6 +76,9 @@ SETTINGS = get_settings()
 # (serve/startup.py). The first is the default model.
 MODEL_TAGS = served_tags(SETTINGS, bentoml.use_arguments())
 MODEL_TAG = MODEL_TAGS[0]
+# What this process serves: filled in at startup by the engine cores (single topology, or
+# the Embedder's process) and the fronts once warm; read by the edge and /v1/models.
+IDENTITIES = ServedIdentities()
 
 
 @bentoml.service(**embedder_config(SETTINGS))
@@ -70,7 +86,7 @@ class Embedder:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.core = EmbedderCore(load_artifact(type(self).model), SETTINGS)
+        self.core = EmbedderCore(load_artifact(type(self).model), SETTINGS, identities=IDENTITIES)
 
     @bentoml.on_startup
     def warm(self) -> None:
@@ -137,18 +153,28 @@ class EmbeddingAPI:
         tenants.check_startup(SETTINGS)  # a bad tenants file stops startup (one line)
         # Every model loaded and verified before any session is built: one bad one stops
         # startup naming it. Several models share the runner threads (LocalEmbedder).
-        self.front = ServedModels(load_artifacts(type(self)), SETTINGS)
+        self.front = ServedModels(load_artifacts(type(self)), SETTINGS, IDENTITIES)
+        self._embedder: seams.Embedder | None = None
         if SETTINGS.topology == "single":
             cores = {
-                name: EmbedderCore(front.artifact, engine_settings(SETTINGS), default=front.default)
+                name: EmbedderCore(
+                    front.artifact,
+                    engine_settings(SETTINGS),
+                    default=front.default,
+                    identities=IDENTITIES,
+                )
                 for name, front in self.front.fronts.items()
             }
-            self.local = LocalEmbedder(cores, runs=ort_runs(SETTINGS))
+            self._embedder = self.local = LocalEmbedder(cores, runs=ort_runs(SETTINGS))
 
     @property
-    def embedder(self) -> Any:
-        """The Embedder's async surface: in this process (single) or BentoML's proxy (split)."""
-        return self.local if SETTINGS.topology == "single" else self.remote.to_async
+    def embedder(self) -> seams.Embedder:
+        """The Embedder: in this process (single) or the Embedder service through
+        BentoML's proxy (split; built on first use: the proxy is connected only after
+        the startup hooks)."""
+        if self._embedder is None:
+            self._embedder = seams.RemoteEmbedder(self.remote.to_async)
+        return self._embedder
 
     @bentoml.on_startup
     async def start_warmup(self) -> None:
@@ -169,25 +195,39 @@ class EmbeddingAPI:
     @bentoml.api(
         route="/v1/embeddings", input_spec=EmbeddingsRequest, output_spec=EmbeddingsResponse
     )
-    async def embeddings(self, **body: Any) -> Any:
+    async def embeddings(self, ctx: bentoml.Context, **body: Any) -> Any:
         """OpenAI-compatible embeddings (one input → query lane, several → bulk lane)."""
-        return await self.front.openai(self.embedder, body)
+        return _answer(ctx, await self.front.openai(self.embedder, body, _request(ctx)))
 
     @bentoml.api(route="/embed", input_spec=EmbedBulkRequest, output_spec=EmbedResponse)
-    async def embed(self, **body: Any) -> Any:
+    async def embed(self, ctx: bentoml.Context, **body: Any) -> Any:
         """Bulk embedding (throughput-tuned batching), with opt-in chunking of long texts."""
-        return await self.front.native(self.embedder, body, "bulk")
+        return _answer(ctx, await self.front.native(self.embedder, body, "bulk", _request(ctx)))
 
     @bentoml.api(route="/embed/query", input_spec=EmbedRequest, output_spec=EmbedResponse)
-    async def embed_query(self, **body: Any) -> Any:
+    async def embed_query(self, ctx: bentoml.Context, **body: Any) -> Any:
         """Interactive embedding (latency-tuned batching)."""
-        return await self.front.native(self.embedder, body, "query")
+        return _answer(ctx, await self.front.native(self.embedder, body, "query", _request(ctx)))
 
     @bentoml.api(route="/tokenize", input_spec=TokenizeRequest, output_spec=TokenizeResponse)
-    async def tokenize(self, **body: Any) -> Any:
+    async def tokenize(self, ctx: bentoml.Context, **body: Any) -> Any:
         """Token ids (special tokens included) and counts, as the model sees them."""
-        return await self.front.tokenize(body)
+        return _answer(ctx, await self.front.tokenize(body, _request(ctx)))
+
+
+def _request(ctx: bentoml.Context) -> RequestContext | None:
+    """The request's context, which the edge put in the ASGI scope's state."""
+    return request_context(ctx.request.state)
+
+
+def _answer(ctx: bentoml.Context, response: Response) -> Response:
+    """``response`` as is: BentoML sets a route's status from ``ctx.response`` (200 unless
+    told) when the route takes ``ctx``, even over a Response it returns."""
+    ctx.response.status_code = response.status_code
+    return response
 
 
 # The decorator returns a bentoml.Service; type checkers still see the class.
-cast("bentoml.Service[Any]", EmbeddingAPI).add_asgi_middleware(EdgeMiddleware, settings=SETTINGS)
+cast("bentoml.Service[Any]", EmbeddingAPI).add_asgi_middleware(
+    EdgeMiddleware, settings=SETTINGS, identities=IDENTITIES
+)

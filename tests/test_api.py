@@ -457,10 +457,10 @@ def test_dumps_handles_integers_beyond_64_bits() -> None:
 class _ZeroEmbedder:
     """An Embedder that answers zero vectors (the front's post-processing still runs)."""
 
-    async def embed_query(self, items: list[Any]) -> np.ndarray:
+    async def embed_query(self, items: list[Any], report: Any = None) -> np.ndarray:
         return np.zeros((len(items), 384), dtype=np.float32)
 
-    async def embed_bulk(self, items: list[Any]) -> np.ndarray:
+    async def embed_bulk(self, items: list[Any], report: Any = None) -> np.ndarray:
         return np.zeros((len(items), 384), dtype=np.float32)
 
     async def info(self) -> dict[str, Any]:
@@ -475,19 +475,12 @@ def front(fp32_artifact):
 
 
 def _as_tenant(tenant: Any, route: Any) -> Any:
-    """``route`` (a coroutine function) run in one request of ``tenant``, as the edge
-    would open it; returns the route's response and the request's trace."""
-    from embedkit.serve.pipeline import trace
+    """``route`` (taking the request's context) run in one request of ``tenant``, as the
+    edge would open it; returns the route's response and the request's context."""
+    from embedkit.serve.pipeline.trace import RequestContext
 
-    async def run() -> Any:
-        request = trace.RequestTrace("test", tenant=tenant)
-        opened = trace.CURRENT.set(request)
-        try:
-            return await route(), request
-        finally:
-            trace.CURRENT.reset(opened)
-
-    return asyncio.run(run())
+    request = RequestContext("test", tenant=tenant)
+    return asyncio.run(route(request)), request
 
 
 def test_tokenize_is_charged_to_the_tenants_quota(front: Any) -> None:
@@ -497,13 +490,13 @@ def test_tokenize_is_charged_to_the_tenants_quota(front: Any) -> None:
 
     tenant = Tenant("small", rate=0.001, burst=20.0)  # refills nothing during the test
     body = {"texts": ["one short sentence to count", "and a second one"]}
-    response, request = _as_tenant(tenant, lambda: front.tokenize(dict(body)))
+    response, request = _as_tenant(tenant, lambda r: front.tokenize(dict(body), r))
     assert response.status_code == 200
     used = json.loads(response.body)["usage"]["tokens"]
     assert 10 < used <= 20  # a second call cannot be covered
     assert request.tokens == used and request.lane is None  # the log line: tokens, no lane
     assert tenant._level == pytest.approx(20.0 - used, abs=0.01), "/tokenize was not charged"
-    response, _ = _as_tenant(tenant, lambda: front.tokenize(dict(body)))
+    response, _ = _as_tenant(tenant, lambda r: front.tokenize(dict(body), r))
     assert response.status_code == 429
     assert json.loads(response.body)["error"]["code"] == "quota_exceeded"
 

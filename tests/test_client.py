@@ -19,6 +19,7 @@ from embedkit.core.settings import Settings
 from embedkit.serve.edge.http_errors import INTERNAL_MESSAGE
 from embedkit.serve.pipeline.client import EmbedderClient
 from embedkit.serve.pipeline.jobs import EmbedJob
+from embedkit.serve.seams import RemoteEmbedder
 
 
 @contextlib.asynccontextmanager
@@ -72,7 +73,7 @@ async def _embed(drops: int, settings: Settings, ids: list[list[int]]) -> Any:
         )
         async with proxy:
             try:
-                return await client.embed(proxy, job), seen, client
+                return await client.embed(RemoteEmbedder(proxy), job), seen, client
             except Exception as exc:
                 return exc, seen, client
 

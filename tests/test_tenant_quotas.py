@@ -1,8 +1,8 @@
 """Tenants without a server: the tenants file refused with one line, the token bucket's
 admission and Retry-After, the priority class's lane cap, keys and revocation, request
-ids, and the bulk runs an interactive call waits behind (serve/tenants.py, serve/trace.py,
-serve/embedder.py). Through a real server: tests/http/test_tenants.py (a distinct
-basename: pytest collects by it)."""
+ids, and the bulk runs an interactive call waits behind (serve/edge/tenants.py,
+serve/pipeline/trace.py, serve/engine/embedder.py). Through a real server:
+tests/http/test_tenants.py (a distinct basename: pytest collects by it)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from embedkit.core.settings import Settings
 from embedkit.serve.edge import tenants
 from embedkit.serve.edge.tenants import Tenant, Tenants
 from embedkit.serve.pipeline import trace
+from embedkit.serve.seams import EngineReport
 
 
 def _settings(tmp_path: Path, text: str, **kw: Any) -> Settings:
@@ -188,21 +189,20 @@ def test_a_query_waits_behind_the_bulk_runs_in_progress_only() -> None:
     core = _GatedCore()
     local = LocalEmbedder(core, runs=1)  # type: ignore[arg-type]
 
-    async def query(report: trace.EngineReport) -> np.ndarray:
-        trace.ENGINE_REPORT.set(report)  # as EmbedderClient._call does around a call
-        return await local.embed_query([(0.0, [10])])
+    async def query(report: EngineReport) -> np.ndarray:
+        return await local.embed_query([(0.0, [10])], report)  # as EmbedderClient._call does
 
-    async def scenario() -> tuple[trace.EngineReport, trace.EngineReport]:
+    async def scenario() -> tuple[EngineReport, EngineReport]:
         first = asyncio.ensure_future(local.embed_bulk([(0.0, [1])]))
         await asyncio.sleep(0.05)  # bulk 1 holds the runner
         queued = [asyncio.ensure_future(local.embed_bulk([(0.0, [i])])) for i in (2, 3, 4)]
         await asyncio.sleep(0.05)
-        waited = trace.EngineReport()
+        waited = EngineReport()
         q = asyncio.ensure_future(query(waited))
         await asyncio.sleep(0.05)
         core.release.set()
         await asyncio.gather(first, *queued, q)
-        alone = trace.EngineReport()  # runner idle: waits for nothing
+        alone = EngineReport()  # runner idle: waits for nothing
         await query(alone)
         return waited, alone
 

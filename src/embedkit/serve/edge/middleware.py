@@ -2,14 +2,16 @@
 
 Every request gets an id (the client's ``X-Request-Id`` when valid, else a fresh one),
 sent back on every response, errors included, and logged with what served it in one
-JSON line (:mod:`embedkit.serve.pipeline.trace`). In order: auth (the key names the tenant,
-:mod:`embedkit.serve.edge.tenants`), the ``X-Embedkit-Lane`` header's value, body-size limit
-(Content-Length first, then counted while reading, so a huge body is never buffered),
-admission control (in-flight requests per worker above ``max_concurrency`` → 429 +
-Retry-After), and the rewrite of any non-OpenAI error body into ours
-(:func:`~embedkit.serve.edge.http_errors.foreign_error`); a request whose client disconnects
-is cancelled. BentoML's own concurrency and timeout middlewares sit outside this one and
-answer in their own shape, so ``serve.options.front_config`` sets their limits above ours.
+JSON line. Its :class:`~embedkit.serve.pipeline.trace.RequestContext` goes to the route
+handler in the ASGI scope's ``state`` (Starlette's ``request.state``). In order: auth
+(the key names the tenant, :mod:`embedkit.serve.edge.tenants`), the ``X-Embedkit-Lane``
+header's value, body-size limit (Content-Length first, then counted while reading, so a
+huge body is never buffered), admission control (in-flight requests per worker above
+``max_concurrency`` → 429 + Retry-After), and the rewrite of any non-OpenAI error body
+into ours (:func:`~embedkit.serve.edge.http_errors.foreign_error`); a request whose client
+disconnects is cancelled. BentoML's own concurrency and timeout middlewares sit outside
+this one and answer in their own shape, so ``serve.options.front_config`` sets their
+limits above ours.
 """
 
 from __future__ import annotations
@@ -62,9 +64,14 @@ def request_logger() -> logging.Logger:
 class EdgeMiddleware:
     """Auth, body limit, admission control and error rewriting for ``PROTECTED_ROUTES``."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(
+        self, app: Any, settings: Settings, identities: identity.ServedIdentities | None = None
+    ) -> None:
+        """``identities``: what this process serves (startup fills it in; the header and
+        the log line read it)."""
         self.app = app
         self.settings = settings
+        self.identities = identities if identities is not None else identity.ServedIdentities()
         self.in_flight = 0
         self.tenants = Tenants.from_settings(settings)  # startup refused a bad file already
         self.log = request_logger() if settings.request_log else None
@@ -75,15 +82,14 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        request = trace.RequestTrace(trace.request_id(headers.get("x-request-id")))
-        traced = _Traced(_with_identity(send), request)
-        opened = trace.CURRENT.set(request)  # the route's task inherits it
+        request = trace.RequestContext(trace.request_id(headers.get("x-request-id")))
+        traced = _Traced(_with_identity(send, self.identities.served()), request)
+        trace.attach(scope, request)  # the route handler takes it from request.state
         try:
             await self._serve(scope, receive, traced, headers, request)
         finally:
-            trace.CURRENT.reset(opened)
             if self.log is not None:
-                _log_request(self.log, scope, request, traced, started)
+                _log_request(self.log, scope, request, traced, started, self.identities)
 
     async def _serve(
         self,
@@ -91,7 +97,7 @@ class EdgeMiddleware:
         receive: Receive,
         send: Send,
         headers: dict[str, str],
-        request: trace.RequestTrace,
+        request: trace.RequestContext,
     ) -> None:
         raw_receive = receive
         try:
@@ -183,7 +189,7 @@ class _Traced:
     start and remembers its status and, when the front named it (several models), the
     identity of the model that answered, for the log line."""
 
-    def __init__(self, send: Send, request: trace.RequestTrace) -> None:
+    def __init__(self, send: Send, request: trace.RequestContext) -> None:
         self.send = send
         self.request = request
         self.status: int | None = None
@@ -200,12 +206,13 @@ class _Traced:
 def _log_request(
     log: logging.Logger,
     scope: Scope,
-    request: trace.RequestTrace,
+    request: trace.RequestContext,
     traced: _Traced,
     started: float,
+    identities: identity.ServedIdentities,
 ) -> None:
     """One JSON line per request: what came in, who sent it, what served it."""
-    default = identity.served()
+    default = identities.served()
     served = traced.served or (None if default is None else default.header_value())
     tenant = request.tenant
     line = {
@@ -234,11 +241,10 @@ def _header(message: Any, name: str) -> str | None:
     )
 
 
-def _with_identity(send: Send) -> Send:
+def _with_identity(send: Send, served: identity.ServedIdentity | None) -> Send:
     """``send`` that adds the served identity's header to every response start (errors
-    and 499s included) once startup has built it. A response that names its model
-    already (several models: the front of the model a request picked) keeps its own."""
-    served = identity.served()
+    and 499s included) once startup has built it (``served``). A response that names its
+    model already (several models: the front of the model a request picked) keeps its own."""
     if served is None:
         return send
     header = (identity.HEADER.lower().encode(), served.header_value().encode("latin-1"))

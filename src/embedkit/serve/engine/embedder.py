@@ -30,7 +30,7 @@ from embedkit.runtime.reference import reference_cosine
 from embedkit.serve.edge.schemas import Item
 from embedkit.serve.engine import identity
 from embedkit.serve.engine.startup import find_parent, refusal, settle_gc
-from embedkit.serve.pipeline.trace import ENGINE_REPORT, EngineReport
+from embedkit.serve.seams import Embedder, EngineReport
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,17 @@ log = logging.getLogger(__name__)
 class EmbedderCore:
     """Owns the ORT engine; runs merged batches and records what they cost."""
 
-    def __init__(self, artifact: Artifact, settings: Settings, *, default: bool = True) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        settings: Settings,
+        *,
+        default: bool = True,
+        identities: identity.ServedIdentities | None = None,
+    ) -> None:
         """``default``: the deployment's default model (the only one unless several are
-        served, ``settings.models``): its identity is the process's."""
+        served, ``settings.models``): its identity is the process's, published to
+        ``identities`` (what this process serves; a core alone gets its own)."""
         isa = toolchain.detect_isa().level
         try:
             served, self.engine, note = _choose(artifact, settings, isa)
@@ -59,7 +67,8 @@ class EmbedderCore:
             isa=isa,
             refused=note,
         )
-        identity.publish(self.identity, default=default)
+        self.identities = identities if identities is not None else identity.ServedIdentities()
+        self.identities.publish(self.identity, default=default)
         self.ready = False
 
     def warmup(self) -> None:
@@ -140,7 +149,8 @@ class LocalEmbedder:
     never for queued bulk calls. A call whose request was cancelled before its turn is
     skipped. How many bulk runs an interactive call waited behind is counted (the runs
     holding a runner when it queued, plus any that started while it waited: at most
-    ``runs``, since none may start) and reported to the caller's :class:`EngineReport`.
+    ``runs``, since none may start) and reported in the :class:`EngineReport` the caller
+    passes with the call.
 
     Several models (``settings.models``; ``core`` maps each served name to its core, the
     default first): the same threads run every model's session, so models never run more
@@ -171,7 +181,7 @@ class LocalEmbedder:
         for i in range(self.runs):
             threading.Thread(target=self._serve, name=f"embedkit-ort-{i}", daemon=True).start()
 
-    def for_model(self, name: str) -> _ModelEmbedder:
+    def for_model(self, name: str) -> Embedder:
         """Model ``name``'s async surface (``embed_query``, ``embed_bulk``, ``info``)."""
         return _ModelEmbedder(self, name)
 
@@ -192,23 +202,31 @@ class LocalEmbedder:
             done += len(items[i][1])
         return parts
 
-    async def _run(self, items: list[Item], lane: str, model: str | None = None) -> np.ndarray:
+    async def _run(
+        self,
+        items: list[Item],
+        lane: str,
+        model: str | None = None,
+        report: EngineReport | None = None,
+    ) -> np.ndarray:
         key = (model if model is not None else self.models[0], lane)
         parts = self._parts(items)
         if len(parts) == 1:
-            return await self._enqueue(items, key)
+            return await self._enqueue(items, key, report)
         results = await asyncio.gather(
-            *(self._enqueue([items[i] for i in part], key) for part in parts)
+            *(self._enqueue([items[i] for i in part], key, report) for part in parts)
         )
         out = np.empty((len(items), results[0].shape[1]), dtype=results[0].dtype)
         for part, vectors in zip(parts, results, strict=True):
             out[part] = vectors
         return out
 
-    async def _enqueue(self, items: list[Item], key: tuple[str, str]) -> np.ndarray:
+    async def _enqueue(
+        self, items: list[Item], key: tuple[str, str], report: EngineReport | None
+    ) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
-        report = ENGINE_REPORT.get() if key[1] == "query" else None
+        report = report if key[1] == "query" else None
         with self._wake:
             # A query that finds a runner idle (not claimed by a query queued before it,
             # of any model) waits for no bulk run.
@@ -260,11 +278,13 @@ class LocalEmbedder:
                         self._bulk_running -= 1
             loop.call_soon_threadsafe(_settle, fut, result, error)
 
-    async def embed_query(self, items: list[Item]) -> np.ndarray:
-        return await self._run(items, "query")
+    async def embed_query(
+        self, items: list[Item], report: EngineReport | None = None
+    ) -> np.ndarray:
+        return await self._run(items, "query", report=report)
 
-    async def embed_bulk(self, items: list[Item]) -> np.ndarray:
-        return await self._run(items, "bulk")
+    async def embed_bulk(self, items: list[Item], report: EngineReport | None = None) -> np.ndarray:
+        return await self._run(items, "bulk", report=report)
 
     async def info(self) -> dict[str, Any]:
         return {**self.core.info(), "ort_runs": self.runs}
@@ -279,11 +299,13 @@ class _ModelEmbedder:
         self.local = local
         self.model = model
 
-    async def embed_query(self, items: list[Item]) -> np.ndarray:
-        return await self.local._run(items, "query", self.model)
+    async def embed_query(
+        self, items: list[Item], report: EngineReport | None = None
+    ) -> np.ndarray:
+        return await self.local._run(items, "query", self.model, report)
 
-    async def embed_bulk(self, items: list[Item]) -> np.ndarray:
-        return await self.local._run(items, "bulk", self.model)
+    async def embed_bulk(self, items: list[Item], report: EngineReport | None = None) -> np.ndarray:
+        return await self.local._run(items, "bulk", self.model, report)
 
     async def info(self) -> dict[str, Any]:
         return {**self.local.cores[self.model].info(), "ort_runs": self.local.runs}

@@ -9,7 +9,9 @@ routes (errors included), ``/info``, ``/v1/models``, the
 
 The Embedder builds it (it alone knows the provider that attached and whether the
 variant passed its startup checks); the front receives it from the Embedder during
-warm-up, before it reports ready.
+warm-up, before it reports ready. Both publish it to the process's
+:class:`ServedIdentities`, one object built at startup (``service.py``) and handed to the
+engine cores, the fronts and the edge as a constructor argument.
 """
 
 from __future__ import annotations
@@ -109,31 +111,35 @@ def build(
     )
 
 
-_served: ServedIdentity | None = None
-_published: dict[str, ServedIdentity] = {}  # by model name: every model this process serves
+class ServedIdentities:
+    """What this process serves: the default model's identity and every served model's,
+    by name. Built empty at startup (``service.py``) and given to those who fill it in
+    (the Embedder's cores, the fronts once warm) and those who read it (the edge's header
+    and log line, ``/v1/models``). Publishing also logs the identity and exposes it as
+    the ``embedkit_served_model_info`` gauge's labels, one series per model."""
 
+    def __init__(self) -> None:
+        self._default: ServedIdentity | None = None
+        self._by_name: dict[str, ServedIdentity] = {}
 
-def publish(identity: ServedIdentity, *, default: bool = True) -> None:
-    """Make ``identity`` this process's (``default``), or one more model it serves
-    (several models, ``settings.models``), log it and expose it as metric labels, one
-    series per model. Startup calls it once per model; a later call (tests building
-    several Embedders in one process) replaces the default, or the model of the same
-    name, labels included."""
-    global _served
-    gauge = metrics.get().served_model
-    stale = {_served if default else None, _published.get(identity.name)} - {None, identity}
-    for old in stale:
-        if old is not None and _published.get(old.name) == old:
-            gauge.remove(*old.labels().values())
-            del _published[old.name]
-    _published[identity.name] = identity
-    if default:
-        _served = identity
-    gauge.labels(**identity.labels()).set(1)
-    log.info("embedkit serving %s", identity.header_value())
+    def publish(self, identity: ServedIdentity, *, default: bool = True) -> None:
+        """Make ``identity`` the default (``default``), or one more model served (several
+        models, ``settings.models``). Startup calls it once per model; a later call (the
+        front receiving what the Embedder built) replaces the default, or the model of
+        the same name, labels included."""
+        gauge = metrics.get().served_model
+        stale = {self._default if default else None, self._by_name.get(identity.name)}
+        for old in stale - {None, identity}:
+            if old is not None and self._by_name.get(old.name) == old:
+                gauge.remove(*old.labels().values())
+                del self._by_name[old.name]
+        self._by_name[identity.name] = identity
+        if default:
+            self._default = identity
+        gauge.labels(**identity.labels()).set(1)
+        log.info("embedkit serving %s", identity.header_value())
 
-
-def served(name: str | None = None) -> ServedIdentity | None:
-    """The identity of model ``name``, or this process's (default) one; None until
-    startup has built (or received) it."""
-    return _served if name is None else _published.get(name)
+    def served(self, name: str | None = None) -> ServedIdentity | None:
+        """The identity of model ``name``, or the default one; None until startup has
+        built (or received) it."""
+        return self._default if name is None else self._by_name.get(name)

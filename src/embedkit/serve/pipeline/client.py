@@ -25,20 +25,21 @@ from embedkit.serve.edge.schemas import Item, Lane, Row
 from embedkit.serve.pipeline.coalesce import Coalescer
 from embedkit.serve.pipeline.jobs import EmbedJob
 from embedkit.serve.pipeline.options import ort_runs
-from embedkit.serve.pipeline.trace import ENGINE_REPORT, EngineReport, RequestTrace
+from embedkit.serve.pipeline.trace import RequestContext
+from embedkit.serve.seams import Embedder, EngineReport
 
 log = logging.getLogger(__name__)
 
-# One of the proxy's batchable APIs (``embed_query`` / ``embed_bulk``).
-Call = Callable[[list[Item]], Awaitable[Any]]
+# One of the Embedder's lanes (``embed_query`` / ``embed_bulk``).
+Call = Callable[[list[Item], EngineReport], Awaitable[np.ndarray]]
 # A row with the request it belongs to, so the call that carries it (merged with other
 # requests' rows by the coalescer) can tell each request which batch it rode in.
-Tagged = tuple[RequestTrace | None, Row]
+Tagged = tuple[RequestContext | None, Row]
 
 
 class EmbedderClient:
-    """Calls the Embedder through ``embedder``, the ``bentoml.depends`` proxy's ``to_async``
-    side (``embed_query``, ``embed_bulk``, ``info``), passed to each call."""
+    """Calls the Embedder through ``embedder`` (:class:`~embedkit.serve.seams.Embedder`:
+    in this process, or the Embedder service through BentoML's proxy), passed to each call."""
 
     def __init__(self, settings: Settings, *, model: str = "") -> None:
         self.settings = settings
@@ -75,7 +76,7 @@ class EmbedderClient:
             self.queued_query_tokens += tokens
 
     async def embed(
-        self, embedder: Any, job: EmbedJob, request: RequestTrace | None = None
+        self, embedder: Embedder, job: EmbedJob, request: RequestContext | None = None
     ) -> np.ndarray:
         """Raw pooled vectors ``[len(job.ids), model_dim]`` from the job's lane, in order;
         ``request`` learns the batches it rode in."""
@@ -95,7 +96,7 @@ class EmbedderClient:
                 self.queued_query_tokens -= job.tokens
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    async def info(self, embedder: Any) -> dict[str, Any]:
+    async def info(self, embedder: Embedder) -> dict[str, Any]:
         """The Embedder's engine description (``/info``), failures translated."""
         try:
             info: dict[str, Any] = await asyncio.wait_for(
@@ -139,11 +140,11 @@ class EmbedderClient:
         batch = f"{lane}-{next(self._batch_ids)}"
         for attempt in (1, 2):
             sent_at = time.time()
-            report = EngineReport()
-            reporting = ENGINE_REPORT.set(report)  # the engine side fills it (single topology)
+            report = EngineReport()  # the engine side fills it (single topology)
             try:
                 result = await asyncio.wait_for(
-                    call([_item(sent_at, row) for row in rows]), self.settings.request_timeout_s
+                    call([_item(sent_at, row) for row in rows], report),
+                    self.settings.request_timeout_s,
                 )
                 for request in requests:
                     request.rode(batch, report.bulk_runs_ahead)
@@ -159,8 +160,6 @@ class EmbedderClient:
                 if isinstance(err, InferenceError):
                     log.exception("embedder call failed")
                 raise err from exc
-            finally:
-                ENGINE_REPORT.reset(reporting)
         raise AssertionError("unreachable")
 
 

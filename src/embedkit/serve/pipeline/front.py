@@ -46,6 +46,8 @@ from embedkit.serve.pipeline import trace
 from embedkit.serve.pipeline.client import EmbedderClient
 from embedkit.serve.pipeline.jobs import EmbedJob, check_count, native_job, openai_job, prompted_ids
 from embedkit.serve.pipeline.options import batching_policy
+from embedkit.serve.pipeline.trace import RequestContext
+from embedkit.serve.seams import Embedder
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -60,8 +62,9 @@ _WARM_TEXT = "warm up the whole request path"
 
 
 class Front:
-    """Validation, routing and response shaping; talks to the Embedder through ``embedder``,
-    the ``bentoml.depends`` proxy's ``to_async`` side, passed to each route."""
+    """Validation, routing and response shaping; talks to the Embedder through ``embedder``
+    (:class:`~embedkit.serve.seams.Embedder`), passed to each route with the request's
+    :class:`~embedkit.serve.pipeline.trace.RequestContext` (None outside a request)."""
 
     def __init__(
         self,
@@ -70,10 +73,12 @@ class Front:
         *,
         name: str | None = None,
         default: bool = True,
+        identities: identity.ServedIdentities | None = None,
     ) -> None:
         """``name``: what clients pass as ``model`` (default: ``served_model_name``, else
         the artifact's name); ``default``: the deployment's default model (the only one
-        unless several are served, :mod:`embedkit.serve.pipeline.registry`)."""
+        unless several are served, :mod:`embedkit.serve.pipeline.registry`);
+        ``identities``: what this process serves, where warm-up publishes this model's."""
         self.settings = settings
         self.artifact = artifact
         self.manifest = artifact.manifest
@@ -84,6 +89,7 @@ class Front:
         self.default = default
         # This model's served identity, received from the Embedder during warm-up.
         self.identity: identity.ServedIdentity | None = None
+        self.identities = identities if identities is not None else identity.ServedIdentities()
         self.client = EmbedderClient(settings)  # this model's own token budget
         ranges = self.manifest.encoding_ranges
         self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
@@ -97,21 +103,21 @@ class Front:
             return await asyncio.to_thread(build)
         return build()
 
-    def _charge(self, tokens: int) -> None:
+    def _charge(self, tokens: int, request: RequestContext | None) -> None:
         """A route that runs no model (/tokenize) still charges its tokens to the tenant."""
-        request = trace.current()
         if request is None or request.tenant is None:
             return
         request.tokens = tokens
         request.tenant.charge(tokens)
 
-    def _for_tenant(self, job: EmbedJob, route: str) -> tuple[EmbedJob, trace.RequestTrace | None]:
+    def _for_tenant(
+        self, job: EmbedJob, route: str, request: RequestContext | None
+    ) -> tuple[EmbedJob, RequestContext | None]:
         """The job on the lane its request gets, charged to its tenant's quota (429 when
         spent). /v1/embeddings takes the lane from ``X-Embedkit-Lane`` when sent (else one
         input → query, several → bulk); on a native route the route is the lane and a
         header naming the other one is refused. A bulk-class tenant's job runs on the bulk
         lane whatever was asked (docs/service.md § Tenants)."""
-        request = trace.current()
         if request is None or request.tenant is None:  # warm-up, in-process use
             return job, None
         lane: str = job.lane
@@ -130,8 +136,14 @@ class Front:
         request.tenant.charge(job.tokens)
         return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
 
-    async def embed(self, embedder: Any, job: EmbedJob, route: str) -> np.ndarray:
-        job, request = self._for_tenant(job, route)
+    async def embed(
+        self,
+        embedder: Embedder,
+        job: EmbedJob,
+        route: str,
+        request: RequestContext | None = None,
+    ) -> np.ndarray:
+        job, request = self._for_tenant(job, route, request)
         try:
             raw = await self.client.embed(embedder, job, request)
         except Overloaded:  # shed by the queue, not run: not the tenant's to pay
@@ -183,7 +195,9 @@ class Front:
         return response
 
     # --- routes (bodies already schema-validated by BentoML)
-    async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
+    async def openai(
+        self, embedder: Embedder, body: dict[str, Any], request: RequestContext | None = None
+    ) -> Any:
         async def work() -> tuple[bytes, int]:
             req = EmbeddingsRequest.model_construct(**body)
             raw = req.input
@@ -201,12 +215,18 @@ class Front:
                 ),
                 inputs,
             )
-            vectors = await self.embed(embedder, job, "/v1/embeddings")
+            vectors = await self.embed(embedder, job, "/v1/embeddings", request)
             return openai_body(vectors, job, self.model_name), job.truncated
 
         return await self._guard(work())
 
-    async def native(self, embedder: Any, body: dict[str, Any], lane: Lane) -> Any:
+    async def native(
+        self,
+        embedder: Embedder,
+        body: dict[str, Any],
+        lane: Lane,
+        request: RequestContext | None = None,
+    ) -> Any:
         route = "/embed/query" if lane == "query" else "/embed"
 
         async def work() -> tuple[bytes, int]:
@@ -223,13 +243,13 @@ class Front:
                 ),
                 req.texts,
             )
-            vectors = await self.embed(embedder, job, route)
+            vectors = await self.embed(embedder, job, route, request)
             dims = job.dimensions or self.dimension
             return native_body(vectors, job, self.model_name, dimensions=dims), job.truncated
 
         return await self._guard(work())
 
-    async def tokenize(self, body: dict[str, Any]) -> Any:
+    async def tokenize(self, body: dict[str, Any], request: RequestContext | None = None) -> Any:
         async def work() -> tuple[bytes, int]:
             req = TokenizeRequest.model_construct(**body)
             check_count(len(req.texts), self.settings, param="texts")
@@ -244,7 +264,7 @@ class Front:
                 ),
                 req.texts,
             )
-            self._charge(sum(len(row) for row in ids))  # what usage reports
+            self._charge(sum(len(row) for row in ids), request)  # what usage reports
             return tokenize_body(ids, self.tokenizer.max_length, truncated=cut), cut
 
         return await self._guard(work())
@@ -252,7 +272,7 @@ class Front:
     def card(self) -> dict[str, Any]:
         """This model's entry in ``/v1/models``: OpenAI's fields, then its dimension, token
         limit and prompts, and the served identity (version, variant, class, ...)."""
-        served = self.identity or (identity.served() if self.default else None)
+        served = self.identity or (self.identities.served() if self.default else None)
         return {
             "id": self.model_name,
             "object": "model",
@@ -285,7 +305,7 @@ class Front:
             )
         return self._openapi
 
-    async def info(self, embedder: Any) -> dict[str, Any]:
+    async def info(self, embedder: Embedder) -> dict[str, Any]:
         s = self.settings
         engine = await self.client.info(embedder)
         served = engine.pop("identity", None)
@@ -326,7 +346,7 @@ class Front:
         }
 
     # --- warm-up
-    async def warmup(self, embedder: Any, *, deadline_s: float = 300.0) -> None:
+    async def warmup(self, embedder: Embedder, *, deadline_s: float = 300.0) -> None:
         """Run every lane through the full path until BentoML's dispatcher is past its
         unbatched training requests (~33 per batchable API), then mark ready.
 
@@ -367,7 +387,7 @@ class Front:
         # The Embedder decided what serves; the front says so from now on.
         info = await self.client.info(embedder)
         self.identity = identity.ServedIdentity.from_dict(info["identity"])
-        identity.publish(self.identity, default=self.default)
+        self.identities.publish(self.identity, default=self.default)
         settle_gc(self.settings)
         self.ready = self.client.warm = True
         log.info(

@@ -6,8 +6,9 @@ and its 429s, is per model); the first is the default, which a request that name
 model gets. :class:`ServedModels` offers the single front's surface (routes, warm-up,
 ``/v1/models``, ``/info``, the OpenAPI document), so ``service.py`` wires one or several
 models the same way. With several models the Embedder is the in-process
-``LocalEmbedder`` (``topology=single``), whose ``for_model(name)`` is one model's
-calls on the shared runner threads (docs/design/serving.md, decision 5).
+``LocalEmbedder`` (``topology=single``, a :class:`~embedkit.serve.seams.ModelEmbedders`),
+whose ``for_model(name)`` is one model's calls on the shared runner threads
+(docs/design/serving.md, decision 5).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
 from embedkit.serve.edge.http_errors import error_response
 from embedkit.serve.edge.schemas import Lane
+from embedkit.serve.engine.identity import ServedIdentities
 from embedkit.serve.pipeline.front import Front
+from embedkit.serve.pipeline.trace import RequestContext
+from embedkit.serve.seams import Embedder, ModelEmbedders
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,18 @@ def served_names(artifacts: Sequence[Artifact], settings: Settings) -> list[str]
 class ServedModels:
     """Every served model's front, by name, the default first."""
 
-    def __init__(self, artifacts: Sequence[Artifact], settings: Settings) -> None:
+    def __init__(
+        self,
+        artifacts: Sequence[Artifact],
+        settings: Settings,
+        identities: ServedIdentities | None = None,
+    ) -> None:
+        """``identities``: what this process serves (each front publishes its model's
+        identity there once warm); one of its own when not given."""
         names = served_names(artifacts, settings)
+        self.identities = identities if identities is not None else ServedIdentities()
         self.fronts = {
-            name: Front(artifact, settings, name=name, default=i == 0)
+            name: Front(artifact, settings, name=name, default=i == 0, identities=self.identities)
             for i, (name, artifact) in enumerate(zip(names, artifacts, strict=True))
         }
         self.default = next(iter(self.fronts.values()))
@@ -73,31 +85,43 @@ class ServedModels:
             )
         return front
 
-    def embedder(self, embedder: Any, front: Front) -> Any:
+    def embedder(self, embedder: Embedder, front: Front) -> Embedder:
         """``front``'s model's calls: the Embedder itself when it serves one model."""
-        return embedder if len(self.fronts) == 1 else embedder.for_model(front.model_name)
+        if len(self.fronts) == 1:
+            return embedder
+        if not isinstance(embedder, ModelEmbedders):  # startup allows several only so
+            raise ConfigurationError("several models are served only with topology=single")
+        return embedder.for_model(front.model_name)
 
     # --- routes: pick the model, then its front does the work
-    async def openai(self, embedder: Any, body: dict[str, Any]) -> Any:
+    async def openai(
+        self, embedder: Embedder, body: dict[str, Any], request: RequestContext | None = None
+    ) -> Any:
         try:
             front = self.pick(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
-        return await front.openai(self.embedder(embedder, front), body)
+        return await front.openai(self.embedder(embedder, front), body, request)
 
-    async def native(self, embedder: Any, body: dict[str, Any], lane: Lane) -> Any:
+    async def native(
+        self,
+        embedder: Embedder,
+        body: dict[str, Any],
+        lane: Lane,
+        request: RequestContext | None = None,
+    ) -> Any:
         try:
             front = self.pick(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
-        return await front.native(self.embedder(embedder, front), body, lane)
+        return await front.native(self.embedder(embedder, front), body, lane, request)
 
-    async def tokenize(self, body: dict[str, Any]) -> Any:
+    async def tokenize(self, body: dict[str, Any], request: RequestContext | None = None) -> Any:
         try:
             front = self.pick(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
-        return await front.tokenize(body)
+        return await front.tokenize(body, request)
 
     # --- metadata
     def models(self) -> dict[str, Any]:
@@ -106,17 +130,19 @@ class ServedModels:
     def openapi(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.default.openapi(spec, list(self.fronts.values()))
 
-    async def info(self, embedder: Any) -> dict[str, Any]:
+    async def info(self, embedder: Embedder) -> dict[str, Any]:
         """The default model's ``/info``; with several, each model's under ``models``."""
         info = await self.default.info(self.embedder(embedder, self.default))
         if len(self.fronts) > 1:
             first = dict(info)
             info["models"] = {
-                name: first if front is self.default else await front.info(embedder.for_model(name))
+                name: first
+                if front is self.default
+                else await front.info(self.embedder(embedder, front))
                 for name, front in self.fronts.items()
             }
         return info
 
-    async def warmup(self, embedder: Any) -> None:
+    async def warmup(self, embedder: Embedder) -> None:
         for front in self.fronts.values():
             await front.warmup(self.embedder(embedder, front))

@@ -1,20 +1,22 @@
-"""What one request was, for its response headers and its log line.
+"""What one request is, and was, for its response headers and its log line.
 
 The edge (:class:`~embedkit.serve.edge.middleware.EdgeMiddleware`) opens a
-:class:`RequestTrace` per request (its id, the tenant its key belongs to, the lane a
-client asked for) and puts it in a context variable, which the route handler's task
-inherits; the front and the Embedder client fill in what happened (the lane that
-served, the batches it rode in, the bulk runs it waited behind). The object is shared,
-not copied, so the edge reads it back when the response leaves.
+:class:`RequestContext` per request (its id, the tenant its key belongs to, the lane a
+client asked for) and hands it on in the ASGI scope (:func:`attach`: Starlette's
+``request.state``), where the route handler takes it (:func:`of`) and passes it, as an
+argument, to the front, which passes it to the Embedder client. They fill in what
+happened (the lane that served, the batches it rode in, the bulk runs it waited
+behind, the tokens charged). The object is shared, not copied, so the edge reads it back
+when the response leaves.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from contextvars import ContextVar
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from embedkit.serve.edge.tenants import Tenant
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 REQUEST_ID_HEADER = "X-Request-Id"
 LANE_HEADER = "X-Embedkit-Lane"  # request: the lane asked for; response: the lane that served
 BULK_AHEAD_HEADER = "X-Embedkit-Bulk-Runs-Ahead"
+STATE_KEY = "embedkit_request"  # the context's key in the ASGI scope's "state"
 
 # Ids a client may pass: what tracing systems and load balancers generate (uuids, hex,
 # W3C-style), nothing that could break a log line or a header.
@@ -36,14 +39,18 @@ def request_id(given: str | None) -> str:
 
 
 @dataclass
-class RequestTrace:
+class RequestContext:
+    """One request: who sent it and what it asked (set by the edge), then its trace:
+    what served it (filled in by the front and the Embedder client)."""
+
     request_id: str
     tenant: Tenant | None = None  # set once the key is checked
     asked_lane: str | None = None  # the X-Embedkit-Lane header, validated
+    # --- the trace
     lane: str | None = None  # the lane that served
     batches: list[str] = field(default_factory=list)  # Embedder calls it rode in
     bulk_runs_ahead: int | None = None  # most over its calls (topology=single only)
-    tokens: int = 0
+    tokens: int = 0  # charged to the tenant
 
     def rode(self, batch: str, bulk_runs_ahead: int | None) -> None:
         self.batches.append(batch)
@@ -59,23 +66,15 @@ class RequestTrace:
         return out
 
 
-CURRENT: ContextVar[RequestTrace | None] = ContextVar("embedkit_request", default=None)
+def attach(scope: MutableMapping[str, Any], request: RequestContext) -> None:
+    """Hand ``request`` on with the ASGI ``scope`` (its ``state``: Starlette's
+    ``request.state``, which the route handler sees)."""
+    scope.setdefault("state", {})[STATE_KEY] = request
 
 
-def current() -> RequestTrace | None:
-    """This request's trace; None outside a request (warm-up, in-process use)."""
-    return CURRENT.get()
-
-
-@dataclass
-class EngineReport:
-    """What the engine side says about one Embedder call (:class:`LocalEmbedder` fills it
-    from the context variable below, set around the call by the client)."""
-
-    bulk_runs_ahead: int | None = None
-
-    def waited(self, runs: int) -> None:
-        self.bulk_runs_ahead = max(self.bulk_runs_ahead or 0, runs)
-
-
-ENGINE_REPORT: ContextVar[EngineReport | None] = ContextVar("embedkit_engine", default=None)
+def of(state: Any) -> RequestContext | None:
+    """The context the edge attached, from a Starlette ``request.state`` (or the scope's
+    ``state`` dict); None outside the edge (warm-up, in-process use)."""
+    mapping = isinstance(state, Mapping)
+    found = state.get(STATE_KEY) if mapping else getattr(state, STATE_KEY, None)
+    return found if isinstance(found, RequestContext) else None
