@@ -545,3 +545,75 @@ def test_large_inputs_are_tokenised_off_the_event_loop(front: Any, monkeypatch: 
         "openai big": False,
         "openai small": True,
     }
+
+
+# --- the seams: context in the scope, identities handed in, no context variables ---------
+
+
+def test_the_edge_hands_the_request_context_to_the_route_in_request_state() -> None:
+    """The route handler finds the edge's context in Starlette's ``request.state`` (the
+    ASGI scope's ``state``), as an argument, and what it fills in comes back as headers."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from embedkit.serve.pipeline import trace
+
+    seen: list[Any] = []
+
+    async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = trace.of(Request(scope, receive).state)
+        seen.append(request)
+        assert request is not None
+        request.lane = "bulk"
+        await JSONResponse({})(scope, receive, send)
+
+    (response,) = _call(
+        route,
+        Settings(api_keys=["k"]),
+        {
+            "method": "POST",
+            "url": "/embed",
+            "json": {},
+            "headers": {"authorization": "Bearer k", "x-request-id": "r-1"},
+        },
+    )
+    (request,) = seen
+    assert request.request_id == "r-1" and request.tenant.name == "default"
+    assert response.headers["x-request-id"] == "r-1"
+    assert response.headers["x-embedkit-lane"] == "bulk"
+    assert trace.of(object()) is None and trace.of({}) is None  # outside the edge
+
+
+def test_the_served_identity_is_what_the_edge_was_given() -> None:
+    """No process-wide identity: each edge answers with the identities handed to it."""
+    from embedkit.serve.engine.identity import HEADER, ServedIdentities, ServedIdentity
+
+    served = ServedIdentities()
+    edge = EdgeMiddleware(_app(), SETTINGS, served)
+    bare = EdgeMiddleware(_app(), SETTINGS)
+    one = ServedIdentity("m", "v1", "fp32", "index-compatible", "fp32", "CPU", "avx2")
+    served.publish(one)
+
+    async def run(app: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/embed/query", json={})
+
+    assert asyncio.run(run(edge)).headers[HEADER] == one.header_value()
+    assert HEADER not in asyncio.run(run(bare)).headers
+    assert served.served() == one and served.served("m") == one and served.served("x") is None
+
+
+def test_no_context_variable_carries_serving_state() -> None:
+    """The tenant, the request's trace and the engine's report travel as arguments."""
+    import pathlib
+
+    import embedkit.serve
+
+    root = pathlib.Path(embedkit.serve.__file__).parent
+    found = [
+        str(p.relative_to(root))
+        for p in sorted(root.rglob("*.py"))
+        if "ContextVar" in p.read_text() or "contextvars" in p.read_text()
+    ]
+    assert found == []
