@@ -296,3 +296,74 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     assert "perf_gate" in stored.manifest.records  # the measured figures travel along
     metadata = bentoml.models.get(result.tag).info.metadata
     assert reason in str(metadata["release.perf_gate"])
+
+
+# --- one manifest write per version ----------------------------------------------------------
+
+
+def test_a_release_writes_each_versions_manifest_once(
+    tiny_architecture,
+    test_keys: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    system_run: None,
+) -> None:
+    """A whole release of a tiny model (export → contract → calibration → a variant → gate →
+    records with the short benchmark → sign → register) writes each registered version's
+    manifest exactly once, in its working directory, before it is signed: every stage before
+    adds to it in memory, and the manifest is hashed and written at the end."""
+    import bentoml
+
+    from embedkit.model import artifact as artifact_module
+    from embedkit.model import signing
+    from embedkit.model.artifact import sha256_file
+    from embedkit.model.recipe import Recipe, Source
+    from embedkit.release.pipeline import release
+
+    src, _ = tiny_architecture("bert-cls")
+    work = tmp_path / "work"
+    writes: list[Path] = []
+    write_manifest = artifact_module.write_manifest
+
+    def counted(directory: Path, manifest: Any) -> None:
+        writes.append(Path(directory).resolve())
+        write_manifest(directory, manifest)
+
+    monkeypatch.setattr(artifact_module, "write_manifest", counted)
+    result = release(
+        Recipe(name="tiny-one-write", model_id="tiny/one-write", source=Source(path=src)),
+        workdir=work,
+        limit_per_segment=2,
+        variants=True,
+        presets={"int8": {"kind": "dynamic-int8", "per_channel": True}},
+        force=["int8"],  # random weights: registered whatever the gate says
+        sign_key=test_keys["private"],
+        bench=True,
+        candidate_options={
+            "groups": ["stsb"],
+            "languages": [],
+            "max_pairs": 10,
+            "retrieval": False,
+            "speed_texts": 64,
+            "rounds": 1,
+        },
+        calibration_texts=50,
+    )
+    (root,) = work.iterdir()  # the release's folder
+    per_dir = {p.relative_to(root.resolve()).as_posix(): writes.count(p) for p in set(writes)}
+    assert per_dir == {"fp32": 1, "variants/int8": 1}, per_dir
+    assert sorted(v.name for v in result.versions) == sorted([PARENT, "int8"])
+    stored = {v.name: resolve(v.tag) for v in result.versions}  # checksums verified
+    for name, art in stored.items():
+        signing.verify(art.path, [str(test_keys["public"])])  # signed after the one write
+        assert {"runtime", "release", "bench", "profile"} <= set(art.manifest.records), name
+        assert art.manifest.performance and "bench.texts_per_s_b32" in art.manifest.performance
+        assert art.manifest.encoding_ranges is not None and art.manifest.encoding_ranges.texts == 50
+        assert bentoml.models.get(str(art.tag)).info.labels["variant"] == name
+    fp32, int8 = stored[PARENT].manifest, stored["int8"].manifest
+    assert fp32.parity and fp32.parity["passed"] is True and "validation" in fp32.records
+    assert int8.quantization.compatibility is not None and int8.reference is not None
+    assert {"quality.json", "quality.markdown"} <= set(int8.records)
+    assert int8.encoding_ranges == fp32.encoding_ranges  # the parent's buckets
+    # The variant names its parent by the parent's manifest as written and registered.
+    assert int8.parent == "manifest-sha256:" + sha256_file(stored[PARENT].path / "manifest.json")

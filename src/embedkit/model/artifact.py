@@ -6,6 +6,12 @@ where the model came from, with which toolchain it was built, how it embeds and
 the sha256 of every file; loading recomputes every checksum and refuses a
 mismatch naming the file. Registered artifacts live in the BentoML model store
 under a new version each time; nothing here runs a model.
+
+A stage that makes a version writes its manifest once, at its end: :func:`draft` hashes
+the files of a directory being built into a manifest held in memory, :func:`amend` adds
+what later stages learn (fields, new files, each hashed once, when it is added) and
+:func:`seal` writes ``manifest.json``: the one write (:func:`write_manifest`) of that
+version. :func:`finalize` is the three for a stage that has everything at once.
 """
 
 from __future__ import annotations
@@ -64,15 +70,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: Path, *, exclude: set[str] | None = None) -> dict[str, str]:
-    """sha256 of every regular file under ``root``, keyed by POSIX relative path."""
+def tree_files(root: Path, *, exclude: set[str] | None = None) -> list[str]:
+    """Every regular file under ``root`` as a POSIX relative path, in path order."""
     exclude = exclude or set()
-    out: dict[str, str] = {}
+    out = []
     for path in sorted(Path(root).rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.is_file() and rel not in exclude:
-            out[rel] = sha256_file(path)
+            out.append(rel)
     return out
+
+
+def sha256_tree(root: Path, *, exclude: set[str] | None = None) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, keyed by POSIX relative path."""
+    return {rel: sha256_file(Path(root) / rel) for rel in tree_files(root, exclude=exclude)}
+
+
+def _in_path_order(files: dict[str, str]) -> dict[str, str]:
+    """``files`` in :func:`tree_files`' order (the order a manifest lists them in)."""
+    return dict(sorted(files.items(), key=lambda item: PurePosixPath(item[0]).parts))
 
 
 def unsafe_entry(rel: str) -> str | None:
@@ -306,12 +322,21 @@ class Manifest(BaseModel):
 
 
 class Artifact:
-    """A verified artifact directory. Construct with :meth:`load`."""
+    """A verified artifact directory. Construct with :meth:`load`.
 
-    def __init__(self, path: Path, manifest: Manifest, tag: str | None = None) -> None:
+    ``written`` is False for a version still being built (:func:`draft`, :func:`amend`):
+    its manifest is held here and not yet in ``manifest.json`` (:func:`seal` writes it).
+    Such an artifact runs (its files are hashed and listed) but is neither signed nor
+    registered.
+    """
+
+    def __init__(
+        self, path: Path, manifest: Manifest, tag: str | None = None, *, written: bool = True
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.tag = tag
+        self.written = written
 
     @property
     def model_path(self) -> Path:
@@ -398,24 +423,65 @@ class Artifact:
                     f"checksum mismatch for {rel} in {self.path}: "
                     f"expected sha256 {digest[:12]}…, found {actual[:12]}… — refusing to load"
                 )
-        extra = set(sha256_tree(self.path, exclude={MANIFEST, SIGNATURE, *_STORE_FILES})) - set(
-            expected
-        )
+        present = tree_files(self.path, exclude={MANIFEST, SIGNATURE, *_STORE_FILES})
+        extra = set(present) - set(expected)
         if extra:
             raise ChecksumMismatch(f"files not covered by the manifest: {', '.join(sorted(extra))}")
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json``: the only place it is written (through :func:`seal`)."""
     (Path(directory) / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
 
 
-def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
-    """Checksum every file in ``directory`` and write its manifest."""
-    (Path(directory) / SIGNATURE).unlink(missing_ok=True)  # a new manifest voids an old signature
+def _with_files(fields: dict[str, Any], files: dict[str, str]) -> Manifest:
+    return Manifest.model_validate({**fields, "files": _in_path_order(files)})
+
+
+def draft(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
+    """The artifact being built in ``directory``: every file in it hashed (once) into a
+    manifest of ``manifest_fields`` held in memory; nothing written (:func:`seal`)."""
     files = sha256_tree(directory, exclude={MANIFEST, SIGNATURE})
-    manifest = Manifest.model_validate({**manifest_fields, "files": files})
+    return Artifact(Path(directory), _with_files(manifest_fields, files), written=False)
+
+
+def amend(artifact: Artifact, updates: dict[str, Any], *, files: Iterable[str] = ()) -> Artifact:
+    """``artifact`` with manifest fields replaced by ``updates`` and ``files`` (paths inside
+    it, written by the caller) hashed and listed; nothing written (:func:`seal`). Files
+    listed before are not hashed again."""
+    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    fields.update(updates)
+    listed = dict(artifact.manifest.files)
+    for rel in files:
+        listed[rel] = sha256_file(artifact.file(rel))
+    return Artifact(artifact.path, _with_files(fields, listed), artifact.tag, written=False)
+
+
+def seal(artifact: Artifact) -> Artifact:
+    """Write ``artifact``'s manifest (once per version, at the end of the stage that makes
+    it) and return the written artifact. Files it lists are not hashed again; a file in the
+    directory it does not list yet is hashed and listed, one it lists but the directory
+    lacks is refused. A new manifest voids an old signature: sign after this."""
+    directory = artifact.path
+    listed = dict(artifact.manifest.files)
+    present = tree_files(directory, exclude={MANIFEST, SIGNATURE})
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        raise ArtifactError(f"{directory} lacks {', '.join(missing)}, which its manifest lists")
+    for rel in present:
+        if rel not in listed:
+            listed[rel] = sha256_file(directory / rel)
+    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    manifest = _with_files(fields, listed)
+    (directory / SIGNATURE).unlink(missing_ok=True)
     write_manifest(directory, manifest)
-    return Artifact(Path(directory), manifest)
+    return Artifact(directory, manifest, artifact.tag)
+
+
+def finalize(directory: Path, manifest_fields: dict[str, Any]) -> Artifact:
+    """Checksum every file in ``directory`` and write its manifest (:func:`draft` then
+    :func:`seal`: a stage that has every field at once)."""
+    return seal(draft(directory, manifest_fields))
 
 
 def staging_dir(output: Path) -> Path:
@@ -430,13 +496,14 @@ def staging_dir(output: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
 
 
-def move_into_place(built: Path, output: Path) -> Artifact:
-    """Move a finished artifact directory to ``output`` (absent or empty) and load it."""
+def move_into_place(built: Artifact, output: Path) -> Artifact:
+    """Move an artifact built in a staging folder to ``output`` (absent or empty); its files
+    were hashed when it was built and are not again (a move changes no byte)."""
     output = Path(output)
     if output.exists():
         output.rmdir()
-    shutil.move(built, output)
-    return Artifact.load(output)
+    shutil.move(built.path, output)
+    return Artifact(output, built.manifest, built.tag, written=built.written)
 
 
 # --- BentoML model store -------------------------------------------------------
@@ -449,6 +516,8 @@ def register(
     The version is BentoML's new one unless given (a version the store holds is refused)."""
     import bentoml
 
+    if not artifact.written:
+        raise ArtifactError(f"{artifact.path}: its manifest is not written yet (seal it first)")
     artifact.verify()
     manifest = artifact.manifest
     all_labels = {

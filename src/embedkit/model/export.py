@@ -30,8 +30,9 @@ from embedkit.model.artifact import (
     POOLING_MASK_INPUT,
     TOKENIZER_FILE,
     Artifact,
-    finalize,
+    draft,
     move_into_place,
+    seal,
     sha256_tree,
     staging_dir,
 )
@@ -132,23 +133,26 @@ def export(
     *,
     opset: int | None = None,
     step: Step | None = None,
+    write: bool = True,
 ) -> Artifact:
     """Export ``recipe``'s model to a new fp32 artifact directory ``output``.
 
     The artifact is written to a temporary folder beside ``output`` and moved
     into place only when complete; an existing artifact is never overwritten.
+    ``write=False`` leaves its manifest unwritten (:func:`embedkit.model.artifact.draft`)
+    for a caller that adds to it and writes it once (the release pipeline).
     """
     say = step or (lambda _msg: None)
     output = Path(output)
     staging = staging_dir(output)
     try:
-        return _export_into(recipe, output, staging, opset=opset, say=say)
+        return _export_into(recipe, output, staging, opset=opset, say=say, write=write)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _export_into(
-    recipe: Recipe, output: Path, staging: Path, *, opset: int | None, say: Step
+    recipe: Recipe, output: Path, staging: Path, *, opset: int | None, say: Step, write: bool
 ) -> Artifact:
     """The export proper, built inside ``staging`` (owned and removed by :func:`export`)."""
     say("resolving model source")
@@ -190,7 +194,9 @@ def _export_into(
     shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
     inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.dimension)
 
-    say("writing tokenizer and manifest")
+    say(
+        "writing tokenizer and manifest" if write else "writing tokenizer (the manifest comes last)"
+    )
     from tokenizers import Tokenizer
 
     src_tokenizer = model_dir / TOKENIZER_FILE
@@ -200,7 +206,7 @@ def _export_into(
         )
     shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
     pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
-    finalize(
+    built = draft(
         artifact_dir,
         manifest_fields(
             recipe=recipe,
@@ -213,7 +219,7 @@ def _export_into(
             prompts=prompts,
         ),
     )
-    return move_into_place(artifact_dir, output)
+    return move_into_place(seal(built) if write else built, output)
 
 
 def _pooling_mask_config(model: Any) -> dict[str, Any]:

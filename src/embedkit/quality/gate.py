@@ -10,8 +10,9 @@ Classes (``docs/service.md § Compatibility classes``), strictest first:
 * ``rejected``: anything else. Without the (optional) retrieval data nothing is ``reindex``.
 
 The thresholds live in one file, ``config/quality-gate.yaml``; :func:`gate`
-names every failing segment, metric and margin, and :func:`stamp_verdict`
-writes the class, what it was measured on and reference vectors into the manifest.
+names every failing segment, metric and margin, and :func:`with_verdict` puts the
+class, what it was measured on and reference vectors into the manifest (in memory: a
+release writes each version's manifest once, at its end; :func:`stamp_verdict` writes it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from embedkit.model.artifact import (
     MeasuredOn,
     PrecisionApproval,
     RuntimePrecision,
-    finalize,
+    amend,
+    seal,
 )
 from embedkit.quality.evaluate import QualityReport
 from embedkit.runtime.engine import Engine
@@ -220,10 +222,27 @@ def stamp_verdict(
     thresholds: GateThresholds | None = None,
     settings: Settings | None = None,
 ) -> Artifact:
-    """Write the verdict into the manifest (re-checksummed in place, format
+    """:func:`with_verdict`, the manifest then written in place (voids a signature)."""
+    return seal(
+        with_verdict(
+            artifact, verdict, force=force, name=name, thresholds=thresholds, settings=settings
+        )
+    )
+
+
+def with_verdict(
+    artifact: Artifact,
+    verdict: GateVerdict,
+    *,
+    force: bool = False,
+    name: str | None = None,
+    thresholds: GateThresholds | None = None,
+    settings: Settings | None = None,
+) -> Artifact:
+    """``artifact`` with the verdict in its manifest (format
     :data:`~embedkit.model.artifact.FORMAT_VERSION`): the class, the candidate ``name``,
     what it was measured on, and this artifact's reference vectors (encoded here, on the
-    machine that measured it).
+    machine that measured it). Nothing is written (:func:`embedkit.model.artifact.seal`).
 
     A rejected variant is only stamped with ``force=True``, which sets
     ``quantization.forced`` so the registry shows it was pushed through.
@@ -246,7 +265,7 @@ def stamp_verdict(
         "measured_on": None if verdict.measured_on is None else verdict.measured_on.model_dump(),
     }
     fields["reference"] = reference.model_dump()
-    return finalize(artifact.path, fields)
+    return amend(artifact, fields)
 
 
 def stamp_precision(
@@ -279,4 +298,4 @@ def stamp_precision(
         for a in fields["precision_approvals"]
         if (a["precision"], a["provider"]) != (precision, provider)
     ] + [approval.model_dump(mode="json")]
-    return finalize(artifact.path, fields)
+    return seal(amend(artifact, fields))

@@ -6,6 +6,12 @@ travel with each artifact (``records/``) and their summaries land in its
 manifest, so the model store entry carries its own proof. The default version
 (:func:`pick_default`) is registered last, so ``NAME:latest`` is it.
 
+Each version's manifest is written once, at the end: the export and the variant builds
+leave theirs unwritten, every later stage (parity, calibration ranges, the gate's verdict
+and reference vectors, quality reports, release records) adds to it in memory
+(:func:`embedkit.model.artifact.amend`, each new file hashed once), and :func:`publish`
+writes it (:func:`embedkit.model.artifact.seal`) just before signing and registering.
+
 The variant candidates (:func:`run_candidates`) are where the two halves meet:
 :mod:`embedkit.variants` builds them, :mod:`embedkit.quality` scores and gates
 them, and neither imports the other.
@@ -26,16 +32,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from embedkit.core.configfile import load_yaml
-from embedkit.core.errors import InvalidInput, PerformanceRegression
+from embedkit.core.errors import ArtifactError, InvalidInput, PerformanceRegression
 from embedkit.core.settings import get_settings
 from embedkit.core.stats import percentile
 from embedkit.model import evaldata, signing
-from embedkit.model.artifact import Artifact, finalize, register
+from embedkit.model.artifact import Artifact, amend, register, seal
 from embedkit.model.export import Step, export
 from embedkit.model.recipe import Recipe
 from embedkit.quality import contract, segments
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
-from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, stamp_verdict
+from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, with_verdict
 from embedkit.quality.report import summary_markdown, write_report
 from embedkit.release import calibration, perfgate, records
 from embedkit.runtime.engine import Engine
@@ -62,32 +68,44 @@ class Release:
     summary_markdown: str | None = None
 
 
-def attach_records(
+def with_records(
     artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]
 ) -> Artifact:
-    """Copy report files into ``records/``; re-finalise the manifest with ``manifest_updates``."""
+    """Copy report files into ``records/`` and list them (each hashed once) with
+    ``manifest_updates`` in the manifest, in memory: :func:`publish` writes it."""
     target = artifact.path / "records"
     target.mkdir(exist_ok=True)
-    fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
-    names = dict(fields["records"])
+    names = dict(artifact.manifest.records)
     for key, src in records.items():
         dest = target / Path(src).name
         if Path(src).resolve() != dest.resolve():
             dest.write_bytes(Path(src).read_bytes())
         names[key] = dest.relative_to(artifact.path).as_posix()
-    fields.update(manifest_updates)
-    fields["records"] = names
-    return finalize(artifact.path, fields)
+    new_files = [names[key] for key in records]
+    return amend(artifact, {**manifest_updates, "records": names}, files=new_files)
 
 
-def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
-    """Store the validation report beside the artifact and its summary in the manifest."""
+def attach_records(
+    artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]
+) -> Artifact:
+    """:func:`with_records`, the manifest then written in place (voids a signature)."""
+    return seal(with_records(artifact, records, manifest_updates))
+
+
+def with_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
+    """The validation report stored beside the artifact and its summary in the manifest
+    (in memory, like :func:`with_records`)."""
     (artifact.path / "records").mkdir(exist_ok=True)
     report_file = artifact.path / "records" / "validation.json"
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return attach_records(
+    return with_records(
         artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
     )
+
+
+def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
+    """:func:`with_parity`, the manifest then written in place (voids a signature)."""
+    return seal(with_parity(artifact, report))
 
 
 def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
@@ -101,7 +119,9 @@ def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
             f"{report} measured model.onnx sha256 {str(measured)[:12]}…, not "
             f"{artifact.path}'s; run the GPU check on this artifact"
         )
-    return attach_records(artifact, {"gpu_check": Path(report)}, {})
+    attached = with_records(artifact, {"gpu_check": Path(report)}, {})
+    # A working copy still being built (Built's versions) stays unwritten: publish writes it.
+    return seal(attached) if artifact.written else attached
 
 
 # --- variant candidates: build → evaluate → gate → time ------------------------------------
@@ -219,13 +239,15 @@ def run_candidates(
     batch_size: int = 32,
     rounds: int = 5,
     say: Callable[[str], None] = log.info,
+    write: bool = True,
     **eval_options: Any,
 ) -> tuple[list[Candidate], dict[str, float]]:
     """Build every preset from the fp32 ``parent``, evaluate and gate each, then time them
     all side by side with the parent at ``batch_size``. Returns candidates and texts/s
     (key ``"fp32"`` is the parent). Existing variant directories are reused.
     ``eval_options`` go to :func:`embedkit.quality.evaluate.evaluate` (its ``cache_dir``
-    defaults to ``settings.eval_cache_dir``)."""
+    defaults to ``settings.eval_cache_dir``). ``write=False`` leaves each new variant's
+    manifest unwritten (a release adds the verdict and records and writes it once)."""
     th = thresholds or load_thresholds()
     eval_options.setdefault(
         "cache_dir", (eval_options.get("settings") or get_settings()).eval_cache_dir
@@ -241,7 +263,7 @@ def run_candidates(
             artifact = Artifact.load(target)
         else:
             say(f"building {name}")
-            artifact = quantize.build_variant(parent, kind, target, **options)
+            artifact = quantize.build_variant(parent, kind, target, write=write, **options)
         say(f"evaluating {name}")
         report = evaluate(artifact, fp32=parent, reference_dir=reference_dir, **eval_options)
         verdict = gate(report, th)
@@ -451,16 +473,17 @@ def build(
     base = Path(workdir) if workdir else get_settings().artifacts_dir
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
-    artifact = export(recipe, root / "fp32", step=say)
+    # Every version's manifest is written once, by publish: until then each stage adds to it.
+    artifact = export(recipe, root / "fp32", step=say, write=False)
     reference_dir, _ = recipe.source.resolve()
     report = contract.validate(
         artifact, reference_dir=reference_dir, limit_per_segment=limit_per_segment, step=say
     )
     contract.require_passed(report)
-    artifact = attach_parity(artifact, report)
+    artifact = with_parity(artifact, report)
     # Before the variants are built from it, so they inherit the parent's buckets.
     say("calibrating the int8/uint8 output-encoding ranges")
-    artifact = calibration.stamp_ranges(
+    artifact = calibration.with_ranges(
         artifact, calibration.calibrate(artifact, limit=calibration_texts)
     )
 
@@ -478,6 +501,7 @@ def build(
             reference_dir=reference_dir,
             thresholds=th,
             say=say,
+            write=False,
             **(candidate_options or {}),
         )
         summary = candidates_summary(candidates, speeds, th)
@@ -489,11 +513,11 @@ def build(
             if c.verdict.compatibility == "rejected" and c.name not in force:
                 say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
                 continue
-            stamped = stamp_verdict(
+            stamped = with_verdict(
                 c.artifact, c.verdict, force=c.name in force, name=c.name, thresholds=th
             )
             files = write_report(c.report, stamped.path / "records", c.verdict)
-            stamped = attach_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
+            stamped = with_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
             versions.append((c.name, stamped, c.throughput, c.verdict.approved))
         best = pick_default(candidates, parent_speed)
         default_name = best.name if best else PARENT
@@ -503,7 +527,9 @@ def build(
 
 @dataclass
 class Built:
-    """A release up to registration: versions exported, validated, gated, in ``root``."""
+    """A release up to registration: versions exported, validated, gated, in ``root``. Their
+    manifests are not written yet (``Artifact.written`` is False): :func:`publish` adds the
+    records and writes each once."""
 
     name: str
     root: Path
@@ -553,13 +579,12 @@ def publish(
     if decision.override:
         say(f"performance gate overridden: {decision.override}")
 
-    # The default is registered last, so NAME:latest is it.
-    ordered = sorted(versions, key=lambda v: v[0] == default_name)
-    registered: list[Registered] = []
+    # Records, then each manifest's one write, then the signature over it. The fp32 parent
+    # goes first: its variants name its manifest as written.
     code = records.code_revision()
-    for name, art, speed, ok in ordered:
-        role = "default" if name == default_name else "candidate"
-        # Records before signing: attaching them re-finalises the manifest.
+    written: dict[str, Artifact] = {}
+    parent_ref: str | None = None
+    for name, art, _, _ in sorted(versions, key=lambda v: v[0] != PARENT):
         say(f"release records for {name}" + (" (short benchmark, profile)" if bench else ""))
         files, perf = records.write_records(art, name, root / "records" / name, bench=bench)
         files["release"] = release_record(decision, default_name, code, root / "records" / name)
@@ -572,15 +597,28 @@ def publish(
                 "release.perf_gate": decision.summary()[:200],
             }
         )
-        art = attach_records(art, files, {"performance": perf})
+        updates: dict[str, Any] = {"performance": perf}
+        if art.manifest.quantization.mode != "none" and art.manifest.parent is None:
+            if parent_ref is None:
+                raise ArtifactError(f"{name} names no parent and the release has no {PARENT}")
+            updates["parent"] = parent_ref
+        art = seal(with_records(art, files, updates))
+        if name == PARENT:
+            parent_ref = quantize.parent_ref(art)
         if sign_key is not None:
             say(f"signing {name} with key {signing.sign(art.path, sign_key)}")
+        written[name] = art
+
+    # The default is registered last, so NAME:latest is it.
+    registered: list[Registered] = []
+    for name, _, speed, ok in sorted(versions, key=lambda v: v[0] == default_name):
+        role = "default" if name == default_name else "candidate"
         say(f"registering {name} ({role})")
-        tag = register(art, labels={"variant": name, "role": role})
+        tag = register(written[name], labels={"variant": name, "role": role})
         registered.append(Registered(name, tag, speed, ok))
     return Release(
         tag=registered[-1].tag,
-        artifact=art,  # the default, registered last, with its records
+        artifact=written[default_name],  # the default, registered last, with its records
         report=built.report,
         versions=registered,
         summary_markdown=built.summary,

@@ -37,8 +37,9 @@ from embedkit.model.artifact import (
     POOLING_MASK_INPUT,
     TOKENIZER_FILE,
     Artifact,
-    finalize,
+    draft,
     move_into_place,
+    seal,
     sha256_file,
     staging_dir,
 )
@@ -103,9 +104,13 @@ def _check_parent(parent: Artifact) -> None:
         )
 
 
-def _parent_ref(parent: Artifact) -> str:
+def parent_ref(parent: Artifact) -> str | None:
+    """How a variant's manifest names ``parent``: its tag, else the sha256 of its written
+    manifest; None while that manifest is not written (the release fills it in then)."""
     if parent.tag:
         return parent.tag
+    if not parent.written:
+        return None
     return "manifest-sha256:" + sha256_file(parent.path / MANIFEST)
 
 
@@ -114,9 +119,17 @@ def _staged(
     output: Path,
     build: Callable[[Path, Path], dict[str, Any]],
     mode: VariantKind,
+    write: bool,
 ) -> Artifact:
-    """Run ``build(src_model, dst_model) -> settings`` in a staging dir; finalize; move in place."""
+    """Run ``build(src_model, dst_model) -> settings`` in a staging dir, hash the files into
+    the variant's manifest, write it (unless ``write=False``: the caller adds to it and
+    writes it, :func:`embedkit.model.artifact.seal`); move the artifact in place."""
     _check_parent(parent)
+    if write and parent_ref(parent) is None:
+        raise InvalidInput(
+            f"the parent {parent.path} has no written manifest for the variant to name; "
+            "write it first, or build with write=False"
+        )
     output = Path(output)
     staging = staging_dir(output)
     try:
@@ -138,12 +151,12 @@ def _staged(
         )
         fields.update(
             quantization={"mode": mode, "settings": settings},
-            parent=_parent_ref(parent),
+            parent=parent_ref(parent),
             toolchain=toolchain.versions(),
             parity=None,
         )
-        finalize(art, fields)
-        return move_into_place(art, output)
+        built = draft(art, fields)
+        return move_into_place(seal(built) if write else built, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -166,7 +179,7 @@ def _strip_to_declared_output(model_path: Path, output: str) -> None:
 # --- variants -----------------------------------------------------------------------
 
 
-def optimize_fp32(parent: Artifact, output: Path) -> Artifact:
+def optimize_fp32(parent: Artifact, output: Path, *, write: bool = True) -> Artifact:
     """Fused FP32: ORT's transformer optimiser (attention, LayerNorm, GELU, embedding fusions).
 
     ``opt_level=0`` keeps the saved graph portable across providers: only the
@@ -184,7 +197,7 @@ def optimize_fp32(parent: Artifact, output: Path) -> Artifact:
             "fusions": stats,
         }
 
-    return _staged(parent, output, build, "fused-fp32")
+    return _staged(parent, output, build, "fused-fp32", write)
 
 
 def _fuse(src: Path, dst: Path) -> dict[str, int]:
@@ -286,6 +299,7 @@ def quantize_dynamic_int8(
     calibration: Path | None = None,
     size: int = 512,
     seed: int = 0,
+    write: bool = True,
 ) -> Artifact:
     """Dynamic INT8 (weights quantised offline, activations per batch at run time).
 
@@ -347,7 +361,7 @@ def quantize_dynamic_int8(
             **({"calibration": calib} if calib else {}),
         }
 
-    return _staged(parent, output, build, "dynamic-int8")
+    return _staged(parent, output, build, "dynamic-int8", write)
 
 
 # --- static INT8 ----------------------------------------------------------------------
@@ -420,6 +434,7 @@ def quantize_static_int8(
     keep_fp32: int = 0,
     smoothquant_alpha: float | None = None,
     seed: int = 0,
+    write: bool = True,
 ) -> Artifact:
     """Static INT8 in QDQ format, activation ranges calibrated on real sentences.
 
@@ -500,13 +515,13 @@ def quantize_static_int8(
             "calibration": calib,
         }
 
-    return _staged(parent, output, build, "static-int8")
+    return _staged(parent, output, build, "static-int8", write)
 
 
 # --- FP16 --------------------------------------------------------------------------------
 
 
-def convert_fp16(parent: Artifact, output: Path) -> Artifact:
+def convert_fp16(parent: Artifact, output: Path, *, write: bool = True) -> Artifact:
     """FP16 for GPUs: fuse for GPU, convert weights/compute to fp16, keep float32 I/O.
 
     Built and structurally validated anywhere (:func:`check_fp16_structure`);
@@ -524,7 +539,7 @@ def convert_fp16(parent: Artifact, output: Path) -> Artifact:
         model.save_model_to_file(str(dst))
         return {"keep_io_types": True, "fused_for_gpu": True, "fusions": stats}
 
-    artifact = _staged(parent, output, build, "fp16")
+    artifact = _staged(parent, output, build, "fp16", write)
     check_fp16_structure(artifact)
     return artifact
 
@@ -577,7 +592,7 @@ def check_variant(kind: str, options: Mapping[str, Any]) -> Callable[..., Artifa
         builder = _BUILDERS[kind]
     except KeyError:
         raise InvalidInput(f"unknown variant kind {kind!r} (one of {', '.join(KINDS)})") from None
-    accepted = set(inspect.signature(builder).parameters) - {"parent", "output"}
+    accepted = set(inspect.signature(builder).parameters) - {"parent", "output", "write"}
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise InvalidInput(
@@ -587,6 +602,12 @@ def check_variant(kind: str, options: Mapping[str, Any]) -> Callable[..., Artifa
     return builder
 
 
-def build_variant(parent: Artifact, kind: str, output: Path, **options: Any) -> Artifact:
-    """Build one variant of ``parent`` into ``output`` (see the per-kind functions for options)."""
-    return check_variant(kind, options)(parent, output, **options)
+def build_variant(
+    parent: Artifact, kind: str, output: Path, *, write: bool = True, **options: Any
+) -> Artifact:
+    """Build one variant of ``parent`` into ``output`` (see the per-kind functions for options).
+
+    A variant is a version of its own: its manifest is written once, here, unless
+    ``write=False`` leaves that to the caller (the release, which adds the gate's verdict
+    and the records first)."""
+    return check_variant(kind, options)(parent, output, write=write, **options)
