@@ -65,3 +65,38 @@ def test_named_reindex_variant_serves_and_says_so(
     assert "; variant=planted-reindex; class=reindex;" in response.headers[HEADER]
     info = httpx.get(server.url + "/info", timeout=30).json()
     assert info["served"]["compatibility"] == "reindex" and info["served"]["refused"] is None
+
+
+def test_a_forced_rejected_variant_is_refused_even_when_named(
+    launcher, model_tag: str, fp32_artifact: Artifact, copy_variant: Artifact, tmp_path: Path
+) -> None:
+    """Class ``rejected`` never serves (docs/service.md): registered with --force and named
+    with EMBEDKIT_VARIANT, it is refused at startup and its fp32 parent serves."""
+    import shutil
+
+    from embedkit.quality.gate import GateThresholds, GateVerdict, stamp_verdict
+
+    shutil.copytree(copy_variant.path, tmp_path / "r")
+    verdict = GateVerdict(
+        approved=False,
+        compatibility="rejected",
+        failures=[],
+        segments_checked=1,
+        measured_on={
+            "parent_sha256": fp32_artifact.manifest.files["model.onnx"],
+            "isa": toolchain.detect_isa().level,
+            "onnxruntime": toolchain.runtime_version(),
+        },
+    )
+    th = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)
+    art = stamp_verdict(
+        Artifact.load(tmp_path / "r"), verdict, force=True, name="forced-rejected", thresholds=th
+    )
+    server = launcher.start(register(art), {"EMBEDKIT_VARIANT": "forced-rejected"})
+    line = server.wait_for_line("embedkit refuses variant")
+    assert "forced-rejected" in line and "class rejected" in line
+    ok = httpx.post(server.url + "/embed", json={"texts": ["a"]}, timeout=30)
+    assert ok.status_code == 200
+    assert "; variant=fp32; class=index-compatible;" in ok.headers[HEADER]
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert "class rejected" in info["served"]["refused"]
