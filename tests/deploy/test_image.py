@@ -33,6 +33,12 @@ from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
 READY_BUDGET_S = 60  # model load + warm-up on 2 cores; measured ~8-15 s (docs/bento.md)
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "onnxscript")
 BASE = "localhost/embedkit-base:bookworm-py3.11"
+# What `podman image inspect --format '{{.Size}}'` may report, in MB (10**6 bytes): 1,302 with
+# BentoML's own Debian template (build-essential, git, uv), 598 with the slim one
+# (src/embedkit/deploy/slim.Dockerfile.j2; the base alone is 199). docs/bento.md.
+MAX_IMAGE_MB = 700
+# Nothing in the image compiles, fetches sources or installs: BentoML's template left these in.
+BUILD_TOOLS = ("gcc", "cc", "make", "git", "uv")
 
 
 # What decides the image's bytes besides the model and the base (code_digest: every file).
@@ -205,6 +211,24 @@ def test_image_is_non_root_read_only_and_torch_free(running: container.Running) 
     names = {n.replace("_", "-") for n in listed.split()}
     assert {"onnxruntime", "bentoml", "tokenizers"} <= names
     assert not names & set(EXPORT_SIDE), names & set(EXPORT_SIDE)
+
+
+def test_image_is_slim(image: str) -> None:
+    """The image it built is within MAX_IMAGE_MB and carries no build tooling."""
+    size = int(container.podman("image", "inspect", "--format", "{{.Size}}", image).stdout)
+    assert size <= MAX_IMAGE_MB * 1_000_000, f"{image}: {size / 1e6:.0f} MB > {MAX_IMAGE_MB} MB"
+    found = container.podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        f"for t in {' '.join(BUILD_TOOLS)}; do command -v $t; done; true",
+    )
+    assert found.stdout.split() == [], f"build tooling in the image: {found.stdout.split()}"
 
 
 def _refusal(logs: str) -> str:

@@ -30,6 +30,9 @@ Where each fact comes from:
   same file as its constraints (BentoML appends an unhashed ``bentoml==`` line; the
   constraint supplies its hash), so a package without a hash or with another one is
   refused.
+* the CPU image's Dockerfile: ``slim.Dockerfile.j2`` beside this file (``SLIM_TEMPLATE``,
+  the bentofile's ``docker.dockerfile_template``): BentoML's Debian template without its
+  apt layer (build-essential, git) and with no uv or package cache left in the image.
 
 ``audit(bento_dir, variant, model_tag)`` re-reads what was built and lists every
 problem (torch & co. in the requirements, URLs, unpinned packages, the wrong
@@ -44,7 +47,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,11 +109,21 @@ IMAGE_REQUIREMENTS = "/home/bentoml/bento/env/python/requirements.txt"
 # build-stage envs into build secrets); they stay in the image, where nothing runs uv.
 HASH_CHECKING_ENVS = {"UV_REQUIRE_HASHES": "1", "UV_CONSTRAINT": IMAGE_REQUIREMENTS}
 
+# The CPU image's Dockerfile template: BentoML's Debian one without its apt layer
+# (build-essential, git, gnupg2, curl: ~640 MB no wheel needs) and with uv and every package
+# cache out of the layers (docs/bento.md, "Image size"). Relative to the build context, the
+# repo root; BentoML copies it into the Bento (env/docker/Dockerfile.template).
+SLIM_TEMPLATE = "src/embedkit/deploy/slim.Dockerfile.j2"
+
 VARIANTS: dict[str, Variant] = {
     "cpu": Variant(
         name="cpu",
         runtime="onnxruntime",
-        docker={"distro": "debian", "python_version": PYTHON_VERSION},
+        docker={
+            "distro": "debian",
+            "python_version": PYTHON_VERSION,
+            "dockerfile_template": SLIM_TEMPLATE,
+        },
         envs={"EMBEDKIT_GPU": "false", "EMBEDKIT_PROVIDERS": '["CPUExecutionProvider"]'},
         lock=LOCK_DIR / "serving-cpu.txt",
     ),
@@ -416,12 +432,34 @@ def _bento_path(tag: str) -> Path:
     return Path(bentoml.bentos.get(tag).path)
 
 
+# BentoML 1.4.40 renders a Bento's dockerfile_template from a temporary copy of the Bento and
+# refuses it unless that copy lies under the working directory ("Accessing file outside of
+# current working directory is not allowed": BentoML issue 5566, fix PRs 5596/5673 unmerged).
+# Its temporary directories go here, under the project root, instead (scripts/build-image sets
+# TMPDIR to the same kind of folder for `bentoml containerize`).
+CONTAINERFILE_TMP = BUILD_ROOT / "tmp"
+
+
+@contextmanager
+def bentoml_tempdir() -> Iterator[Path]:
+    """Python's temporary directories under ``CONTAINERFILE_TMP`` (absolute), for the span."""
+    scratch = CONTAINERFILE_TMP.resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    before = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = before
+
+
 def _emit_containerfile(tag: str, dest: Path) -> None:
     """The Dockerfile `bentoml containerize` builds, written without a container engine."""
     import bentoml
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    bentoml.container.get_containerfile(tag, output_path=str(dest))
+    with bentoml_tempdir():
+        bentoml.container.get_containerfile(tag, output_path=str(dest))
     if not dest.is_file():
         raise BuildError(f"bentoml wrote no containerfile for {tag}")
 
