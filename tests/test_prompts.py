@@ -289,3 +289,19 @@ def test_left_truncation_cuts_the_text_and_keeps_the_prompt(
     )[0]
     np.testing.assert_allclose(got, ref, atol=1e-5)
     np.testing.assert_allclose(got, engine.encode([tail], prompt_name="query")[0], atol=1e-6)
+
+
+def test_an_engine_cutting_from_the_left_keeps_the_prompt(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine.encode (the release's and the benchmarks' path) cuts as the routes do: with a
+    manifest whose truncation side is left, the prompt stays and the text's start goes."""
+    left = engine.tokenizer.spec.model_copy(update={"truncation_side": "left"})
+    monkeypatch.setattr(engine.tokenizer, "spec", left)
+    words = ["first", *(["word"] * 300), "one", "two", "three"]
+    prompt = engine.prompts.resolve("query")
+    assert prompt is not None
+    fits = engine.tokenizer.max_length - 2 - len(prompt.ids)
+    got = engine.encode([" ".join(words)], prompt_name="query")[0]
+    want = engine.encode([" ".join(words[-fits:])], prompt_name="query")[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -279,7 +279,9 @@ class Engine:
         prompt = self.prompts.resolve(prompt_name)
         if prompt is not None:
             items = prompt.apply(items)
-        ids = self.tokenizer.encode(items, truncate=truncate)
+        # A manifest cutting from the left keeps the prompt whole, as the served routes do.
+        keep = len(prompt.ids) if prompt is not None else 0
+        ids, _ = self.tokenizer.encode_counted(items, truncate=truncate, keep=keep)
         raw, telemetry = self.embed_ids(ids, pool_starts(prompt, len(ids)))
         if normalize is None:
             normalize = self.manifest.embedding.normalize
