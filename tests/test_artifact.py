@@ -120,33 +120,40 @@ def test_unknown_tag() -> None:
 # --- manifest file entries stay inside the artifact directory ----------------------------------
 
 
-def _tiny_artifact(directory: Path) -> Artifact:
-    """An artifact directory with placeholder files (nothing here runs the model)."""
-    from embedkit.model.artifact import TOKENIZER_FILE, finalize
+# Manifest fields of a placeholder artifact (nothing in these tests runs the model).
+PLACEHOLDER_FIELDS = {
+    "name": "paths",
+    "model_id": "tests/paths",
+    "model_version": "0",
+    "source_sha256": "0" * 64,
+    "embedding": {
+        "pooling": "mean",
+        "max_seq_length": 8,
+        "normalize": True,
+        "do_lower_case": False,
+        "dimension": 4,
+    },
+    "tokenizer": {"max_length": 8, "pad_token": "[PAD]", "pad_id": 0},
+    "inputs": ["input_ids", "attention_mask"],
+    "opset": 17,
+    "toolchain": {},
+}
+
+
+def _placeholder_files(directory: Path) -> None:
+    from embedkit.model.artifact import TOKENIZER_FILE
 
     directory.mkdir()
     (directory / MODEL_FILE).write_bytes(b"not really onnx")
     (directory / TOKENIZER_FILE).write_text("{}")
-    return finalize(
-        directory,
-        {
-            "name": "paths",
-            "model_id": "tests/paths",
-            "model_version": "0",
-            "source_sha256": "0" * 64,
-            "embedding": {
-                "pooling": "mean",
-                "max_seq_length": 8,
-                "normalize": True,
-                "do_lower_case": False,
-                "dimension": 4,
-            },
-            "tokenizer": {"max_length": 8, "pad_token": "[PAD]", "pad_id": 0},
-            "inputs": ["input_ids", "attention_mask"],
-            "opset": 17,
-            "toolchain": {},
-        },
-    )
+
+
+def _tiny_artifact(directory: Path) -> Artifact:
+    """An artifact directory with placeholder files, its manifest written."""
+    from embedkit.model.artifact import finalize
+
+    _placeholder_files(directory)
+    return finalize(directory, PLACEHOLDER_FIELDS)
 
 
 def _list_in_manifest(directory: Path, entry: str, digest: str) -> None:
@@ -185,3 +192,51 @@ def test_manifest_entry_through_a_symlink_out_of_the_artifact_is_refused(tmp_pat
     _list_in_manifest(art, "records/secret.bin", sha256_file(elsewhere / "secret.bin"))
     with pytest.raises(ArtifactError, match=r"'records/secret\.bin'.*outside"):
         Artifact.load(art)
+
+
+# --- a version built in memory, its manifest written once -----------------------------------
+
+
+def test_draft_amend_seal_hash_each_file_once_and_write_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedkit.model import artifact as am
+
+    hashed: list[str] = []
+    writes: list[Path] = []
+    sha256_file, write_manifest = am.sha256_file, am.write_manifest
+
+    def counted_sha256(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return sha256_file(path)
+
+    def counted_write(directory: Path, manifest: am.Manifest) -> None:
+        writes.append(directory)
+        write_manifest(directory, manifest)
+
+    monkeypatch.setattr(am, "sha256_file", counted_sha256)
+    monkeypatch.setattr(am, "write_manifest", counted_write)
+
+    directory = tmp_path / "art"
+    _placeholder_files(directory)
+    built = am.draft(directory, PLACEHOLDER_FIELDS)
+    assert not built.written and not (directory / "manifest.json").exists()
+    (directory / "records").mkdir()
+    (directory / "records" / "a.json").write_text("{}")
+    built = am.amend(built, {"records": {"a": "records/a.json"}}, files=["records/a.json"])
+    built = am.amend(built, {"parity": {"passed": True}})
+    with pytest.raises(ArtifactError, match="not written"):
+        register(built)
+    assert writes == []
+
+    sealed = am.seal(built)
+    assert sealed.written and writes == [directory]
+    assert sorted(hashed) == ["a.json", "model.onnx", "tokenizer.json"]  # each once
+    loaded = Artifact.load(directory)  # verifies every checksum
+    assert loaded.manifest == sealed.manifest
+    assert list(loaded.manifest.files) == ["model.onnx", "records/a.json", "tokenizer.json"]
+    assert loaded.manifest.parity == {"passed": True}
+
+    (directory / "records" / "a.json").unlink()
+    with pytest.raises(ArtifactError, match=r"lacks records/a\.json"):
+        am.seal(built)
