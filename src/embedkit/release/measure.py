@@ -253,7 +253,7 @@ def engine_name(variant: str) -> str:
 
 
 def build_systems(
-    artifact_dir: str | Path,
+    artifact_dir: str | Path | Artifact,
     settings: Settings,
     *,
     variants: Mapping[str, str | Path] | None = None,
@@ -268,7 +268,11 @@ def build_systems(
     padding: dict[str, PadCounter] = {}
 
     before = _rss_mb()
-    engine = Engine.load(artifact_dir, settings)
+    # An Artifact in hand: a release benchmarks each version before its manifest is written.
+    if isinstance(artifact_dir, Artifact):
+        engine = Engine(artifact_dir, settings)
+    else:
+        engine = Engine.load(artifact_dir, settings)
     engine.warmup()
     rss[ENGINE] = _rss_mb() - before
     artifact = engine.artifact
@@ -354,7 +358,7 @@ def runtime_info(engine: Engine, settings: Settings) -> dict[str, Any]:
 
 
 def run_inprocess_bench(
-    artifact_dir: str | Path,
+    artifact_dir: str | Path | Artifact,
     batch_sizes: Sequence[int] = (1, 32),
     max_texts: int | None = 1024,
     *,

@@ -54,49 +54,6 @@ BENCH_TEXTS = 256
 PROFILE_BATCH = 32
 
 
-def short_bench(artifact: Artifact, settings: Settings, *, seed: int = 0) -> dict[str, Any]:
-    """Naive ORT beside the engine on :data:`BENCH_TEXTS` texts of the STS stream at
-    :data:`BENCH_BATCHES`: :func:`embedkit.release.measure.run_inprocess_bench`'s result
-    without PyTorch and the plain engine, for the artifact in hand. A release benchmarks
-    each version before its manifest is written (it records the figures in it), and
-    ``run_inprocess_bench`` loads its artifact from a directory's manifest."""
-    from embedkit.release.measure import (
-        CORPUS_NAMES,
-        ENGINE,
-        NAIVE,
-        SystemSet,
-        bench_texts,
-        engine_encoder,
-        naive_ort,
-        runtime_info,
-        sts_stream,
-    )
-    from embedkit.runtime.engine import Engine
-
-    engine = Engine(artifact, settings)
-    engine.warmup()
-    encoders, padding = {}, {}
-    encoders[NAIVE], padding[NAIVE] = naive_ort(artifact, settings)
-    encoders[ENGINE], padding[ENGINE] = engine_encoder(engine)
-    systems = SystemSet(engine, encoders, padding, {}, {ENGINE: str(artifact.path)})
-    texts = sts_stream(BENCH_TEXTS, seed=seed)
-    return {
-        "corpus": {
-            "name": CORPUS_NAMES["sts"],
-            "seed": seed,
-            "texts": len(texts),
-            "tokens": sum(len(i) for i in engine.tokenizer.encode(texts)),
-        },
-        "artifact": {
-            "name": artifact.manifest.name,
-            "path": str(artifact.path),
-            "quantization": artifact.manifest.quantization.mode,
-        },
-        "runtime": runtime_info(engine, settings),
-        "batches": bench_texts(systems, texts, BENCH_BATCHES),
-    }
-
-
 def write_records(
     artifact: Artifact,
     variant: str,
@@ -131,11 +88,25 @@ def write_records(
     if not bench:
         return files, summary
 
-    from embedkit.release.measure import ENGINE, NAIVE, format_batch, sts_stream
+    from embedkit.release.measure import (
+        ENGINE,
+        NAIVE,
+        format_batch,
+        run_inprocess_bench,
+        sts_stream,
+    )
     from embedkit.release.profile import markdown as profile_markdown
     from embedkit.release.profile import profile_artifact
 
-    result = short_bench(artifact, settings)
+    result = run_inprocess_bench(
+        artifact,
+        BENCH_BATCHES,
+        BENCH_TEXTS,
+        include_torch=False,
+        include_plain_engine=False,
+        settings=settings,
+        echo=None,
+    )
     result["variant"] = variant
     files["bench"] = out_dir / "bench.json"
     files["bench"].write_text(json.dumps(result, indent=2) + "\n")
@@ -157,10 +128,8 @@ def write_records(
     prof = profile_artifact(
         artifact, sts_stream(BENCH_TEXTS), PROFILE_BATCH, prof_dir, settings=settings, max_batches=4
     )
-    trace = Path(prof["trace"])
-    prof["trace"] = (
-        trace.name
-    )  # the raw trace stays out of the artifact (MBs); its summary stays in
+    # The raw trace stays out of the artifact (MBs); its summary stays in.
+    prof["trace"] = Path(prof["trace"]).name
     report = {
         "kind": "embedkit-profile",
         "batch_sizes": [PROFILE_BATCH],
