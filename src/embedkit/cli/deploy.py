@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,11 +18,6 @@ from embedkit.cli.common import (
     progress,
 )
 from embedkit.core.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from rich.table import Table
-
-    from embedkit.deploy.canary import CanaryResult
 
 
 @app.command("build-bento")
@@ -195,28 +190,6 @@ def image_verify_cmd(
     )
 
 
-def _canary_tables(result: CanaryResult) -> list[Table]:
-    """The canary's identities side by side, then its checks (`canary`, `rollback-drill`)."""
-    from rich.table import Table
-
-    from embedkit.deploy.canary import report_lines
-
-    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
-    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
-        table.add_column(column, overflow="fold")
-    for row in report_lines(result):
-        table.add_row(*row)
-    checks = Table(show_header=False, box=None)
-    if result.refused:
-        checks.add_row("[red]REFUSED[/red]", result.refused)
-    for what, figure, ok in result.checks:
-        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
-    for side in (result.stable, result.candidate):
-        for error in side.errors[:3]:
-            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
-    return [table, checks]
-
-
 @app.command("canary")
 @one_line_errors
 def canary_cmd(
@@ -238,7 +211,7 @@ def canary_cmd(
     """Compare a candidate server with the stable one before it takes user traffic: same
     texts, vectors judged by the candidate's class, errors and p95. Exit 0 = promote,
     1 = roll back (docs/deployment.md, Canary)."""
-    from embedkit.deploy.canary import TextSet, run_canary
+    from embedkit.deploy.canary import TextSet, canary_tables, run_canary
 
     if batch_size < 1:
         raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
@@ -249,7 +222,7 @@ def canary_cmd(
         batch_size=batch_size,
         max_p95_ratio=max_p95_ratio,
     )
-    for part in _canary_tables(result):
+    for part in canary_tables(result):
         out.print(part)
     if result.passed:
         out.print("[bold green]PROMOTE[/bold green]: the candidate may join the stable Service")
@@ -284,6 +257,7 @@ def rollback_drill_cmd(
     from rich.table import Table
 
     from embedkit.deploy import drill as drills
+    from embedkit.deploy.canary import canary_tables
 
     drills.check_tags(stable, candidate)
     if ready_timeout <= 0:
@@ -318,7 +292,7 @@ def rollback_drill_cmd(
         steps.add_row(mark, name, f"{done.seconds:.0f}", done.detail)
     screen.print(steps)
     if result.canary is not None:
-        for part in _canary_tables(result.canary):
+        for part in canary_tables(result.canary):
             screen.print(part)
     verdict = "[bold green]PASSED[/bold green]" if result.passed else "[bold red]FAILED[/bold red]"
     screen.print(f"{verdict} in {result.seconds:.0f} s", highlight=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from embedkit.core.errors import InvalidInput
 from embedkit.core.stats import percentile
 from embedkit.model import evaldata
 from embedkit.serve.engine.identity import ServedIdentity
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 SAME_VERSION_MAX_ABS = 1e-4  # fp32 through HTTP JSON: what the HTTP tests hold the route to
 LONG_MIN_WORDS = 180  # long documents reach the default model's 256-token limit
@@ -257,3 +260,23 @@ def report_lines(result: CanaryResult) -> list[tuple[str, str, str]]:
             )
         )
     return rows
+
+
+def canary_tables(result: CanaryResult) -> list[Table]:
+    """The canary's identities side by side, then its checks (`canary`, `rollback-drill`)."""
+    from rich.table import Table
+
+    table = Table(title=f"embedkit canary — {result.rule}", title_justify="left")
+    for column in ("", f"stable {result.stable.url}", f"candidate {result.candidate.url}"):
+        table.add_column(column, overflow="fold")
+    for row in report_lines(result):
+        table.add_row(*row)
+    checks = Table(show_header=False, box=None)
+    if result.refused:
+        checks.add_row("[red]REFUSED[/red]", result.refused)
+    for what, figure, ok in result.checks:
+        checks.add_row("[green]ok[/green]" if ok else "[red]FAIL[/red]", f"{what}: {figure}")
+    for side in (result.stable, result.candidate):
+        for error in side.errors[:3]:
+            checks.add_row("[red]error[/red]", f"{side.url}: {error}")
+    return [table, checks]
