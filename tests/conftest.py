@@ -325,16 +325,16 @@ def validated_fp32(artifact_cache: ArtifactCache, fp32_artifact, default_model_d
     """The export as `build` leaves the fp32 version: through the parity contract (two
     texts per segment), its report attached (``records/validation.json``, parity summary
     in the manifest)."""
-    from embedkit.model.artifact import Artifact
+    from embedkit.model.artifact import Artifact, seal
     from embedkit.quality import contract
-    from embedkit.release.pipeline import attach_parity
+    from embedkit.release.pipeline import with_parity
 
     def build(dest: Path) -> None:
         shutil.copytree(fp32_artifact.path, dest)
         art = Artifact.load(dest)
         report = contract.validate(art, reference_dir=default_model_dir, limit_per_segment=2)
         contract.require_passed(report)
-        attach_parity(art, report)
+        seal(with_parity(art, report))
 
     parts = {
         "parent": artifact_files(fp32_artifact),

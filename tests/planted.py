@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from embedkit.model import toolchain
-from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, MeasuredOn, finalize
-from embedkit.quality.gate import GateThresholds, GateVerdict, stamp_verdict
+from embedkit.model.artifact import MODEL_FILE, TOKENIZER_FILE, Artifact, MeasuredOn, finalize, seal
+from embedkit.quality.gate import GateThresholds, GateVerdict, with_verdict
 
 ANGLE = 0.2
 _TH = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)
@@ -90,4 +90,4 @@ def stamped(parent: Artifact, source: Artifact, out: Path, klass: str, **measure
         segments_checked=1,
         measured_on=on.model_copy(update=measured),
     )
-    return stamp_verdict(Artifact.load(out), verdict, name=f"planted-{klass}", thresholds=_TH)
+    return seal(with_verdict(Artifact.load(out), verdict, name=f"planted-{klass}", thresholds=_TH))

@@ -19,11 +19,11 @@ from embedkit.cli import app
 from embedkit.core import stats
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import get_settings
-from embedkit.model.artifact import finalize, register
+from embedkit.model.artifact import finalize, register, seal
 from embedkit.release import measure as bench
 from embedkit.release import perfgate, records
 from embedkit.release import profile as profiling
-from embedkit.release.pipeline import attach_records
+from embedkit.release.pipeline import with_records
 from embedkit_bench import cost, roofline
 from embedkit_bench import http as bench_http
 from embedkit_bench.report import bench_and_report
@@ -200,7 +200,7 @@ def test_release_records_are_stored_and_shown_by_info(fp32_artifact, tmp_path):
     shutil.copytree(fp32_artifact.path, tmp_path / "art")
     art = Artifact.load(tmp_path / "art")
     files, summary = records.write_records(art, "fp32", tmp_path / "records")
-    art = attach_records(art, files, {"performance": summary})
+    art = seal(with_records(art, files, {"performance": summary}))
     tag = register(art, labels={"variant": "fp32", "role": "default"})
     res = runner.invoke(app, ["info", tag])
     assert res.exit_code == 0, res.output

@@ -238,8 +238,8 @@ def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
 
     from embedkit.core import metrics
     from embedkit.model import toolchain
-    from embedkit.model.artifact import MeasuredOn
-    from embedkit.quality.gate import GateThresholds, GateVerdict, stamp_verdict
+    from embedkit.model.artifact import MeasuredOn, seal
+    from embedkit.quality.gate import GateThresholds, GateVerdict, with_verdict
 
     root = tmp_path_factory.mktemp("rejected")
     copy = plant(fp32_artifact, "copy", root / "copy")
@@ -255,7 +255,9 @@ def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
         ),
     )
     thresholds = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)
-    art = stamp_verdict(copy, verdict, force=True, name="forced-rejected", thresholds=thresholds)
+    art = seal(
+        with_verdict(copy, verdict, force=True, name="forced-rejected", thresholds=thresholds)
+    )
     assert art.manifest.quantization.forced and art.manifest.compatibility == "rejected"
     counter = metrics.get().variant_refusals.labels(variant="forced-rejected", reason="rejected")
     before = float(counter._value.get())

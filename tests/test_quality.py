@@ -13,7 +13,7 @@ from tests.quality_reports import quality_report, segment
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model import toolchain
-from embedkit.model.artifact import Artifact
+from embedkit.model.artifact import Artifact, seal
 from embedkit.quality import evaluate as evaluation
 from embedkit.quality.evaluate import evaluate, measured_key, neighbour_overlap
 from embedkit.quality.gate import (
@@ -22,7 +22,7 @@ from embedkit.quality.gate import (
     GateVerdict,
     gate,
     load_thresholds,
-    stamp_verdict,
+    with_verdict,
 )
 from embedkit.quality.report import write_report
 from embedkit.quality.segments import build_corpus
@@ -148,7 +148,7 @@ def test_bad_variant_is_rejected_naming_segments(
     markdown = (tmp_path / "quality.md").read_text()
     assert "lang:ja" in markdown and "**Gate: rejected" in markdown
     with pytest.raises(InvalidInput, match="failed the quality gate"):
-        stamp_verdict(variants["bad"], verdict)
+        with_verdict(variants["bad"], verdict)
 
 
 def test_fused_variant_passes_fast_gate(
@@ -171,7 +171,7 @@ def test_fused_variant_passes_fast_gate(
     assert verdict.approved, verdict.summary()
     fp32_self = report.segment("stsb:all")
     assert fp32_self.spearman_fp32 == pytest.approx(fp32_self.spearman_reference, abs=0.05)
-    stamped = stamp_verdict(private_copy(variants["good"]), verdict)
+    stamped = seal(with_verdict(private_copy(variants["good"]), verdict))
     assert (
         stamped.manifest.quantization.approved is True and not stamped.manifest.quantization.forced
     )
@@ -286,7 +286,7 @@ def test_force_is_recorded(bad_int8_variant: Artifact, private_copy: Any) -> Non
             GateFailure(segment="lang:ja", metric="cosine_p1", value=0.9, threshold=0.99, by=0.09)
         ],
     )
-    forced = stamp_verdict(art, rejected, force=True)
+    forced = seal(with_verdict(art, rejected, force=True))
     q = forced.manifest.quantization
     assert q.approved is False and q.forced is True
     Artifact.load(forced.path)

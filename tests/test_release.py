@@ -234,9 +234,9 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
 
     from embedkit.core.errors import PerformanceRegression
     from embedkit.core.settings import get_settings
-    from embedkit.model.artifact import Artifact, finalize, register
+    from embedkit.model.artifact import Artifact, finalize, register, seal
     from embedkit.release import perfgate, records
-    from embedkit.release.pipeline import Built, attach_records
+    from embedkit.release.pipeline import Built, with_records
 
     name = "perfgate-e2e"  # its own model-store name: NAME:latest belongs to this test
     # The current :latest: the session's export under this name, with its runtime record.
@@ -248,7 +248,7 @@ def test_a_slower_release_does_not_become_latest_without_an_override(
     files, perf = records.write_records(
         baseline, "fp32", tmp_path / "baseline-records", bench=False
     )
-    baseline_tag = register(attach_records(baseline, files, {"performance": perf}))
+    baseline_tag = register(seal(with_records(baseline, files, {"performance": perf})))
 
     th = perfgate.load_thresholds().model_copy(
         update={

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from embedkit.model.artifact import Artifact, register
-from embedkit.release.calibration import stamp_ranges
+from embedkit.model.artifact import Artifact, register, seal
+from embedkit.release.calibration import with_ranges
 from embedkit.runtime.vectors import QUANTIZED, RANGED, decode_base64
 from embedkit.serve.edge.schemas import TRUNCATED_HEADER
 
@@ -36,7 +36,7 @@ def calibrated(fp32_artifact, tmp_path_factory) -> Artifact:
     dest = tmp_path_factory.mktemp("calibrated") / "artifact"
     shutil.copytree(fp32_artifact.path, dest)
     art = Artifact.load(dest)
-    return stamp_ranges(art, calibrate(art, limit=300))
+    return seal(with_ranges(art, calibrate(art, limit=300)))
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,8 @@ def test_a_forced_rejected_variant_is_refused_even_when_named(
     with EMBEDKIT_VARIANT, it is refused at startup and its fp32 parent serves."""
     import shutil
 
-    from embedkit.quality.gate import GateThresholds, GateVerdict, stamp_verdict
+    from embedkit.model.artifact import seal
+    from embedkit.quality.gate import GateThresholds, GateVerdict, with_verdict
 
     shutil.copytree(copy_variant.path, tmp_path / "r")
     verdict = GateVerdict(
@@ -89,8 +90,14 @@ def test_a_forced_rejected_variant_is_refused_even_when_named(
         },
     )
     th = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)
-    art = stamp_verdict(
-        Artifact.load(tmp_path / "r"), verdict, force=True, name="forced-rejected", thresholds=th
+    art = seal(
+        with_verdict(
+            Artifact.load(tmp_path / "r"),
+            verdict,
+            force=True,
+            name="forced-rejected",
+            thresholds=th,
+        )
     )
     server = launcher.start(register(art), {"EMBEDKIT_VARIANT": "forced-rejected"})
     line = server.wait_for_line("embedkit refuses variant")

@@ -12,7 +12,7 @@ Classes (``docs/service.md § Compatibility classes``), strictest first:
 The thresholds live in one file, ``config/quality-gate.yaml``; :func:`gate`
 names every failing segment, metric and margin, and :func:`with_verdict` puts the
 class, what it was measured on and reference vectors into the manifest (in memory: a
-release writes each version's manifest once, at its end; :func:`stamp_verdict` writes it).
+release writes each version's manifest once, at its end, with :func:`embedkit.model.artifact.seal`).
 """
 
 from __future__ import annotations
@@ -211,23 +211,6 @@ def _fidelity_failures(report: QualityReport, th: GateThresholds) -> list[GateFa
                 )
             )
     return failures
-
-
-def stamp_verdict(
-    artifact: Artifact,
-    verdict: GateVerdict,
-    *,
-    force: bool = False,
-    name: str | None = None,
-    thresholds: GateThresholds | None = None,
-    settings: Settings | None = None,
-) -> Artifact:
-    """:func:`with_verdict`, the manifest then written in place (voids a signature)."""
-    return seal(
-        with_verdict(
-            artifact, verdict, force=force, name=name, thresholds=thresholds, settings=settings
-        )
-    )
 
 
 def with_verdict(

@@ -14,7 +14,7 @@ import numpy as np
 
 from embedkit.core.settings import Settings
 from embedkit.model import evaldata
-from embedkit.model.artifact import Artifact, EncodingRanges, amend, seal
+from embedkit.model.artifact import Artifact, EncodingRanges, amend
 from embedkit.runtime.engine import Engine
 from embedkit.runtime.vectors import calibrate_ranges
 
@@ -43,8 +43,3 @@ def with_ranges(artifact: Artifact, ranges: EncodingRanges) -> Artifact:
     """``artifact`` with ``ranges`` in its manifest, not written: the release writes each
     version's manifest once, at its end (:func:`embedkit.model.artifact.seal`)."""
     return amend(artifact, {"encoding_ranges": ranges.model_dump(mode="json")})
-
-
-def stamp_ranges(artifact: Artifact, ranges: EncodingRanges) -> Artifact:
-    """Write ``ranges`` into the manifest in place (voids a signature)."""
-    return seal(with_ranges(artifact, ranges))

@@ -85,13 +85,6 @@ def with_records(
     return amend(artifact, {**manifest_updates, "records": names}, files=new_files)
 
 
-def attach_records(
-    artifact: Artifact, records: dict[str, Path], manifest_updates: dict[str, Any]
-) -> Artifact:
-    """:func:`with_records`, the manifest then written in place (voids a signature)."""
-    return seal(with_records(artifact, records, manifest_updates))
-
-
 def with_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
     """The validation report stored beside the artifact and its summary in the manifest
     (in memory, like :func:`with_records`)."""
@@ -101,11 +94,6 @@ def with_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
     return with_records(
         artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
     )
-
-
-def attach_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
-    """:func:`with_parity`, the manifest then written in place (voids a signature)."""
-    return seal(with_parity(artifact, report))
 
 
 def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
