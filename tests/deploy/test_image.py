@@ -37,6 +37,7 @@ BASE = "localhost/embedkit-base:bookworm-py3.11"
 # BentoML's own Debian template (build-essential, git, uv), 598 with the slim one
 # (src/embedkit/deploy/slim.Dockerfile.j2; the base alone is 199). docs/bento.md.
 MAX_IMAGE_MB = 700
+REEMBED_JOB = Path("deploy") / "k8s" / "jobs" / "reembed" / "job.yaml"
 # Nothing in the image compiles, fetches sources or installs: BentoML's template left these in.
 BUILD_TOOLS = ("gcc", "cc", "make", "git", "uv")
 
@@ -235,6 +236,34 @@ def _refusal(logs: str) -> str:
     lines = [ln for ln in logs.splitlines() if container.REFUSAL_LOG in ln]
     assert lines, logs[-2000:]
     return lines[0]
+
+
+def test_the_jobs_commands_run_in_the_image_and_the_tooling_is_not_there(
+    running: container.Running, pytestconfig: pytest.Config
+) -> None:
+    """The re-embed Job's command, as its manifest runs it (working directory, PYTHONPATH),
+    answers in the image, and so does `canary`; the measurement commands and their package
+    (embedkit_bench) are not in it."""
+    import yaml
+
+    job = yaml.safe_load((pytestconfig.rootpath / REEMBED_JOB).read_text())
+    (spec,) = job["spec"]["template"]["spec"]["containers"]
+    env = [
+        a for e in spec.get("env", []) if "value" in e for a in ("-e", f"{e['name']}={e['value']}")
+    ]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return container.podman(
+            "exec", "-w", spec["workingDir"], *env, running.name, *args, check=False
+        )
+
+    for command in (spec["command"], [*spec["command"][:-1], "canary"]):
+        done = run(*command, "--help")
+        assert done.returncode == 0, done.stdout[-800:] + done.stderr[-800:]
+    done = run(*spec["command"][:-1], "bench", "--help")
+    assert done.returncode != 0 and "No such command 'bench'" in done.stdout + done.stderr
+    done = run(spec["command"][0], "-c", "import embedkit_bench")
+    assert done.returncode != 0 and "No module named 'embedkit_bench'" in done.stderr
 
 
 def test_image_refuses_a_tampered_model(
