@@ -262,7 +262,11 @@ def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
     counter = metrics.get().variant_refusals.labels(variant="forced-rejected", reason="rejected")
     before = float(counter._value.get())
     core = EmbedderCore(art, Settings(variant="forced-rejected"))
-    assert core.artifact.tag == model_tag and core.identity.variant == "fp32"
+    # The parent is found in the store by its model.onnx checksum: any registered version
+    # of that fp32 graph (other tests in the session may register one beside model_tag).
+    parent = fp32_artifact.manifest.files["model.onnx"]
+    assert core.artifact.tag is not None and core.artifact.manifest.files["model.onnx"] == parent
+    assert core.identity.variant == "fp32" and core.artifact.path != art.path
     assert "forced-rejected" in (core.identity.refused or "")
     assert "class rejected" in (core.identity.refused or "")
     assert float(counter._value.get()) == before + 1
