@@ -104,7 +104,8 @@ class Front:
         return build()
 
     def _charge(self, tokens: int, request: RequestContext | None) -> None:
-        """A route that runs no model (/tokenize) still charges its tokens to the tenant."""
+        """``tokens`` charged to the request's tenant (429 when spent) and counted as its
+        usage; every route charges, /tokenize too, though it runs no model."""
         if request is None or request.tenant is None:
             return
         request.tokens = tokens
@@ -132,8 +133,7 @@ class Front:
                 )
             lane = asked
         request.lane = lane = request.tenant.lane(lane)
-        request.tokens = job.tokens
-        request.tenant.charge(job.tokens)
+        self._charge(job.tokens, request)
         return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
 
     async def embed(
