@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -133,6 +133,36 @@ def model_tag(fp32_artifact) -> str:
     from embedkit.model.artifact import register
 
     return register(fp32_artifact)
+
+
+@pytest.fixture
+def spoilable_version(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[Path], tuple[str, Path]]]:
+    """Registers a copy of an artifact directory, renamed ``spoiled-NAME``, as a new model
+    version: its tag and store path, for a test that spoils the stored copy. A name of its
+    own, because other tests look the store up while this one runs (a release's baseline
+    is ``NAME:latest``, a variant's parent any version with its checksum); the versions
+    leave the store at the test's end."""
+    import shutil
+
+    import bentoml
+
+    from embedkit.model.artifact import SIGNATURE, Artifact, amend, register, seal
+
+    tags: list[str] = []
+
+    def spoilable(directory: Path) -> tuple[str, Path]:
+        copy = tmp_path_factory.mktemp("spoilable") / "artifact"
+        shutil.copytree(directory, copy, ignore=shutil.ignore_patterns(SIGNATURE))
+        original = Artifact.load(copy)
+        renamed = seal(amend(original, {"name": f"spoiled-{original.manifest.name}"}))
+        tags.append(register(renamed))
+        return tags[-1], Path(bentoml.models.get(tags[-1]).path)
+
+    yield spoilable
+    for tag in tags:
+        bentoml.models.delete(tag)
 
 
 @pytest.fixture(scope="module")

@@ -104,10 +104,9 @@ def test_register_creates_a_new_version_each_time(fp32_artifact: Artifact) -> No
     assert info["labels"]["quantization"] == "none"
 
 
-def test_tampered_store_copy_is_refused(fp32_artifact: Artifact) -> None:
-    tag = register(fp32_artifact)
-    stored = resolve(tag)
-    flip_byte(stored.model_path)
+def test_tampered_store_copy_is_refused(fp32_artifact: Artifact, spoilable_version) -> None:
+    tag, stored = spoilable_version(fp32_artifact.path)
+    flip_byte(stored / MODEL_FILE)
     with pytest.raises(ChecksumMismatch, match=r"model\.onnx"):
         resolve(tag)
 

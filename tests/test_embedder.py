@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,3 +271,51 @@ def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
     assert "forced-rejected" in (core.identity.refused or "")
     assert "class rejected" in (core.identity.refused or "")
     assert float(counter._value.get()) == before + 1
+
+
+def test_a_spoiled_copy_of_the_parent_is_skipped_for_an_intact_one(
+    fp32_artifact: Artifact, caplog, tmp_path
+) -> None:
+    """Every fp32 version with the variant's parent checksum is the parent: the newest one,
+    spoiled in the store, is skipped (one line, a counted load failure) and an intact one
+    serves; with none intact, the newest one's error stops startup. The parent is the
+    default export under a name of its own, so no other test's copies take part (nor see
+    the spoiled one)."""
+    import logging
+    import shutil
+
+    import bentoml
+    from tests.planted import plant, stamped
+
+    from embedkit.core import metrics
+    from embedkit.core.errors import ChecksumMismatch
+    from embedkit.model.artifact import finalize, register
+    from embedkit.serve.engine.startup import find_parent
+
+    shutil.copytree(
+        fp32_artifact.path, tmp_path / "own", ignore=lambda *_: ["manifest.json", "manifest.sig"]
+    )
+    fields = fp32_artifact.manifest.model_dump(mode="json", exclude={"files", "created_at"})
+    own = finalize(tmp_path / "own", {**fields, "name": "spoiled-parent"})
+    variant = stamped(own, plant(own, "copy", tmp_path / "copy"), tmp_path / "v", "reindex")
+    intact, spoiled = register(own), register(own)
+
+    def spoil(tag: str) -> None:
+        graph = Path(bentoml.models.get(tag).path) / "model.onnx"
+        graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+
+    try:
+        spoil(spoiled)
+        failures = metrics.get().model_load_failures.labels(reason="checksum_mismatch")
+        before = float(failures._value.get())
+        with caplog.at_level(logging.ERROR):
+            assert find_parent(variant).tag == intact
+        (line,) = [r.getMessage() for r in caplog.records if "skips fp32 parent" in r.getMessage()]
+        assert spoiled in line and "checksum mismatch for model.onnx" in line
+        assert float(failures._value.get()) == before + 1
+        spoil(intact)
+        with pytest.raises(ChecksumMismatch, match=spoiled.partition(":")[2]):
+            find_parent(variant)
+    finally:
+        for tag in (intact, spoiled):
+            bentoml.models.delete(tag)

@@ -68,8 +68,10 @@ def embed_one(url: str, text: str) -> np.ndarray:
 # --- integrity and trust ------------------------------------------------------------------
 
 
-def test_one_flipped_byte_in_the_graph_refuses_startup(fp32_artifact, launcher) -> None:
-    tag, stored = fresh_version(fp32_artifact.path)
+def test_one_flipped_byte_in_the_graph_refuses_startup(
+    fp32_artifact, launcher, spoilable_version
+) -> None:
+    tag, stored = spoilable_version(fp32_artifact.path)
     graph = stored / "model.onnx"
     with open(graph, "r+b") as fh:  # one bit of one weight byte, mid-file
         fh.seek(graph.stat().st_size // 2)

@@ -197,15 +197,13 @@ def test_a_list_naming_an_unreleased_model_stops_startup(model_tag, launcher) ->
 
 
 def test_a_tampered_model_in_the_list_stops_startup_naming_it(
-    model_tag, tiny_architecture, caplog
+    model_tag, tiny_architecture, spoilable_version, caplog
 ) -> None:
     """What each worker does before building any session (service.py's __init__)."""
-    import bentoml
-
     from embedkit.serve.engine.startup import load_artifacts, with_models
 
-    tampered = register(tiny_architecture("bert-dense")[1])  # a fresh version to spoil
-    with open(Path(bentoml.models.get(tampered).path) / "tokenizer.json", "a") as fh:
+    tampered, stored = spoilable_version(tiny_architecture("bert-dense")[1].path)
+    with open(stored / "tokenizer.json", "a") as fh:
         fh.write(" ")
 
     @with_models([model_tag, tampered])

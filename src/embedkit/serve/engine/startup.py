@@ -179,7 +179,12 @@ def refusal(
 
 def find_parent(artifact: Artifact) -> Artifact:
     """The fp32 parent a variant was measured against, from the model store by the
-    checksum its manifest records (newest such version), verified."""
+    checksum its manifest records: the newest such version that verifies.
+
+    Every candidate records the same graph checksum, so any intact one is the parent; a
+    copy that fails verification is skipped with one logged line and a counted load
+    failure (it is never served), and if none verifies the newest one's error is raised.
+    """
     import bentoml
 
     measured = artifact.manifest.quantization.measured_on
@@ -197,8 +202,15 @@ def find_parent(artifact: Artifact) -> Artifact:
             f"the fp32 parent of {label} (model.onnx sha256 {measured.parent_sha256[:12]}…) "
             "is not in the model store"
         )
-    newest = max(stored, key=lambda m: m.info.creation_time)
-    return Artifact.load(Path(newest.path), tag=str(newest.tag))
+    failures: list[ArtifactError] = []
+    for model in sorted(stored, key=lambda m: m.info.creation_time, reverse=True):
+        try:
+            return Artifact.load(Path(model.path), tag=str(model.tag))
+        except ArtifactError as exc:
+            log.error("embedkit skips fp32 parent candidate %s: %s", model.tag, exc.message)
+            metrics.get().model_load_failures.labels(reason=exc.code or "artifact_error").inc()
+            failures.append(exc)
+    raise failures[0]
 
 
 def settle_gc(settings: Settings) -> None:
