@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tests.servers import assert_held_but_never_ready
 
 
-def test_tampered_artifact_stops_startup(fp32_artifact, launcher) -> None:
-    import bentoml
-
-    from embedkit.model.artifact import register
-
-    tag = register(fp32_artifact)  # a fresh version: the shared one stays intact
-    with open(Path(bentoml.models.get(tag).path) / "tokenizer.json", "a") as fh:
+def test_tampered_artifact_stops_startup(fp32_artifact, launcher, spoilable_version) -> None:
+    tag, stored = spoilable_version(fp32_artifact.path)
+    with open(stored / "tokenizer.json", "a") as fh:
         fh.write(" ")
     server = launcher.start(tag, ready=False)
     line = server.wait_for_line("embedkit refuses to start")
