@@ -253,7 +253,7 @@ def engine_name(variant: str) -> str:
 
 
 def build_systems(
-    artifact_dir: str | Path | Artifact,
+    target: str | Path | Artifact,
     settings: Settings,
     *,
     variants: Mapping[str, str | Path] | None = None,
@@ -269,10 +269,10 @@ def build_systems(
 
     before = _rss_mb()
     # An Artifact in hand: a release benchmarks each version before its manifest is written.
-    if isinstance(artifact_dir, Artifact):
-        engine = Engine(artifact_dir, settings)
+    if isinstance(target, Artifact):
+        engine = Engine(target, settings)
     else:
-        engine = Engine.load(artifact_dir, settings)
+        engine = Engine.load(target, settings)
     engine.warmup()
     rss[ENGINE] = _rss_mb() - before
     artifact = engine.artifact
@@ -358,7 +358,7 @@ def runtime_info(engine: Engine, settings: Settings) -> dict[str, Any]:
 
 
 def run_inprocess_bench(
-    artifact_dir: str | Path | Artifact,
+    target: str | Path | Artifact,
     batch_sizes: Sequence[int] = (1, 32),
     max_texts: int | None = 1024,
     *,
@@ -376,7 +376,7 @@ def run_inprocess_bench(
     """
     settings = settings or get_settings()
     systems = build_systems(
-        artifact_dir,
+        target,
         settings,
         include_torch=include_torch,
         include_plain_engine=include_plain_engine,

@@ -202,15 +202,16 @@ def find_parent(artifact: Artifact) -> Artifact:
             f"the fp32 parent of {label} (model.onnx sha256 {measured.parent_sha256[:12]}…) "
             "is not in the model store"
         )
-    failures: list[ArtifactError] = []
+    newest_error: ArtifactError | None = None
     for model in sorted(stored, key=lambda m: m.info.creation_time, reverse=True):
         try:
             return Artifact.load(Path(model.path), tag=str(model.tag))
         except ArtifactError as exc:
             log.error("embedkit skips fp32 parent candidate %s: %s", model.tag, exc.message)
             metrics.get().model_load_failures.labels(reason=exc.code or "artifact_error").inc()
-            failures.append(exc)
-    raise failures[0]
+            newest_error = newest_error or exc
+    assert newest_error is not None  # `stored` is not empty
+    raise newest_error
 
 
 def settle_gc(settings: Settings) -> None:
