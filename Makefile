@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 _install:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release.
-	scripts/install $(VENV) -e '.[export,dev]'
+	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release,
+	# openvino for the second CPU runtime (its variants and tests).
+	scripts/install $(VENV) -e '.[export,dev,openvino]'
 
 serve: setup
 	./scripts/serve

@@ -14,6 +14,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import InferenceError, ProviderUnavailable
 from embedkit.core.settings import Settings
 from embedkit.runtime import session as runtime
+from embedkit.runtime.compiled import graph_feeds
 from embedkit.runtime.session import (
     CPU,
     CUDA,
@@ -181,12 +182,11 @@ def test_io_binding_matches_plain_run(fp32_artifact) -> None:
 def test_feeds_only_declared_inputs() -> None:
     ids = np.array([[1, 2]], dtype=np.int64)
     mask = np.ones_like(ids)
-    runner = Runner(None, ["input_ids", "token_type_ids", "attention_mask"], "out")
-    feeds = runner.feeds(ids, mask)
+    feeds = graph_feeds(["input_ids", "token_type_ids", "attention_mask"], ids, mask)
     assert list(feeds) == ["input_ids", "token_type_ids", "attention_mask"]
     assert not feeds["token_type_ids"].any()
     with pytest.raises(InferenceError, match="position_ids"):
-        Runner(None, ["input_ids", "position_ids"], "out").feeds(ids, mask)
+        graph_feeds(["input_ids", "position_ids"], ids, mask)
 
 
 def test_runtime_errors_become_inference_errors(fp32_artifact) -> None:

@@ -94,7 +94,11 @@ def quantize(
     parent: Annotated[str, typer.Argument(help="fp32 artifact directory or model tag.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="New artifact directory.")],
     mode: Annotated[
-        str, typer.Option(help="dynamic-int8 | static-int8 | fp16 (or a preset name)")
+        str,
+        typer.Option(
+            help="dynamic-int8 | static-int8 | fp16 | openvino-fp32 | openvino-bf16 | "
+            "openvino-int8 (or a preset name)"
+        ),
     ] = "dynamic-int8",
     weight_type: Annotated[str | None, typer.Option(help="s8 | u8 (INT8 modes)")] = None,
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor")] = None,
@@ -106,7 +110,8 @@ def quantize(
         int | None, typer.Option(help="static: calibration sentences")
     ] = None,
 ) -> None:
-    """Quantised variant (dynamic/static INT8, FP16); gate it with `embedkit evaluate`."""
+    """Quantised variant (dynamic/static INT8, FP16, OpenVINO fp32/BF16/INT8); gate it with
+    `embedkit evaluate`."""
     from embedkit.model.artifact import resolve
     from embedkit.variants.quantize import build_variant, candidate_presets
 

@@ -45,14 +45,33 @@ POOLING_MASK_INPUT = "pooling_mask"
 # pooling leaves its prompt out (include_prompt: false), ``pooling_mask_input``: a graph
 # input carrying the pooling mask beside the attention mask. Formats 1 and 2 load with no
 # prompts and pooling over the attention mask, which is what they were built with.
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+# 4: a second runtime. The binding (``measured_on``) names the runtime and its version
+# (``runtime``, ``version``; format 2-3 wrote ``onnxruntime``: VERSION, read as such) and
+# the ``openvino-*`` modes run on OpenVINO (:attr:`Manifest.runtime`).
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 BENTOML_MODULE = "embedkit"
 # Files BentoML writes into a stored model's directory; not part of the artifact.
 _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
 _CHUNK = 1 << 20
 
-QuantizationMode = Literal["none", "fused-fp32", "dynamic-int8", "static-int8", "fp16"]
+QuantizationMode = Literal[
+    "none",
+    "fused-fp32",
+    "dynamic-int8",
+    "static-int8",
+    "fp16",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+]
+Runtime = Literal["onnxruntime", "openvino"]
+# Modes another runtime than ONNX Runtime runs; the graph is ONNX in every case.
+RUNTIME_OF_MODE: dict[str, Runtime] = {
+    "openvino-fp32": "openvino",
+    "openvino-bf16": "openvino",
+    "openvino-int8": "openvino",
+}
 # What a variant may replace (docs/service.md § Compatibility classes): vectors close
 # enough to the fp32 parent's to query an fp32 index; good only for an index built
 # entirely with it; neither.
@@ -130,7 +149,17 @@ class MeasuredOn(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     parent_sha256: str = Field(description="sha256 of the fp32 parent's model.onnx.")
     isa: str = Field(description="CPU instruction-set level (model.toolchain.CpuIsa.level).")
-    onnxruntime: str = Field(description="ONNX Runtime version that ran the evaluation.")
+    runtime: Runtime = Field("onnxruntime", description="The runtime that ran the evaluation.")
+    version: str = Field(description="That runtime's version.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_3(cls, raw: Any) -> Any:
+        """Formats 2-3 recorded ``onnxruntime: VERSION`` (their only runtime)."""
+        if isinstance(raw, dict) and "onnxruntime" in raw:
+            raw = {**raw, "runtime": "onnxruntime", "version": raw["onnxruntime"]}
+            del raw["onnxruntime"]
+        return raw
 
 
 class ReferenceVectors(BaseModel):
@@ -274,6 +303,11 @@ class Manifest(BaseModel):
         return "index-compatible" if q.approved else "rejected"
 
     @property
+    def runtime(self) -> Runtime:
+        """The runtime that runs this graph: OpenVINO for its modes, else ONNX Runtime."""
+        return RUNTIME_OF_MODE.get(self.quantization.mode, "onnxruntime")
+
+    @property
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(prompts=self.prompts, default_prompt_name=self.default_prompt_name)
 
@@ -304,6 +338,7 @@ class Manifest(BaseModel):
             "default_prompt_name": self.default_prompt_name,
             "opset": self.opset,
             "quantization": self.quantization.mode,
+            "runtime": self.runtime,
             "approved": self.quantization.approved,
             "variant": self.variant,
             "compatibility": self.compatibility,

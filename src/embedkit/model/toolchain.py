@@ -1,9 +1,10 @@
 """What built (or serves) an artifact, for the manifest: toolchain versions, and the
-platform a variant was measured on (CPU instruction-set level, ONNX Runtime version).
+platform a variant was measured on (CPU instruction-set level, runtime and its version).
 
-INT8 kernels differ between CPUs with and without VNNI, so a variant's gate verdict
-holds only for the ISA level and runtime it was measured on; both are read here
-without importing onnxruntime (the HTTP front uses this module too).
+INT8 kernels differ between CPUs with and without VNNI, BF16 runs natively only with
+AVX512_BF16 or AMX, so a variant's gate verdict holds only for the ISA level and runtime
+it was measured on; both are read here without importing a runtime (the HTTP front uses
+this module too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _DISTRIBUTIONS = (
     "onnx",
     "onnxruntime",
     "onnxruntime-gpu",
+    "openvino",
+    "nncf",
     "tokenizers",
     "numpy",
     "bentoml",
@@ -41,14 +44,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-def runtime_version() -> str:
-    """The installed ONNX Runtime's version (CPU or GPU build), or ``"absent"``."""
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
+# The runtimes a graph can run on, and the distributions that provide each.
+RUNTIMES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "openvino": ("openvino",),
+}
+
+
+def runtime_version(runtime: str = "onnxruntime") -> str:
+    """The installed version of ``runtime`` (ONNX Runtime: its CPU or GPU build), or
+    ``"absent"``."""
+    for dist in RUNTIMES[runtime]:
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
     return "absent"
+
+
+def installed_runtimes() -> dict[str, str]:
+    """``{runtime: version}`` for every runtime embedkit knows, ``"absent"`` if missing."""
+    return {name: runtime_version(name) for name in RUNTIMES}
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,12 @@ class CpuIsa:
     avx512_vnni: bool
     avx_vnni: bool
     amx: bool
+    avx512_bf16: bool = False
+
+    @property
+    def bf16(self) -> bool:
+        """Native BF16 arithmetic (AVX512_BF16 or AMX): what OpenVINO's BF16 needs."""
+        return self.avx512_bf16 or self.amx
 
     @property
     def vnni(self) -> bool:
@@ -70,6 +92,8 @@ class CpuIsa:
         """One label for presets and the manifest, best capability first."""
         if self.amx:
             return "amx"
+        if self.avx512_bf16:
+            return "avx512-bf16"
         if self.avx512_vnni:
             return "avx512-vnni"
         if self.avx512f:
@@ -101,4 +125,5 @@ def detect_isa(cpuinfo: str | None = None) -> CpuIsa:
         avx512_vnni="avx512_vnni" in flags,
         avx_vnni="avx_vnni" in flags,
         amx=any(f.startswith("amx") for f in flags),
+        avx512_bf16="avx512_bf16" in flags,
     )

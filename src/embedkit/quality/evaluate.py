@@ -96,8 +96,12 @@ def reference_vectors(
 
 
 def engine_key(artifact: Artifact) -> str:
-    """The cache key of an artifact's engine vectors (its graph and tokenizer)."""
-    return "onnx:" + artifact.manifest.files[MODEL_FILE] + artifact.manifest.files[TOKENIZER_FILE]
+    """The cache key of an artifact's engine vectors: its graph and tokenizer, and for
+    another runtime than ONNX Runtime its mode (OpenVINO's fp32 and BF16 variants carry
+    the parent's very graph: the precision is a compile hint)."""
+    m = artifact.manifest
+    runtime = "" if m.runtime == "onnxruntime" else f"{m.quantization.mode}:"
+    return "onnx:" + runtime + m.files[MODEL_FILE] + m.files[TOKENIZER_FILE]
 
 
 # The session settings that decide a variant's numbers: provider and kernels, graph fusion,
@@ -118,11 +122,13 @@ _NUMERIC_SETTINGS = frozenset(
 
 def measured_key(artifact: Artifact, settings: Settings | None) -> str:
     """The cache key of a judged variant's vectors: its graph and tokenizer *where they were
-    measured* (the CPU's instruction-set level, ONNX Runtime's version, the numeric session
+    measured* (the CPU's instruction-set level, the runtime and its version, the numeric session
     settings). An INT8 graph computes differently with and without VNNI, so its vectors are
     reused only on the same ISA level and runtime, never carried to another."""
     bound = (settings or get_settings()).model_dump(include=set(_NUMERIC_SETTINGS), mode="json")
-    where = f"{toolchain.detect_isa().level}|ort {toolchain.runtime_version()}"
+    runtime = artifact.manifest.runtime
+    label = "ort" if runtime == "onnxruntime" else runtime
+    where = f"{toolchain.detect_isa().level}|{label} {toolchain.runtime_version(runtime)}"
     return f"{engine_key(artifact)}|{where}|{json.dumps(bound, sort_keys=True)}"
 
 
@@ -386,7 +392,8 @@ def evaluate(
         measured_on=MeasuredOn(
             parent_sha256=fp32.manifest.files[MODEL_FILE],
             isa=toolchain.detect_isa().level,
-            onnxruntime=toolchain.runtime_version(),
+            runtime=artifact.manifest.runtime,
+            version=toolchain.runtime_version(artifact.manifest.runtime),
         ),
         retrieval=result,
         retrieval_note=note,

@@ -34,7 +34,8 @@ from embedkit.core.stats import percentiles
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
-from embedkit.runtime.session import CPU, Runner, create_session
+from embedkit.runtime.compiled import graph_feeds
+from embedkit.runtime.session import CPU, create_session
 from embedkit.runtime.tokens import pad_batch
 from embedkit.runtime.vectors import postprocess
 
@@ -117,13 +118,12 @@ def naive_ort(artifact: Artifact, settings: Settings) -> tuple[Encode, PadCounte
     tokenizer = TextTokenizer.from_artifact(artifact)
     manifest = artifact.manifest
     counts = PadCounter()
-    feeder = Runner(session=session, inputs=tuple(manifest.inputs), output=manifest.output)
 
     def encode(texts: list[str]) -> np.ndarray:
         ids = tokenizer.encode(texts)
         input_ids, mask = pad_batch(ids, tokenizer.pad_id)
         counts.add(int(mask.sum()), mask.size)
-        raw = session.run([manifest.output], feeder.feeds(input_ids, mask))[0]
+        raw = session.run([manifest.output], graph_feeds(manifest.inputs, input_ids, mask))[0]
         return postprocess(
             raw,
             normalize=manifest.embedding.normalize,

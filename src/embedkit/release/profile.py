@@ -92,6 +92,8 @@ def profile(
     results: dict[str, Any] = {}
     for name, target in variants.items():
         artifact = resolve(target)
+        if artifact.manifest.runtime != "onnxruntime":
+            continue  # the operator profile is ONNX Runtime's profiler
         results[name] = {}
         for b in batch_sizes:
             if on_step:

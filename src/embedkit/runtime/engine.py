@@ -24,10 +24,10 @@ from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
 from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks, pool
+from embedkit.runtime.compiled import CompiledModel, ProviderReport
 from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.session import (
     Precision,
-    ProviderReport,
     Runner,
     ShapeProfile,
     create_session,
@@ -125,20 +125,34 @@ class Engine:
             self.manifest.inputs, self.settings, self.tokenizer.max_length
         )
         trt_fp16 = trt_fp16_decision(self.manifest, self.settings, judging=judging)
-        self.session, self.provider_report = create_session(
-            artifact.model_path,
-            self.settings,
-            profile=profile,
-            trt_fp16=trt_fp16,
-            cache_tag=self.manifest.files.get(MODEL_FILE, "")[:16] or None,
-        )
-        self.runner = Runner.for_session(
-            self.session,
-            self.provider_report,
-            self.settings,
-            inputs=self.manifest.inputs,
-            output=self.manifest.output,
-        )
+        self.runner: CompiledModel
+        self.session: Any = None  # ONNX Runtime's session (its profiler reads it), if any
+        if self.manifest.runtime == "openvino":
+            from embedkit.runtime.openvino import OpenVINOModel
+
+            ov = OpenVINOModel(
+                artifact.model_path,
+                self.manifest.quantization.mode,
+                self.settings,
+                inputs=self.manifest.inputs,
+                output=self.manifest.output,
+            )
+            self.runner, self.provider_report = ov, ov.report
+        else:
+            self.session, self.provider_report = create_session(
+                artifact.model_path,
+                self.settings,
+                profile=profile,
+                trt_fp16=trt_fp16,
+                cache_tag=self.manifest.files.get(MODEL_FILE, "")[:16] or None,
+            )
+            self.runner = Runner.for_session(
+                self.session,
+                self.provider_report,
+                self.settings,
+                inputs=self.manifest.inputs,
+                output=self.manifest.output,
+            )
         self.provider = self.provider_report.active[0]
         # What a served-identity object reads: precision (weights/compute/approval) + provider.
         self.precision: Precision = served_precision(

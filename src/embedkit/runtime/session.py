@@ -1,4 +1,5 @@
-"""ONNX Runtime: the only module that creates sessions.
+"""ONNX Runtime: the only module that creates its sessions (the other runtime is
+:mod:`embedkit.runtime.openvino`; both behind :class:`~embedkit.runtime.compiled.CompiledModel`).
 
 It turns :class:`~embedkit.core.settings.Settings` into session options, routes
 execution providers (priority list filtered by what the installed build
@@ -29,7 +30,8 @@ import onnxruntime as ort
 from embedkit.core import metrics
 from embedkit.core.errors import ArtifactError, InferenceError, ProviderUnavailable
 from embedkit.core.settings import Settings
-from embedkit.model.artifact import POOLING_MASK_INPUT, Manifest
+from embedkit.model.artifact import Manifest
+from embedkit.runtime.compiled import ProviderReport, graph_feeds
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +58,6 @@ _warned_lock = threading.Lock()
 def available_providers() -> list[str]:
     """Execution providers the installed onnxruntime build offers."""
     return list(ort.get_available_providers())
-
-
-@dataclass(frozen=True)
-class ProviderReport:
-    """What was asked for, what the build offers and what actually runs."""
-
-    requested: list[str]
-    available: list[str]
-    active: list[str]
-    fallback: bool
-    reason: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -279,12 +267,16 @@ def create_session(
 
 # --- precision ----------------------------------------------------------------------
 
-_WEIGHTS = {
-    "none": "fp32",
-    "fused-fp32": "fp32",
-    "dynamic-int8": "int8",
-    "static-int8": "int8",
-    "fp16": "fp16",
+# A mode's (weights, compute) precision; OpenVINO's BF16 keeps fp32 weights on disk.
+_PRECISIONS = {
+    "none": ("fp32", "fp32"),
+    "fused-fp32": ("fp32", "fp32"),
+    "dynamic-int8": ("int8", "int8"),
+    "static-int8": ("int8", "int8"),
+    "fp16": ("fp16", "fp16"),
+    "openvino-fp32": ("fp32", "fp32"),
+    "openvino-bf16": ("fp32", "bf16"),
+    "openvino-int8": ("int8", "int8"),
 }
 
 
@@ -335,8 +327,9 @@ def trt_fp16_decision(manifest: Manifest, settings: Settings, *, judging: bool =
 
 def served_precision(manifest: Manifest, active: str, *, trt_fp16: bool) -> Precision:
     """What precision serves on ``active`` and whether the gate approved it."""
-    weights = _WEIGHTS.get(manifest.quantization.mode, manifest.quantization.mode)
-    if weights != "fp32":
+    mode = manifest.quantization.mode
+    weights, compute = _PRECISIONS.get(mode, (mode, mode))
+    if (weights, compute) != ("fp32", "fp32"):
         # A reindex-class variant passed its class (serving it is the operator's named
         # choice, checked at startup); only a rejected or never-gated one is unapproved.
         gated = manifest.quantization.approved is not None
@@ -344,7 +337,7 @@ def served_precision(manifest: Manifest, active: str, *, trt_fp16: bool) -> Prec
         verdict = manifest.compatibility if gated else "never gated"
         return Precision(
             weights,
-            weights,
+            compute,
             active,
             False,
             approved,
@@ -402,7 +395,7 @@ def run_options(settings: Settings, device_id: int | None = None) -> ort.RunOpti
 
 @dataclass
 class Runner:
-    """Runs a pooled-embedding session on padded int64 ``input_ids``/``attention_mask``.
+    """ONNX Runtime's :class:`~embedkit.runtime.compiled.CompiledModel`: runs a pooled-embedding session on padded int64 ``input_ids``/``attention_mask``.
 
     Feeds only the inputs the graph declares (``token_type_ids`` as zeros when
     present). ``io_binding`` binds inputs and the output on the session's device:
@@ -442,28 +435,6 @@ class Runner:
             options=run_options(settings, device_id if on_gpu else None),
         )
 
-    def feeds(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        pooling_mask: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        known = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            # Only an include_prompt=false graph declares it; no prompt: pool what attends.
-            POOLING_MASK_INPUT: attention_mask if pooling_mask is None else pooling_mask,
-        }
-        out: dict[str, np.ndarray] = {}
-        for name in self.inputs:
-            if name in known:
-                out[name] = known[name]
-            elif name == "token_type_ids":
-                out[name] = np.zeros_like(input_ids)
-            else:
-                raise InferenceError(f"the graph wants an input {name!r} the engine cannot provide")
-        return out
-
     def run(
         self,
         input_ids: np.ndarray,
@@ -472,7 +443,7 @@ class Runner:
     ) -> np.ndarray:
         """float32 ``[batch, dim]`` for one padded batch (``pooling_mask``: see
         :attr:`~embedkit.model.artifact.Manifest.pooling_mask_input`)."""
-        feeds = self.feeds(input_ids, attention_mask, pooling_mask)
+        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
         try:
             if self.io_binding:
                 result = self._run_bound(feeds)

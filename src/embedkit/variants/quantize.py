@@ -51,8 +51,24 @@ from embedkit.variants import ranking, smoothquant
 
 log = logging.getLogger(__name__)
 
-VariantKind = Literal["fused-fp32", "dynamic-int8", "static-int8", "fp16"]
-KINDS: tuple[str, ...] = ("fused-fp32", "dynamic-int8", "static-int8", "fp16")
+VariantKind = Literal[
+    "fused-fp32",
+    "dynamic-int8",
+    "static-int8",
+    "fp16",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+]
+KINDS: tuple[str, ...] = (
+    "fused-fp32",
+    "dynamic-int8",
+    "static-int8",
+    "fp16",
+    "openvino-fp32",
+    "openvino-bf16",
+    "openvino-int8",
+)
 WEIGHT_TYPES = ("s8", "u8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -75,8 +91,9 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     sensitive MatMuls of the committed ranking kept fp32
     (:mod:`embedkit.variants.ranking`; no measurement at release time). Static
     QDQ is not offered: slower and less faithful than dynamic here (long texts
-    leave the calibrated ranges). The gate decides; these are only the
-    candidates. ``gpu`` targets get fused FP32 and FP16 only.
+    leave the calibrated ranges). With OpenVINO installed (the extra ``openvino``), its
+    fp32, BF16 (on a CPU with AVX512_BF16 or AMX) and NNCF INT8 compete too. The gate
+    decides; these are only the candidates. ``gpu`` targets get fused FP32 and FP16 only.
     """
     isa = isa or detect_isa()
     presets: dict[str, dict[str, Any]] = {"fused-fp32": {"kind": "fused-fp32"}}
@@ -90,6 +107,11 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     presets[f"dynamic-int8-s8-pc{suffix}"] = dict(base)
     presets[f"dynamic-int8-s8-pc{suffix}-sq-k2"] = {**base, **sq, "keep_fp32": 2}
     presets[f"dynamic-int8-s8-pc{suffix}-sq-k4"] = {**base, **sq, "keep_fp32": 4}
+    if toolchain.runtime_version("openvino") != "absent":
+        presets["openvino-fp32"] = {"kind": "openvino-fp32"}
+        if isa.bf16:
+            presets["openvino-bf16"] = {"kind": "openvino-bf16"}
+        presets["openvino-int8"] = {"kind": "openvino-int8"}
     return presets
 
 
@@ -588,8 +610,11 @@ _BUILDERS: dict[str, Callable[..., Artifact]] = {
 def check_variant(kind: str, options: Mapping[str, Any]) -> Callable[..., Artifact]:
     """The builder of ``kind``, or InvalidInput naming an unknown kind or option (checked
     before minutes of export when the options come from a file)."""
+    # OpenVINO's builders live in their own module, which builds on this one's plumbing.
+    from embedkit.variants import openvino
+
     try:
-        builder = _BUILDERS[kind]
+        builder = {**_BUILDERS, **openvino.BUILDERS}[kind]
     except KeyError:
         raise InvalidInput(f"unknown variant kind {kind!r} (one of {', '.join(KINDS)})") from None
     accepted = set(inspect.signature(builder).parameters) - {"parent", "output", "write"}

@@ -108,7 +108,7 @@ def _choose(
     """(what serves, its engine, the refusal note): ``artifact`` unless its approval does
     not hold here, then its fp32 parent, after one log line and a metric."""
     manifest = artifact.manifest
-    refused = refusal(manifest, settings, isa=isa, runtime=toolchain.runtime_version())
+    refused = refusal(manifest, settings, isa=isa, runtimes=toolchain.installed_runtimes())
     if refused is None:
         engine = Engine(artifact, settings)
         ref = manifest.reference

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,15 +134,17 @@ def load_artifacts(service_cls: Any) -> list[Artifact]:
 
 
 def refusal(
-    manifest: Manifest, settings: Settings, *, isa: str, runtime: str
+    manifest: Manifest, settings: Settings, *, isa: str, runtimes: Mapping[str, str]
 ) -> tuple[str, str] | None:
     """Why this variant must not serve here, as (metric reason, one-line reason); None
     when it may. fp32 (mode ``none``) always may: it is the fallback and the index space;
     class ``rejected`` never may (forced into the store or not, named or not).
 
     A verdict holds only where it was measured (INT8 kernels differ between VNNI and
-    non-VNNI CPUs, and between runtime versions): a mixed node pool must never put
-    vectors of two kernels into one index. Format-1 manifests record no such binding.
+    non-VNNI CPUs, BF16 between CPUs with and without it, and between runtimes and their
+    versions): a mixed node pool must never put vectors of two kernels into one index.
+    ``runtimes``: the version of each runtime installed here ("absent" if not).
+    Format-1 manifests record no such binding.
     """
     q = manifest.quantization
     if q.mode == "none":
@@ -163,10 +165,13 @@ def refusal(
         )
     if q.measured_on.isa != isa:
         return "isa", f"measured on ISA level {q.measured_on.isa}, this CPU is {isa}"
-    if q.measured_on.onnxruntime != runtime:
+    measured = q.measured_on
+    here = runtimes.get(measured.runtime, "absent")
+    if measured.runtime != manifest.runtime or measured.version != here:
         return (
             "runtime",
-            f"measured with onnxruntime {q.measured_on.onnxruntime}, this is {runtime}",
+            f"measured with {measured.runtime} {measured.version}, this image has "
+            f"{manifest.runtime} {runtimes.get(manifest.runtime, 'absent')}",
         )
     if manifest.compatibility == "reindex" and settings.variant != manifest.variant:
         return (

@@ -1,0 +1,131 @@
+"""OpenVINO: the second CPU runtime (the optional extra ``openvino``).
+
+ONNX Runtime's CPU provider has no BF16 arithmetic; OpenVINO's CPU plugin has (AVX512_BF16,
+AMX), reads our ONNX graph as it is and runs NNCF's INT8 QDQ graphs with its own
+kernels. A variant says which precision it runs at through its mode
+(``openvino-fp32`` / ``-bf16`` / ``-int8``), so the compile hint is the manifest's, never
+a setting: the precision the gate judged is the one that serves.
+
+- The precision hint is explicit: on an AMX CPU OpenVINO would otherwise compute fp32
+  graphs in BF16 by itself; a hint the CPU cannot honour (BF16 without AVX512_BF16/AMX)
+  is refused at compile time, not silently run in fp32.
+- Threads follow ``intra_op_threads`` (the container's CPU share, as ONNX Runtime's do),
+  one stream: the service batches, so latency mode is the throughput mode here.
+- Compiled kernels are cached in ``openvino_cache_dir`` (a writable path: the image's
+  root file system is read-only, docs/deployment.md mounts an ``emptyDir`` there).
+- An infer request is not thread-safe: each calling thread keeps its own.
+
+Imports openvino lazily: an image without the extra never loads it (a variant measured
+on OpenVINO is refused at startup there, :func:`embedkit.serve.engine.startup.refusal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedkit.core.errors import InferenceError, ProviderUnavailable
+from embedkit.core.settings import Settings
+from embedkit.model import toolchain
+from embedkit.runtime.compiled import ProviderReport, graph_feeds
+
+log = logging.getLogger(__name__)
+
+DEVICE = "OpenVINO/CPU"  # what the provider report, /info and the identity header say
+# A mode's compile-time precision hint (OpenVINO's names).
+HINTS = {"openvino-fp32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ProviderUnavailable(
+            "this variant runs on OpenVINO, which is not installed here "
+            "(pip install 'embedkit[openvino]')"
+        ) from exc
+    return openvino
+
+
+def compile_config(hint: str, settings: Settings) -> dict[str, Any]:
+    """The CPU plugin's properties for one compiled model."""
+    return {
+        "INFERENCE_PRECISION_HINT": hint,
+        "INFERENCE_NUM_THREADS": settings.intra_op_threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+    }
+
+
+class OpenVINOModel:
+    """OpenVINO's :class:`~embedkit.runtime.compiled.CompiledModel` for one ONNX graph."""
+
+    io_binding = False
+    device = "cpu"
+
+    def __init__(
+        self,
+        model_path: Path,
+        mode: str,
+        settings: Settings,
+        *,
+        inputs: Sequence[str],
+        output: str,
+    ) -> None:
+        ov = _openvino()
+        hint = HINTS[mode]
+        if hint == "bf16" and not toolchain.detect_isa().bf16:
+            raise ProviderUnavailable(
+                f"{mode} needs a CPU with AVX512_BF16 or AMX; this one is "
+                f"{toolchain.detect_isa().level} (OpenVINO would compute fp32, not what was gated)"
+            )
+        core = ov.Core()
+        if settings.openvino_cache_dir is not None:
+            Path(settings.openvino_cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(settings.openvino_cache_dir)})
+        try:
+            self.compiled = core.compile_model(
+                str(model_path), "CPU", compile_config(hint, settings)
+            )
+        except Exception as exc:  # OpenVINO raises RuntimeError with a long log: one line
+            raise InferenceError(
+                f"cannot compile {model_path} with OpenVINO: {str(exc).splitlines()[0]}"
+            ) from exc
+        got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        if hint not in got:
+            raise ProviderUnavailable(
+                f"OpenVINO compiled {model_path} at {got}, not the {hint} of mode {mode}"
+            )
+        self.mode = mode
+        self.hint = hint
+        self.inputs = tuple(inputs)
+        self.output = self.compiled.output(output)
+        self._local = threading.local()
+        version = toolchain.runtime_version("openvino")
+        self.report = ProviderReport([DEVICE], [DEVICE], [DEVICE], False, None)
+        log.info("OpenVINO %s compiled %s at %s", version, model_path.name, hint)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": "openvino", "inference_precision": self.hint}
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pooling_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """float32 ``[batch, dim]`` for one padded batch (as ONNX Runtime's Runner)."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
+        try:
+            result = request.infer(feeds)[self.output]
+        except Exception as exc:  # OpenVINO's errors → one typed line
+            raise InferenceError(f"inference failed: {str(exc).splitlines()[0]}") from exc
+        return np.array(result, dtype=np.float32)  # a copy: the request reuses its buffer
