@@ -73,7 +73,8 @@ def _here() -> MeasuredOn:
     return MeasuredOn(
         parent_sha256="",
         isa=toolchain.detect_isa().level,
-        onnxruntime=toolchain.runtime_version(),
+        runtime="onnxruntime",
+        version=toolchain.runtime_version(),
     )
 
 

@@ -191,7 +191,7 @@ def test_stamp_records_class_binding_and_reference(
 ) -> None:
     art = stamped(fp32_artifact, planted["rotated"], tmp_path / "r", "reindex")
     m = Artifact.load(art.path).manifest
-    assert m.format_version == 3 and m.compatibility == "reindex"
+    assert m.format_version == 4 and m.compatibility == "reindex"
     assert m.variant == "planted-reindex"
     assert m.quantization.measured_on is not None
     assert m.quantization.measured_on.isa == toolchain.detect_isa().level
@@ -205,7 +205,7 @@ def test_format_1_loads_and_unknown_formats_are_refused(artifact_copy: Path) -> 
     (artifact_copy / MANIFEST).write_text(json.dumps(manifest))
     old = Artifact.load(artifact_copy)
     assert old.manifest.compatibility == "index-compatible"  # an fp32 export
-    assert refusal(old.manifest, Settings(), isa="avx2", runtime="1") is None
+    assert refusal(old.manifest, Settings(), isa="avx2", runtimes={"onnxruntime": "1"}) is None
     variant = old.manifest.model_copy(
         update={
             "quantization": old.manifest.quantization.model_copy(
@@ -213,13 +213,13 @@ def test_format_1_loads_and_unknown_formats_are_refused(artifact_copy: Path) -> 
             )
         }
     )
-    reason = refusal(variant, Settings(), isa="avx2", runtime="1")
+    reason = refusal(variant, Settings(), isa="avx2", runtimes={"onnxruntime": "1"})
     assert reason is not None and reason[0] == "format"
     assert "manifest format 1 records no measurement binding" in reason[1]
 
-    manifest["format_version"] = 4
+    manifest["format_version"] = 5
     (artifact_copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="manifest format 4 is not one this embedkit reads"):
+    with pytest.raises(ArtifactError, match="manifest format 5 is not one this embedkit reads"):
         Artifact.load(artifact_copy)
 
 

@@ -216,7 +216,7 @@ def test_a_rejected_variant_is_refused_even_when_named(fp32_artifact: Artifact) 
                     "forced": True,
                     "compatibility": "rejected",
                     "measured_on": MeasuredOn(
-                        parent_sha256=parent.files["model.onnx"], isa=isa, onnxruntime=runtime
+                        parent_sha256=parent.files["model.onnx"], isa=isa, version=runtime
                     ),
                 }
             ),
@@ -224,7 +224,7 @@ def test_a_rejected_variant_is_refused_even_when_named(fp32_artifact: Artifact) 
     )
     assert rejected.compatibility == "rejected"
     for settings in (Settings(), Settings(variant="forced-int8")):
-        reason = refusal(rejected, settings, isa=isa, runtime=runtime)
+        reason = refusal(rejected, settings, isa=isa, runtimes={"onnxruntime": runtime})
         assert reason is not None, "a rejected variant passed the startup check"
         assert reason[0] == "rejected"
         assert "forced-int8" in reason[1] and "class rejected" in reason[1]
@@ -252,7 +252,7 @@ def test_the_embedder_serves_the_parent_of_a_forced_rejected_variant(
         measured_on=MeasuredOn(
             parent_sha256=fp32_artifact.manifest.files["model.onnx"],
             isa=toolchain.detect_isa().level,
-            onnxruntime=toolchain.runtime_version(),
+            version=toolchain.runtime_version(),
         ),
     )
     thresholds = GateThresholds(spearman_drop_max={}, cosine_p1_min=0.99, overlap_min=0.95)

@@ -45,7 +45,7 @@ def test_manifest_records_prompts_and_the_pooling_mask(
     prompt_artifact: Artifact, fp32_artifact: Artifact
 ) -> None:
     m = prompt_artifact.manifest
-    assert m.format_version == 3
+    assert m.format_version == 4
     assert m.prompts == PROMPTS and m.default_prompt_name is None
     assert m.embedding.include_prompt is False
     assert m.inputs == ["input_ids", "attention_mask", "pooling_mask"]

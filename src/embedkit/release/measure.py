@@ -33,8 +33,8 @@ from embedkit.core.settings import Settings, get_settings
 from embedkit.core.stats import percentiles
 from embedkit.model import evaldata
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.engine import Engine
 from embedkit.runtime.compiled import graph_feeds
+from embedkit.runtime.engine import Engine
 from embedkit.runtime.session import CPU, create_session
 from embedkit.runtime.tokens import pad_batch
 from embedkit.runtime.vectors import postprocess

@@ -34,6 +34,9 @@ class CompiledModel(Protocol):
         pooling_mask: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
+    def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
+        """Whatever the runtime prepares per shape, for the shapes batching can form."""
+
 
 @dataclass(frozen=True)
 class ProviderReport:

@@ -348,6 +348,9 @@ class Engine:
         return vectors, plan
 
     def warmup(self) -> None:
-        """Run the shortest and the longest shapes once so the first request pays no setup."""
+        """Run the shortest and the longest shapes once so the first request pays no setup,
+        and let the runtime prepare what it prepares per shape."""
         texts = ["warm up", "word " * self.tokenizer.max_length]  # the second truncates to max
         self.embed_ids(self.tokenizer.encode(texts))
+        s = self.settings
+        self.runner.warm_up(s.max_sub_batch_size, s.max_batch_tokens, self.tokenizer.max_length)

@@ -14,6 +14,8 @@ a setting: the precision the gate judged is the one that serves.
 - Compiled kernels are cached in ``openvino_cache_dir`` (a writable path: the image's
   root file system is read-only, docs/deployment.md mounts an ``emptyDir`` there).
 - An infer request is not thread-safe: each calling thread keeps its own.
+- OpenVINO prepares kernels per input shape: lengths are padded to a multiple of 8 and
+  every shape the engine can form is run once at warm-up.
 
 Imports openvino lazily: an image without the extra never loads it (a variant measured
 on OpenVINO is refused at startup there, :func:`embedkit.serve.engine.startup.refusal`).
@@ -37,6 +39,9 @@ from embedkit.runtime.compiled import ProviderReport, graph_feeds
 log = logging.getLogger(__name__)
 
 DEVICE = "OpenVINO/CPU"  # what the provider report, /info and the identity header say
+# Sequence lengths are padded up to a multiple of this (masked): a few hundred distinct
+# shapes instead of thousands, each prepared once (:meth:`OpenVINOModel.warm_up`).
+LENGTH_STEP = 8
 # A mode's compile-time precision hint (OpenVINO's names).
 HINTS = {"openvino-fp32": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
 
@@ -96,8 +101,8 @@ class OpenVINOModel:
             raise InferenceError(
                 f"cannot compile {model_path} with OpenVINO: {str(exc).splitlines()[0]}"
             ) from exc
-        got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
-        if hint not in got:
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        if got != getattr(ov.Type, hint):
             raise ProviderUnavailable(
                 f"OpenVINO compiled {model_path} at {got}, not the {hint} of mode {mode}"
             )
@@ -113,16 +118,32 @@ class OpenVINOModel:
     def describe(self) -> dict[str, Any]:
         return {"runtime": "openvino", "inference_precision": self.hint}
 
+    def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
+        """Run every shape token-aware batching can form once: OpenVINO prepares kernels
+        per input shape (~7 ms the first time, measured), which a cold shape would add to
+        a request. Lengths come in steps of :data:`LENGTH_STEP`, so a few hundred shapes."""
+        for length in range(LENGTH_STEP, max_length + LENGTH_STEP, LENGTH_STEP):
+            for size in range(1, max(1, min(max_batch, max_tokens // length)) + 1):
+                ids = np.ones((size, length), dtype=np.int64)
+                self.run(ids, ids)
+
     def run(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         pooling_mask: np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 ``[batch, dim]`` for one padded batch (as ONNX Runtime's Runner)."""
+        """float32 ``[batch, dim]`` for one padded batch (as ONNX Runtime's Runner); the
+        length is padded up to a multiple of :data:`LENGTH_STEP` (masked positions)."""
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
+        extra = -input_ids.shape[1] % LENGTH_STEP
+        if extra:
+            widen = ((0, 0), (0, extra))
+            input_ids = np.pad(input_ids, widen)
+            attention_mask = np.pad(attention_mask, widen)
+            pooling_mask = None if pooling_mask is None else np.pad(pooling_mask, widen)
         feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
         try:
             result = request.infer(feeds)[self.output]

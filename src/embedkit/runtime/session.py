@@ -395,7 +395,8 @@ def run_options(settings: Settings, device_id: int | None = None) -> ort.RunOpti
 
 @dataclass
 class Runner:
-    """ONNX Runtime's :class:`~embedkit.runtime.compiled.CompiledModel`: runs a pooled-embedding session on padded int64 ``input_ids``/``attention_mask``.
+    """ONNX Runtime's :class:`~embedkit.runtime.compiled.CompiledModel`: runs a
+    pooled-embedding session on padded int64 ``input_ids``/``attention_mask``.
 
     Feeds only the inputs the graph declares (``token_type_ids`` as zeros when
     present). ``io_binding`` binds inputs and the output on the session's device:
@@ -454,6 +455,10 @@ class Runner:
         except Exception as exc:  # ORT errors (bad ids, OOM...) → one typed line
             raise InferenceError(f"inference failed: {str(exc).splitlines()[0]}") from exc
         return np.asarray(result, dtype=np.float32)
+
+    def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
+        """Nothing per shape: ONNX Runtime's CPU and CUDA kernels take any shape (TensorRT
+        builds for the profile's range when the session is created)."""
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         binding = self.session.io_binding()
