@@ -65,26 +65,31 @@ def test_sensitivity_ranks_the_ffn_output_above_a_query_projection(
     assert got[0].mean_drop > 0 and 0.9 < got[0].p1_cosine < 1.0
 
 
-def test_committed_ranking_matches_the_exported_graph(fp32_artifact: Artifact) -> None:
+def test_committed_rankings_match_the_exported_graph(fp32_artifact: Artifact) -> None:
+    """One ranking per ISA level it was measured on, each covering the graph's MatMuls."""
     graph = quantize.weight_matmuls(fp32_artifact.model_path)
-    entry = ranking.load_rankings()[fp32_artifact.manifest.model_id]
-    assert sorted(entry["nodes"]) == sorted(graph)  # every weight MatMul ranked, once
-    nodes, source = ranking.most_sensitive(fp32_artifact.manifest.model_id, graph, 3)
-    assert source == "measured" and nodes == entry["nodes"][:3]
+    by_isa = ranking.load_rankings()[fp32_artifact.manifest.model_id]
+    assert "avx2" in by_isa
+    for isa, entry in by_isa.items():
+        assert sorted(entry["nodes"]) == sorted(graph)  # every weight MatMul ranked, once
+        nodes, source = ranking.most_sensitive(fp32_artifact.manifest.model_id, graph, 3, isa)
+        assert source == "measured" and nodes == entry["nodes"][:3]
+    nodes, source = ranking.most_sensitive(MODEL_ID, graph, 3, "some-other-isa")
+    assert source.startswith("measured on ") and "none committed for some-other-isa" in source
 
 
 def test_ranking_falls_back_by_name(caplog: pytest.LogCaptureFixture) -> None:
     graph = [f"/0/encoder/layer.{i}/{p}/MatMul" for i in (1, 0) for p in ("output/dense", "x")]
-    nodes, source = ranking.most_sensitive("some/other-model", graph, 2)
+    nodes, source = ranking.most_sensitive("some/other-model", graph, 2, "avx2")
     assert nodes == [
         "/0/encoder/layer.0/output/dense/MatMul",
         "/0/encoder/layer.1/output/dense/MatMul",
     ]
     assert source.startswith("fallback: no committed ranking") and "fallback" in caplog.text
     # The measured #2 (layer.4's FFN input projection) is not in this graph.
-    nodes, source = ranking.most_sensitive(MODEL_ID, graph, 2)
+    nodes, source = ranking.most_sensitive(MODEL_ID, graph, 2, "avx2")
     assert source.startswith("fallback: ranked node") and nodes[0] == graph[2]
-    assert ranking.most_sensitive(MODEL_ID, graph, 0) == ([], "none")
+    assert ranking.most_sensitive(MODEL_ID, graph, 0, "avx2") == ([], "none")
 
 
 def test_mixed_precision_and_smoothquant_are_recorded(
@@ -101,8 +106,10 @@ def test_mixed_precision_and_smoothquant_are_recorded(
         size=64,
     )
     s = art.manifest.quantization.settings
-    assert s["ranking"] == "measured" and s["excluded_nodes"] == 2
-    assert s["kept_fp32"] == ranking.load_rankings()[MODEL_ID]["nodes"][:2]
+    graph = quantize.weight_matmuls(fp32_artifact.model_path)
+    kept, source = ranking.most_sensitive(MODEL_ID, graph, 2, quantize.detect_isa().level)
+    assert s["ranking"] == source and source.startswith("measured") and s["excluded_nodes"] == 2
+    assert s["kept_fp32"] == kept
     assert s["smoothquant"]["alpha"] == 0.7 and s["calibration"]["size"] == 64
     import onnx
 

@@ -264,6 +264,8 @@ def run_candidates(
     encoders = {PARENT: Engine(parent, settings)}
     # Timing picks among candidates the gate is still judging (not yet stamped).
     encoders.update({c.name: Engine(c.artifact, settings, judging=True) for c in candidates})
+    for engine in encoders.values():
+        engine.warmup()  # as a server does before it is ready (OpenVINO prepares shapes)
     say(f"timing {len(encoders)} encoders side by side at batch {batch_size}")
     speeds = throughput(encoders, texts, batch_size=batch_size, rounds=rounds)
     for c in candidates:

@@ -280,7 +280,7 @@ def _fp32_nodes(
     if keep_fp32 < 0:
         raise InvalidInput(f"keep_fp32 must be >= 0, got {keep_fp32}")
     kept, source = ranking.most_sensitive(
-        parent.manifest.model_id, weight_matmuls(model_path), keep_fp32
+        parent.manifest.model_id, weight_matmuls(model_path), keep_fp32, detect_isa().level
     )
     excluded = sorted(set(_matching_nodes(model_path, exclude)) | set(kept))
     return excluded, {"keep_fp32": keep_fp32, "kept_fp32": kept, "ranking": source}

@@ -2,9 +2,11 @@
 
 Measuring a ranking (:mod:`embedkit.variants.sensitivity`) quantises every
 MatMul on its own — minutes of compute — so a release never does it: it reads
-the ranking measured once per model and committed in
-``embedkit/data/int8-sensitivity.json`` (``{model_id: {"nodes": [...], ...}}``,
-written by ``scripts/quantization_report.py --sensitivity``). The names are
+the ranking measured once per model and CPU instruction-set level, committed in
+``embedkit/data/int8-sensitivity.json`` (``{model_id: {isa_level: {"nodes": [...],
+...}}}``, written by ``scripts/quantization_report.py --sensitivity`` on that ISA: the
+INT8 kernels, hence which MatMuls hurt most, differ with and without VNNI). A model
+ranked on another ISA only uses that ranking, and says so. The names are
 checked against the graph being quantised; when the model has no ranking or its
 names do not match (another exporter, another opset), the structural fallback
 is used and the manifest says so: the feed-forward output projections
@@ -39,20 +41,28 @@ def fallback_order(graph_nodes: Sequence[str]) -> list[str]:
     return [n for _, n in sorted(hits)]
 
 
-def most_sensitive(model_id: str, graph_nodes: Sequence[str], k: int) -> tuple[list[str], str]:
+def most_sensitive(
+    model_id: str, graph_nodes: Sequence[str], k: int, isa: str
+) -> tuple[list[str], str]:
     """The ``k`` most sensitive weight MatMuls of the graph and where the order came from
-    (``"measured"`` or ``"fallback: <why>"``)."""
+    (``"measured"`` on ``isa``, ``"measured on <other isa>"``, or ``"fallback: <why>"``)."""
     if k <= 0:
         return [], "none"
-    entry = load_rankings().get(model_id)
+    by_isa = load_rankings().get(model_id, {})
     present = set(graph_nodes)
-    if entry is None:
+    if not by_isa:
         source = f"fallback: no committed ranking for {model_id}"
         order = fallback_order(graph_nodes)
-    elif missing := [n for n in entry["nodes"][:k] if n not in present]:
-        source = f"fallback: ranked node {missing[0]!r} is not in this graph"
-        order = fallback_order(graph_nodes)
     else:
-        return list(entry["nodes"][:k]), "measured"
-    log.warning("INT8 mixed precision uses the %s", source)
+        level = isa if isa in by_isa else sorted(by_isa)[0]
+        nodes = by_isa[level]["nodes"]
+        if missing := [n for n in nodes[:k] if n not in present]:
+            source = f"fallback: ranked node {missing[0]!r} is not in this graph"
+            order = fallback_order(graph_nodes)
+        elif level == isa:
+            return list(nodes[:k]), "measured"
+        else:
+            source = f"measured on {level} (none committed for {isa})"
+            order = list(nodes)
+    log.warning("INT8 mixed precision uses the %s ranking", source)
     return order[:k], source
