@@ -66,7 +66,8 @@ def _version_covered(ranges: Sequence[str], opset: int) -> bool:
 
 
 def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
-    """Op inventory, opset, CPU session build, and ops the GPU EPs do not implement."""
+    """Op inventory, opset, CPU session build (and OpenVINO compile for its variants), and
+    ops the GPU EPs do not implement."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -91,6 +92,21 @@ def check_operators(artifact: Artifact, settings: Settings) -> dict[str, Any]:
     except Exception as exc:  # any ORT failure to build a session is the finding itself
         section["cpu_session"] = f"failed: {exc}"
         cpu_ok = False
+    if artifact.manifest.runtime == "openvino":  # the runtime that will serve it compiles it
+        from embedkit.runtime.openvino import OpenVINOModel
+
+        try:
+            OpenVINOModel(
+                artifact.model_path,
+                artifact.manifest.quantization.mode,
+                settings,
+                inputs=artifact.manifest.inputs,
+                output=artifact.manifest.output,
+            )
+            section["openvino_compile"] = "ok"
+        except Exception as exc:  # as above: the failure is the finding
+            section["openvino_compile"] = f"failed: {exc}"
+            cpu_ok = False
 
     table = _ep_kernel_table()
     unsupported: dict[str, list[str]] = {}
