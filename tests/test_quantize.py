@@ -54,9 +54,13 @@ def test_detect_isa_parses_flags() -> None:
 def test_presets_follow_isa() -> None:
     no_vnni = quantize.candidate_presets(quantize.detect_isa(AVX2_ONLY))
     vnni = quantize.candidate_presets(quantize.detect_isa(AVX512_VNNI))
-    assert all(p["reduce_range"] for p in no_vnni.values() if "int8" in p["kind"])
-    assert not any(p["reduce_range"] for p in vnni.values() if "int8" in p["kind"])
+    assert all(p["reduce_range"] for p in no_vnni.values() if p["kind"] == "dynamic-int8")
+    assert not any(p["reduce_range"] for p in vnni.values() if p["kind"] == "dynamic-int8")
     assert "fused-fp32" in vnni and "fp16" not in vnni
+    # OpenVINO's candidates where it is installed; BF16 only where the CPU computes it.
+    assert {"openvino-fp32", "openvino-int8"} <= set(vnni) and "openvino-bf16" not in vnni
+    amx = quantize.candidate_presets(quantize.detect_isa("flags : avx2 avx512f amx_bf16\n"))
+    assert amx["openvino-bf16"] == {"kind": "openvino-bf16"}
     assert set(quantize.candidate_presets(gpu=True)) == {"fused-fp32", "fp16"}
     # Mixed precision names k (resolved from the committed ranking at build time), never nodes.
     mixed = [p for p in no_vnni.values() if p.get("keep_fp32")]
