@@ -156,9 +156,9 @@ class Settings(BaseSettings):
 
     openvino_cache_dir: Path | None = Field(
         Path("/tmp/embedkit-openvino-cache"),
-        description="Where OpenVINO caches compiled kernels of an openvino-* variant (startup "
-        "~2x faster the second time). Must be writable: /tmp is an emptyDir in the "
-        "Kubernetes manifests; unset (empty) to compile every time.",
+        description="OpenVINO's model cache for an openvino-* variant: a restart loads the "
+        "compiled model instead of compiling it again. Must be writable: /tmp is an emptyDir "
+        "in the Kubernetes manifests; unset (empty) to compile every time.",
     )
 
     # --- engine -----------------------------------------------------------
