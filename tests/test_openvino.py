@@ -176,7 +176,9 @@ def test_a_variant_measured_on_another_openvino_is_refused_and_fp32_serves(
     assert float(counter._value.get()) == before + 1
 
 
-def test_compile_config_follows_the_threads_setting() -> None:
+def test_compile_config_follows_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     config = ov_runtime.compile_config("bf16", Settings(intra_op_threads=3))
     assert config["INFERENCE_PRECISION_HINT"] == "bf16"
     assert config["INFERENCE_NUM_THREADS"] == 3 and config["NUM_STREAMS"] == 1
+    monkeypatch.setenv("EMBEDKIT_OPENVINO_CACHE_DIR", "")  # empty: no cache
+    assert Settings().openvino_cache_dir is None

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # STS Benchmark and stsb-multi-mt, vendored with their licences (data/evaldata/README.md).
@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         "compiled model instead of compiling it again. Must be writable: /tmp is an emptyDir "
         "in the Kubernetes manifests; unset (empty) to compile every time.",
     )
+
+    @field_validator("openvino_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     # --- engine -----------------------------------------------------------
     token_aware_batching: bool = Field(
