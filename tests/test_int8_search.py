@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from embedkit.core.errors import InvalidInput
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
-from embedkit.variants import quantize, ranking, sensitivity, smoothquant
+from embedkit.variants import quantize, ranking, sensitivity, smoothquant, staging
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FIRST_FFN_OUT = "/0/encoder/layer.0/output/dense/MatMul"
@@ -26,7 +26,7 @@ def sentences() -> list[str]:
 
 
 def test_held_out_sentences_avoid_the_calibration_sample(data_dir: Path) -> None:
-    calib = quantize.read_calibration_sentences(data_dir / "stsbenchmark" / "sts-train.csv", 512)
+    calib = staging.read_calibration_sentences(data_dir / "stsbenchmark" / "sts-train.csv", 512)
     held = sensitivity.held_out_sentences(200)
     assert len(held) == 200 and not set(held) & set(calib)
 
@@ -34,7 +34,7 @@ def test_held_out_sentences_avoid_the_calibration_sample(data_dir: Path) -> None
 def test_smoothquant_is_exact_in_fp32(
     fp32_artifact: Artifact, tmp_path: Path, sentences: list[str]
 ) -> None:
-    feeds = quantize.SentenceCalibrationReader(fp32_artifact, sentences[:32])
+    feeds = staging.SentenceCalibrationReader(fp32_artifact, sentences[:32])
     record = smoothquant.smooth(fp32_artifact.model_path, tmp_path / "s.onnx", feeds, alpha=0.7)
     assert record["groups"] == 24 and record["matmuls"] == 36  # Q/K/V share one input
     assert not (tmp_path / "s.probe.onnx").exists()

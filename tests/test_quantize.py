@@ -13,9 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embedkit.core.errors import ArtifactError, InvalidInput
 from embedkit.model import evaldata
-from embedkit.model.artifact import Artifact
+from embedkit.model.artifact import Artifact, sha256_file
 from embedkit.runtime.engine import Engine
-from embedkit.variants import quantize
+from embedkit.variants import quantize, staging
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_static_int8_records_calibration(fp32: Artifact, tmp_path: Path, data_di
     s = art.manifest.quantization.settings
     assert s["format"] == "QDQ" and s["method"] == "minmax"
     assert s["calibration"]["size"] == 32
-    assert s["calibration"]["sha256"] == quantize.sha256_file(calib)
+    assert s["calibration"]["sha256"] == sha256_file(calib)
     # Inputs only: a MatMul output re-quantised with another sentence's range cost most
     # of static INT8's fidelity (docs/quantization.md).
     assert s["quantize_outputs"] is False and s["activation_type"] == "u8"
@@ -146,28 +146,28 @@ def test_calibration_sentences_are_read_through_evaldata(tmp_path: Path) -> None
         "main-forum\tanswer-answer\t2015\t0002\t1.0\tA man plays.\tA dog barks.\n"
         "too\tfew\tfields\n"
     )
-    got = quantize.read_calibration_sentences(tsv, 10)
+    got = staging.read_calibration_sentences(tsv, 10)
     assert sorted(got) == ['A "man" plays.', "A dog barks.", "A man plays."]
-    sample = quantize.read_calibration_sentences(tsv, 2, seed=1)
-    assert len(sample) == 2 and sample == quantize.read_calibration_sentences(tsv, 2, seed=1)
+    sample = staging.read_calibration_sentences(tsv, 2, seed=1)
+    assert len(sample) == 2 and sample == staging.read_calibration_sentences(tsv, 2, seed=1)
     assert evaldata.read_sts(tsv)[1].genre == "main-forums"  # the one reader normalises
 
 
 def test_calibration_file_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match=r"cannot read STS data .*missing\.csv") as missing:
-        quantize.read_calibration_sentences(tmp_path / "missing.csv", 8)
+        staging.read_calibration_sentences(tmp_path / "missing.csv", 8)
     empty = tmp_path / "empty.csv"
     empty.write_text("no\ttabs here\n")
     with pytest.raises(InvalidInput, match="holds no STS-Benchmark sentence pairs") as none:
-        quantize.read_calibration_sentences(empty, 8)
+        staging.read_calibration_sentences(empty, 8)
     bad = tmp_path / "bad.csv"
     bad.write_text("g\tf\ty\t1\tfive\ta\tb\n")
     with pytest.raises(InvalidInput, match=r"bad.csv:1: score 'five' is not a number") as nan:
-        quantize.read_calibration_sentences(bad, 8)
+        staging.read_calibration_sentences(bad, 8)
     for exc in (missing, none, nan):
         assert "\n" not in str(exc.value)
     with pytest.raises(InvalidInput, match="calibration size"):
-        quantize.read_calibration_sentences(bad, 0)
+        staging.read_calibration_sentences(bad, 0)
 
 
 # --- refusals ----------------------------------------------------------------------------------

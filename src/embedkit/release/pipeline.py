@@ -45,7 +45,7 @@ from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresh
 from embedkit.quality.report import summary_markdown, write_report
 from embedkit.release import calibration, perfgate, records
 from embedkit.runtime.engine import Engine
-from embedkit.variants import quantize
+from embedkit.variants import quantize, staging
 
 log = logging.getLogger(__name__)
 PARENT = "fp32"  # the name of the fp32 parent among a release's versions and speeds
@@ -594,7 +594,7 @@ def publish(
             updates["parent"] = parent_ref
         art = seal(with_records(art, files, updates))
         if name == PARENT:
-            parent_ref = quantize.parent_ref(art)
+            parent_ref = staging.parent_ref(art)
         if sign_key is not None:
             say(f"signing {name} with key {signing.sign(art.path, sign_key)}")
         written[name] = art

@@ -20,7 +20,7 @@ from typing import Any
 from embedkit.core.errors import InvalidInput
 from embedkit.model import toolchain
 from embedkit.model.artifact import Artifact
-from embedkit.variants import quantize
+from embedkit.variants.staging import SentenceCalibrationReader, calibration_sentences, staged
 
 
 def _require(dist: str) -> None:
@@ -45,7 +45,7 @@ def _as_is(parent: Artifact, output: Path, mode: Any, hint: str, write: bool) ->
             "isa": toolchain.detect_isa().to_dict(),
         }
 
-    return quantize._staged(parent, output, build, mode, write)
+    return staged(parent, output, build, mode, write)
 
 
 def openvino_fp32(parent: Artifact, output: Path, *, write: bool = True) -> Artifact:
@@ -76,13 +76,13 @@ def openvino_int8(
     """NNCF's INT8 (transformer preset) of the parent's ONNX graph, calibrated on ``size``
     sentences of ``calibration`` (default: STS Benchmark train), run by OpenVINO."""
     _require("nncf")
-    sentences, calib = quantize._calibration_sentences(calibration, size, seed)
+    sentences, calib = calibration_sentences(calibration, size, seed)
 
     def build(src: Path, dst: Path) -> dict[str, Any]:
         import nncf
         import onnx
 
-        reader = quantize.SentenceCalibrationReader(parent, sentences)
+        reader = SentenceCalibrationReader(parent, sentences)
         quantized = nncf.quantize(
             onnx.load(str(src)),
             nncf.Dataset(list(reader)),
@@ -100,7 +100,7 @@ def openvino_int8(
             "calibration": calib,
         }
 
-    return quantize._staged(parent, output, build, "openvino-int8", write)
+    return staged(parent, output, build, "openvino-int8", write)
 
 
 BUILDERS: dict[str, Callable[..., Artifact]] = {

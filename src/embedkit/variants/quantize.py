@@ -21,54 +21,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import random
-import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any
 
 from embedkit.core.errors import ArtifactError, InvalidInput
-from embedkit.model import evaldata, toolchain
-from embedkit.model.artifact import (
-    MANIFEST,
-    MODEL_FILE,
-    POOLING_MASK_INPUT,
-    TOKENIZER_FILE,
-    Artifact,
-    draft,
-    move_into_place,
-    seal,
-    sha256_file,
-    staging_dir,
-)
+from embedkit.model import toolchain
+from embedkit.model.artifact import Artifact
 
 # The ISA probe lives with the toolchain facts (serving reads it too); re-exported here.
 from embedkit.model.toolchain import CpuIsa, detect_isa
-from embedkit.runtime.tokens import TextTokenizer, pad_batch
-from embedkit.variants import ranking, smoothquant
+from embedkit.variants import openvino, ranking, smoothquant
+from embedkit.variants.staging import SentenceCalibrationReader, calibration_sentences, staged
 
 log = logging.getLogger(__name__)
 
-VariantKind = Literal[
-    "fused-fp32",
-    "dynamic-int8",
-    "static-int8",
-    "fp16",
-    "openvino-fp32",
-    "openvino-bf16",
-    "openvino-int8",
-]
-KINDS: tuple[str, ...] = (
-    "fused-fp32",
-    "dynamic-int8",
-    "static-int8",
-    "fp16",
-    "openvino-fp32",
-    "openvino-bf16",
-    "openvino-int8",
-)
 WEIGHT_TYPES = ("s8", "u8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -115,89 +82,6 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     return presets
 
 
-# --- shared plumbing ----------------------------------------------------------------
-
-
-def _check_parent(parent: Artifact) -> None:
-    mode = parent.manifest.quantization.mode
-    if mode != "none":
-        raise InvalidInput(
-            f"variants are built from an fp32 export, but {parent.path} is already '{mode}'"
-        )
-
-
-def parent_ref(parent: Artifact) -> str | None:
-    """How a variant's manifest names ``parent``: its tag, else the sha256 of its written
-    manifest; None while that manifest is not written (the release fills it in then)."""
-    if parent.tag:
-        return parent.tag
-    if not parent.written:
-        return None
-    return "manifest-sha256:" + sha256_file(parent.path / MANIFEST)
-
-
-def _staged(
-    parent: Artifact,
-    output: Path,
-    build: Callable[[Path, Path], dict[str, Any]],
-    mode: VariantKind,
-    write: bool,
-) -> Artifact:
-    """Run ``build(src_model, dst_model) -> settings`` in a staging dir, hash the files into
-    the variant's manifest, write it (unless ``write=False``: the caller adds to it and
-    writes it, :func:`embedkit.model.artifact.seal`); move the artifact in place."""
-    _check_parent(parent)
-    if write and parent_ref(parent) is None:
-        raise InvalidInput(
-            f"the parent {parent.path} has no written manifest for the variant to name; "
-            "write it first, or build with write=False"
-        )
-    output = Path(output)
-    staging = staging_dir(output)
-    try:
-        work = staging / "work"
-        art = staging / "artifact"
-        work.mkdir()
-        art.mkdir()
-        # Builders read the parent's graph from `work`: ORT's quantizers write scratch files
-        # beside their input (`model-inferred.onnx`), and the parent must not change, not
-        # for a moment (a concurrent verify of it would see a file its manifest lacks).
-        # A copy, not a hard link: nothing a builder does to its input can reach the parent.
-        src = work / MODEL_FILE
-        shutil.copyfile(parent.model_path, src)
-        settings = build(src, art / MODEL_FILE)
-        shutil.copyfile(parent.tokenizer_path, art / TOKENIZER_FILE)
-        _strip_to_declared_output(art / MODEL_FILE, parent.manifest.output)
-        fields = parent.manifest.model_dump(
-            mode="json", exclude={"files", "created_at", "records", "parity", "quantization"}
-        )
-        fields.update(
-            quantization={"mode": mode, "settings": settings},
-            parent=parent_ref(parent),
-            toolchain=toolchain.versions(),
-            parity=None,
-        )
-        built = draft(art, fields)
-        return move_into_place(seal(built) if write else built, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _strip_to_declared_output(model_path: Path, output: str) -> None:
-    """Tools may leave or rename outputs; the artifact contract is one named output."""
-    import onnx
-
-    model = onnx.load(str(model_path))
-    names = [o.name for o in model.graph.output]
-    if output not in names:
-        raise ArtifactError(f"variant graph lost its {output!r} output (has {names})")
-    if names != [output]:
-        for out in list(model.graph.output):
-            if out.name != output:
-                model.graph.output.remove(out)
-        onnx.save(model, str(model_path))
-
-
 # --- variants -----------------------------------------------------------------------
 
 
@@ -219,7 +103,7 @@ def optimize_fp32(parent: Artifact, output: Path, *, write: bool = True) -> Arti
             "fusions": stats,
         }
 
-    return _staged(parent, output, build, "fused-fp32", write)
+    return staged(parent, output, build, "fused-fp32", write)
 
 
 def _fuse(src: Path, dst: Path) -> dict[str, int]:
@@ -286,15 +170,6 @@ def _fp32_nodes(
     return excluded, {"keep_fp32": keep_fp32, "kept_fp32": kept, "ranking": source}
 
 
-def _calibration_sentences(
-    calibration: Path | None, size: int, seed: int
-) -> tuple[list[str], dict[str, Any]]:
-    path = Path(calibration) if calibration else evaldata.data_file("stsbenchmark/sts-train.csv")
-    sentences = read_calibration_sentences(path, size, seed=seed)
-    record = {"file": path.name, "sha256": sha256_file(path), "size": len(sentences), "seed": seed}
-    return sentences, record
-
-
 def _smoothed(
     parent: Artifact, src: Path, work: Path, alpha: float | None, sentences: Sequence[str]
 ) -> tuple[Path, dict[str, Any] | None]:
@@ -341,7 +216,7 @@ def quantize_dynamic_int8(
     ops = list(op_types) if op_types else (["MatMul", "Attention"] if fused else ["MatMul"])
     isa = detect_isa()
     sentences, calib = (
-        _calibration_sentences(calibration, size, seed)
+        calibration_sentences(calibration, size, seed)
         if smoothquant_alpha is not None
         else ([], None)
     )
@@ -383,61 +258,10 @@ def quantize_dynamic_int8(
             **({"calibration": calib} if calib else {}),
         }
 
-    return _staged(parent, output, build, "dynamic-int8", write)
+    return staged(parent, output, build, "dynamic-int8", write)
 
 
 # --- static INT8 ----------------------------------------------------------------------
-
-
-def read_calibration_sentences(path: Path, size: int, *, seed: int = 0) -> list[str]:
-    """Unique sentences of an STS-Benchmark-format file (both sides), sampled reproducibly."""
-    if size < 1:
-        raise InvalidInput(f"calibration size must be >= 1, got {size}")
-    seen: dict[str, None] = {}
-    for pair in evaldata.read_sts(path):
-        seen.setdefault(pair.sentence1)
-        seen.setdefault(pair.sentence2)
-    sentences = list(seen)
-    random.Random(seed).shuffle(sentences)
-    return sentences[:size]
-
-
-class SentenceCalibrationReader:
-    """ORT CalibrationDataReader over real sentences, tokenised exactly as the engine does."""
-
-    def __init__(self, parent: Artifact, sentences: Sequence[str], batch_size: int = 16) -> None:
-        tokenizer = TextTokenizer.from_artifact(parent)
-        pad_id = tokenizer.pad_id
-        ids = tokenizer.encode(list(sentences))
-        # One width for every batch: the histogram calibrators (entropy, percentile)
-        # stack activations across batches and need equal shapes.
-        width = max(len(x) for x in ids)
-        self._batches: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(ids), batch_size):
-            input_ids, mask = pad_batch(ids[start : start + batch_size], pad_id)
-            extra = ((0, 0), (0, width - input_ids.shape[1]))
-            input_ids = np.pad(input_ids, extra, constant_values=pad_id)
-            mask = np.pad(mask, extra, constant_values=0)
-            feed = {
-                "input_ids": input_ids,
-                "attention_mask": mask,
-                "token_type_ids": np.zeros_like(input_ids),
-                POOLING_MASK_INPUT: mask,  # include_prompt=false graphs: no prompt here
-            }
-            self._batches.append({k: v for k, v in feed.items() if k in parent.manifest.inputs})
-        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self._batches)
-
-    def rewind(self) -> None:
-        self._iter = iter(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
 
 
 def quantize_static_int8(
@@ -488,7 +312,7 @@ def quantize_static_int8(
         raise InvalidInput(
             f"activation_type must be one of {', '.join(WEIGHT_TYPES)}, got {activation_type!r}"
         )
-    sentences, calib = _calibration_sentences(calibration, size, seed)
+    sentences, calib = calibration_sentences(calibration, size, seed)
     ops = list(op_types) if op_types else ["MatMul"]
     isa = detect_isa()
 
@@ -537,7 +361,7 @@ def quantize_static_int8(
             "calibration": calib,
         }
 
-    return _staged(parent, output, build, "static-int8", write)
+    return staged(parent, output, build, "static-int8", write)
 
 
 # --- FP16 --------------------------------------------------------------------------------
@@ -561,7 +385,7 @@ def convert_fp16(parent: Artifact, output: Path, *, write: bool = True) -> Artif
         model.save_model_to_file(str(dst))
         return {"keep_io_types": True, "fused_for_gpu": True, "fusions": stats}
 
-    artifact = _staged(parent, output, build, "fp16", write)
+    artifact = staged(parent, output, build, "fp16", write)
     check_fp16_structure(artifact)
     return artifact
 
@@ -610,13 +434,13 @@ _BUILDERS: dict[str, Callable[..., Artifact]] = {
 def check_variant(kind: str, options: Mapping[str, Any]) -> Callable[..., Artifact]:
     """The builder of ``kind``, or InvalidInput naming an unknown kind or option (checked
     before minutes of export when the options come from a file)."""
-    # OpenVINO's builders live in their own module, which builds on this one's plumbing.
-    from embedkit.variants import openvino
-
+    builders = {**_BUILDERS, **openvino.BUILDERS}
     try:
-        builder = {**_BUILDERS, **openvino.BUILDERS}[kind]
+        builder = builders[kind]
     except KeyError:
-        raise InvalidInput(f"unknown variant kind {kind!r} (one of {', '.join(KINDS)})") from None
+        raise InvalidInput(
+            f"unknown variant kind {kind!r} (one of {', '.join(builders)})"
+        ) from None
     accepted = set(inspect.signature(builder).parameters) - {"parent", "output", "write"}
     unknown = sorted(set(options) - accepted)
     if unknown:

@@ -21,7 +21,7 @@ import numpy as np
 
 from embedkit.model.artifact import Artifact
 from embedkit.runtime.engine import Engine
-from embedkit.variants import quantize
+from embedkit.variants import quantize, staging
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def held_out_sentences(size: int, *, calibration_size: int = 512, seed: int = 0) -> list[str]:
     """STS Benchmark train sentences disjoint from the first ``calibration_size`` that
-    :func:`embedkit.variants.quantize.read_calibration_sentences` samples with ``seed``."""
+    :func:`embedkit.variants.staging.read_calibration_sentences` samples with ``seed``."""
     from embedkit.model import evaldata
 
     path = evaldata.data_file("stsbenchmark/sts-train.csv")
-    pool = quantize.read_calibration_sentences(path, 1_000_000, seed=seed)
+    pool = staging.read_calibration_sentences(path, 1_000_000, seed=seed)
     return pool[calibration_size : calibration_size + size]
 
 
