@@ -250,6 +250,27 @@ def test_audit_reports_each_defect(
     assert any(expected in p for p in problems), problems
 
 
+def test_audit_refuses_an_openvino_model_in_an_image_without_openvino(
+    built: dict[str, bento.Built], fp32_artifact, tmp_path: Path
+) -> None:
+    """The CPU image carries ONNX Runtime only: an OpenVINO variant pinned into it would be
+    refused at startup with no fp32 parent in the Bento to fall back to."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    import bentoml
+
+    from embedkit.model.artifact import amend, register, seal
+    from embedkit.variants.quantize import build_variant
+
+    # A name of its own: the session's store is shared, and NAME:latest is a release's baseline.
+    ov = build_variant(fp32_artifact, "openvino-fp32", tmp_path / "ov", write=False)
+    ov_tag = register(seal(amend(ov, {"name": "audit-openvino"})))
+    try:
+        problems = bento.audit(built["cpu"].path, "cpu", ov_tag)
+    finally:
+        bentoml.models.delete(ov_tag)
+    assert any(f"model {ov_tag} runs on openvino" in p for p in problems), problems
+
+
 def test_serving_requirements_refuse_export_and_unpinned_deps(tmp_path: Path) -> None:
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\ndependencies = ["numpy==2.4.6", "torch==2.13.0"]\n')

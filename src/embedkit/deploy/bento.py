@@ -36,7 +36,8 @@ Where each fact comes from:
 
 ``audit(bento_dir, variant, model_tag)`` re-reads what was built and lists every
 problem (torch & co. in the requirements, URLs, unpinned packages, the wrong
-runtime, an unpinned model, a root container user). ``build`` refuses a Bento
+runtime — an OpenVINO variant in an image without OpenVINO included —, an unpinned
+model, a root container user). ``build`` refuses a Bento
 whose audit is not empty.
 """
 
@@ -510,6 +511,12 @@ def audit(
         problems.append(f"{variant.runtime} missing from the requirements")
     if other in names:
         problems.append(f"{other} in a {variant.name} image (both provide the module onnxruntime)")
+    runtime = _model_runtime(model_tag)
+    if runtime != "onnxruntime" and runtime not in names:
+        problems.append(
+            f"model {model_tag} runs on {runtime}, which the {variant.name} image does not "
+            "install: it would be refused at startup, and its fp32 parent is not in the Bento"
+        )
 
     info = yaml.safe_load((Path(bento_dir) / "bento.yaml").read_text())
     models = pinned_models(info)
@@ -531,6 +538,13 @@ def audit(
     if variant.lock is not None:
         problems.extend(_hash_problems(lines, envs, docker_text))
     return problems
+
+
+def _model_runtime(model_tag: str) -> str:
+    """The runtime a stored model's manifest names (older manifests: ONNX Runtime)."""
+    import bentoml
+
+    return str(bentoml.models.get(model_tag).info.metadata.get("runtime", "onnxruntime"))
 
 
 def _hash_problems(lines: list[str], envs: dict[str, str], docker_text: str) -> list[str]:
