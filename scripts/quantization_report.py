@@ -1,4 +1,4 @@
-"""Full quantization evaluation of the default model → docs/quantization.md + docs/quantization.png.
+"""Full quantization evaluation of the default model → docs/quantization.md + docs/quantization-ISA.png.
 
 Builds every candidate preset for this CPU plus landmarks of the INT8 search
 (:func:`techniques`: SmoothQuant alphas, static QDQ ranges and output quantisation,
@@ -169,6 +169,15 @@ def ranking_markdown() -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (what `lscpu` prints)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return platform.machine()
+
+
 def measure_sensitivity(parent: Artifact, isa: quantize.CpuIsa, size: int) -> None:
     import onnxruntime
 
@@ -189,7 +198,7 @@ def measure_sensitivity(parent: Artifact, isa: quantize.CpuIsa, size: int) -> No
             **options,
             "sentences": f"{size} STS Benchmark train sentences disjoint from the calibration "
             "sample (sensitivity.held_out_sentences)",
-            "isa": f"{isa.level} ({platform.processor() or platform.machine()})",
+            "isa": f"{isa.level} ({cpu_name()})",
             "onnxruntime": onnxruntime.__version__,
             "command": "scripts/quantization_report.py --sensitivity",
         },
@@ -250,11 +259,12 @@ def main(argv: list[str]) -> int:
     # The release's own rule, so the doc states what `embedkit release --variants` would do.
     best = pick_default(candidates, b32[PARENT])
     default = best.name if best else "fp32 (parent)"
-    plot_deltas({c.name: c.report for c in candidates}, DOCS / "quantization.png")
+    plot = f"quantization-{isa.level}.png"  # one per ISA, as the measured blocks
+    plot_deltas({c.name: c.report for c in candidates}, DOCS / plot)
     preset_names = ", ".join(quantize.candidate_presets(isa))
     body = "\n".join(
         [
-            f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
+            f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}, {platform.machine()} "
             f"({os.cpu_count()} cores, ISA `{isa.level}`: {isa.to_dict()}), "
             f"encoder `Engine`, {candidates[0].report.texts} texts per variant, "
             f"{time.time() - started:.0f} s in all. Speed: texts/s through the engine, "
@@ -272,7 +282,7 @@ def main(argv: list[str]) -> int:
             "",
             technique_table(candidates, presets, speeds, th),
             "",
-            "![per-segment deltas](quantization.png)",
+            f"![per-segment deltas]({plot})",
             "",
             "#### Gate failures, per variant",
             "",
