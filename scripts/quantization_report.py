@@ -1,4 +1,4 @@
-"""Full quantization evaluation of the default model → docs/quantization.md + docs/quantization-ISA.png.
+"""Full quantization evaluation of the default model → docs/quantization.md and its plot.
 
 Builds every candidate preset for this CPU plus landmarks of the INT8 search
 (:func:`techniques`: SmoothQuant alphas, static QDQ ranges and output quantisation,
