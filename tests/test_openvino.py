@@ -182,3 +182,17 @@ def test_compile_config_follows_the_settings(monkeypatch: pytest.MonkeyPatch) ->
     assert config["INFERENCE_NUM_THREADS"] == 3 and config["NUM_STREAMS"] == 1
     monkeypatch.setenv("EMBEDKIT_OPENVINO_CACHE_DIR", "")  # empty: no cache
     assert Settings().openvino_cache_dir is None
+
+
+def test_an_openvino_variant_is_profiled_by_its_counters(
+    tiny: tuple[Path, Artifact], tmp_path: Path
+) -> None:
+    """A release stores a profile of every version: OpenVINO's per-node counters, ranked
+    as ORT's trace is."""
+    from embedkit.release.profile import profile_artifact
+
+    _, parent = tiny
+    variant = quantize.build_variant(parent, "openvino-fp32", tmp_path / "ov")
+    got = profile_artifact(variant, TEXTS * 4, 4, tmp_path / "profile", max_batches=2)
+    assert got["kernel_ms"] > 0 and got["top_ops"] and Path(got["trace"]).is_file()
+    assert abs(sum(op["share"] for op in got["top_ops"]) - 1.0) < 0.2  # the top ten cover most

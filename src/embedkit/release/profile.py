@@ -1,4 +1,5 @@
-"""ORT profiling: which operators take the time, per variant and batch size.
+"""Profiling: which operators take the time, per variant and batch size (ONNX Runtime's
+profiler, or OpenVINO's per-node performance counters for its variants).
 
 Sessions are created by :mod:`embedkit.runtime.session` as everywhere else, from a
 settings copy with ``profiling_dir`` set, so the profile is of the session the
@@ -21,18 +22,23 @@ from embedkit.model.artifact import Artifact, resolve
 
 
 def summarize_trace(trace: Path, top: int = 10) -> dict[str, Any]:
-    """Kernel time per operator type from an ORT trace, largest first."""
+    """Kernel time per operator type from an ORT trace (Chrome trace JSON) or an OpenVINO
+    counter dump (``[[node type, µs], ...]``, :func:`profile_artifact` writes it), largest
+    first."""
     try:
         events = json.loads(Path(trace).read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidInput(f"cannot read ORT profile {trace}: {exc}") from exc
+        raise InvalidInput(f"cannot read the profile {trace}: {exc}") from exc
     by_op: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for ev in events:
-        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
+        if isinstance(ev, list):  # OpenVINO: one executed node of one run
+            op, us = str(ev[0]), float(ev[1])
+        elif ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op, us = ev.get("args", {}).get("op_name", "?"), float(ev.get("dur", 0))
+        else:
             continue
-        op = ev.get("args", {}).get("op_name", "?")
-        by_op[op] += float(ev.get("dur", 0))
+        by_op[op] += us
         calls[op] += 1
     total = sum(by_op.values())
     ranked = sorted(by_op.items(), key=lambda kv: kv[1], reverse=True)
@@ -67,7 +73,14 @@ def profile_artifact(
         raise InvalidInput("no texts to profile")
     for batch in batches[:max_batches]:
         engine.encode(batch)
-    trace = Path(engine.session.end_profiling())
+    if engine.session is not None:
+        trace = Path(engine.session.end_profiling())
+    else:  # OpenVINO: its per-node counters, dumped where ORT's trace would go
+        from embedkit.runtime.openvino import OpenVINOModel
+
+        assert isinstance(engine.runner, OpenVINOModel)
+        trace = out_dir / "embedkit-openvino.json"
+        trace.write_text(json.dumps(engine.runner.counters()))
     summary = summarize_trace(trace, top)
     summary.update(batch_size=batch_size, batches=min(max_batches, len(batches)))
     return summary
@@ -92,8 +105,6 @@ def profile(
     results: dict[str, Any] = {}
     for name, target in variants.items():
         artifact = resolve(target)
-        if artifact.manifest.runtime != "onnxruntime":
-            continue  # the operator profile is ONNX Runtime's profiler
         results[name] = {}
         for b in batch_sizes:
             if on_step:

@@ -58,12 +58,14 @@ def _openvino() -> Any:
 
 
 def compile_config(hint: str, settings: Settings) -> dict[str, Any]:
-    """The CPU plugin's properties for one compiled model."""
+    """The CPU plugin's properties for one compiled model (with ``profiling_dir`` set, its
+    per-node performance counters, as ORT's profiler is then on)."""
     return {
         "INFERENCE_PRECISION_HINT": hint,
         "INFERENCE_NUM_THREADS": settings.intra_op_threads,
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
+        "PERF_COUNT": settings.profiling_dir is not None,
     }
 
 
@@ -111,6 +113,9 @@ class OpenVINOModel:
         self.inputs = tuple(inputs)
         self.output = self.compiled.output(output)
         self._local = threading.local()
+        self.profiling = settings.profiling_dir is not None
+        self._counters: list[tuple[str, float]] = []  # (node type, µs) of every profiled run
+        self._counters_lock = threading.Lock()
         version = toolchain.runtime_version("openvino")
         self.report = ProviderReport([DEVICE], [DEVICE], [DEVICE], False, None)
         log.info("OpenVINO %s compiled %s at %s", version, model_path.name, hint)
@@ -146,7 +151,21 @@ class OpenVINOModel:
             pooling_mask = None if pooling_mask is None else np.pad(pooling_mask, widen)
         feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
         try:
-            result = request.infer(feeds)[self.output]
+            result = np.array(request.infer(feeds)[self.output], dtype=np.float32)  # a copy
         except Exception as exc:  # OpenVINO's errors → one typed line
             raise InferenceError(f"inference failed: {str(exc).splitlines()[0]}") from exc
-        return np.array(result, dtype=np.float32)  # a copy: the request reuses its buffer
+        if self.profiling:
+            runs = [
+                (info.node_type, info.real_time.total_seconds() * 1e6)
+                for info in request.get_profiling_info()
+                if info.status == info.Status.EXECUTED
+            ]
+            with self._counters_lock:
+                self._counters.extend(runs)
+        return result
+
+    def counters(self) -> list[tuple[str, float]]:
+        """(node type, µs) of every executed node of every run since compiling (profiling
+        on only): what :mod:`embedkit.release.profile` ranks, as it does ORT's trace."""
+        with self._counters_lock:
+            return list(self._counters)
