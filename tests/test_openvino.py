@@ -45,6 +45,9 @@ def test_fp32_on_openvino_matches_onnx_runtime_and_says_where_it_runs(
     assert variant.manifest.quantization.settings["inference_precision"] == "f32"
     ort_engine, ov_engine = Engine(parent), Engine(variant)
     assert ov_engine.provider == ov_runtime.DEVICE and ov_engine.session is None
+    assert ov_engine.info()["runtime"] == "openvino" and Engine(parent).info()["runtime"] == (
+        "onnxruntime"
+    )
     assert ov_engine.precision.compute == "fp32" and ov_engine.precision.approved
     got, want = ov_engine.encode(TEXTS), ort_engine.encode(TEXTS)
     assert np.abs(got - want).max() < 1e-4  # lengths padded to a multiple of 8, masked

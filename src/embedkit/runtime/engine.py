@@ -1,4 +1,6 @@
-"""The embedding engine: token ids → pooled vectors with ONNX Runtime, no torch.
+"""The embedding engine: token ids → pooled vectors, no torch. The graph runs on ONNX
+Runtime or, for an ``openvino-*`` variant, on OpenVINO: both behind
+:class:`~embedkit.runtime.compiled.CompiledModel`, so everything here is shared.
 
 On CPU the biggest waste is padding: a random batch of 32 STS Benchmark
 sentences pads to ~2.5× its real tokens. So a batch is sorted by token length,
@@ -182,6 +184,7 @@ class Engine:
             "normalize": self.manifest.embedding.normalize,
             **self.prompts.describe(),
             "quantization": self.manifest.quantization.mode,
+            "runtime": self.manifest.runtime,
             "providers": self.provider_report.as_dict(),
             "precision": self.precision.as_dict(),
             "session": {
