@@ -156,16 +156,18 @@ class EmbeddingAPI:
         self.front = ServedModels(load_artifacts(type(self)), SETTINGS, IDENTITIES)
         self._embedder: seams.Embedder | None = None
         if SETTINGS.topology == "single":
+            runs = ort_runs(SETTINGS)
             cores = {
                 name: EmbedderCore(
                     front.artifact,
                     engine_settings(SETTINGS),
                     default=front.default,
                     identities=IDENTITIES,
+                    runs=runs,
                 )
                 for name, front in self.front.fronts.items()
             }
-            self._embedder = self.local = LocalEmbedder(cores, runs=ort_runs(SETTINGS))
+            self._embedder = self.local = LocalEmbedder(cores, runs=runs)
 
     @property
     def embedder(self) -> seams.Embedder:

@@ -183,6 +183,9 @@ def test_compile_config_follows_the_settings(monkeypatch: pytest.MonkeyPatch) ->
     config = ov_runtime.compile_config("bf16", Settings(intra_op_threads=3))
     assert config["INFERENCE_PRECISION_HINT"] == "bf16"
     assert config["INFERENCE_NUM_THREADS"] == 3 and config["NUM_STREAMS"] == 1
+    # The service's parallel runs (one core each): a stream per run, or they would queue.
+    parallel = ov_runtime.compile_config("bf16", Settings(intra_op_threads=1), streams=2)
+    assert parallel["NUM_STREAMS"] == 2 and parallel["INFERENCE_NUM_THREADS"] == 2
     monkeypatch.setenv("EMBEDKIT_OPENVINO_CACHE_DIR", "")  # empty: no cache
     assert Settings().openvino_cache_dir is None
 

@@ -114,8 +114,17 @@ class Engine:
     """
 
     def __init__(
-        self, artifact: Artifact, settings: Settings | None = None, *, judging: bool = False
+        self,
+        artifact: Artifact,
+        settings: Settings | None = None,
+        *,
+        judging: bool = False,
+        runs: int = 1,
     ) -> None:
+        """``runs``: how many calls the caller runs at once (the service's parallel runs,
+        each on ``intra_op_threads`` cores: ``serve.pipeline.options.ort_runs``). ONNX
+        Runtime's session takes concurrent runs as it is; OpenVINO needs a stream per run,
+        or they queue behind one another."""
         self.settings = settings or get_settings()
         self.judging = judging
         self.artifact = artifact
@@ -138,6 +147,7 @@ class Engine:
                 self.settings,
                 inputs=self.manifest.inputs,
                 output=self.manifest.output,
+                streams=runs,
             )
             self.runner, self.provider_report = ov, ov.report
         else:

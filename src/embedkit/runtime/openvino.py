@@ -10,7 +10,8 @@ a setting: the precision the gate judged is the one that serves.
   graphs in BF16 by itself; a hint the CPU cannot honour (BF16 without AVX512_BF16/AMX)
   is refused at compile time, not silently run in fp32.
 - Threads follow ``intra_op_threads`` (the container's CPU share, as ONNX Runtime's do),
-  one stream: the service batches, so latency mode is the throughput mode here.
+  with one stream per run the service makes at once (its parallel runs): otherwise
+  concurrent requests would queue on one stream, leaving cores idle.
 - Compiled kernels are cached in ``openvino_cache_dir`` (a writable path: the image's
   root file system is read-only, docs/deployment.md mounts an ``emptyDir`` there).
 - An infer request is not thread-safe: each calling thread keeps its own.
@@ -57,14 +58,14 @@ def _openvino() -> Any:
     return openvino
 
 
-def compile_config(hint: str, settings: Settings) -> dict[str, Any]:
-    """The CPU plugin's properties for one compiled model (with ``profiling_dir`` set, its
-    per-node performance counters, as ORT's profiler is then on)."""
+def compile_config(hint: str, settings: Settings, streams: int = 1) -> dict[str, Any]:
+    """The CPU plugin's properties for one compiled model: ``streams`` runs at once (one per
+    calling thread of the service's parallel runs), each on ``intra_op_threads`` threads;
+    with ``profiling_dir`` set, its per-node performance counters (as ORT's profiler is)."""
     return {
         "INFERENCE_PRECISION_HINT": hint,
-        "INFERENCE_NUM_THREADS": settings.intra_op_threads,
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": settings.intra_op_threads * streams,
+        "NUM_STREAMS": streams,
         "PERF_COUNT": settings.profiling_dir is not None,
     }
 
@@ -83,6 +84,7 @@ class OpenVINOModel:
         *,
         inputs: Sequence[str],
         output: str,
+        streams: int = 1,
     ) -> None:
         ov = _openvino()
         hint = HINTS[mode]
@@ -97,7 +99,7 @@ class OpenVINOModel:
             core.set_property({"CACHE_DIR": str(settings.openvino_cache_dir)})
         try:
             self.compiled = core.compile_model(
-                str(model_path), "CPU", compile_config(hint, settings)
+                str(model_path), "CPU", compile_config(hint, settings, streams)
             )
         except Exception as exc:  # OpenVINO raises RuntimeError with a long log: one line
             raise InferenceError(
@@ -110,6 +112,7 @@ class OpenVINOModel:
             )
         self.mode = mode
         self.hint = hint
+        self.streams = streams
         self.inputs = tuple(inputs)
         self.output = self.compiled.output(output)
         self._local = threading.local()
@@ -124,13 +127,26 @@ class OpenVINOModel:
         return {"runtime": "openvino", "inference_precision": self.hint}
 
     def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
-        """Run every shape token-aware batching can form once: OpenVINO prepares kernels
-        per input shape (~7 ms the first time, measured), which a cold shape would add to
-        a request. Lengths come in steps of :data:`LENGTH_STEP`, so a few hundred shapes."""
-        for length in range(LENGTH_STEP, max_length + LENGTH_STEP, LENGTH_STEP):
-            for size in range(1, max(1, min(max_batch, max_tokens // length)) + 1):
+        """Run every shape token-aware batching can form once on every stream: OpenVINO
+        prepares kernels per input shape and stream (~7 ms the first time, measured), which
+        a cold shape would add to a request. Lengths come in steps of :data:`LENGTH_STEP`,
+        so a few hundred shapes; the streams warm in parallel, one thread each."""
+        shapes = [
+            (size, length)
+            for length in range(LENGTH_STEP, max_length + LENGTH_STEP, LENGTH_STEP)
+            for size in range(1, max(1, min(max_batch, max_tokens // length)) + 1)
+        ]
+
+        def warm() -> None:
+            for size, length in shapes:
                 ids = np.ones((size, length), dtype=np.int64)
                 self.run(ids, ids)
+
+        threads = [threading.Thread(target=warm) for _ in range(self.streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def run(
         self,

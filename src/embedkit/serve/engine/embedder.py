@@ -45,13 +45,15 @@ class EmbedderCore:
         *,
         default: bool = True,
         identities: identity.ServedIdentities | None = None,
+        runs: int = 1,
     ) -> None:
         """``default``: the deployment's default model (the only one unless several are
         served, ``settings.models``): its identity is the process's, published to
-        ``identities`` (what this process serves; a core alone gets its own)."""
+        ``identities`` (what this process serves; a core alone gets its own). ``runs``:
+        the runs made at once on its engine (:class:`~embedkit.runtime.engine.Engine`)."""
         isa = toolchain.detect_isa().level
         try:
-            served, self.engine, note = _choose(artifact, settings, isa)
+            served, self.engine, note = _choose(artifact, settings, isa, runs)
         except EmbedkitError as exc:  # strict provider refusal, unloadable graph: one line
             log.error("embedkit refuses to start: %s", exc)
             metrics.get().model_load_failures.labels(reason=exc.code or "engine_error").inc()
@@ -103,14 +105,14 @@ class EmbedderCore:
 
 
 def _choose(
-    artifact: Artifact, settings: Settings, isa: str
+    artifact: Artifact, settings: Settings, isa: str, runs: int = 1
 ) -> tuple[Artifact, Engine, str | None]:
     """(what serves, its engine, the refusal note): ``artifact`` unless its approval does
     not hold here, then its fp32 parent, after one log line and a metric."""
     manifest = artifact.manifest
     refused = refusal(manifest, settings, isa=isa, runtimes=toolchain.installed_runtimes())
     if refused is None:
-        engine = Engine(artifact, settings)
+        engine = Engine(artifact, settings, runs=runs)
         ref = manifest.reference
         if ref is None or manifest.variant == "fp32":
             return artifact, engine, None
@@ -131,7 +133,7 @@ def _choose(
         parent.tag,
     )
     metrics.get().variant_refusals.labels(variant=manifest.variant, reason=refused[0]).inc()
-    return parent, Engine(parent, settings), f"{manifest.variant}: {refused[1]}"
+    return parent, Engine(parent, settings, runs=runs), f"{manifest.variant}: {refused[1]}"
 
 
 class LocalEmbedder:
