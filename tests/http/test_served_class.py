@@ -1,5 +1,6 @@
 """The served identity over HTTP: the class served, on every route and error; a variant
-measured on another ISA level is refused (one log line, a metric) and fp32 serves."""
+measured on another ISA level is refused (one log line, a metric) and fp32 serves; an
+OpenVINO variant serves on OpenVINO and says so."""
 
 from __future__ import annotations
 
@@ -112,3 +113,36 @@ def test_a_forced_rejected_variant_is_refused_even_when_named(
     assert "; variant=fp32; class=index-compatible;" in ok.headers[HEADER]
     info = httpx.get(server.url + "/info", timeout=30).json()
     assert "class rejected" in info["served"]["refused"]
+
+
+def test_an_openvino_variant_serves_on_openvino_with_a_stream_per_run(
+    launcher, fp32_artifact: Artifact, tmp_path: Path
+) -> None:
+    """`bentoml serve` of an OpenVINO variant measured here: it serves on OpenVINO, says so
+    (header, /info) and has a stream per parallel run of the service (else they queue)."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    import numpy as np
+
+    from embedkit.core.settings import Settings
+    from embedkit.model.artifact import amend, seal
+    from embedkit.runtime.engine import Engine
+    from embedkit.serve.pipeline.options import ort_runs
+    from embedkit.variants.quantize import build_variant
+
+    ov = build_variant(fp32_artifact, "openvino-fp32", tmp_path / "ov")
+    version = toolchain.runtime_version("openvino")
+    art = stamped(
+        fp32_artifact, ov, tmp_path / "v", "index-compatible", runtime="openvino", version=version
+    )
+    # A name of its own: the session's store is shared (NAME:latest is a release's baseline).
+    server = launcher.start(register(seal(amend(art, {"name": "served-openvino"}))))
+    texts = ["a short one", "a longer sentence about the weather in Lisbon today"]
+    r = httpx.post(server.url + "/embed", json={"texts": texts}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "; variant=planted-index-compatible;" in r.headers[HEADER]
+    assert "precision=fp32; provider=OpenVINO/CPU;" in r.headers[HEADER]
+    want = Engine(fp32_artifact).encode(texts)
+    assert np.abs(np.asarray(r.json()["embeddings"]) - want).max() < 1e-4
+    engine = httpx.get(server.url + "/info", timeout=30).json()["engine"]
+    assert engine["runtime"] == "openvino"
+    assert engine["openvino"]["streams"] == ort_runs(Settings())

@@ -27,6 +27,7 @@ from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import MODEL_FILE, Artifact, resolve
 from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks, pool
 from embedkit.runtime.compiled import CompiledModel, ProviderReport
+from embedkit.runtime.openvino import OpenVINOModel  # imports openvino itself only when used
 from embedkit.runtime.prompts import Prompts, pool_starts
 from embedkit.runtime.session import (
     Precision,
@@ -139,8 +140,6 @@ class Engine:
         self.runner: CompiledModel
         self.session: Any = None  # ONNX Runtime's session (its profiler reads it), if any
         if self.manifest.runtime == "openvino":
-            from embedkit.runtime.openvino import OpenVINOModel
-
             ov = OpenVINOModel(
                 artifact.model_path,
                 self.manifest.quantization.mode,
@@ -195,6 +194,11 @@ class Engine:
             **self.prompts.describe(),
             "quantization": self.manifest.quantization.mode,
             "runtime": self.manifest.runtime,
+            **(
+                {"openvino": self.runner.describe()}
+                if isinstance(self.runner, OpenVINOModel)
+                else {}
+            ),
             "providers": self.provider_report.as_dict(),
             "precision": self.precision.as_dict(),
             "session": {

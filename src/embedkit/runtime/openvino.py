@@ -124,7 +124,13 @@ class OpenVINOModel:
         log.info("OpenVINO %s compiled %s at %s", version, model_path.name, hint)
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": "openvino", "inference_precision": self.hint}
+        """What /info says of it (beside the engine's own settings)."""
+        return {
+            "version": toolchain.runtime_version("openvino"),
+            "inference_precision": self.hint,
+            "streams": self.streams,
+            "length_step": LENGTH_STEP,
+        }
 
     def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
         """Run every shape token-aware batching can form once on every stream: OpenVINO
