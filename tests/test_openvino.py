@@ -190,6 +190,20 @@ def test_compile_config_follows_the_settings(monkeypatch: pytest.MonkeyPatch) ->
     assert Settings().openvino_cache_dir is None
 
 
+def test_an_unwritable_cache_dir_compiles_without_cache(
+    tiny: tuple[Path, Artifact], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only root file system without the emptyDir: serve, compile every time, say so."""
+    _, parent = tiny
+    variant = quantize.build_variant(parent, "openvino-fp32", tmp_path / "ov")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    settings = Settings(openvino_cache_dir=blocked / "cache")
+    engine = Engine(variant, settings)
+    assert engine.encode(TEXTS).shape[0] == len(TEXTS)
+    assert "OpenVINO model cache off" in caplog.text
+
+
 def test_an_openvino_variant_is_profiled_by_its_counters(
     tiny: tuple[Path, Artifact], tmp_path: Path
 ) -> None:

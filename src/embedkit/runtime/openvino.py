@@ -95,8 +95,11 @@ class OpenVINOModel:
             )
         core = ov.Core()
         if settings.openvino_cache_dir is not None:
-            Path(settings.openvino_cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(settings.openvino_cache_dir)})
+            try:
+                Path(settings.openvino_cache_dir).mkdir(parents=True, exist_ok=True)
+                core.set_property({"CACHE_DIR": str(settings.openvino_cache_dir)})
+            except OSError as exc:  # a read-only path: compile every time, and say so
+                log.warning("OpenVINO model cache off: %s is not writable (%s)", exc.filename, exc)
         try:
             self.compiled = core.compile_model(
                 str(model_path), "CPU", compile_config(hint, settings, streams)
@@ -119,9 +122,14 @@ class OpenVINOModel:
         self.profiling = settings.profiling_dir is not None
         self._counters: list[tuple[str, float]] = []  # (node type, µs) of every profiled run
         self._counters_lock = threading.Lock()
-        version = toolchain.runtime_version("openvino")
         self.report = ProviderReport([DEVICE], [DEVICE], [DEVICE], False, None)
-        log.info("OpenVINO %s compiled %s at %s", version, model_path.name, hint)
+        log.info(
+            "OpenVINO %s compiled %s at %s, %d stream(s)",
+            toolchain.runtime_version("openvino"),
+            model_path.name,
+            hint,
+            streams,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What /info says of it (beside the engine's own settings)."""
