@@ -253,8 +253,9 @@ def test_audit_reports_each_defect(
 def test_audit_refuses_an_openvino_model_in_an_image_without_openvino(
     built: dict[str, bento.Built], fp32_artifact, tmp_path: Path
 ) -> None:
-    """The CPU image carries ONNX Runtime only: an OpenVINO variant pinned into it would be
-    refused at startup with no fp32 parent in the Bento to fall back to."""
+    """The GPU image carries ONNX Runtime only: an OpenVINO variant pinned into it would be
+    refused at startup with no fp32 parent in the Bento to fall back to. The CPU image
+    carries OpenVINO, so there it is fit."""
     pytest.importorskip("openvino", reason="needs the openvino extra")
     import bentoml
 
@@ -265,23 +266,32 @@ def test_audit_refuses_an_openvino_model_in_an_image_without_openvino(
     ov = build_variant(fp32_artifact, "openvino-fp32", tmp_path / "ov", write=False)
     ov_tag = register(seal(amend(ov, {"name": "audit-openvino"})))
     try:
-        problems = bento.audit(built["cpu"].path, "cpu", ov_tag)
+        gpu = bento.audit(built["gpu"].path, "gpu", ov_tag)
+        cpu = bento.audit(built["cpu"].path, "cpu", ov_tag)
     finally:
         bentoml.models.delete(ov_tag)
-    assert any(f"model {ov_tag} runs on openvino" in p for p in problems), problems
+    assert any(f"model {ov_tag} runs on openvino" in p for p in gpu), gpu
+    assert not any("runs on openvino" in p for p in cpu), cpu
 
 
 def test_serving_requirements_refuse_export_and_unpinned_deps(tmp_path: Path) -> None:
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\ndependencies = ["numpy==2.4.6", "torch==2.13.0"]\n')
+    optional = '[project.optional-dependencies]\nopenvino = ["openvino==2026.4.1", "nncf==3.4.0"]\n'
+    pyproject.write_text('[project]\ndependencies = ["numpy==2.4.6", "torch==2.13.0"]\n' + optional)
     with pytest.raises(BuildError, match="export dependency"):
         bento.serving_requirements(bento.VARIANTS["cpu"], pyproject)
-    pyproject.write_text('[project]\ndependencies = ["numpy>=2"]\n')
+    pyproject.write_text('[project]\ndependencies = ["numpy>=2"]\n' + optional)
     with pytest.raises(BuildError, match="not pinned"):
         bento.serving_requirements(bento.VARIANTS["cpu"], pyproject)
-    pyproject.write_text('[project]\ndependencies = ["onnxruntime==1.32.0"]\n')
+    pyproject.write_text('[project]\ndependencies = ["onnxruntime==1.32.0"]\n' + optional)
     gpu = bento.serving_requirements(bento.VARIANTS["gpu"], pyproject)
     assert gpu == [bento.ORT_GPU, bento.TENSORRT_LIBS]
+    # The CPU image takes OpenVINO (not NNCF, a build-side quantizer) from the extra, pinned.
+    cpu = bento.serving_requirements(bento.VARIANTS["cpu"], pyproject)
+    assert cpu == ["onnxruntime==1.32.0", "openvino==2026.4.1"]
+    pyproject.write_text('[project]\ndependencies = ["onnxruntime==1.32.0"]\n')
+    with pytest.raises(BuildError, match="openvino not among pyproject's optional"):
+        bento.serving_requirements(bento.VARIANTS["cpu"], pyproject)
 
 
 @pytest.mark.parametrize("tag", ["all-minilm-l6-v2:latest", "all-minilm-l6-v2"])

@@ -32,7 +32,7 @@ from embedkit.quality.contract import MAX_ABS_DIFF, MIN_COSINE, compare
 
 READY_BUDGET_S = 60  # model load + warm-up on 2 cores; measured ~8-15 s (docs/bento.md)
 EXPORT_SIDE = ("torch", "transformers", "optimum", "sentence-transformers", "onnxscript")
-BASE = "localhost/embedkit-base:bookworm-py3.11"
+BASE = "localhost/embedkit-base:bookworm-py3.11-r2"  # scripts/build-image's
 # What `podman image inspect --format '{{.Size}}'` may report, in MB (10**6 bytes): 1,302 with
 # BentoML's own Debian template (build-essential, git, uv), 598 with the slim one
 # (src/embedkit/deploy/slim.Dockerfile.j2; the base alone is 199). docs/bento.md.
@@ -230,6 +230,52 @@ def test_image_is_slim(image: str) -> None:
         f"for t in {' '.join(BUILD_TOOLS)}; do command -v $t; done; true",
     )
     assert found.stdout.split() == [], f"build tooling in the image: {found.stdout.split()}"
+
+
+# Run in the image: its OpenVINO, stripped to the CPU plugin and the ONNX/IR readers
+# (slim.Dockerfile.j2), compiles the Bento's model at an explicit f32 hint and answers as
+# its ONNX Runtime does. Prints the devices, the compiled precision and the largest gap.
+OPENVINO_IN_IMAGE = """
+import glob, numpy as np, onnxruntime as ort, openvino as ov
+(path,) = glob.glob("/home/bentoml/bento/models/*/*/model.onnx")
+session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+feeds = {i.name: np.zeros((2, 16), np.int64) for i in session.get_inputs()}
+feeds["input_ids"] = rng.integers(1000, 2000, (2, 16), dtype=np.int64)
+feeds["attention_mask"] = (np.arange(16) < np.array([[16], [9]])).astype(np.int64)
+core = ov.Core()
+compiled = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+got = compiled(feeds)[0]
+want = session.run(None, feeds)[0]
+print(core.available_devices, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+print(float(np.abs(got - want).max()))
+"""
+
+
+def test_the_images_openvino_runs_the_model_as_onnx_runtime_does(
+    running: container.Running,
+) -> None:
+    """The image carries OpenVINO for the BF16/INT8 defaults a release picks on AVX512_BF16
+    and AMX nodes, without its GPU/NPU plugins, other frameworks' readers or headers."""
+    done = container.podman(
+        "exec", running.name, "/app/.venv/bin/python", "-c", OPENVINO_IN_IMAGE, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    devices, gap = done.stdout.strip().splitlines()
+    assert devices == "['CPU'] f32", devices
+    assert float(gap) < MAX_ABS_DIFF, gap
+    site = "/app/.venv/lib/python3.11/site-packages/openvino"
+    left = container.podman(
+        "exec",
+        running.name,
+        "sh",
+        "-c",
+        f"ls {site}/libs {site}/frontend; ls -d {site}/include",
+        check=False,
+    ).stdout.split()
+    assert "libopenvino_intel_cpu_plugin.so" in left and "onnx" in left, left
+    stripped = [n for n in left if "gpu" in n or "npu" in n or "pytorch" in n or "include" in n]
+    assert stripped == [], stripped
 
 
 def _refusal(logs: str) -> str:

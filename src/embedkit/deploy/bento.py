@@ -79,6 +79,8 @@ class Variant:
     runtime: str  # the one onnxruntime distribution the image carries
     replace: dict[str, str] = field(default_factory=dict)  # pyproject name -> pinned requirement
     extra: tuple[str, ...] = ()
+    # Packages taken, pinned as they are there, from pyproject's optional dependencies.
+    optional: tuple[str, ...] = ()
     docker: dict[str, Any] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
     lock: Path | None = None  # hash-pinned requirements (`embedkit lock`); None: unlocked
@@ -120,6 +122,10 @@ VARIANTS: dict[str, Variant] = {
     "cpu": Variant(
         name="cpu",
         runtime="onnxruntime",
+        # OpenVINO serves the BF16 default a release picks on AVX512_BF16/AMX nodes
+        # (docs/quantization.md); NNCF, its quantizer, is build-side only. The template
+        # strips its GPU/NPU plugins, other frontends and headers (docs/bento.md).
+        optional=("openvino",),
         docker={
             "distro": "debian",
             "python_version": PYTHON_VERSION,
@@ -179,10 +185,19 @@ def _req_name(line: str) -> str:
 
 
 def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[str]:
-    """The image's pinned requirements: pyproject's serving dependencies, per variant."""
-    deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    """The image's pinned requirements: pyproject's serving dependencies, per variant, and
+    the optional ones the variant names."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    optional = {
+        _req_name(dep): dep
+        for group in (project.get("optional-dependencies") or {}).values()
+        for dep in group
+    }
+    unknown = [name for name in variant.optional if name not in optional]
+    if unknown:
+        raise BuildError(f"{', '.join(unknown)} not among pyproject's optional dependencies")
     out: list[str] = []
-    for dep in deps:
+    for dep in [*project["dependencies"], *(optional[name] for name in variant.optional)]:
         name = _req_name(dep)
         if name in FORBIDDEN:
             raise BuildError(f"{dep!r} is an export dependency; it must not be a serving one")
