@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -375,6 +376,16 @@ def bench_peers_cmd(
         str | None, typer.Option(help="A running embedkit server instead of starting one.")
     ] = None,
     artifact: ArtifactOpt = None,
+    baseline_artifact: Annotated[
+        str | None,
+        typer.Option(
+            help="A second artifact dir or tag of the same model (e.g. the fp32 parent of "
+            "--artifact): served by a second embedkit server, same settings, measured in the "
+            "same rounds (the order rotates), with its own parity check and in-process "
+            "reference; adds a table of embedkit ÷ baseline, baseline ÷ Infinity and "
+            "embedkit ÷ Infinity."
+        ),
+    ] = None,
     env: EnvOpt = None,
     min_cosine: Annotated[
         float, typer.Option(help="Fail when the servers' vectors agree less than this.")
@@ -391,7 +402,8 @@ def bench_peers_cmd(
     Builds Infinity in its own venv (build/peers/infinity, once; ~2 min), exports the
     same model for it, starts both servers, checks their vectors agree, runs every
     workload against each in turn and, each round, the engine in-process on the same texts.
-    Prints the table and writes OUT/peers.json and OUT/peers.md.
+    Prints the table and writes OUT/peers.json and OUT/peers.md. With --baseline-artifact,
+    a second embedkit server takes its turn too, and a second table compares the two.
     """
     from rich.table import Table
 
@@ -409,19 +421,32 @@ def bench_peers_cmd(
             url=url,
             env_extra=extra,
             min_cosine=min_cosine,
+            baseline=baseline_artifact,
             say=say,
             on_phase=update,
         )
-    table = Table(title=f"embedkit vs Infinity ({report['machine']['cpu']}, {report['date']})")
-    for column in peers.TABLE_COLUMNS:
-        table.add_column(column)
-    for row in peers.table_rows(report["summary"]):
-        table.add_row(*row)
-    # Nine columns: a pipe or a narrow terminal would squeeze them into unreadable stubs.
-    (out if out.width >= 170 else Console(width=170)).print(table)
+
+    def show(title: str, columns: Sequence[str], rows: list[list[str]]) -> None:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        # Nine columns: a pipe or a narrow terminal would squeeze them into unreadable stubs.
+        (out if out.width >= 170 else Console(width=170)).print(table)
+
+    summary = report["summary"]
+    title = f"embedkit vs Infinity ({report['machine']['cpu']}, {report['date']})"
+    show(title, peers.TABLE_COLUMNS, peers.table_rows(summary))
     out.print("last three columns: embedkit / Infinity", highlight=False)
-    p = report["parity"]
-    out.print(f"parity: min cosine {p['min_cosine']:.6f} over {p['texts']} texts", highlight=False)
+    if baseline_artifact:
+        show("embedkit beside the baseline", peers.BASELINE_COLUMNS, peers.baseline_rows(summary))
+    for key, who in (("parity", ""), ("parity_baseline", " (baseline)")):
+        if p := report.get(key):
+            out.print(
+                f"parity{who}: min cosine {p['min_cosine']:.6f} over {p['texts']} texts",
+                highlight=False,
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "peers.md").write_text(peers.markdown(report, command=invocation(), note=note))

@@ -21,6 +21,14 @@ abstracts per request at 1 (their ~16k tokens fill the default ``max_queued_toke
 Both answer ``POST /v1/embeddings`` with the same body.
 Beside them: the vectors of both servers compared (cosine), and this project's engine
 in-process on the same texts at the batch sizes the workloads compare with.
+
+``baseline`` (``--baseline-artifact``): a second embedkit server, for a second artifact of
+the same model (say the release's default beside its fp32 parent), up with the others and
+taking its turn in every round the same way (the order rotates by round, so with three
+servers each goes first once every three rounds); its vectors are checked against
+Infinity's and it has its own in-process engine, and a second table gives each round's
+ratios embedkit ÷ baseline, baseline ÷ Infinity and embedkit ÷ Infinity, so one run
+compares the two artifacts on the same minutes of the same machine.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -62,6 +70,9 @@ from embedkit_bench.server import HOST, Server, free_port, start_service, stop_p
 from embedkit_bench.server import wait_ready as wait_http_ready
 from embedkit_bench.stages import tree_cpu
 
+if TYPE_CHECKING:
+    from embedkit.model.artifact import Artifact
+
 INFINITY_VERSION = "0.0.78"
 # The optimum extra brings ORT through optimum-onnx; torch is pinned to the release whose
 # CPU wheel is on these machines (unpinned, pip takes a multi-GB CUDA build).
@@ -72,6 +83,7 @@ ROOT = Path("build") / "peers"  # venv, export, logs (ignored by git)
 PATH = "/v1/embeddings"
 FALLBACK_SCIFACT = Path("tests") / "data" / "scifact-slice"
 SYSTEMS = ("embedkit", "infinity")
+BASELINE = "baseline"  # the second embedkit server, with a baseline artifact
 SEED = 0
 
 Say = Callable[[str], None]
@@ -576,7 +588,7 @@ def _settings_with(env: Mapping[str, str]) -> Settings:
 @contextmanager
 def _servers(
     url: str | None,
-    artifact: str | Path,
+    artifacts: Mapping[str, str | Path],
     env_extra: Mapping[str, str],
     venv: Path,
     model_dir: Path,
@@ -584,26 +596,33 @@ def _servers(
     root: Path,
     say: Say,
 ) -> Iterator[dict[str, Target]]:
-    """Both servers up (ours started unless ``url`` is given), stopped on the way out."""
+    """Every server up, stopped on the way out: one of ours per ``artifacts`` entry (system
+    name → artifact; ``embedkit`` is the one at ``url`` when given), then Infinity. Targets
+    come in that order, the order :func:`alternate` rotates."""
     started: list[Server] = []
+    targets: dict[str, Target] = {}
     try:
-        if url is None:
-            say("starting embedkit (bentoml serve)")
-            ours = start_service(artifact, env_extra)
-            started.append(ours)
-            ek = Target("embedkit", ours.url, ours.proc.pid)
-        else:
-            ek = Target("embedkit", url.rstrip("/"), listener_pid(url))
+        ours = []
+        for name, artifact in artifacts.items():
+            if name == "embedkit" and url is not None:
+                targets[name] = Target(name, url.rstrip("/"), listener_pid(url))
+                continue
+            say(f"starting {name} (bentoml serve)")
+            ek = start_service(artifact, env_extra)
+            started.append(ek)
+            ours.append(ek)
+            targets[name] = Target(name, ek.url, ek.proc.pid)
         say("starting Infinity")
         inf = start_infinity(venv, model_dir, served_name, root)
         started.append(inf)
-        if url is None:
-            started[0].wait_ready()
+        for ek in ours:  # started before Infinity: they load while it does
+            ek.wait_ready()
         try:
             wait_http_ready(inf.url, path="/health", proc=inf.proc, timeout=180)
         except EmbedkitError as exc:
             raise EmbedkitError(f"{exc.message} (Infinity log: {inf.log})") from None
-        yield {"embedkit": ek, "infinity": Target("infinity", inf.url, inf.proc.pid)}
+        targets["infinity"] = Target("infinity", inf.url, inf.proc.pid)
+        yield targets
     finally:
         for server in reversed(started):
             if hasattr(server, "home"):
@@ -645,14 +664,20 @@ def _write_bodies(
 
 
 def check_parity(
-    targets: Mapping[str, Target], texts: Sequence[str], model: str, min_cosine: float
+    targets: Mapping[str, Target],
+    texts: Sequence[str],
+    model: str,
+    min_cosine: float,
+    pair: tuple[str, str] = SYSTEMS,
 ) -> dict[str, float]:
-    """The same texts through both servers; refuse to go on when the vectors disagree."""
-    parity = cosine_parity(*(embed(targets[name].url, texts, model) for name in SYSTEMS))
+    """The same texts through the ``pair`` of servers; refuse to go on when the vectors
+    disagree."""
+    parity = cosine_parity(*(embed(targets[name].url, texts, model) for name in pair))
     parity["threshold"] = min_cosine
     if parity["min_cosine"] < min_cosine:
+        who = "the servers" if pair == SYSTEMS else " and ".join(pair)
         raise ContractViolation(
-            f"the servers disagree: min cosine {parity['min_cosine']:.6f} over "
+            f"{who} disagree: min cosine {parity['min_cosine']:.6f} over "
             f"{parity['texts']} texts < {min_cosine} (same model, same export?)"
         )
     return parity
@@ -664,19 +689,22 @@ def alternate(
     workloads: Sequence[Workload],
     rounds: int,
     *,
-    reference: Reference,
+    references: Mapping[str, Reference],
     say: Say,
     on_phase: OnPhase | None = None,
-) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, dict[str, Any]]]]:
-    """Every round, every workload, each server in turn (who goes first alternates by
-    round): settle, measure, wait until idle; then the in-process ``reference`` while both
-    servers idle. ``([round][workload][system] = row, [round][shape] = reference row)``."""
+) -> tuple[list[dict[str, dict[str, Any]]], dict[str, list[dict[str, dict[str, Any]]]]]:
+    """Every round, every workload, each server in turn (the order of ``targets``, rotated
+    by one each round: who goes first changes, and with two servers it alternates): settle,
+    measure, wait until idle; then each in-process reference while the servers idle.
+    ``([round][workload][system] = row, {name: [round][shape] = reference row})``."""
+    systems = tuple(targets)
     results = []
-    references = []
-    total = rounds * len(workloads) * len(SYSTEMS)
+    measured: dict[str, list[dict[str, dict[str, Any]]]] = {name: [] for name in references}
+    total = rounds * len(workloads) * len(systems)
     step = 0
     for r in range(rounds):
-        order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+        k = r % len(systems)
+        order = systems[k:] + systems[:k]
         round_rows: dict[str, dict[str, Any]] = {}
         for w in workloads:
             round_rows[w.name] = {}
@@ -698,10 +726,11 @@ def alternate(
                     f"p95 {row['p95_ms']:6.1f} ms  errors {row['errors']}"
                 )
         results.append(round_rows)
-        if on_phase:
-            on_phase(step, total, f"round {r + 1}: in-process reference")
-        references.append(reference())
-    return results, references
+        for name, reference in references.items():
+            if on_phase:
+                on_phase(step, total, f"round {r + 1}: in-process reference{_of(name)}")
+            measured[name].append(reference())
+    return results, measured
 
 
 def run_peers(
@@ -713,6 +742,7 @@ def run_peers(
     url: str | None = None,
     env_extra: Mapping[str, str] | None = None,
     min_cosine: float = 0.999,
+    baseline: str | Path | None = None,
     root: Path = ROOT,
     say: Say = print,
     on_phase: OnPhase | None = None,
@@ -720,7 +750,9 @@ def run_peers(
     """The whole comparison; the report :func:`markdown` and the CLI's table read.
 
     ``artifact`` None: :func:`~embedkit.release.measure.default_artifact` (exported on first
-    use); with ``url``, pass the artifact that server serves (the in-process reference)."""
+    use); with ``url``, pass the artifact that server serves (the in-process reference).
+    ``baseline``: a second artifact (dir or tag) of the same model, served by a second
+    embedkit server started like the first and measured in the same rounds."""
     from embedkit.model.artifact import resolve
     from embedkit.model.recipe import find_recipe, read_embedding_config
     from embedkit_bench.roofline import machine
@@ -734,6 +766,15 @@ def run_peers(
     root = root.resolve()  # Infinity starts inside its model folder
     art = resolve(default_artifact(artifact))
     served_name = art.manifest.name
+    arts = {"embedkit": art}
+    if baseline is not None:
+        arts[BASELINE] = resolve(baseline)
+        # The request bodies name the model, and Infinity serves one export of it.
+        if arts[BASELINE].manifest.name != served_name:
+            raise InvalidInput(
+                f"the baseline serves {arts[BASELINE].manifest.name}, not {served_name}: "
+                "--baseline-artifact takes another artifact of the same model"
+            )
     recipe = find_recipe(served_name)
     model_dir, model_version = recipe.source.resolve()
     max_tokens = read_embedding_config(model_dir).max_seq_length
@@ -744,8 +785,10 @@ def run_peers(
     long_docs, long_source = long_documents(512)
     env = dict(env_extra or {})
     threads = _settings_with(env).intra_op_threads
-    say("loading the engine in-process (the reference)")
-    engine = inprocess_reference(art.path, sts, long_docs, workloads, env)
+    engines = {}
+    for name, a in arts.items():
+        say("loading the engine in-process (the reference)" + _of(name))
+        engines[name] = inprocess_reference(a.path, sts, long_docs, workloads, env)
     started_at = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="embedkit-peers-") as tmp:
         plan = PhasePlan(
@@ -756,15 +799,23 @@ def run_peers(
             settle_s=min(2, seconds),
             model=served_name,
         )
-        with _servers(url, art.path, env, venv, inf_model, served_name, root, say) as targets:
-            say("parity: the same texts through both servers")
-            parity = check_parity(
-                targets, list(sts[:56]) + list(long_docs[:8]), served_name, min_cosine
+        paths = {name: a.path for name, a in arts.items()}
+        with _servers(url, paths, env, venv, inf_model, served_name, root, say) as targets:
+            parities = {}
+            for name in arts:
+                through = "both servers" if name == "embedkit" else f"the {name} and Infinity"
+                say(f"parity: the same texts through {through}")
+                parities[name] = check_parity(
+                    targets,
+                    list(sts[:56]) + list(long_docs[:8]),
+                    served_name,
+                    min_cosine,
+                    pair=(name, "infinity"),
+                )
+            results, references = alternate(
+                plan, targets, workloads, rounds, references=engines, say=say, on_phase=on_phase
             )
-            results, reference = alternate(
-                plan, targets, workloads, rounds, reference=engine, say=say, on_phase=on_phase
-            )
-    return {
+    report: dict[str, Any] = {
         "date": started_at.isoformat(timespec="seconds"),
         "machine": machine(),
         "load_average": dict(zip(("1m", "5m", "15m"), os.getloadavg(), strict=True)),
@@ -796,11 +847,33 @@ def run_peers(
             "long": long_source,
         },
         "workloads": {w.name: asdict(w) | {"label": w.label} for w in workloads},
-        "parity": parity,
+        "parity": parities["embedkit"],
         "rounds": results,
-        "in_process": reference,
-        "summary": summarize(results, reference, workloads),
+        "in_process": references["embedkit"],
+        "summary": summarize(results, references["embedkit"], workloads, references.get(BASELINE)),
     }
+    if baseline is not None:
+        # Its rows sit beside the others in "rounds"; its own figures here.
+        report["systems"]["embedkit"]["variant"] = _variant(art)
+        report["systems"][BASELINE] = {
+            "artifact": str(arts[BASELINE].path),
+            "variant": _variant(arts[BASELINE]),
+            "url": "started by the benchmark",
+        }
+        report["parity_baseline"] = parities[BASELINE]
+        report["in_process_baseline"] = references[BASELINE]
+    return report
+
+
+def _variant(art: Artifact) -> str:
+    """The release candidate's name (``openvino-bf16``), else ``fp32`` or the mode."""
+    q = art.manifest.quantization
+    return q.variant or ("fp32" if q.mode == "none" else q.mode)
+
+
+def _of(name: str) -> str:
+    """`` (baseline)`` after a progress line about the baseline; nothing for the default."""
+    return "" if name == "embedkit" else f" ({name})"
 
 
 def _check_reachable(url: str) -> None:
@@ -846,14 +919,33 @@ def _span(values: Sequence[float | None]) -> list[float] | None:
     return [min(known), max(known)] if known else None
 
 
+def _ratio(
+    rows: Sequence[Mapping[str, Mapping[str, Any]]], num: str, den: str
+) -> list[float] | None:
+    """Span of ``num``'s texts/s ÷ ``den``'s, round by round (never max over min)."""
+    return _span(
+        [
+            row[num]["texts_per_s"] / row[den]["texts_per_s"]
+            if row[den]["texts_per_s"] > 0
+            else None
+            for row in rows
+        ]
+    )
+
+
 def summarize(
     rounds: Sequence[Mapping[str, Mapping[str, Mapping[str, Any]]]],
     reference: Sequence[Mapping[str, Mapping[str, Any]]],
     workloads: Sequence[Workload],
+    baseline_reference: Sequence[Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per workload: each system's ranges over rounds, the per-round ratio embedkit/Infinity
     (texts/s) and each system's share of the in-process engine at the matching batch,
-    measured in the same round (``reference[i]`` belongs to ``rounds[i]``)."""
+    measured in the same round (``reference[i]`` belongs to ``rounds[i]``).
+
+    With a baseline server in the rounds, also its ranges (its share against its own
+    engine, ``baseline_reference``), ``vs_baseline`` (embedkit ÷ baseline) and
+    ``baseline_ratio`` (baseline ÷ Infinity), each per round."""
     keys = ("req_per_s", "texts_per_s", "p50_ms", "p95_ms", "p99_ms",
             "server_core_ms_per_req", "wrk_core_ms_per_req")  # fmt: skip
     out: dict[str, dict[str, Any]] = {}
@@ -863,24 +955,24 @@ def summarize(
             continue
         key = f"{w.corpus}-b{w.reference_batch}"
         refs = [ref.get(key) for ref in reference]
+        # Infinity's share stays against the default's engine, as without a baseline.
+        refs_of = {name: refs for name in SYSTEMS}
+        if all(BASELINE in row for row in rows):
+            refs_of[BASELINE] = [ref.get(key) for ref in baseline_reference or ()]
         entry: dict[str, Any] = {"label": w.label}
-        for system in SYSTEMS:
+        for system, system_refs in refs_of.items():
             entry[system] = {k: _span([row[system][k] for row in rows]) for k in keys}
             entry[system]["errors"] = sum(row[system]["errors"] for row in rows)
             entry[system]["of_in_process"] = _span(
                 [
                     row[system]["texts_per_s"] / ref["texts_per_s"] if ref else None
-                    for row, ref in zip(rows, refs, strict=False)
+                    for row, ref in zip(rows, system_refs, strict=False)
                 ]
             )
-        entry["ratio"] = _span(
-            [
-                row["embedkit"]["texts_per_s"] / row["infinity"]["texts_per_s"]
-                if row["infinity"]["texts_per_s"] > 0
-                else None
-                for row in rows
-            ]
-        )
+        entry["ratio"] = _ratio(rows, "embedkit", "infinity")
+        if BASELINE in refs_of:
+            entry["vs_baseline"] = _ratio(rows, "embedkit", BASELINE)
+            entry["baseline_ratio"] = _ratio(rows, BASELINE, "infinity")
         known = [ref for ref in refs if ref]
         entry["in_process"] = (
             {
@@ -948,13 +1040,61 @@ def _pct(span: Sequence[float] | None) -> list[float] | None:
     return [100 * v for v in span] if span else None
 
 
+BASELINE_COLUMNS = (
+    "workload", "embedkit", "baseline", "embedkit ÷ baseline", "baseline ÷ Infinity",
+    "embedkit ÷ Infinity", "baseline p50 / p95 ms", "baseline % of in-process",
+    "baseline server core-ms/req",
+)  # fmt: skip
+
+
+def baseline_rows(summary: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """The second table (a run with a baseline): the baseline's figures and the three
+    ratios, each per round; empty without a baseline."""
+    rows = []
+    for e in summary.values():
+        if BASELINE not in e:
+            continue
+        base = e[BASELINE]
+        single = e["label"].startswith("1 text")
+        pct = fmt_span(_pct(base["of_in_process"]), "{:.0f}")
+        if e["in_process"] and base["of_in_process"]:
+            pct += f" % of b{e['in_process']['batch']}"
+        rows.append([
+            e["label"], _speed(e["embedkit"], single), _speed(base, single),
+            *(fmt_span(e[k], "{:.2f}", "×") for k in ("vs_baseline", "baseline_ratio", "ratio")),
+            _latency(base), pct, fmt_span(base["server_core_ms_per_req"], "{:.2f}"),
+        ])  # fmt: skip
+    return rows
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def _reference_table(reference: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """The in-process reference, min–max over rounds, per corpus and batch."""
+    rows = []
+    for key in sorted({k for ref in reference for k in ref}):
+        found = [ref[key] for ref in reference if key in ref]
+        tps = fmt_span(_span([r["texts_per_s"] for r in found]), "{:.1f}")
+        p50 = fmt_span(_span([r["p50_ms"] for r in found]), "{:.1f}")
+        rows.append([key, tps, p50])
+    return _table(("corpus / batch", "texts/s", "p50 ms per call"), rows)
+
+
 def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") -> str:
     """The report as markdown: context first (date, CPU, command, versions), then the table,
     parity and the in-process reference."""
     m = report["machine"]
     ek, inf = report["systems"]["embedkit"], report["systems"]["infinity"]
+    base = report["systems"].get(BASELINE)
     s = report["settings"]
-    lines = ["# embedkit beside Infinity, one run", ""]
+    title = "embedkit and a baseline beside Infinity" if base else "embedkit beside Infinity"
+    lines = [f"# {title}, one run", ""]
     if note:
         lines += [f"> {note}", ""]
     inf_versions = ", ".join(f"{k} {v}" for k, v in inf["versions"].items())
@@ -970,19 +1110,29 @@ def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") ->
         + (f", env {ek['env']}" if ek["env"] else "")
         + f"; server: {ek['url']}",
         f"- Infinity: {inf_versions}; {inf['engine']}; threads: {inf['intra_op_threads']}",
+    ]
+    if base:
+        lines.append(
+            f"- embedkit serves {ek['variant']} ({ek['artifact']}); baseline: a second embedkit "
+            f"server, same settings, serving {base['variant']} ({base['artifact']})"
+        )
+    both = "embedkit and Infinity" if base else "both servers"
+    order = (
+        "the order (embedkit, baseline, Infinity) rotates by one each round"
+        if base
+        else "who goes first alternates by round"
+    )
+    lines += [
         f"- {s['rounds']} round(s); per workload and round each server gets a "
         f"{s['settle_s']} s settle run (long documents: one request), then "
         f"{s['seconds_per_phase']} s measured (long documents: {s['long_phase_s']} s, and "
         "their throughput is 1 client ÷ mean latency, as a count of a few requests would "
         "quantise it) "
-        "(wrk -t1, closed loop), then a wait until the server is idle; who goes first "
-        "alternates by round",
+        f"(wrk -t1, closed loop), then a wait until the server is idle; {order}",
         f"- texts: {report['corpora']['sts']}; long documents: {report['corpora']['long']}",
         "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "---|" * len(TABLE_COLUMNS),
+        *_table(TABLE_COLUMNS, table_rows(report["summary"])),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["summary"])]
     p = report["parity"]
     lines += [
         "",
@@ -993,19 +1143,39 @@ def markdown(report: Mapping[str, Any], *, command: str = "", note: str = "") ->
         "wrk's. Core-ms per request: CPU of the server's process tree and of wrk during the "
         "measured phase, divided by the requests served.",
         "",
-        f"Parity: {p['texts']} texts (STS sentences and long documents) through both servers: "
+        f"Parity: {p['texts']} texts (STS sentences and long documents) through {both}: "
         f"min cosine {p['min_cosine']:.6f}, mean {p['mean_cosine']:.6f} "
         f"(threshold {p['threshold']}).",
         "",
-        "In-process reference (embedkit engine, this process, once per round while both "
-        "servers idle; min–max over rounds):",
+        "In-process reference (embedkit engine, this process, once per round while "
+        f"{'the' if base else 'both'} servers idle; min–max over rounds):",
         "",
-        "| corpus / batch | texts/s | p50 ms per call |",
-        "|---|---|---|",
+        *_reference_table(report["in_process"]),
     ]
-    for key in sorted({k for ref in report["in_process"] for k in ref}):
-        rows = [ref[key] for ref in report["in_process"] if key in ref]
-        tps = fmt_span(_span([r["texts_per_s"] for r in rows]), "{:.1f}")
-        p50 = fmt_span(_span([r["p50_ms"] for r in rows]), "{:.1f}")
-        lines.append(f"| {key} | {tps} | {p50} |")
+    if base:
+        lines += _baseline_section(report)
     return "\n".join(lines) + "\n"
+
+
+def _baseline_section(report: Mapping[str, Any]) -> list[str]:
+    """The baseline's table, parity and in-process reference (a run with a baseline)."""
+    p = report["parity_baseline"]
+    return [
+        "",
+        f"## embedkit ({report['systems']['embedkit']['variant']}) beside the baseline "
+        f"({report['systems'][BASELINE]['variant']}), same run",
+        "",
+        *_table(BASELINE_COLUMNS, baseline_rows(report["summary"])),
+        "",
+        "Every ratio is texts/s ÷ texts/s in the same round, min–max over rounds; the "
+        "baseline's % of in-process is against its own engine in this process (table below).",
+        "",
+        f"Parity of the baseline: the same {p['texts']} texts through it and Infinity: "
+        f"min cosine {p['min_cosine']:.6f}, mean {p['mean_cosine']:.6f} "
+        f"(threshold {p['threshold']}).",
+        "",
+        "In-process reference of the baseline (its engine, this process, once per round "
+        "while the servers idle; min–max over rounds):",
+        "",
+        *_reference_table(report["in_process_baseline"]),
+    ]

@@ -6,6 +6,7 @@ these check the arithmetic and the entry point's refusals, which need neither.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,6 +186,127 @@ def test_table_and_markdown_say_what_was_run() -> None:
     ):
         assert needle in md, needle
     assert md.count("\n| 1 text/req, c=1 |") == 1
+
+
+def _baseline_report() -> dict[str, Any]:
+    """``_report`` with a second embedkit server (the baseline) in both rounds."""
+    report = _report()
+    workloads = [peers.WORKLOADS["single-c1"], peers.WORKLOADS["batch32-c4"]]
+    baseline_rows = [
+        {"single-c1": _row(55, 1, 17.0), "batch32-c4": _row(6, 32, 600)},
+        {"single-c1": _row(52, 1, 18.0, 1), "batch32-c4": _row(6.5, 32, 580)},
+    ]
+    for round_rows, rows in zip(report["rounds"], baseline_rows, strict=True):
+        for name, row in rows.items():
+            round_rows[name]["baseline"] = row
+    baseline_reference = [
+        {"sts-b1": {"batch": 1, "texts_per_s": 100.0, "p50_ms": 9.0},
+         "sts-b32": {"batch": 32, "texts_per_s": 200.0, "p50_ms": 160.0}},
+        {"sts-b1": {"batch": 1, "texts_per_s": 104.0, "p50_ms": 8.8},
+         "sts-b32": {"batch": 32, "texts_per_s": 208.0, "p50_ms": 150.0}},
+    ]  # fmt: skip
+    report["systems"]["embedkit"] |= {"artifact": "/m/default", "variant": "openvino-bf16"}
+    report["systems"]["baseline"] = {
+        "artifact": "/m/fp32",
+        "variant": "fp32",
+        "url": "started by the benchmark",
+    }
+    report["parity_baseline"] = {**report["parity"], "min_cosine": 1.0, "mean_cosine": 1.0}
+    report["in_process_baseline"] = baseline_reference
+    report["summary"] = peers.summarize(
+        report["rounds"], report["in_process"], workloads, baseline_reference
+    )
+    return report
+
+
+def test_without_a_baseline_there_is_no_second_table() -> None:
+    report = _report()
+    assert all("baseline" not in e and "vs_baseline" not in e for e in report["summary"].values())
+    assert peers.baseline_rows(report["summary"]) == []
+    md = peers.markdown(report)
+    assert "baseline" not in md and "who goes first alternates by round" in md
+
+
+def test_baseline_ratios_are_per_round_and_its_share_is_of_its_own_engine() -> None:
+    summary = _baseline_report()["summary"]
+    single, bulk = summary["single-c1"], summary["batch32-c4"]
+    assert single["baseline"]["req_per_s"] == [52, 55] and single["baseline"]["errors"] == 1
+    # Round by round: 110/55 and 104/52; 55/88 and 52/80; the default's own ratio unchanged.
+    assert single["vs_baseline"] == pytest.approx([2.0, 2.0])
+    assert single["baseline_ratio"] == pytest.approx([0.625, 0.65])
+    assert single["ratio"] == pytest.approx([1.25, 1.3])
+    # 55/100 and 52/104: against the baseline's engine, not the default's (200, 208).
+    assert single["baseline"]["of_in_process"] == pytest.approx([0.5, 0.55])
+    assert single["embedkit"]["of_in_process"] == pytest.approx([0.5, 0.55])
+    assert bulk["vs_baseline"] == pytest.approx([2.0, 2.0])  # 12/6, 13/6.5
+    assert bulk["baseline_ratio"] == pytest.approx([0.75, 1.0])  # 6/8, 6.5/6.5
+    assert bulk["baseline"]["of_in_process"] == pytest.approx([0.96, 1.0])  # 192/200, 208/208
+
+
+def test_baseline_table_and_markdown() -> None:
+    report = _baseline_report()
+    # The first table is the one a run without a baseline prints.
+    assert peers.table_rows(report["summary"]) == peers.table_rows(_report()["summary"])
+    rows = peers.baseline_rows(report["summary"])
+    assert all(len(r) == len(peers.BASELINE_COLUMNS) for r in rows)
+    assert rows == [
+        ["1 text/req, c=1", "104–110 req/s", "52–55 req/s", "2.00×", "0.62–0.65×",
+         "1.25–1.30×", "17.0–18.0 / 34.0–36.0, 1 errors", "50–55 % of b1", "4.00"],
+        ["32 texts/req, c=4", "384–416 texts/s (12.0–13.0 req/s)",
+         "192–208 texts/s (6.0–6.5 req/s)", "2.00×", "0.75–1.00×", "1.50–2.00×",
+         "580.0–600.0 / 1160.0–1200.0", "96–100 % of b32", "4.00"],
+    ]  # fmt: skip
+    md = peers.markdown(report, command="scripts/bench-peers --baseline-artifact /m/fp32")
+    for needle in (
+        "# embedkit and a baseline beside Infinity, one run",
+        "embedkit serves openvino-bf16 (/m/default); baseline: a second embedkit server, "
+        "same settings, serving fp32 (/m/fp32)",
+        "the order (embedkit, baseline, Infinity) rotates by one each round",
+        "through embedkit and Infinity: min cosine 0.999999",
+        "## embedkit (openvino-bf16) beside the baseline (fp32), same run",
+        "| workload | embedkit | baseline | embedkit ÷ baseline | baseline ÷ Infinity | "
+        "embedkit ÷ Infinity |",
+        "| 1 text/req, c=1 | 104–110 req/s | 52–55 req/s | 2.00× | 0.62–0.65× | 1.25–1.30× |",
+        "Parity of the baseline: the same 64 texts through it and Infinity: min cosine 1.000000",
+        "| sts-b32 | 200.0–208.0 | 150.0–160.0 |",  # the baseline's engine
+        "| sts-b32 | 416.0 | 70.0–72.0 |",  # the default's engine, as before
+    ):
+        assert needle in md, needle
+    assert md.count("\n| 1 text/req, c=1 |") == 2  # once per table
+
+
+def test_rounds_rotate_the_order_of_every_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each server gets the same settle + measured turn per workload; who goes first
+    rotates by round (with two servers it alternates, as before a baseline existed)."""
+    calls: list[tuple[str, str]] = []
+
+    def fake_wrk(wrk: str, target: peers.Target, *_: object) -> dict[str, Any]:
+        calls.append(("wrk", target.name))
+        return {"req_per_s": 1.0, "texts_per_s": 1.0, "p50_ms": 1.0, "p95_ms": 1.0, "errors": 0}
+
+    monkeypatch.setattr(peers, "run_wrk", fake_wrk)
+    monkeypatch.setattr(peers, "_settle", lambda _w, t, *_: calls.append(("settle", t.name)))
+    monkeypatch.setattr(peers, "wait_idle", lambda pid: 0.0)
+    w = peers.WORKLOADS["single-c1"]
+    plan = peers.PhasePlan("wrk", Path("s.lua"), {w.name: Path("b")}, 1, 1, "m")
+    names = ("embedkit", "baseline", "infinity")
+    targets = {n: peers.Target(n, f"http://{n}", None) for n in names}
+    refs: dict[str, peers.Reference] = {
+        "embedkit": lambda: {"a": {}},
+        "baseline": lambda: {"b": {}},
+    }
+    results, measured = peers.alternate(plan, targets, [w], 3, references=refs, say=print)
+    assert calls[6:12] == [(k, n) for n in ("baseline", "infinity", "embedkit")
+                           for k in ("settle", "wrk")]  # fmt: skip
+    assert [calls[6 * r][1] for r in range(3)] == list(names)
+    assert measured == {"embedkit": [{"a": {}}] * 3, "baseline": [{"b": {}}] * 3}
+    assert all(set(r[w.name]) == set(names) for r in results)
+
+    calls.clear()
+    two = {n: targets[n] for n in peers.SYSTEMS}
+    results, measured = peers.alternate(plan, two, [w], 2, references={}, say=print)
+    assert [n for k, n in calls if k == "wrk"] == ["embedkit", "infinity", "infinity", "embedkit"]
+    assert measured == {}
 
 
 def test_cosine_parity() -> None:
