@@ -106,6 +106,7 @@ def test_release_with_variants_end_to_end(tmp_path: Path, system_run: None) -> N
             *("--variants-config", str(tmp_path / "variants.yaml"), "--force", "bad-int8"),
             *("--perf-gate-config", str(tmp_path / "perf-gate.yaml")),
             *("--calibration-texts", "300", "--no-bench"),
+            *("--export-to", str(tmp_path / "exports")),
         ],
         capture_output=True,
         text=True,
@@ -133,6 +134,10 @@ def test_release_with_variants_end_to_end(tmp_path: Path, system_run: None) -> N
     ]
     assert by_name[default][0] == "default" and by_name[default][3] == tag
     assert str(bentoml.models.get("all-minilm-l6-v2:latest").tag) == tag
+    # --export-to: the default alone, as the archive a build machine imports.
+    exported = list((tmp_path / "exports").iterdir())
+    assert [p.name for p in exported] == [tag.replace(":", "-") + ".bentomodel"]
+    assert exported[0].stat().st_size > 1_000_000
 
     for name, (role, _, _, version_tag) in by_name.items():
         labels = bentoml.models.get(version_tag).info.labels
@@ -189,6 +194,8 @@ def test_variants_config_is_checked_before_any_export(tmp_path: Path) -> None:
         assert "variants config" in result.stderr and expected in result.stderr, result.stderr
     result = CliRunner().invoke(app, ["release", "--variants-config", str(tmp_path / "v.yaml")])
     assert result.exit_code == 1 and "add --variants" in result.stderr
+    result = CliRunner().invoke(app, ["release", "--export-to", str(tmp_path / "v.yaml")])
+    assert result.exit_code == 1 and "is a file, not a folder" in result.stderr
 
 
 def test_a_validated_export_carries_its_contract_report(validated_fp32) -> None:

@@ -34,7 +34,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from embedkit.core.settings import Settings
-from embedkit.deploy import supply
+from embedkit.deploy import pools, supply
+from embedkit.model import toolchain
 
 OVERLAYS = ("cpu", "gpu", "canary")
 # Oldest Kubernetes we support (preStop `sleep` is GA-on-by-default from 1.30) and the
@@ -534,9 +535,9 @@ def problems_in(docs: list[Doc], checks: tuple[Check, ...]) -> list[str]:
     return [p for check in checks for p in check(docs)]
 
 
-# --- the re-embedding Job (deploy/k8s/jobs/reembed) ------------------------------------
+# --- the Jobs: re-embedding (deploy/k8s/jobs/reembed), release (deploy/k8s/jobs/release) ---
 
-JOBS = ("reembed",)
+JOBS = ("reembed", "release")
 
 
 @pytest.fixture(scope="module")
@@ -544,14 +545,14 @@ def jobs(k8s: Path) -> dict[str, list[Doc]]:
     return {name: render(k8s / "jobs" / name) for name in JOBS}
 
 
-def reembed_params(container: Doc) -> dict[str, Any]:
-    """The Job's arguments as the real `embedkit reembed` command parses them."""
+def cli_params(name: str, container: Doc) -> dict[str, Any]:
+    """The Job's arguments as the real `embedkit NAME` command parses them."""
     from typer.main import get_command
 
     from embedkit.cli import app
 
     command: Any = get_command(app)
-    return command.commands["reembed"].make_context("reembed", list(container["args"])).params
+    return command.commands[name].make_context(name, list(container["args"])).params
 
 
 def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
@@ -565,7 +566,7 @@ def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
             problems.append(f"{who}: command {c.get('command')} is not the reembed CLI")
             continue
         try:
-            params = reembed_params(c)
+            params = cli_params("reembed", c)
         except typer.exceptions.TyperException as exc:  # the CLI would refuse to start
             problems.append(f"{who}: embedkit reembed refuses its args: {exc}")
             continue
@@ -589,6 +590,59 @@ def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
         held = [claim for path, claim in mounts.items() if under(out, [path])]
         if not held or held[0] not in claims:
             problems.append(f"{who}: --out {out} is not on a PersistentVolumeClaim of the render")
+    return problems
+
+
+def _mounts(pod: Doc, container: Doc, source: str) -> list[str]:
+    """Mount paths of ``container``'s volumes of kind ``source`` (persistentVolumeClaim, ...)."""
+    kinds = {v["name"]: v for v in pod.get("volumes", []) if source in v}
+    return [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in kinds]
+
+
+def check_release_job(docs: list[Doc], serving: list[Doc]) -> list[str]:
+    """The Job runs `embedkit release --variants` (arguments the command accepts) only on the
+    nodes of one ISA level, on the serving pod's CPU share (the variants are timed on it),
+    signing with a key from a Secret, its store and exported default on a claim."""
+    problems = []
+    (serving_cpu,) = {quantity(c["resources"]["limits"]["cpu"]) for _, _, c in containers(serving)}
+    for job, pod, c in containers(docs):
+        who = ident(job)
+        if c.get("command") != ["embedkit", "release"]:
+            problems.append(f"{who}: command {c.get('command')} is not `embedkit release`")
+            continue
+        try:
+            params = cli_params("release", c)
+        except typer.exceptions.TyperException as exc:
+            problems.append(f"{who}: embedkit release refuses its args: {exc}")
+            continue
+        if not params["variants"]:
+            problems.append(f"{who}: no --variants: the release would not gate for this ISA")
+        claims = _mounts(pod, c, "persistentVolumeClaim")
+        home = dict((e["name"], e.get("value")) for e in c.get("env", [])).get("BENTOML_HOME")
+        for what, path in (("--export-to", params["export_to"]), ("BENTOML_HOME", home)):
+            if path is None or not under(str(path), claims):
+                problems.append(f"{who}: {what} {path} is not on a PersistentVolumeClaim")
+        if params["sign"] is None or not under(str(params["sign"]), _mounts(pod, c, "secret")):
+            problems.append(f"{who}: --sign {params['sign']} is not a key from a Secret")
+        terms = (
+            pod.get("affinity", {})
+            .get("nodeAffinity", {})
+            .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+            .get("nodeSelectorTerms", [])
+        )
+        levels = [
+            v
+            for t in terms
+            for e in t.get("matchExpressions", [])
+            if e["key"] == pools.ISA_LABEL and e["operator"] == "In"
+            for v in e["values"]
+        ]
+        if len(levels) != 1 or levels[0] not in toolchain.ISA_LEVELS:
+            problems.append(f"{who}: not pinned to one ISA level's nodes (got {levels})")
+        for kind in ("requests", "limits"):
+            cpu = c.get("resources", {}).get(kind, {}).get("cpu")
+            if cpu is None or quantity(cpu) != serving_cpu:
+                problems.append(f"{who}: cpu {kind} {cpu} is not the serving pod's {serving_cpu}")
     return problems
 
 
@@ -1032,6 +1086,80 @@ def test_reembed_job_invariants_hold(
     assert of_kind(docs, "Job"), "no Job rendered"
     assert problems_in(docs, JOB_CHECKS) == []
     assert check_reembed_job(docs, of_kind(rendered["cpu"], "Service")) == []
+
+
+def test_release_job_invariants_hold(
+    jobs: dict[str, list[Doc]], rendered: dict[str, list[Doc]]
+) -> None:
+    docs = jobs["release"]
+    assert of_kind(docs, "Job"), "no Job rendered"
+    assert problems_in(docs, JOB_CHECKS) == []
+    assert check_release_job(docs, rendered["cpu"]) == []
+
+
+def _affinity_values(docs: list[Doc]) -> list[str]:
+    pod = of_kind(docs, "Job")[0]["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    return terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
+
+
+def _set_env(docs: list[Doc], name: str, value: str) -> None:
+    for e in _job_container(docs)["env"]:
+        if e["name"] == name:
+            e["value"] = value
+
+
+RELEASE_MUTATIONS: list[tuple[Callable[[list[Doc]], object], str]] = [
+    (lambda d: _job_container(d)["args"].append("--no-such-flag"), "refuses its args"),
+    (lambda d: _job_container(d)["args"].remove("--variants"), "no --variants"),
+    (lambda d: _set_arg(d, "--export-to", "/tmp/exports"), "--export-to /tmp/exports"),
+    (lambda d: _set_env(d, "BENTOML_HOME", "/work/bentoml"), "BENTOML_HOME /work/bentoml"),
+    (lambda d: _set_arg(d, "--sign", "/store/release.pem"), "not a key from a Secret"),
+    (lambda d: of_kind(d, "Job")[0]["spec"]["template"]["spec"].pop("affinity"), "not pinned"),
+    (lambda d: _affinity_values(d).append("avx2"), "not pinned"),
+    (lambda d: _affinity_values(d).__setitem__(0, "avx9"), "not pinned"),
+    (lambda d: _job_container(d)["resources"]["limits"].update(cpu="4"), "cpu limits 4"),
+    (lambda d: _job_container(d).update(command=["embedkit", "encode"]), "not `embedkit release`"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"), RELEASE_MUTATIONS, ids=[e for _, e in RELEASE_MUTATIONS]
+)
+def test_release_job_check_catches_defect(
+    jobs: dict[str, list[Doc]],
+    rendered: dict[str, list[Doc]],
+    mutate: Callable[[list[Doc]], object],
+    expected: str,
+) -> None:
+    docs = copy.deepcopy(jobs["release"])
+    assert check_release_job(docs, rendered["cpu"]) == []
+    mutate(docs)
+    found = check_release_job(docs, rendered["cpu"])
+    assert any(expected in p for p in found), found
+
+
+def test_pools_release_writes_the_jobs_affinity(k8s: Path, tmp_path: Path) -> None:
+    """`embedkit pools release LEVEL` pins the Job to LEVEL's nodes; an unknown level is a
+    one-line error naming the levels. The committed patch is what it writes for amx."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    tree = tmp_path / "k8s"
+    shutil.copytree(k8s, tree)
+    done = CliRunner().invoke(app, ["pools", "release", "avx512-vnni", "--k8s", str(tree)])
+    assert done.exit_code == 0, done.output
+    assert _affinity_values(render(tree / "jobs" / "release")) == ["avx512-vnni"]
+    bad = CliRunner().invoke(app, ["pools", "release", "avx9", "--k8s", str(tree)])
+    assert bad.exit_code != 0 and "none of amx, avx512-bf16" in bad.output, bad.output
+    committed = (k8s / "jobs" / "release" / "isa-affinity.yaml").read_text()
+    assert (
+        committed
+        == pools.write_patch(
+            pools.release_job_patch("amx"), tmp_path / "amx.yaml", "`embedkit pools release amx`"
+        ).read_text()
+    )
 
 
 def test_reembed_job_runs_the_image_the_cpu_overlay_deploys(

@@ -339,6 +339,25 @@ def pools_isa_cmd(
     err.print(f"{path}: " + (f"nodes labelled {pools.ISA_LABEL}={level}" if level else "any node"))
 
 
+@pools_app.command("release")
+@one_line_errors
+def pools_release_cmd(
+    level: Annotated[
+        str, typer.Argument(help="The node pool's ISA level (`embedkit info` on one of its nodes).")
+    ],
+    k8s: K8sOpt = Path("deploy/k8s"),
+) -> None:
+    """Write jobs/release/isa-affinity.yaml: the release Job runs on nodes labelled
+    `embedkit.dev/isa-level=LEVEL`, so its gate and default are that pool's."""
+    from embedkit.deploy import pools
+
+    patch = pools.release_job_patch(level)
+    path = pools.write_patch(
+        patch, k8s / "jobs" / "release" / "isa-affinity.yaml", f"`embedkit pools release {level}`"
+    )
+    err.print(f"{path}: the release runs on nodes labelled {pools.ISA_LABEL}={level}")
+
+
 @pools_app.command("mixed")
 @one_line_errors
 def pools_mixed_cmd(

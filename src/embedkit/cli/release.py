@@ -78,6 +78,14 @@ def release_cmd(
             "default: the target CPU's candidates, every segment at full size.",
         ),
     ] = None,
+    export_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the default version to DIR/NAME-VERSION.bentomodel (bentoml "
+            "models export), for a build machine to import: a release Job on the serving "
+            "nodes' ISA (deploy/k8s/jobs/release).",
+        ),
+    ] = None,
 ) -> None:
     """Export → validate → variants and gate (optional) → performance gate against the
     previous :latest → records → sign → register.
@@ -99,6 +107,8 @@ def release_cmd(
     if variants_config is not None and not variants:
         raise InvalidInput("--variants-config applies to --variants; add --variants")
     candidates = load_variants_config(variants_config) if variants_config else VariantsConfig()
+    if export_to is not None and export_to.exists() and not export_to.is_dir():
+        raise InvalidInput(f"--export-to {export_to} is a file, not a folder")
     recipe = find_recipe(model)
     with progress(f"release {recipe.name}") as step:
         result = release(
@@ -124,6 +134,14 @@ def release_cmd(
         err.print(line, markup=False, highlight=False, soft_wrap=True)
     if result.summary_markdown:
         err.print(result.summary_markdown, markup=False, highlight=False)
+    if export_to is not None:
+        import bentoml
+
+        export_to.mkdir(parents=True, exist_ok=True)
+        archive = bentoml.models.export_model(
+            result.tag, str(export_to / result.tag.replace(":", "-"))
+        )
+        err.print(f"  exported {result.tag}: {archive}", markup=False, highlight=False)
     print(result.tag)
 
 

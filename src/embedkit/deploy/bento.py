@@ -14,7 +14,8 @@ Where each fact comes from:
 * serving requirements: ``[project] dependencies`` of ``pyproject.toml``, each
   pinned with ``==``; the GPU variant swaps ``onnxruntime`` for the
   ``onnxruntime-gpu`` pin below (both provide the module ``onnxruntime``, so an
-  image must never carry both) and adds TensorRT's libraries;
+  image must never carry both) and adds TensorRT's libraries; the CPU variant adds
+  ``openvino`` from the extra of that name (the BF16/INT8 defaults' runtime);
 * the model: the exact tag ``embedkit release`` printed, passed as the Bento
   argument ``model`` (``bentoml build --arg model=TAG``). ``service.py`` reads it
   into a ``BentoModel`` class attribute, which is what makes ``bentoml build``
@@ -36,7 +37,7 @@ Where each fact comes from:
 
 ``audit(bento_dir, variant, model_tag)`` re-reads what was built and lists every
 problem (torch & co. in the requirements, URLs, unpinned packages, the wrong
-runtime — an OpenVINO variant in an image without OpenVINO included —, an unpinned
+runtime — an OpenVINO variant in the GPU image, which has no OpenVINO, included —, an unpinned
 model, a root container user). ``build`` refuses a Bento
 whose audit is not empty.
 """

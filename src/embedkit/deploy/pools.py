@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from embedkit.core.errors import InvalidInput
+from embedkit.model import toolchain
 from embedkit.model.artifact import MODEL_FILE, Artifact
 
 ISA_LABEL = "embedkit.dev/isa-level"  # node label the operator (or NFD) sets per ISA level
@@ -53,20 +54,23 @@ def isa_level(artifact: Artifact) -> str | None:
     return q.measured_on.isa
 
 
+def node_affinity(level: str) -> dict[str, Any]:
+    """A pod's required node affinity to nodes labelled ``embedkit.dev/isa-level=level``."""
+    term = {"key": ISA_LABEL, "operator": "In", "values": [level]}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
+            }
+        }
+    }
+
+
 def isa_patch(artifact: Artifact, deployment: str = "embedkit") -> dict[str, Any]:
     """A strategic-merge patch for ``deployment``: a required node affinity to the artifact's
     ISA level, or (fp32) none — ``affinity: null`` also clears one a parent overlay set."""
     level = isa_level(artifact)
-    affinity: dict[str, Any] | None = None
-    if level is not None:
-        term = {"key": ISA_LABEL, "operator": "In", "values": [level]}
-        affinity = {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [{"matchExpressions": [term]}]
-                }
-            }
-        }
+    affinity = node_affinity(level) if level is not None else None
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -75,6 +79,20 @@ def isa_patch(artifact: Artifact, deployment: str = "embedkit") -> dict[str, Any
             "annotations": {ISA_LABEL: level or "any", "embedkit.dev/model": _label(artifact)},
         },
         "spec": {"template": {"spec": {"affinity": affinity}}},
+    }
+
+
+def release_job_patch(level: str, job: str = "embedkit-release") -> dict[str, Any]:
+    """The release Job's patch (deploy/k8s/jobs/release): its pod runs only on nodes of
+    ``level``, so the variants it gates — and the default it picks — are measured on the
+    CPU that pool serves from (a build machine's ISA may not be the serving one)."""
+    if level not in toolchain.ISA_LEVELS:
+        raise InvalidInput(f"ISA level {level!r} is none of {', '.join(toolchain.ISA_LEVELS)}")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job, "annotations": {ISA_LABEL: level}},
+        "spec": {"template": {"spec": {"affinity": node_affinity(level)}}},
     }
 
 

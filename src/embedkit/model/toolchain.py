@@ -67,6 +67,10 @@ def installed_runtimes() -> dict[str, str]:
     return {name: runtime_version(name) for name in RUNTIMES}
 
 
+# Every value of :attr:`CpuIsa.level`, best capability first.
+ISA_LEVELS = ("amx", "avx512-bf16", "avx512-vnni", "avx512", "avx2-vnni", "avx2", "generic")
+
+
 @dataclass(frozen=True)
 class CpuIsa:
     """The integer-matmul-relevant instruction-set flags of this CPU."""
