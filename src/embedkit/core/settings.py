@@ -301,6 +301,39 @@ class Settings(BaseSettings):
         description="API keys refused with 401 even while `api_keys` or the tenants file still "
         "list them: revoke first, then remove the key at the next rollout.",
     )
+    quota_store: str | None = Field(
+        None,
+        pattern=r"^rediss?://",
+        description="Where tenants' token buckets live: `redis://` or `rediss://` (TLS) URL, "
+        "password in the URL (mount it from a Secret). One bucket per tenant across every pod "
+        "and worker, charged atomically in Redis. Unset: each process keeps its own buckets, "
+        "so a tenant's total rate is its rate × processes (docs/service.md § Tenants).",
+    )
+    quota_key_prefix: str = Field(
+        "embedkit",
+        min_length=1,
+        description="Prefix of the quota store's keys: one per deployment sharing a Redis.",
+    )
+    quota_store_timeout_ms: int = Field(
+        50,
+        ge=1,
+        le=5_000,
+        description="Bound on one quota store call (connect and answer): a slow Redis answers "
+        "as an absent one — the process charges a local bucket of rate ÷ live processes — "
+        "rather than holding requests.",
+    )
+    quota_heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often each process renews its presence in the quota store; entries "
+        "older than three beats are not counted among the live processes.",
+    )
+    max_query_texts: int = Field(
+        32,
+        ge=1,
+        description="Most texts a request may carry on the query lane when the lane header "
+        "asks for it; larger requests are served on the bulk lane, and the response says so.",
+    )
     request_log: bool = Field(
         True,
         description="One JSON log line per request on our routes (request id, status, tenant, "
