@@ -114,28 +114,28 @@ class _Clock:
 def test_token_bucket_admits_within_burst_and_says_when_to_retry() -> None:
     clock = _Clock()
     t = Tenant("a", rate=100, burst=500, clock=clock)
-    t.charge(300)
-    t.charge(200)  # the burst is spent
+    asyncio.run(t.charge(300))
+    asyncio.run(t.charge(200))  # the burst is spent
     with pytest.raises(QuotaExceeded) as err:
-        t.charge(150)
+        asyncio.run(t.charge(150))
     assert err.value.status == 429 and err.value.code == "quota_exceeded"
     assert err.value.retry_after_s == 2  # 150 tokens at 100/s: 1.5 s, rounded up
     assert "tenant 'a'" in err.value.message and "150 tokens" in err.value.message
     clock.now += 1.5
-    t.charge(150)  # exactly what Retry-After promised
-    t.refund(150)  # shed by the queue: given back
-    t.charge(150)
+    asyncio.run(t.charge(150))  # exactly what Retry-After promised
+    asyncio.run(t.refund(150))  # shed by the queue: given back
+    asyncio.run(t.charge(150))
 
 
 def test_a_request_over_the_burst_waits_for_a_full_bucket_and_leaves_debt() -> None:
     clock = _Clock()
     t = Tenant("a", rate=10, burst=100, clock=clock)
-    t.charge(400)  # full bucket: admitted, 300 in debt
+    asyncio.run(t.charge(400))  # full bucket: admitted, 300 in debt
     with pytest.raises(QuotaExceeded) as err:
-        t.charge(1)
+        asyncio.run(t.charge(1))
     assert err.value.retry_after_s == 31  # (1 + 300) / 10
     clock.now += 40
-    t.charge(400)  # refilled to the burst (capped), admitted again
+    asyncio.run(t.charge(400))  # refilled to the burst (capped), admitted again
 
 
 def test_default_burst_is_one_second_of_rate(tmp_path: Path) -> None:

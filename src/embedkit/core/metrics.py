@@ -35,6 +35,7 @@ class Metrics:
     quota_rejections: Any  # Counter{tenant}: requests refused 429 over the tenant's quota
     tenant_tokens: Any  # Counter{tenant, lane}: real tokens embedded per tenant and lane
     bulk_runs_ahead: Any  # Histogram: bulk ORT runs an interactive call waited behind
+    quota_store_up: Any  # Gauge: 1 while the shared quota store answers (serve/edge/quota_store)
 
 
 @lru_cache(maxsize=1)
@@ -127,5 +128,11 @@ def get() -> Metrics:
             "Bulk ONNX Runtime runs that held a runner while an interactive call waited for one "
             "(bounded by the runs at once: docs/service.md § Tenants).",
             buckets=(0, 1, 2, 4, 8, 16),
+        ),
+        quota_store_up=Gauge(
+            "embedkit_quota_store_up",
+            "1 while the shared quota store (Redis) answers; 0 while this process charges its "
+            "local fallback bucket (rate / live processes). Absent without a quota store.",
+            multiprocess_mode="livemin",
         ),
     )

@@ -10,7 +10,9 @@ Keys on ``settings.revoked_keys`` are refused even while still listed.
 Quota is charged in real tokens (what usage reports) when a request is admitted,
 before it queues; a request the bucket cannot cover gets 429 with ``Retry-After``:
 the seconds until the bucket holds its tokens (a request larger than the burst waits
-for a full bucket and leaves it in debt). Each worker keeps its own buckets.
+for a full bucket and leaves it in debt). With ``settings.quota_store`` the bucket is
+one per tenant across every pod and worker (:mod:`embedkit.serve.edge.quota_store`);
+without it each process keeps its own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from embedkit.core.errors import (
     Unauthorized,
 )
 from embedkit.core.settings import Settings
+from embedkit.serve.edge.quota_store import QuotaStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ class TenantsFile(BaseModel):
 
 
 class Tenant:
-    """A tenant and its token bucket (``rate`` None: no quota)."""
+    """A tenant and its token bucket (``rate`` None: no quota): shared in ``store`` when
+    one is configured, else (and while it is away) this process's own."""
 
     def __init__(
         self,
@@ -66,11 +70,13 @@ class Tenant:
         rate: float | None = None,
         burst: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        store: QuotaStore | None = None,
     ) -> None:
         self.name = name
         self.priority = priority
         self.rate = rate
         self.burst = burst if burst is not None else (rate or 0.0)
+        self.store = store
         self._clock = clock
         self._level = self.burst
         self._at = clock()
@@ -79,29 +85,57 @@ class Tenant:
         """The lane a request of this tenant runs on: a bulk-class tenant's always bulk."""
         return "bulk" if self.priority == "bulk" else lane
 
-    def charge(self, tokens: int) -> None:
+    def _share(self) -> float:
+        """This process's share of the quota while it charges locally: all of it without a
+        store, rate ÷ the live processes last counted while the store is away."""
+        return 1.0 if self.store is None else 1.0 / self.store.live
+
+    def _take_local(self, tokens: int) -> float | None:
+        """Take from this process's bucket: None when taken, else seconds until possible."""
+        assert self.rate is not None
+        rate, burst = self.rate * self._share(), self.burst * self._share()
+        now = self._clock()
+        self._level = min(burst, self._level + (now - self._at) * rate)
+        self._at = now
+        need = min(float(tokens), burst)
+        if self._level < need:
+            return (need - self._level) / rate
+        self._level -= tokens
+        return None
+
+    async def charge(self, tokens: int) -> None:
         """Take ``tokens`` from the bucket, or refuse (429) with the wait until it can."""
         if self.rate is None:
             return
-        now = self._clock()
-        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
-        self._at = now
-        need = min(float(tokens), self.burst)
-        if self._level < need:
-            wait = math.ceil((need - self._level) / self.rate)
+        wait: float | None
+        if self.store is not None:
+            try:
+                wait = await self.store.take(self.name, self.rate, self.burst, tokens)
+            except StoreUnavailable:  # logged and counted by the store
+                wait = self._take_local(tokens)
+        else:
+            wait = self._take_local(tokens)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
             metrics.get().quota_rejections.labels(tenant=self.name).inc()
             raise QuotaExceeded(
                 f"tenant {self.name!r} is over its quota of {self.rate:g} tokens/s "
                 f"(burst {self.burst:g}): this request needs {tokens} tokens; "
-                f"retry in {wait} s",
-                retry_after_s=wait,
+                f"retry in {seconds} s",
+                retry_after_s=seconds,
             )
-        self._level -= tokens
 
-    def refund(self, tokens: int) -> None:
+    async def refund(self, tokens: int) -> None:
         """Give back a charge whose work never ran (the queue shed it)."""
-        if self.rate is not None:
-            self._level = min(self.burst, self._level + tokens)
+        if self.rate is None:
+            return
+        if self.store is not None:
+            try:
+                await self.store.refund(self.name, self.rate, self.burst, tokens)
+                return
+            except StoreUnavailable:
+                pass
+        self._level = min(self.burst * self._share(), self._level + tokens)
 
 
 def _digest(key: str) -> bytes:
@@ -117,7 +151,9 @@ class Tenants:
         api_keys: Iterable[str] = (),
         tenants: dict[str, TenantSpec] | None = None,
         revoked: Iterable[str] = (),
+        store: QuotaStore | None = None,
     ) -> None:
+        self.store = store
         self.default = Tenant(DEFAULT_TENANT)
         self._keys: dict[bytes, Tenant] = {}
         self._revoked = {_digest(k) for k in revoked}
@@ -126,7 +162,9 @@ class Tenants:
         for name, spec in (tenants or {}).items():
             if name == DEFAULT_TENANT:
                 raise InvalidInput(f"tenant name {name!r} is reserved for api_keys")
-            tenant = Tenant(name, spec.priority, spec.rate_tokens_per_s, spec.burst_tokens)
+            tenant = Tenant(
+                name, spec.priority, spec.rate_tokens_per_s, spec.burst_tokens, store=store
+            )
             for key in spec.keys:
                 self._add(key, tenant)
 
@@ -150,7 +188,12 @@ class Tenants:
             return cls(settings.api_keys, None, settings.revoked_keys)
         specs = load_yaml(path, TenantsFile, "tenants file").tenants
         try:
-            return cls(settings.api_keys, specs, settings.revoked_keys)
+            return cls(
+                settings.api_keys,
+                specs,
+                settings.revoked_keys,
+                QuotaStore.from_settings(settings),
+            )
         except InvalidInput as exc:
             raise InvalidInput(f"tenants file {path} is invalid: {exc.message}") from exc
 
