@@ -22,8 +22,8 @@ def _store(url: str, prefix: str = "t", beat: float = 0.2) -> QuotaStore:
     return QuotaStore(url, prefix, TIMEOUT_S, beat)
 
 
-def _up() -> float | None:
-    return REGISTRY.get_sample_value("embedkit_quota_store_up")
+def _up(store: QuotaStore) -> float | None:
+    return REGISTRY.get_sample_value("embedkit_quota_store_up", {"store": store.where()})
 
 
 def test_two_processes_charge_one_bucket(redis_server: RedisServer) -> None:  # noqa: F811
@@ -87,18 +87,18 @@ def test_with_redis_away_a_tenant_charges_its_share_locally_and_returns(
         assert await store.beat() == 2
         acme = Tenant("acme", rate=1, burst=100, store=store)
         await acme.charge(10)
-        assert _up() == 1
+        assert _up(store) == 1
         server.stop()
         with pytest.raises(StoreUnavailable):
             await store.take("acme", 1, 100, 1)
-        assert _up() == 0
+        assert _up(store) == 0
         # The local share: burst 100 / 2 processes.
         await acme.charge(50)
         with pytest.raises(QuotaExceeded):
             await acme.charge(1)
         server.start()
         await store.beat()  # the heartbeat finds it again
-        assert _up() == 1
+        assert _up(store) == 1
         await acme.charge(80)  # the shared bucket (90 left there), not the spent local one
         await store.close()
         await peer.close()

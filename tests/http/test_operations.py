@@ -39,6 +39,7 @@ EVENT_ONLY = {
     "embedkit_model_load_failures_total": "tests/faults/test_faults.py",
     "embedkit_variant_refusals_total": "tests/http/test_served_class.py",
     "embedkit_quota_rejections_total": "tests/http/test_tenants.py",
+    "embedkit_quota_store_up": "tests/test_quota_store.py",  # only with EMBEDKIT_QUOTA_STORE
 }
 
 

@@ -35,7 +35,7 @@ class Metrics:
     quota_rejections: Any  # Counter{tenant}: requests refused 429 over the tenant's quota
     tenant_tokens: Any  # Counter{tenant, lane}: real tokens embedded per tenant and lane
     bulk_runs_ahead: Any  # Histogram: bulk ORT runs an interactive call waited behind
-    quota_store_up: Any  # Gauge: 1 while the shared quota store answers (serve/edge/quota_store)
+    quota_store_up: Any  # Gauge{store}: 1 while the shared quota store answers (edge/quota_store)
 
 
 @lru_cache(maxsize=1)
@@ -132,7 +132,9 @@ def get() -> Metrics:
         quota_store_up=Gauge(
             "embedkit_quota_store_up",
             "1 while the shared quota store (Redis) answers; 0 while this process charges its "
-            "local fallback bucket (rate / live processes). Absent without a quota store.",
+            "local fallback bucket (rate / live processes). Absent without a quota store (a "
+            "labelled gauge exports nothing until set: an unset one would read 0, down).",
+            ["store"],
             multiprocess_mode="livemin",
         ),
     )

@@ -154,7 +154,7 @@ class QuotaStore:
                     self.live,
                 )
         self.up = up
-        metrics.get().quota_store_up.set(1 if up else 0)
+        metrics.get().quota_store_up.labels(store=self.where()).set(1 if up else 0)
 
     def _key(self, tenant: str) -> str:
         return f"{self.prefix}:quota:{tenant}"
