@@ -77,6 +77,10 @@ class EdgeMiddleware:
         self.log = request_logger() if settings.request_log else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tenants.store is not None:
+            # Its heartbeat runs in this worker's loop (the first scope is the lifespan's):
+            # the fleet's live processes are counted before the first request.
+            self.tenants.store.start()
         if scope["type"] != "http" or scope["path"] not in PROTECTED_ROUTES:
             await self.app(scope, receive, send)
             return
@@ -226,6 +230,7 @@ def _log_request(
         "lane": request.lane,
         "batches": request.batches,
         "bulk_runs_ahead": request.bulk_runs_ahead,
+        "other_tenant_runs_ahead": request.other_tenant_runs_ahead,
         "tokens": request.tokens,
         "ms": round((time.perf_counter() - started) * 1000, 2),
         "served": served,

@@ -103,15 +103,15 @@ class Front:
             return await asyncio.to_thread(build)
         return build()
 
-    def _charge(self, tokens: int, request: RequestContext | None) -> None:
+    async def _charge(self, tokens: int, request: RequestContext | None) -> None:
         """``tokens`` charged to the request's tenant (429 when spent) and counted as its
         usage; every route charges, /tokenize too, though it runs no model."""
         if request is None or request.tenant is None:
             return
         request.tokens = tokens
-        request.tenant.charge(tokens)
+        await request.tenant.charge(tokens)  # the shared store: one round trip
 
-    def _for_tenant(
+    async def _for_tenant(
         self, job: EmbedJob, route: str, request: RequestContext | None
     ) -> tuple[EmbedJob, RequestContext | None]:
         """The job on the lane its request gets, charged to its tenant's quota (429 when
@@ -133,7 +133,7 @@ class Front:
                 )
             lane = asked
         request.lane = lane = request.tenant.lane(lane)
-        self._charge(job.tokens, request)
+        await self._charge(job.tokens, request)
         return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
 
     async def embed(
@@ -143,12 +143,12 @@ class Front:
         route: str,
         request: RequestContext | None = None,
     ) -> np.ndarray:
-        job, request = self._for_tenant(job, route, request)
+        job, request = await self._for_tenant(job, route, request)
         try:
             raw = await self.client.embed(embedder, job, request)
         except Overloaded:  # shed by the queue, not run: not the tenant's to pay
             if request is not None and request.tenant is not None:
-                request.tenant.refund(job.tokens)
+                await request.tenant.refund(job.tokens)
             raise
         if job.chunks is not None:
             raw = pool(raw, job.chunks)
@@ -264,7 +264,7 @@ class Front:
                 ),
                 req.texts,
             )
-            self._charge(sum(len(row) for row in ids), request)  # what usage reports
+            await self._charge(sum(len(row) for row in ids), request)  # what usage reports
             return tokenize_body(ids, self.tokenizer.max_length, truncated=cut), cut
 
         return await self._guard(work())
