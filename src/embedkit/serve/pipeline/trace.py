@@ -5,9 +5,9 @@ The edge (:class:`~embedkit.serve.edge.middleware.EdgeMiddleware`) opens a
 client asked for) and hands it on in the ASGI scope (:func:`attach`: Starlette's
 ``request.state``), where the route handler takes it (:func:`of`) and passes it, as an
 argument, to the front, which passes it to the Embedder client. They fill in what
-happened (the lane that served, the batches it rode in, the bulk runs it waited
-behind, the tokens charged). The object is shared, not copied, so the edge reads it back
-when the response leaves.
+happened (the lane that served, the batches it rode in, the bulk runs and the other
+tenants' query calls it waited behind, the tokens charged). The object is shared, not
+copied, so the edge reads it back when the response leaves.
 """
 
 from __future__ import annotations
@@ -50,12 +50,18 @@ class RequestContext:
     lane: str | None = None  # the lane that served
     batches: list[str] = field(default_factory=list)  # Embedder calls it rode in
     bulk_runs_ahead: int | None = None  # most over its calls (topology=single only)
+    # Other tenants' query-lane calls that left the front's queue ahead of it, the most
+    # over its calls (front coalescing on the query lane only).
+    other_tenant_runs_ahead: int | None = None
     tokens: int = 0  # charged to the tenant
 
     def rode(self, batch: str, bulk_runs_ahead: int | None) -> None:
         self.batches.append(batch)
         if bulk_runs_ahead is not None:
             self.bulk_runs_ahead = max(self.bulk_runs_ahead or 0, bulk_runs_ahead)
+
+    def queued_behind(self, other_tenant_runs: int) -> None:
+        self.other_tenant_runs_ahead = max(self.other_tenant_runs_ahead or 0, other_tenant_runs)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [(REQUEST_ID_HEADER.lower().encode(), self.request_id.encode())]
