@@ -87,7 +87,7 @@ class EmbedderClient:
         size = self._batch_size(job.lane)
         self._admit(job.tokens, job.lane)
         try:
-            send = self._sender(job.lane, call)
+            send = self._sender(job.lane, call, request)
             rows: list[Tagged] = [(request, row) for row in job.rows()]
             parts = [np.asarray(await send(rows[i : i + size])) for i in range(0, len(rows), size)]
         finally:
@@ -106,9 +106,13 @@ class EmbedderClient:
             raise translate_upstream(exc) from exc
         return info
 
-    def _sender(self, lane: Lane, call: Call) -> Callable[[list[Tagged]], Awaitable[Any]]:
+    def _sender(
+        self, lane: Lane, call: Call, request: RequestContext | None
+    ) -> Callable[[list[Tagged]], Awaitable[Any]]:
         """One Embedder call per chunk, or via the lane's :class:`Coalescer` (shared by
-        concurrent requests) when ``front_coalescing`` is on."""
+        concurrent requests) when ``front_coalescing`` is on. On the query lane the
+        coalescer takes tenants in turn, charged the chunk's tokens, and ``request``
+        learns how many other tenants' calls left ahead of it."""
         if not self.settings.front_coalescing:
             return lambda ids: self._call(call, ids, lane)
         merger = self._coalescers.get(lane)
@@ -123,7 +127,17 @@ class EmbedderClient:
                 self._batch_size(lane),
                 max_in_flight=in_flight,
             )
-        return merger.submit
+        if lane != "query":  # bulk calls leave in arrival order: nothing waits on them
+            return merger.submit
+        tenant = None if request is None or request.tenant is None else request.tenant.name
+
+        async def fair(rows: list[Tagged]) -> np.ndarray:
+            vectors, ahead = await merger.submit_counted(rows, tenant, _tokens(rows))
+            if request is not None:
+                request.queued_behind(ahead)
+            return vectors
+
+        return fair
 
     async def _call(self, call: Call, tagged: list[Tagged], lane: Lane) -> Any:
         """One call to the Embedder (one batch, with an id its requests log), retried once
@@ -161,6 +175,10 @@ class EmbedderClient:
                     log.exception("embedder call failed")
                 raise err from exc
         raise AssertionError("unreachable")
+
+
+def _tokens(rows: list[Tagged]) -> int:
+    return sum(len(row if isinstance(row, list) else row[0]) for _, row in rows)
 
 
 def _item(sent_at: float, row: Row) -> Item:

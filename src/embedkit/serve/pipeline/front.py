@@ -117,8 +117,9 @@ class Front:
         """The job on the lane its request gets, charged to its tenant's quota (429 when
         spent). /v1/embeddings takes the lane from ``X-Embedkit-Lane`` when sent (else one
         input → query, several → bulk); on a native route the route is the lane and a
-        header naming the other one is refused. A bulk-class tenant's job runs on the bulk
-        lane whatever was asked (docs/service.md § Tenants)."""
+        header naming the other one is refused. A bulk-class tenant's job, and one of more
+        than ``max_query_texts`` texts, runs on the bulk lane whatever was asked
+        (docs/service.md § Tenants, § Lanes)."""
         if request is None or request.tenant is None:  # warm-up, in-process use
             return job, None
         lane: str = job.lane
@@ -132,7 +133,12 @@ class Front:
                     param=trace.LANE_HEADER,
                 )
             lane = asked
-        request.lane = lane = request.tenant.lane(lane)
+        lane = request.tenant.lane(lane)
+        # The query lane runs ahead of all bulk work: a big job there would be bulk work
+        # jumping that queue. Served, not refused, so a client stuck with its route works.
+        if lane == "query" and len(job.ids) > self.settings.max_query_texts:
+            lane = "bulk"
+        request.lane = lane
         await self._charge(job.tokens, request)
         return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
 
@@ -321,12 +327,15 @@ class Front:
             **self.prompts.describe(),
             "routing": {
                 "/v1/embeddings": "X-Embedkit-Lane if sent, else one input → query lane, "
-                "several → bulk lane; a bulk-class tenant: always bulk",
+                "several → bulk lane; a bulk-class tenant, or more than max_query_texts "
+                "inputs: bulk",
                 "/embed": "bulk",
-                "/embed/query": "query",
+                "/embed/query": "query; a bulk-class tenant, or more than max_query_texts "
+                "texts: bulk",
             },
             "limits": {
                 "max_client_batch": s.max_client_batch,
+                "max_query_texts": s.max_query_texts,
                 "max_body_bytes": s.max_body_bytes,
                 "max_length": self.tokenizer.max_length,
                 "truncation_side": self.tokenizer.spec.truncation_side,
