@@ -501,6 +501,55 @@ def test_tokenize_is_charged_to_the_tenants_quota(front: Any) -> None:
     assert json.loads(response.body)["error"]["code"] == "quota_exceeded"
 
 
+class _LaneEmbedder(_ZeroEmbedder):
+    """Records which of the Embedder's lanes each call took."""
+
+    def __init__(self) -> None:
+        self.lanes: list[str] = []
+
+    async def embed_query(self, items: list[Any], report: Any = None) -> np.ndarray:
+        self.lanes.append("query")
+        return await super().embed_query(items, report)
+
+    async def embed_bulk(self, items: list[Any], report: Any = None) -> np.ndarray:
+        self.lanes.append("bulk")
+        return await super().embed_bulk(items, report)
+
+
+@pytest.mark.parametrize(
+    ("route", "texts", "asked", "lane"),
+    [
+        ("/v1/embeddings", 3, "query", "bulk"),  # over max_query_texts: demoted
+        ("/v1/embeddings", 2, "query", "query"),  # at the cap: as asked
+        ("/v1/embeddings", 1, None, "query"),  # inferred, unchanged
+        ("/embed/query", 3, None, "bulk"),  # the route is the query lane: the same rule
+        ("/embed/query", 3, "query", "bulk"),
+        ("/embed/query", 2, None, "query"),
+    ],
+)
+def test_more_than_max_query_texts_are_served_on_the_bulk_lane(
+    fp32_artifact: Any, route: str, texts: int, asked: str | None, lane: str
+) -> None:
+    """Served (200), not refused, on the bulk lane, and X-Embedkit-Lane says so, as for
+    a bulk-class tenant."""
+    from embedkit.serve.edge.tenants import Tenant
+    from embedkit.serve.pipeline.front import Front
+    from embedkit.serve.pipeline.trace import RequestContext
+
+    front = Front(fp32_artifact, Settings(front_coalescing=False, max_query_texts=2))
+    embedder = _LaneEmbedder()
+    inputs = [f"text number {i}" for i in range(texts)]
+    request = RequestContext("test", tenant=Tenant("search"), asked_lane=asked)
+    if route == "/v1/embeddings":
+        body = {"input": inputs[0] if texts == 1 else inputs, "model": front.model_name}
+        response = asyncio.run(front.openai(embedder, body, request))
+    else:
+        response = asyncio.run(front.native(embedder, {"texts": inputs}, "query", request))
+    assert response.status_code == 200, response.body
+    assert embedder.lanes == [lane] and request.lane == lane
+    assert (b"x-embedkit-lane", lane.encode()) in request.headers()
+
+
 def test_large_inputs_are_tokenised_off_the_event_loop(front: Any, monkeypatch: Any) -> None:
     """One large text (up to the 8 MiB body limit) would hold the event loop for as long
     as tokenising takes: above a size it is tokenised in a thread; small ones stay inline."""

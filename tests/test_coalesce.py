@@ -4,6 +4,8 @@ exactly."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,7 +115,7 @@ async def _turns(n: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def _drain(fake: GatedEmbedder, waiters: list[asyncio.Future[np.ndarray]]) -> None:
+async def _drain(fake: GatedEmbedder, waiters: Sequence[asyncio.Future[Any]]) -> None:
     """Let every call return, one at a time, in order."""
     opened = 0
     while not all(w.done() for w in waiters):
@@ -200,3 +202,146 @@ def test_a_failed_call_frees_its_slot_for_the_queue() -> None:
     first, second = asyncio.run(main())
     assert isinstance(first, Overloaded)
     assert isinstance(second, np.ndarray) and second.shape == (1, 3)
+
+
+# --- tenants in turn (deficit round robin by tokens) ------------------------------------
+
+
+def _flood_then_one(lone_tenant: str) -> tuple[GatedEmbedder, list[int], int]:
+    """Tenant A submits 41 one-row requests at once (the first call leaves with 4 of
+    them); while it runs, ``lone_tenant`` submits one. Returns the calls, the
+    other-tenant calls each of A's requests waited behind, and the lone request's."""
+
+    async def main() -> tuple[GatedEmbedder, list[int], int]:
+        fake = GatedEmbedder()
+        merger = Coalescer(fake, max_rows=4, max_in_flight=1)
+        flood = [
+            asyncio.ensure_future(merger.submit_counted([[i]], "A", cost=10)) for i in range(1, 42)
+        ]
+        await _turns()
+        lone = asyncio.ensure_future(merger.submit_counted([[100]], lone_tenant, cost=10))
+        await _drain(fake, [*flood, lone])
+        answered = [await f for f in flood]
+        assert [r[:, 0].tolist() for r, _ in answered] == [[float(i)] for i in range(1, 42)]
+        assert (await lone)[0][:, 0].tolist() == [100.0]
+        assert merger.queued == 0 and not merger._live  # nothing left behind
+        return fake, [ahead for _, ahead in answered], (await lone)[1]
+
+    return asyncio.run(main())
+
+
+def test_another_tenants_lone_query_leaves_in_the_next_call_past_a_flood() -> None:
+    fake, flood_ahead, lone_ahead = _flood_then_one("B")
+    assert fake.calls[0] == [[1], [2], [3], [4]]
+    # B had nothing in the lane: first in the next call, behind no call of A's. The rest
+    # of that call is A's turn, A's requests in their order.
+    assert fake.calls[1] == [[100], [5], [6], [7]]
+    assert lone_ahead == 0
+    # A's requests still queued then waited behind that one call carrying B's row.
+    assert max(flood_ahead) == 1 and flood_ahead[:7] == [0] * 7
+
+
+def test_one_tenant_is_first_in_first_out_as_before() -> None:
+    """The same arrivals from one tenant: the late request waits its place in line (what
+    B would get without the round robin), and no other tenant's call is counted."""
+    fake, flood_ahead, lone_ahead = _flood_then_one("A")
+    assert fake.calls[-1][-1] == [100]
+    assert all(len(call) <= 4 for call in fake.calls)
+    assert lone_ahead == 0 and set(flood_ahead) == {0}
+
+
+def test_two_flooding_tenants_take_calls_in_turn() -> None:
+    """Both waiting, neither gets two calls in a row while the other waits: each turn's
+    quantum (512 tokens) outlasts a call of four 10-token rows, so turns alternate."""
+
+    async def main() -> GatedEmbedder:
+        fake = GatedEmbedder()
+        merger = Coalescer(fake, max_rows=4, max_in_flight=1)
+        waiters = [
+            asyncio.ensure_future(merger.submit([[tenant * 100 + i]], tenant, cost=10))
+            for tenant in (1, 2)
+            for i in range(12)
+        ]
+        await _drain(fake, waiters)
+        return fake
+
+    owners = [{row[0] // 100 for row in call} for call in asyncio.run(main()).calls]
+    assert owners == [{1}, {2}] * 3
+
+
+def test_the_round_robin_charges_tokens_not_requests() -> None:
+    """A's requests cost 256 tokens, B's 32: a turn of 512 tokens takes 2 of A's or 16 of
+    B's, so B's short queries are not held behind A's long ones, request for request."""
+
+    async def main() -> FakeEmbedder:
+        fake = FakeEmbedder()
+        merger = Coalescer(fake, max_rows=64)
+        waiters = [merger.submit([[i]], "A", cost=256) for i in range(1, 9)]
+        waiters += [merger.submit([[i]], "B", cost=32) for i in range(101, 133)]
+        await asyncio.gather(*waiters)
+        return fake
+
+    (call,) = asyncio.run(main()).calls
+    order = [row[0] for row in call]
+    a, b = list(range(1, 9)), list(range(101, 133))
+    assert order == a[:2] + b[:16] + a[2:4] + b[16:] + a[4:]
+
+
+def test_the_client_takes_tenants_in_turn_and_tells_each_request() -> None:
+    """Through the Embedder client (query lane, continuous batching): the tenant's name is
+    the turn, the chunk's tokens its charge, and each request's context learns the other
+    tenants' calls it waited behind (the request log's other_tenant_runs_ahead)."""
+    from embedkit.core.settings import Settings
+    from embedkit.serve.edge.tenants import Tenant
+    from embedkit.serve.pipeline.client import EmbedderClient
+    from embedkit.serve.pipeline.jobs import EmbedJob
+    from embedkit.serve.pipeline.trace import RequestContext
+
+    class Gated:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+            self.gates: list[asyncio.Event] = []
+
+        async def embed_query(self, items: list, report: object = None) -> np.ndarray:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            self.calls.append([item[1][1] for item in items])
+            await gate.wait()
+            return np.zeros((len(items), 3), np.float32)
+
+    settings = Settings(front_coalescing=True, parallel_runs=False, query_max_batch_size=4)
+    client = EmbedderClient(settings)
+    flooder, searcher = Tenant("flood"), Tenant("search")
+
+    def job(text_id: int) -> EmbedJob:
+        return EmbedJob(
+            ids=[[101, text_id, 102]],
+            lane="query",
+            normalize=True,
+            dimensions=None,
+            encoding="float",
+        )
+
+    async def main() -> tuple[Gated, list[RequestContext], RequestContext]:
+        engine = Gated()
+        floods = [RequestContext(f"f{i}", tenant=flooder) for i in range(21)]
+        waiters = [
+            asyncio.ensure_future(client.embed(engine, job(i), r))  # type: ignore[arg-type]
+            for i, r in enumerate(floods)
+        ]
+        await _turns()
+        query = RequestContext("q", tenant=searcher)
+        waiters.append(asyncio.ensure_future(client.embed(engine, job(999), query)))  # type: ignore[arg-type]
+        opened = 0
+        while not all(w.done() for w in waiters):
+            await _turns()
+            while opened < len(engine.gates):
+                engine.gates[opened].set()
+                opened += 1
+        await asyncio.gather(*waiters)
+        return engine, floods, query
+
+    engine, floods, query = asyncio.run(main())
+    assert engine.calls[:2] == [[0, 1, 2, 3], [999, 4, 5, 6]]
+    assert query.other_tenant_runs_ahead == 0 and query.batches == ["query-2"]
+    assert [r.other_tenant_runs_ahead for r in floods] == [0] * 7 + [1] * 14

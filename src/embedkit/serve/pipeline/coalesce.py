@@ -25,9 +25,9 @@ Two policies, both without timers (nothing ever waits for company):
 Waiting requests are queued per tenant (the ``tenant`` a request is submitted with)
 and calls are filled in deficit round robin over tenants, charged in tokens (``cost``),
 so a tenant's flood costs another tenant's queries turns, never the whole queue. A
-tenant with nothing queued goes ahead of the round for its first turn (FQ-CoDel's new
-flows): its lone query leaves in the very next call. With one tenant this is the
-first-in, first-out queue it always was.
+tenant with nothing in the lane (queued or in a call) goes ahead of the round for its
+first turn (FQ-CoDel's new flows): its lone query leaves in the very next call. With one
+tenant this is the first-in, first-out queue it always was.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ class Coalescer(Generic[R]):
         self._max_in_flight = max_in_flight
         self._quantum = max(1, quantum)
         self._tenants: dict[Hashable, _Tenant[R]] = {}  # those with requests waiting
-        self._new: deque[Hashable] = deque()  # arrived to an empty queue: served first
+        self._new: deque[Hashable] = deque()  # arrived with nothing in the lane: first
         self._old: deque[Hashable] = deque()  # the round
+        self._live: dict[Hashable, int] = {}  # per tenant: requests queued or in a call
         self._queued = 0
         self._in_flight = 0
         self._live_rows = 0  # submitted and not yet answered (queued here or in a call)
@@ -117,7 +118,10 @@ class Coalescer(Generic[R]):
         state = self._tenants.get(tenant)
         if state is None:
             state = self._tenants[tenant] = _Tenant()
-            self._new.append(tenant)
+            # Only a tenant with nothing in a call is new: a flood's next request, arriving
+            # while its last call runs, waits its turn in the round.
+            (self._old if tenant in self._live else self._new).append(tenant)
+        self._live[tenant] = self._live.get(tenant, 0) + 1
         waiter = _Waiter(
             ids, loop.create_future(), tenant, len(ids) if cost is None else cost, state.passed
         )
@@ -160,7 +164,7 @@ class Coalescer(Generic[R]):
                 waiter = state.queue[0]
                 if waiter.fut.done():  # cancelled before it left: nothing to send
                     self._pop(state)
-                    self._live_rows -= len(waiter.ids)
+                    self._gone([waiter])
                     continue
                 if group and rows + len(waiter.ids) > cap:
                     full = True
@@ -186,6 +190,16 @@ class Coalescer(Generic[R]):
         state.queue.popleft()
         self._queued -= 1
 
+    def _gone(self, waiters: list[_Waiter[R]]) -> None:
+        """``waiters`` are answered (or dropped): no longer live."""
+        for waiter in waiters:
+            self._live_rows -= len(waiter.ids)
+            left = self._live[waiter.tenant] - 1
+            if left:
+                self._live[waiter.tenant] = left
+            else:
+                del self._live[waiter.tenant]
+
     def _count(self, group: list[_Waiter[R]]) -> None:
         """A call leaves: each tenant still waiting counts it if it carries others' rows."""
         senders = {waiter.tenant for waiter in group}
@@ -198,14 +212,14 @@ class Coalescer(Generic[R]):
         try:
             raw = np.asarray(await self._send(rows))
         except BaseException as exc:  # handed to every waiter
-            self._release(len(rows))
+            self._release(group)
             for waiter in group:
                 if not waiter.fut.done():
                     waiter.fut.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        self._release(len(rows))
+        self._release(group)
         start = 0
         for waiter in group:
             end = start + len(waiter.ids)
@@ -213,7 +227,7 @@ class Coalescer(Generic[R]):
                 waiter.fut.set_result(raw[start:end])
             start = end
 
-    def _release(self, rows: int) -> None:
+    def _release(self, group: list[_Waiter[R]]) -> None:
         """A call returned: the next one leaves *before* its results are handed out, so
         it is not queued behind the event-loop work of answering those requests, which
         left the model idle between batches (docs/benchmarks/http.md). It is sized while
@@ -222,4 +236,4 @@ class Coalescer(Generic[R]):
         self._in_flight -= 1
         if self._tenants:
             self._pump()
-        self._live_rows -= rows
+        self._gone(group)
