@@ -99,6 +99,7 @@ def test_request_ids_round_trip_and_are_logged(tenant_server) -> None:
     entry = _request_log(tenant_server, "trace-0001.a:b")
     assert entry["tenant"] == "search" and entry["lane"] == "query" and entry["status"] == 200
     assert entry["route"] == "/embed/query" and entry["tokens"] == 3
+    assert entry["other_tenant_runs_ahead"] == 0  # alone on the query lane
     assert entry["served"] == r.headers["x-embedkit-model"]
     (batch,) = entry["batches"]
     assert re.fullmatch(r"query-\d+", str(batch))
@@ -134,6 +135,9 @@ def test_lane_header_chooses_the_openai_lane(tenant_server) -> None:
     assert lane(["a", "b"], {}).headers["x-embedkit-lane"] == "bulk"
     assert lane("one", {"x-embedkit-lane": "bulk"}).headers["x-embedkit-lane"] == "bulk"
     assert lane(["a", "b"], {"x-embedkit-lane": "Query"}).headers["x-embedkit-lane"] == "query"
+    # Over max_query_texts (32): served, on the bulk lane, and the header says so.
+    many = lane([f"t{i}" for i in range(33)], {"x-embedkit-lane": "query"})
+    assert many.status_code == 200 and many.headers["x-embedkit-lane"] == "bulk"
     bad = lane("one", {"x-embedkit-lane": "fast", "x-request-id": "bad-lane"})
     assert bad.status_code == 400 and bad.headers["x-request-id"] == "bad-lane"
     err = bad.json()["error"]
