@@ -227,3 +227,49 @@ def test_over_quota_is_429_while_another_tenants_queries_keep_their_bound(tenant
     ahead = [int(q.headers["x-embedkit-bulk-runs-ahead"]) for q in queries]
     assert max(ahead) <= runs, ahead
     assert max(ahead) >= 1, f"no query met the flood: {ahead}"  # the scenario happened
+
+
+# One tenant's flood of the query lane: many concurrent 32-text queries (the most the lane
+# takes, max_query_texts), long enough that calls queue in the front.
+QUERY_FLOOD = {"texts": [f"{i} " + " ".join(["word"] * 30) for i in range(32)]}
+
+
+async def _query_flood(url: str, n: int) -> tuple[list[str], list[str]]:
+    """The default tenant floods /embed/query with ``n`` requests; meanwhile ``search``
+    sends single queries, one at a time. (flood request ids, lone query ids)."""
+    answered: list[str] = []
+    sent: list[str] = []
+
+    async def flood_one(client: httpx.AsyncClient, j: int) -> None:
+        headers = {**PLAIN, "x-request-id": f"flood-{j}"}
+        r = await client.post("/embed/query", json=QUERY_FLOOD, headers=headers)
+        assert r.status_code == 200, r.text
+        answered.append(f"flood-{j}")
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        flood = [asyncio.ensure_future(flood_one(client, j)) for j in range(n)]
+        await asyncio.sleep(0.3)  # the flood queued in the front first
+        for i in range(5):
+            rid = f"lone-{i}"
+            sent.append(rid)
+            headers = {**SEARCH, "x-request-id": rid}
+            r = await client.post("/embed/query", json={"texts": [f"lone {i}"]}, headers=headers)
+            assert r.status_code == 200, r.text
+        await asyncio.gather(*flood)
+    return answered, sent
+
+
+def test_a_lone_query_waits_behind_at_most_one_run_of_another_tenants_query_flood(
+    tenant_server,
+) -> None:
+    """Issue 32's fairness, counted from the request log while the default tenant floods
+    the query lane: each of search's single queries left with at most one of the flood's
+    queued calls ahead of it (other_tenant_runs_ahead), and the flood's requests counted
+    the lone queries' calls that left ahead of them — the two tenants were told apart, and
+    the flood was still queued when the queries came (the coalescer's own tests show a
+    first-in, first-out queue failing the bound: tests/test_coalesce.py)."""
+    answered, sent = asyncio.run(_query_flood(tenant_server.url, 24))
+    lone = [_request_log(tenant_server, rid)["other_tenant_runs_ahead"] for rid in sent]
+    assert all(w is not None and w <= 1 for w in lone), lone
+    flood = [_request_log(tenant_server, rid)["other_tenant_runs_ahead"] for rid in answered]
+    assert max(flood) >= 1, f"no flood request saw a lone query pass it: {flood}"
