@@ -90,6 +90,8 @@ class QuotaStore:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self.member = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        scheme, _, rest = url.partition("://")
+        self._where = f"{scheme}://{rest.rpartition('@')[2]}"
         # No retries inside the client: a retry is another timeout a request would wait for.
         self._redis = aioredis.Redis.from_url(
             url,
@@ -117,9 +119,8 @@ class QuotaStore:
         )
 
     def where(self) -> str:
-        """The store's address without its password, for log lines."""
-        scheme, _, rest = self.url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
+        """The store's address without its password, for log lines and the gauge's label."""
+        return self._where
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -138,21 +139,22 @@ class QuotaStore:
         return answer
 
     def _mark(self, up: bool, exc: BaseException | None = None) -> None:
-        """One log line per change, the gauge always."""
-        if up != self.up:
-            if up and self.up is None:
-                log.info("embedkit quota store %s: tenants' budgets are shared", self.where())
-            elif up:
-                log.warning("embedkit quota store %s answers: tenants' budgets shared again",
-                            self.where())  # fmt: skip
-            else:
-                log.warning(
-                    "embedkit quota store %s unreachable (%s): each process charges a local "
-                    "bucket of rate / %d live processes until it answers",
-                    self.where(),
-                    exc,
-                    self.live,
-                )
+        """On a change (not per request): one log line and the gauge."""
+        if up == self.up:
+            return
+        if up and self.up is None:
+            log.info("embedkit quota store %s: tenants' budgets are shared", self.where())
+        elif up:
+            log.warning("embedkit quota store %s answers: tenants' budgets shared again",
+                        self.where())  # fmt: skip
+        else:
+            log.warning(
+                "embedkit quota store %s unreachable (%s): each process charges a local "
+                "bucket of rate / %d live processes until it answers",
+                self.where(),
+                exc,
+                self.live,
+            )
         self.up = up
         metrics.get().quota_store_up.labels(store=self.where()).set(1 if up else 0)
 
