@@ -30,8 +30,8 @@ _install:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release,
-	# openvino for the second CPU runtime (its variants and tests).
-	scripts/install $(VENV) -e '.[export,dev,openvino]'
+	# openvino for the second CPU runtime (its variants and tests), batch for embed-corpus (Parquet).
+	scripts/install $(VENV) -e '.[export,dev,openvino,batch]'
 
 serve: setup
 	./scripts/serve
