@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "release": 5,  # export → contract → variants → gate → perf gate → records → register
     "client": 5,  # clients of the HTTP service (reembed; canary and benchmarks use its api)
     "deploy": 6,  # Bentos, image, supply chain, pools, canary, rollback drill
+    "batch": 6,  # corpora embedded in-process (reembed's input parsing, the served identity)
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).

@@ -1,4 +1,4 @@
-"""Jobs a Kubernetes Job runs from the image: reembed."""
+"""Jobs a Kubernetes Job runs from the image: reembed, embed-corpus."""
 
 from __future__ import annotations
 
@@ -99,3 +99,87 @@ def reembed_cmd(
         "out": str(out),
     }
     print(json.dumps(result), flush=True)
+
+
+class OnBadLine(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+class OnDuplicate(StrEnum):
+    fail = "fail"
+    report = "report"
+
+
+class BatchEngine(StrEnum):
+    local = "local"
+
+
+@app.command("embed-corpus")
+@one_line_errors
+def embed_corpus_cmd(
+    input: Annotated[Path, typer.Argument(help="JSONL (one document a line) or Parquet.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "--artifact", "-m", help="Artifact dir or model tag."),
+    ] = None,
+    id_field: Annotated[str, typer.Option(help="The documents' id field.")] = "id",
+    text_field: Annotated[str, typer.Option(help="The documents' text field.")] = "text",
+    partition_rows: Annotated[
+        int, typer.Option(help="Input rows per partition (fixed for an output).", min=1)
+    ] = 10_000,
+    on_bad_line: Annotated[
+        OnBadLine, typer.Option(help="fail: exit 1 naming it; skip: to rejects.jsonl.")
+    ] = OnBadLine.fail,
+    on_duplicate: Annotated[
+        OnDuplicate, typer.Option(help="fail: exit 1 naming them; report: duplicates.jsonl.")
+    ] = OnDuplicate.fail,
+    previous: Annotated[
+        Path | None,
+        typer.Option(help="An earlier output: rows with the same id and text are copied."),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option(help="Delete this output's partitions and start again.")
+    ] = False,
+    engine: Annotated[BatchEngine, typer.Option(help="Where vectors are made.")] = (
+        BatchEngine.local
+    ),
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="Default: the model's.")
+    ] = None,
+    dimensions: Annotated[int | None, typer.Option(help="Matryoshka truncation.")] = None,
+    prompt_name: Annotated[
+        str | None, typer.Option(help="One of the model's prompts (default: its default).")
+    ] = None,
+    truncate: Annotated[bool, typer.Option(help="Truncate texts over the token limit.")] = True,
+) -> None:
+    """Embed a corpus in-process into Parquet partitions, resumably (docs/embed-corpus.md).
+
+    Prints the report (also written to OUT/report.json) as JSON on stdout.
+    """
+    from embedkit.batch import corpus
+
+    options = corpus.Options(
+        input=input,
+        out=out,
+        model=model,
+        id_field=id_field,
+        text_field=text_field,
+        partition_rows=partition_rows,
+        on_bad_line=on_bad_line.value,
+        on_duplicate=on_duplicate.value,
+        previous=previous,
+        restart=restart,
+        normalize=normalize,
+        dimensions=dimensions,
+        prompt_name=prompt_name,
+        truncate=truncate,
+    )
+
+    def warn(line: str) -> None:
+        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+    with progress_bar("embed-corpus") as update:
+        report = corpus.run(options, progress=update, warn=warn)
+    print(json.dumps(report.as_dict()), flush=True)
