@@ -348,3 +348,22 @@ def test_cli(tmp_path: Path, fp32_artifact) -> None:
     assert (
         result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     )
+
+
+def test_a_text_over_the_limit_without_truncation_names_its_line(
+    tmp_path: Path, fp32_artifact
+) -> None:
+    from embedkit.core.errors import InputTooLong
+
+    src = write_jsonl(tmp_path / "c.jsonl", [*TEXTS[:12], "word " * 400, *TEXTS[12:14]])
+    opts = options(tmp_path, src, partition_rows=5, truncate=False, model=str(fp32_artifact.path))
+    with pytest.raises(InputTooLong, match=r"c.jsonl: line 13 has \d+ tokens"):
+        corpus.run(opts, corpus.local_embedder(opts, SETTINGS))
+    done = sorted(p.name for p in (tmp_path / "out").glob("part-*"))
+    assert done == ["part-000000.parquet", "part-000001.parquet"]
+
+
+def test_previous_must_not_be_the_output(tmp_path: Path, embedder) -> None:
+    src = write_jsonl(tmp_path / "c.jsonl", TEXTS[:5])
+    with pytest.raises(InvalidInput, match="--previous must be another output"):
+        corpus.run(options(tmp_path, src, previous=tmp_path / "out"), embedder)

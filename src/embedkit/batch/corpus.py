@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from embedkit.batch import partitions
 from embedkit.batch.partitions import Embed, Previous
 from embedkit.client.reembed import VECTOR_FIELDS, atomic_write, count_lines
-from embedkit.core.errors import IdentityMismatch, InvalidInput
+from embedkit.core.errors import EmbedkitError, IdentityMismatch, InvalidInput
 from embedkit.core.settings import Settings
 from embedkit.serve.engine.identity import ServedIdentity
 
@@ -129,11 +129,9 @@ class Report:
     seconds: float = 0.0
     docs_per_s: float | None = None
     complete: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        return {**out, **self.extra}
+        return dict(self.__dict__)
 
 
 def _identity(served: ServedIdentity) -> dict[str, str]:
@@ -276,7 +274,7 @@ def _total_rows(path: Path) -> int:
         try:
             rows: int = partitions.pyarrow().parquet.ParquetFile(path).metadata.num_rows
         except Exception:  # reading the partitions names the problem
-            return 0
+            return -1
         return rows
     return count_lines(path) if path.is_file() else 0
 
@@ -298,6 +296,11 @@ def run(
         raise InvalidInput("--partition-rows must be at least 1")
     if not options.input.is_file():
         raise InvalidInput(f"{options.input} is not a file")
+    if options.previous is not None and options.previous.resolve() == options.out.resolve():
+        raise InvalidInput("--previous must be another output than --out")
+    total = _total_rows(options.input)
+    if total == 0:  # before the output directory exists: nothing to resume, nothing made
+        raise InvalidInput(f"{options.input} is empty (no rows)")
     started = time.monotonic()
     embedder = embedder or local_embedder(options)
     meta = _run_meta(options, embedder)
@@ -310,7 +313,6 @@ def run(
         str(options.out),
         previous=report_previous,
     )
-    total = _total_rows(options.input)
     metas: list[dict[str, Any]] = []
     rows_done = 0
 
@@ -332,7 +334,11 @@ def run(
             for bad in part.rejects:
                 if warn is not None:
                     warn(f"{options.input} line {bad['line']}: {bad['reason']}: skipped")
-            embedded = partitions.embed_partition(part, embedder.embed, embedder.dim, previous)
+            try:
+                embedded = partitions.embed_partition(part, embedder.embed, embedder.dim, previous)
+            except EmbedkitError as exc:
+                partitions.reword(exc, f"{options.input}: {exc.message}")
+                raise
             partitions.write_partition(output.path(part.index), embedded, meta)
             done = partitions.read_meta(output.path(part.index))
             report.computed += embedded.computed
@@ -345,7 +351,8 @@ def run(
         tell(f"{rate:.0f} docs/s")
     if not metas:
         raise InvalidInput(f"{options.input} is empty (no rows)")
-    stray = [p for p in output.files() if int(p.stem.split("-")[1]) >= len(metas)]
+    ours = {partitions.partition_name(k) for k in range(len(metas))}
+    stray = [p for p in output.files() if p.name not in ours]
     if stray:
         raise InvalidInput(
             f"{stray[0]} lies past the input's end (the input shrank since it was written): "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from embedkit.client.reembed import parse_line
-from embedkit.core.errors import InvalidInput, MissingExtra
+from embedkit.core.errors import EmbedkitError, InvalidInput, MissingExtra
 
 META_KEY = b"embedkit.corpus"  # the Parquet key-value metadata entry we own
 PARTITION_GLOB = "part-*.parquet"
@@ -47,8 +48,15 @@ def pyarrow() -> Any:
     return pa
 
 
+def reword(exc: EmbedkitError, message: str) -> None:
+    """Give ``exc`` a message its reader understands (str() and the CLI's line alike)."""
+    exc.message = message
+    exc.args = (message,)
+
+
 def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # surrogatepass: JSON may carry a lone surrogate ("\\ud800"); hash it, do not crash
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def partition_name(index: int) -> str:
@@ -63,6 +71,7 @@ class Partition:
     first_row: int
     rows: int = 0
     ids: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # each document's input line (1-based)
     texts: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "raw"}
     checksum: str = ""  # sha256 of the raw rows
@@ -108,6 +117,7 @@ def _jsonl_partitions(path: Path, rows: int, id_field: str, text_field: str) -> 
                     part.rejects.append(parsed)
                 else:
                     part.ids.append(str(parsed[0]))
+                    part.lines.append(lineno)
                     part.texts.append(parsed[1])
             part.checksum = digest.hexdigest()
             yield part
@@ -147,6 +157,7 @@ def _parquet_partitions(
                 )
             else:
                 part.ids.append(str(ident))
+                part.lines.append(row)
                 part.texts.append(text)
         part.checksum = digest.hexdigest()
         index += 1
@@ -219,7 +230,19 @@ def embed_partition(
         else:
             vectors[i] = old
     if todo:
-        fresh = np.asarray(embed([part.texts[i] for i in todo]), dtype=np.float32)
+        try:
+            fresh = np.asarray(embed([part.texts[i] for i in todo]), dtype=np.float32)
+        except EmbedkitError as exc:
+            # The engine names items of this call (`input[i]`); the user thinks in lines.
+            reword(
+                exc,
+                re.sub(
+                    r"input\[(\d+)\]",
+                    lambda m: f"line {part.lines[todo[int(m.group(1))]]}",
+                    exc.message,
+                ),
+            )
+            raise
         if fresh.shape != (len(todo), dim):
             raise InvalidInput(f"embedder returned {list(fresh.shape)} for {len(todo)} texts")
         vectors[todo] = fresh
