@@ -215,6 +215,9 @@ def test_changed_settings_or_input_are_refused_without_restart(
         corpus.run(opts, truncated)
     with pytest.raises(InvalidInput, match="partition_rows"):
         corpus.run(options(tmp_path, src, partition_rows=25), embedder)
+    reexported = replace(embedder, graph_sha256="0" * 64)  # the same name:version, another graph
+    with pytest.raises(InvalidInput, match=r"other settings \(identity: .*'graph'"):
+        corpus.run(options(tmp_path, src), reexported)
     report = corpus.run(replace(opts, restart=True), truncated)
     assert report.computed == 100 and report.partitions_resumed == 0
     assert partitions.read_vectors(tmp_path / "out" / "part-000001.parquet").shape == (50, 64)

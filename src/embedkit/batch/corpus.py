@@ -69,12 +69,15 @@ class Embedder:
     dim: int  # of the vectors written (after Matryoshka truncation)
     vectors: dict[str, Any]  # the settings that change vectors, as recorded
     embed: Embed
+    # The graph's sha256: two local exports both read "name:local", their graphs differ.
+    graph_sha256: str | None = None
 
 
 def local_embedder(options: Options, settings: Settings | None = None) -> Embedder:
     """The artifact's engine in this process (``--engine local``)."""
     from embedkit.core.settings import get_settings
     from embedkit.model import toolchain
+    from embedkit.model.artifact import MODEL_FILE
     from embedkit.runtime.engine import Engine
     from embedkit.runtime.vectors import check_dimensions
     from embedkit.serve.engine import identity
@@ -109,7 +112,9 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
             prompt_name=options.prompt_name,
         )
 
-    return Embedder(served, dims or engine.dimension, recorded, embed)
+    files = engine.manifest.files
+    graph = files.get(MODEL_FILE) or files.get(engine.artifact.model_path.name)
+    return Embedder(served, dims or engine.dimension, recorded, embed, graph)
 
 
 @dataclass
@@ -134,8 +139,9 @@ class Report:
         return dict(self.__dict__)
 
 
-def _identity(served: ServedIdentity) -> dict[str, str]:
-    return {f: str(getattr(served, f)) for f in VECTOR_FIELDS}
+def _identity(embedder: Embedder) -> dict[str, str | None]:
+    served = embedder.identity
+    return {**{f: str(getattr(served, f)) for f in VECTOR_FIELDS}, "graph": embedder.graph_sha256}
 
 
 def _show(identity: dict[str, Any]) -> str:
@@ -149,7 +155,7 @@ def _run_meta(options: Options, embedder: Embedder) -> dict[str, Any]:
     """What every partition and the manifest record; equal between runs to resume."""
     return {
         "format_version": FORMAT_VERSION,
-        "identity": _identity(embedder.identity),
+        "identity": _identity(embedder),
         "vectors": embedder.vectors,
         "dim": embedder.dim,
         "input": {
@@ -304,9 +310,9 @@ def run(
     started = time.monotonic()
     embedder = embedder or local_embedder(options)
     meta = _run_meta(options, embedder)
+    previous, report_previous = _previous(options, meta)
     output = Output(options, meta)
     output.open()
-    previous, report_previous = _previous(options, meta)
     report = Report(
         embedder.identity.header_value(),
         str(options.input),
