@@ -2,8 +2,8 @@
 
 ``model`` (export, validate, optimize, quantize, evaluate, encode, info, config, keys),
 ``release`` (the release pipeline, the performance gate), ``deploy`` (Bentos, the image,
-canary, rollback drill, pools) and ``jobs`` (reembed, embed-corpus). Measurement commands (``bench``,
-``profile``, ``soak``, ``bench-*``, ``chunk-retrieval``) live with the tooling in
+canary, rollback drill, pools) and ``jobs`` (reembed, embed-corpus). Measurement commands
+(``bench``, ``profile``, ``soak``, ``bench-*``, ``chunk-retrieval``) live with the tooling in
 ``embedkit_bench``, which the Bento and the image do not carry; an installed checkout
 registers them through the ``embedkit.commands`` entry point (pyproject.toml).
 
