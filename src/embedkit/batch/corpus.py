@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,11 @@ FORMAT_VERSION = 1
 OnBadLine = Literal["fail", "skip"]
 OnDuplicate = Literal["fail", "report"]
 Progress = Callable[[int, int, str], None]
+# (partitions to make, the run's metadata, whether --previous gives vectors) -> one
+# (partition index, computed, copied) per partition written, as each finishes.
+Dispatch = Callable[
+    [list[partitions.Partition], dict[str, Any], bool], Iterable[tuple[int, int, int]]
+]
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def _show(identity: dict[str, Any]) -> str:
     )
 
 
-def _run_meta(options: Options, embedder: Embedder) -> dict[str, Any]:
+def run_meta(options: Options, embedder: Embedder) -> dict[str, Any]:
     """What every partition and the manifest record; equal between runs to resume."""
     return {
         "format_version": FORMAT_VERSION,
@@ -291,9 +296,11 @@ def run(
     *,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    dispatch: Dispatch | None = None,
 ) -> Report:
     """Embed ``options.input`` into ``options.out``, resuming what an earlier run left;
-    the report is also written to ``DIR/report.json``."""
+    the report is also written to ``DIR/report.json``. ``dispatch``: another engine makes
+    the unfinished partitions (``--engine ray``); None: this process, one at a time."""
     if options.on_bad_line not in ("fail", "skip"):
         raise InvalidInput("--on-bad-line is fail or skip")
     if options.on_duplicate not in ("fail", "report"):
@@ -309,7 +316,7 @@ def run(
         raise InvalidInput(f"{options.input} is empty (no rows)")
     started = time.monotonic()
     embedder = embedder or local_embedder(options)
-    meta = _run_meta(options, embedder)
+    meta = run_meta(options, embedder)
     previous, report_previous = _previous(options, meta)
     output = Output(options, meta)
     output.open()
@@ -319,7 +326,8 @@ def run(
         str(options.out),
         previous=report_previous,
     )
-    metas: list[dict[str, Any]] = []
+    metas: dict[int, dict[str, Any]] = {}
+    pending: list[partitions.Partition] = []  # for `dispatch`, checked and in input order
     rows_done = 0
 
     def tell(text: str) -> None:
@@ -340,6 +348,9 @@ def run(
             for bad in part.rejects:
                 if warn is not None:
                     warn(f"{options.input} line {bad['line']}: {bad['reason']}: skipped")
+            if dispatch is not None:
+                pending.append(part)
+                continue
             try:
                 embedded = partitions.embed_partition(part, embedder.embed, embedder.dim, previous)
             except EmbedkitError as exc:
@@ -351,13 +362,30 @@ def run(
             report.copied += embedded.copied
         else:
             report.partitions_resumed += 1
-        metas.append(done)
+        metas[part.index] = done
         rows_done += part.rows
         rate = (report.computed + report.copied) / max(time.monotonic() - started, 1e-9)
         tell(f"{rate:.0f} docs/s")
+    if pending and dispatch is not None:
+        sizes = {p.index: p.rows for p in pending}
+        try:
+            for index, computed, copied in dispatch(pending, meta, previous is not None):
+                # The worker published the file by rename: its metadata are the record.
+                metas[index] = partitions.read_meta(output.path(index))
+                report.computed += computed
+                report.copied += copied
+                rows_done += sizes[index]
+                rate = (report.computed + report.copied) / max(time.monotonic() - started, 1e-9)
+                tell(f"{rate:.0f} docs/s")
+        except EmbedkitError as exc:
+            partitions.reword(exc, f"{options.input}: {exc.message}")
+            raise
+        missing = sorted(sizes.keys() - metas.keys())
+        if missing:
+            raise InvalidInput(f"the engine did not write partition(s) {missing[:5]}: rerun")
     if not metas:
         raise InvalidInput(f"{options.input} is empty (no rows)")
-    ours = {partitions.partition_name(k) for k in range(len(metas))}
+    ours = {partitions.partition_name(k) for k in metas}
     stray = [p for p in output.files() if p.name not in ours]
     if stray:
         raise InvalidInput(
@@ -365,9 +393,10 @@ def run(
             "rerun with --restart to redo it all, or use a new --out"
         )
     report.partitions = len(metas)
-    report.input_rows = sum(m["input_rows"] for m in metas)
-    report.documents = sum(m["rows"] for m in metas)
-    rejects = [r for m in metas for r in m["rejects"]]
+    ordered = [metas[k] for k in sorted(metas)]
+    report.input_rows = sum(m["input_rows"] for m in ordered)
+    report.documents = sum(m["rows"] for m in ordered)
+    rejects = [r for m in ordered for r in m["rejects"]]
     report.bad_lines = len(rejects)
     atomic_write(options.out / REJECTS, "".join(json.dumps(r) + "\n" for r in rejects).encode())
     duplicates = find_duplicates(output.files())

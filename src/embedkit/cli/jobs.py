@@ -113,6 +113,7 @@ class OnDuplicate(StrEnum):
 
 class BatchEngine(StrEnum):
     local = "local"
+    ray = "ray"
 
 
 @app.command("embed-corpus")
@@ -153,6 +154,14 @@ def embed_corpus_cmd(
         str | None, typer.Option(help="One of the model's prompts (default: its default).")
     ] = None,
     truncate: Annotated[bool, typer.Option(help="Truncate texts over the token limit.")] = True,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: join this cluster (default: start a local one)."),
+    ] = None,
+    actors: Annotated[int, typer.Option(help="--engine ray: actors, one model each.", min=1)] = 1,
+    threads_per_actor: Annotated[
+        int, typer.Option(help="--engine ray: CPUs (ORT threads) per actor.", min=1)
+    ] = 1,
 ) -> None:
     """Embed a corpus in-process into Parquet partitions, resumably (docs/embed-corpus.md).
 
@@ -180,6 +189,16 @@ def embed_corpus_cmd(
     def warn(line: str) -> None:
         err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
 
+    dispatch = None
+    if engine is BatchEngine.ray:
+        from embedkit.batch import ray_engine
+        from embedkit.core.settings import get_settings
+
+        dispatch = ray_engine.dispatcher(
+            ray_engine.RayOptions(ray_address, actors, threads_per_actor),
+            options,
+            get_settings(),
+        )
     with progress_bar("embed-corpus") as update:
-        report = corpus.run(options, progress=update, warn=warn)
+        report = corpus.run(options, progress=update, warn=warn, dispatch=dispatch)
     print(json.dumps(report.as_dict()), flush=True)

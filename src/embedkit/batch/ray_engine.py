@@ -1,0 +1,191 @@
+"""`embed-corpus --engine ray`: the unfinished partitions made by a pool of Ray Data actors.
+
+The driver (:func:`embedkit.batch.corpus.run`) reads and checks the partitions, skips the
+finished ones, and hands the rest to :func:`dispatcher`'s function: they become a Ray
+dataset of one row per partition (its parsed rows, as the local engine would embed them),
+``map_batches(PartitionWorker, batch_size=1)`` over ``actors`` actors of ``threads`` CPUs.
+Each actor loads the verified artifact once (``Engine.load`` through
+:func:`~embedkit.batch.corpus.local_embedder`), refuses to work if its identity or settings
+differ from the driver's (another artifact on that node), and per partition calls
+:func:`~embedkit.batch.partitions.embed_partition` and the atomic
+:func:`~embedkit.batch.partitions.write_partition`, returning a small status row. The
+driver then runs the same final pass as ``--engine local``.
+
+Exactly once: a partition file exists only once complete, so an actor killed mid-partition
+leaves nothing; Ray restarts it and retries the partition (``max_restarts`` /
+``max_task_retries``), and a second write of the same partition replaces the file with the
+same rows. ``--out`` must be a path every actor can write (a shared filesystem on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedkit.batch import corpus, partitions
+from embedkit.core.errors import EmbedkitError, IdentityMismatch, InvalidInput, MissingExtra
+from embedkit.core.settings import Settings
+
+# Bounded, unlike Ray Data's default (-1: forever): a partition that kills its actor every
+# time (a text that crashes the runtime) must end the run, not loop.
+RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # join this cluster; None: start a local one
+    actors: int = 1
+    threads: int = 1  # per actor: its intra_op_threads and its Ray num_cpus
+    num_cpus: int | None = None  # of a local cluster; None: actors * threads
+
+
+def ray() -> Any:
+    try:
+        import ray as ray_module
+        import ray.data  # a submodule: import it
+    except ModuleNotFoundError:
+        raise MissingExtra("--engine ray needs Ray Data: pip install 'embedkit[batch]'") from None
+    return ray_module
+
+
+def _row(part: partitions.Partition) -> dict[str, Any]:
+    return {
+        "index": part.index,
+        "first_row": part.first_row,
+        "rows": part.rows,
+        "ids": part.ids,
+        "lines": part.lines,
+        "texts": part.texts,
+        "rejects": json.dumps(part.rejects),  # a list of dicts is no Arrow column
+        "checksum": part.checksum,
+    }
+
+
+def _partition(row: dict[str, Any]) -> partitions.Partition:
+    return partitions.Partition(
+        index=int(row["index"]),
+        first_row=int(row["first_row"]),
+        rows=int(row["rows"]),
+        ids=list(row["ids"]),
+        lines=[int(n) for n in row["lines"]],
+        texts=list(row["texts"]),
+        rejects=json.loads(row["rejects"]),
+        checksum=str(row["checksum"]),
+    )
+
+
+class PartitionWorker:
+    """One actor: the artifact loaded once, one partition per call."""
+
+    def __init__(
+        self,
+        options: corpus.Options,
+        settings: Settings,
+        meta: dict[str, Any],
+        use_previous: bool,
+    ) -> None:
+        self.options = options
+        self.embedder = corpus.local_embedder(options, settings)
+        mine = corpus.run_meta(options, self.embedder)
+        if mine != meta:
+            raise IdentityMismatch(
+                f"the actor on {os.uname().nodename} loaded another artifact or settings "
+                f"({mine['identity']} {mine['vectors']}) than the driver "
+                f"({meta['identity']} {meta['vectors']})"
+            )
+        self.meta = meta
+        self.previous = None
+        if use_previous and options.previous is not None:
+            self.previous = partitions.Previous(
+                sorted(options.previous.glob(partitions.PARTITION_GLOB))
+            )
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        done: list[tuple[int, int, int]] = []
+        for row in batch.to_pylist():  # batch_size=1: one partition, but any size works
+            part = _partition(row)
+            embedded = self.embed(part)
+            path = self.options.out / partitions.partition_name(part.index)
+            partitions.write_partition(path, embedded, self.meta)
+            done.append((part.index, embedded.computed, embedded.copied))
+        return {
+            "index": np.array([d[0] for d in done], dtype=np.int64),
+            "computed": np.array([d[1] for d in done], dtype=np.int64),
+            "copied": np.array([d[2] for d in done], dtype=np.int64),
+        }
+
+    def embed(self, part: partitions.Partition) -> partitions.Embedded:
+        return partitions.embed_partition(
+            part, self.embedder.embed, self.embedder.dim, self.previous
+        )
+
+
+def _cause(exc: BaseException) -> EmbedkitError | None:
+    """Our own error inside Ray's wrappers (RayTaskError, UserCodeException), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EmbedkitError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def dispatcher(
+    ray_options: RayOptions,
+    options: corpus.Options,
+    settings: Settings,
+    worker: type[PartitionWorker] = PartitionWorker,
+) -> corpus.Dispatch:
+    """The function :func:`corpus.run` hands the unfinished partitions to."""
+    if ray_options.actors < 1 or ray_options.threads < 1:
+        raise InvalidInput("--actors and --threads-per-actor must be at least 1")
+    ray_module = ray()
+    # The actors' engines use exactly the CPUs Ray reserved for them (no oversubscription).
+    actor_settings = settings.model_copy(update={"intra_op_threads": ray_options.threads})
+
+    def dispatch(
+        pending: list[partitions.Partition], meta: dict[str, Any], use_previous: bool
+    ) -> Iterator[tuple[int, int, int]]:
+        started_here = not ray_module.is_initialized()
+        if started_here:
+            if ray_options.address is not None:
+                ray_module.init(address=ray_options.address, log_to_driver=False)
+            else:
+                ray_module.init(
+                    num_cpus=ray_options.num_cpus or ray_options.actors * ray_options.threads,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+        try:
+            dataset = ray_module.data.from_items([_row(p) for p in pending]).map_batches(
+                worker,
+                fn_constructor_args=(options, actor_settings, meta, use_previous),
+                batch_size=1,
+                batch_format="pyarrow",
+                concurrency=ray_options.actors,
+                num_cpus=ray_options.threads,
+                max_restarts=RETRIES,
+                max_task_retries=RETRIES,
+            )
+            for status in dataset.iter_rows():
+                yield int(status["index"]), int(status["computed"]), int(status["copied"])
+        except Exception as exc:
+            ours = _cause(exc)
+            if ours is None:
+                raise
+            raise ours from None
+        finally:
+            if started_here:
+                ray_module.shutdown()
+
+    return dispatch
