@@ -134,7 +134,8 @@ def _cause(exc: BaseException) -> EmbedkitError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, EmbedkitError):
+        # RayTaskError(InvalidInput) is both, without our message: take its `cause`.
+        if isinstance(e, EmbedkitError) and not type(e).__module__.startswith("ray"):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
@@ -166,6 +167,8 @@ def dispatcher(
                     include_dashboard=False,
                     log_to_driver=False,
                 )
+        # The actor's own exception (its one-line message), not Ray Data's UserCodeException.
+        ray_module.data.DataContext.get_current().raise_original_map_exception = True
         try:
             dataset = ray_module.data.from_items([_row(p) for p in pending]).map_batches(
                 worker,
