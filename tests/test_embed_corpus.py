@@ -341,6 +341,7 @@ def test_cli(tmp_path: Path, fp32_artifact) -> None:
         str(tmp_path / "out"),
         "--artifact",
         str(fp32_artifact.path),
+        *("--engine", "local"),
     ]
     result = CliRunner().invoke(app, [*args, "--partition-rows", "10"])
     assert result.exit_code == 0, result.output

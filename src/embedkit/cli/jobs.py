@@ -143,9 +143,10 @@ def embed_corpus_cmd(
     restart: Annotated[
         bool, typer.Option(help="Delete this output's partitions and start again.")
     ] = False,
-    engine: Annotated[BatchEngine, typer.Option(help="Where vectors are made.")] = (
-        BatchEngine.local
-    ),
+    engine: Annotated[
+        BatchEngine,
+        typer.Option(help="ray: a pool of Ray Data actors; local: this process, no Ray."),
+    ] = BatchEngine.ray,
     normalize: Annotated[
         bool | None, typer.Option("--normalize/--no-normalize", help="Default: the model's.")
     ] = None,
@@ -160,8 +161,12 @@ def embed_corpus_cmd(
     ] = None,
     actors: Annotated[int, typer.Option(help="--engine ray: actors, one model each.", min=1)] = 1,
     threads_per_actor: Annotated[
-        int, typer.Option(help="--engine ray: CPUs (ORT threads) per actor.", min=1)
-    ] = 1,
+        int | None,
+        typer.Option(
+            help="--engine ray: CPUs (ORT threads) per actor (default: EMBEDKIT_INTRA_OP_THREADS).",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Embed a corpus in-process into Parquet partitions, resumably (docs/embed-corpus.md).
 
@@ -194,10 +199,10 @@ def embed_corpus_cmd(
         from embedkit.batch import ray_engine
         from embedkit.core.settings import get_settings
 
+        settings = get_settings()
+        threads = threads_per_actor or settings.intra_op_threads
         dispatch = ray_engine.dispatcher(
-            ray_engine.RayOptions(ray_address, actors, threads_per_actor),
-            options,
-            get_settings(),
+            ray_engine.RayOptions(ray_address, actors, threads), options, settings
         )
     with progress_bar("embed-corpus") as update:
         report = corpus.run(options, progress=update, warn=warn, dispatch=dispatch)
