@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,23 @@ def test_same_output_as_local(tmp_path: Path, fp32_artifact) -> None:
     # A rerun resumes everything: the driver dispatches nothing.
     again = corpus.run(opts, corpus.local_embedder(opts, SETTINGS), dispatch=dispatch(opts))
     assert (again.partitions_resumed, again.computed) == (12, 0)
+
+
+def test_previous_copies_in_the_actors(tmp_path: Path, fp32_artifact) -> None:
+    """An earlier (local) output as --previous: the actors copy the unchanged rows."""
+    texts = list(TEXTS[:100])
+    old = options(tmp_path, write_jsonl(tmp_path / "old.jsonl", texts), fp32_artifact, "old")
+    corpus.run(old, corpus.local_embedder(old, SETTINGS))
+    texts[5] = texts[60] = "a changed document"
+    src = write_jsonl(tmp_path / "new.jsonl", texts)
+    opts = replace(options(tmp_path, src, fp32_artifact), previous=tmp_path / "old")
+    report = corpus.run(opts, corpus.local_embedder(opts, SETTINGS), dispatch=dispatch(opts))
+    assert (report.computed, report.copied, report.documents) == (2, 98, 100)
+    fresh = options(tmp_path, src, fp32_artifact, "fresh")
+    corpus.run(fresh, corpus.local_embedder(fresh, SETTINGS))
+    np.testing.assert_allclose(
+        read_output(tmp_path / "ray")[1], read_output(tmp_path / "fresh")[1], atol=1e-5
+    )
 
 
 class CrashOnce(ray_engine.PartitionWorker):
