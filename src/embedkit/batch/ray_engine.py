@@ -167,15 +167,18 @@ def dispatcher(
                     include_dashboard=False,
                     log_to_driver=False,
                 )
+        context = ray_module.data.DataContext.get_current()
         # The actor's own exception (its one-line message), not Ray Data's UserCodeException.
-        ray_module.data.DataContext.get_current().raise_original_map_exception = True
+        context.raise_original_map_exception = True
+        context.enable_progress_bars = False  # the CLI draws its own
+
         try:
             dataset = ray_module.data.from_items([_row(p) for p in pending]).map_batches(
                 worker,
                 fn_constructor_args=(options, actor_settings, meta, use_previous),
                 batch_size=1,
                 batch_format="pyarrow",
-                concurrency=ray_options.actors,
+                compute=ray_module.data.ActorPoolStrategy(size=ray_options.actors),
                 num_cpus=ray_options.threads,
                 max_restarts=RETRIES,
                 max_task_retries=RETRIES,
