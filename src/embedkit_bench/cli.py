@@ -509,3 +509,44 @@ def soak_cmd(
         out_path.with_suffix(".md").write_text(md)
     if not passed(report):
         raise typer.Exit(1)
+
+
+@app.command("bench-corpus")
+@one_line_errors
+def bench_corpus_cmd(
+    corpus: Annotated[Path, typer.Argument(help="JSONL corpus (e.g. SciFact's corpus.jsonl).")],
+    documents: Annotated[int, typer.Option(help="Its first N documents.", min=1)] = 2000,
+    artifact: ArtifactOpt = None,
+    id_field: Annotated[str, typer.Option(help="The documents' id field.")] = "_id",
+    text_field: Annotated[str, typer.Option(help="The documents' text field.")] = "text",
+    cores: Annotated[
+        int | None, typer.Option(help="Cores each engine may use (default: all).", min=1)
+    ] = None,
+    partition_rows: Annotated[int, typer.Option(help="embed-corpus partitions.", min=1)] = 250,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Also write the table here.")
+    ] = None,
+) -> None:
+    """Corpus throughput: embed-corpus local, Ray with 1 and N actors, reembed over HTTP.
+
+    The same documents through each, one after another in one run; prints docs/s and
+    docs/s per core and sizes a cluster for 100 M documents from the best per-core rate.
+    """
+    from embedkit.release.measure import default_artifact
+    from embedkit_bench import corpus as bench
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = bench.compare(
+        corpus,
+        documents=documents,
+        artifact=default_artifact(artifact).resolve(),
+        id_field=id_field,
+        text_field=text_field,
+        cores=cores or os.cpu_count() or 1,
+        partition_rows=partition_rows,
+        echo=lambda line: err.print(line, markup=False, highlight=False),
+    )
+    table = bench.markdown(rows, command=invocation())
+    print(table, flush=True)
+    if markdown_out:
+        markdown_out.write_text(table)
