@@ -303,3 +303,25 @@ def test_memory_criterion_tells_a_leak_from_a_noisy_warm_up() -> None:
     assert not verdict(leak)
     assert not verdict(jump)
     assert lt.summarize([], 1.0, rss=[1, 2]).rss_growth is None  # too few samples: unjudged
+
+
+def test_corpus_sizing_and_table_arithmetic(tmp_path: Path) -> None:
+    from embedkit_bench import corpus as bench_corpus
+
+    # 100 M documents at 25 docs/s per core in 24 h: 1e8 / (25 * 86,400) = 46.3 -> 47 cores.
+    assert bench_corpus.sizing(25.0, 100_000_000, 24) == 47
+    assert bench_corpus.sizing(100.0, 360_000, 1) == 1
+    rows = [
+        bench_corpus.Row("embed-corpus", "local", 2, 100, 5.0, 40.0),
+        bench_corpus.Row("reembed", "HTTP", 2, 100, 9.0, 10.0),
+    ]
+    table = bench_corpus.markdown(rows, command="embedkit bench-corpus x")
+    assert "| embed-corpus | local | 2 | 100 | 5.0 | 40.0 | 20.0 |" in table
+    assert "20.0 docs/s per core, embed-corpus local" in table
+    assert "24 h → 58 cores" in table  # 1e8 / (20 * 86,400) = 57.9
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"}\n')
+    assert bench_corpus.first_documents(corpus, 1, tmp_path / "one.jsonl") == 1
+    assert (tmp_path / "one.jsonl").read_text() == '{"_id": "a", "text": "x"}\n'
+    with pytest.raises(InvalidInput, match="no such corpus"):
+        bench_corpus.first_documents(tmp_path / "none.jsonl", 1, tmp_path / "o.jsonl")
