@@ -265,3 +265,171 @@ def test_identity_header_round_trips() -> None:
     for bad in ("", "x; variant=fp32", IDENTITY.header_value().replace("class=", "klass=")):
         with pytest.raises(ValueError):
             ServedIdentity.from_header(bad)
+
+
+# --- shards (an Indexed Job's pods, one output) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("3/3", "I must be below N"),
+        ("-1/2", "is not I/N"),
+        ("x/2", "is not I/N"),
+        ("0/0", "N must be at least 1"),
+        ("1/2/3", "is not I/N"),
+        ("", "is not I/N"),
+    ],
+)
+def test_a_bad_shard_is_a_one_line_error(text: str, reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason) as caught:
+        reembed.Shard.parse(text)
+    assert "\n" not in caught.value.message and repr(text) in caught.value.message
+
+
+def test_the_shard_comes_from_the_flag_or_the_indexed_jobs_index() -> None:
+    env = {reembed.INDEX_ENV: "3"}
+    assert reembed.resolve_shard("1/4", None, {}) == reembed.Shard(1, 4)
+    assert reembed.resolve_shard(None, 4, env) == reembed.Shard(3, 4)
+    assert reembed.resolve_shard("1/4", 4, env) == reembed.Shard(1, 4)  # the flag wins
+    assert reembed.resolve_shard(None, None, {}) is None
+    refusals = [
+        ((None, None, env), r"JOB_COMPLETION_INDEX=3 is set .* give --shards N"),
+        ((None, 4, {}), r"--shards 4 without this process's index"),
+        (("1/4", 3, {}), r"--shard 1/4 and --shards 3 disagree"),
+        ((None, 3, env), r"JOB_COMPLETION_INDEX '3/3': I must be below N"),
+        ((None, 4, {reembed.INDEX_ENV: "one"}), r"JOB_COMPLETION_INDEX 'one/4' is not I/N"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(InvalidInput, match=message):
+            reembed.resolve_shard(*args)
+    with pytest.raises(InvalidInput, match="want 0 <= I < N"):
+        reembed.Shard(2, 2)  # the Python API checks as the CLI does
+
+
+def shard(tmp_path: Path, service: FakeService, spec: str, **kw) -> reembed.Summary:
+    return run(tmp_path, service, shard=reembed.Shard.parse(spec), **kw)
+
+
+def test_shards_embed_each_document_once_and_the_last_merges(tmp_path: Path) -> None:
+    """22 lines in chunks of 4 (chunks 0-5) over 3 shards: shard I sends exactly chunks
+    I and I+3; the merged index is the unsharded run's, rejects included."""
+    bad = {2: "{oops", 10: '{"id": "d0", "text": "again"}'}  # chunk 0 (shard 0), 2 (shard 2)
+    corpus(tmp_path / "corpus.jsonl", 22, bad)
+    out = tmp_path / "out"
+    sent: dict[int, list[str]] = {}
+    for i in range(3):
+        service = FakeService()
+        summary = shard(tmp_path, service, f"{i}/3")
+        sent[i] = service.embedded
+        assert summary.shards_complete == i + 1
+        assert (out / reembed.SHARDS_DONE).exists() == (i == 2)
+        assert (out / "index.jsonl").exists() == (i == 2)
+        own = [json.loads(x)["line"] for x in (out / f"index-shard-{i}-of-3.jsonl").open()]
+        assert {(line - 1) // 4 for line in own} == {i, i + 3}
+    docs = [f"document {i}" for i in range(22) if i not in (1, 9)]
+    assert sorted(sent[0] + sent[1] + sent[2]) == sorted(docs)  # disjoint, all of them
+    assert sent[1] == [f"document {i}" for i in [*range(4, 8), *range(16, 20)]]
+    done = json.loads((out / reembed.SHARDS_DONE).read_text())
+    assert (done["shards"], done["documents"], done["rejected"]) == (3, 20, 2)
+    assert done["served"] == IDENTITY.header_value()
+    rejects = [json.loads(x)["line"] for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [2, 10]
+    # The same as one unsharded run over the same input.
+    got = read_output(out)
+    whole = tmp_path / "whole"
+    reembed.run(
+        reembed.Options(
+            url="http://embedkit.test",
+            input=tmp_path / "corpus.jsonl",
+            out=whole,
+            chunk_size=4,
+            concurrency=1,
+        ),
+        transport=httpx.MockTransport(FakeService()),
+    )
+    assert list(got) == list(read_output(whole))
+    for ident, vec in got.items():
+        i = int(str(ident)[1:])
+        assert np.array_equal(vec, np.array(vector(f"document {i}"), np.float32))
+
+
+def test_one_shard_resumes_alone(tmp_path: Path) -> None:
+    corpus(tmp_path / "corpus.jsonl", 24)  # chunks 0-5; shard 1 of 2 owns 1, 3, 5
+    shard(tmp_path, FakeService(), "0/2")
+    dying = FakeService()
+
+    def die(done: int) -> None:
+        if done >= 4:  # one of its chunks written, then the pod dies
+            raise RuntimeError("killed")
+
+    dying.on_embed = die
+    with pytest.raises(RuntimeError, match="killed"):
+        shard(tmp_path, dying, "1/2")
+    out = tmp_path / "out"
+    assert json.loads((out / "reembed-shard-1-of-2.json").read_text())["done"] == [[1, 1]]
+    assert not (out / reembed.SHARDS_DONE).exists()
+    again = FakeService()
+    summary = shard(tmp_path, again, "1/2")
+    assert summary.chunks_resumed == 1 and summary.shards_complete == 2
+    assert again.embedded == [f"document {i}" for i in [*range(12, 16), *range(20, 24)]]
+    assert list(read_output(out)) == [f"d{i}" for i in range(24)]
+
+
+def test_shards_refuse_to_mix_with_other_layouts(tmp_path: Path) -> None:
+    corpus(tmp_path / "corpus.jsonl", 8)
+    run(tmp_path, FakeService())  # unsharded
+    with pytest.raises(InvalidInput, match=r"holds an unsharded checkpoint \(reembed\.json\)"):
+        shard(tmp_path, FakeService(), "0/2")
+    out = tmp_path / "out"
+    for path in out.iterdir():
+        if path.is_file():
+            path.unlink()
+    for path in (out / "chunks").iterdir():
+        path.unlink()
+    shard(tmp_path, FakeService(), "0/2")
+    with pytest.raises(InvalidInput, match=r"holds shards of a run in 2 shards, not 3"):
+        shard(tmp_path, FakeService(), "1/3")
+    with pytest.raises(InvalidInput, match=r"holds the checkpoints of a run in 2 shards"):
+        run(tmp_path, FakeService())
+    with pytest.raises(InvalidInput, match=r"shard-0-of-2\.json was made with .*chunk_size: 4 → 5"):
+        shard(tmp_path, FakeService(), "1/2", chunk_size=5)
+    newer = FakeService()
+    newer.identity = ServedIdentity(**{**IDENTITY.__dict__, "version": "v2"})
+    with pytest.raises(IdentityMismatch, match=r"shard-0-of-2\.json was made with .*:v1.*:v2"):
+        shard(tmp_path, newer, "1/2")
+    assert not (out / "reembed-shard-1-of-2.json").exists()  # refused before any work
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(InvalidInput, match=r"holds no shard checkpoints of 2 \(it holds notes"):
+        shard(tmp_path, FakeService(), "1/2")
+
+
+def test_a_shard_leaves_the_others_half_written_files_alone(tmp_path: Path) -> None:
+    corpus(tmp_path / "corpus.jsonl", 8)
+    chunks = tmp_path / "out" / "chunks"
+    chunks.mkdir(parents=True)
+    mine, theirs = chunks / ".00000000.npy.1.ab.tmp", chunks / ".00000001.npy.1.cd.tmp"
+    mine.write_bytes(b"half")
+    theirs.write_bytes(b"in flight")
+    shard(tmp_path, FakeService(), "0/2")
+    assert not mine.exists() and theirs.exists()
+
+
+def test_cli_refuses_an_index_without_the_count_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    corpus(tmp_path / "corpus.jsonl", 2)
+    args = ["reembed", str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "out")]
+    for extra, env, message in [
+        ([], {reembed.INDEX_ENV: "1"}, "JOB_COMPLETION_INDEX=1 is set"),
+        (["--shard", "3/3"], {}, "--shard '3/3': I must be below N"),
+        (["--shard", "x/2"], {}, "is not I/N"),
+        (["--shards", "4"], {}, "--shards 4 without this process's index"),
+    ]:
+        result = CliRunner().invoke(app, [*args, *extra], env=env)
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+        assert message in result.output, result.output
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -57,6 +58,21 @@ def reembed_cmd(
         str | None,
         typer.Option(help="Which served model (GET /v1/models ids); default: the first."),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Embed only shard I of N (chunks k with k mod N = I), 0 <= I < N, beside "
+            "the other shards in one --out. Default: JOB_COMPLETION_INDEX/--shards."
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="N, the number of shards (an Indexed Job's completions); the index comes "
+            "from JOB_COMPLETION_INDEX.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Embed a JSONL corpus through a running service's bulk route, resumably.
 
@@ -80,6 +96,7 @@ def reembed_cmd(
         timeout_s=timeout,
         max_wait_s=max_wait,
         model=model,
+        shard=reembed.resolve_shard(shard, shards, os.environ),
     )
 
     def warn(line: str) -> None:
@@ -98,6 +115,9 @@ def reembed_cmd(
         "docs_per_s": round(summary.embedded / summary.seconds, 1) if summary.seconds else None,
         "out": str(out),
     }
+    if options.shard is not None:
+        result["shard"] = str(options.shard)
+        result["shards_complete"] = summary.shards_complete
     print(json.dumps(result), flush=True)
 
 

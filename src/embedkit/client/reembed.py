@@ -21,6 +21,15 @@ Under admission control the service answers 429 (and 503 while it starts) with
 A malformed line (not JSON, not an object, missing or mistyped id/text, a duplicate id,
 a blank line) is named with its line number: ``on_bad_line="skip"`` records it in
 ``rejects.jsonl`` and goes on, ``"stop"`` finishes the chunks in flight and stops.
+
+Sharded (``--shard I/N``, one pod of a Kubernetes Indexed Job each): shard ``I`` embeds the
+chunks ``k`` with ``k % N == I`` (every shard reads the whole input, so line numbers, chunk
+boundaries and duplicate ids are the same for all) and keeps its own checkpoint, index and
+rejects (``reembed-shard-I-of-N.json``, ``index-shard-I-of-N.jsonl``, ...) beside the
+others' in one output. Chunk files are named by their global index, so shards never write
+the same file. The shard that finds all N checkpoints complete writes the merged
+``index.jsonl`` and ``rejects.jsonl``, then ``reembed-shards.json``: its presence says the
+whole corpus is done.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +61,12 @@ from embedkit.runtime.vectors import decode_base64
 from embedkit.serve.engine.identity import ServedIdentity
 
 CHECKPOINT = "reembed.json"
+SHARDS_DONE = "reembed-shards.json"  # written once every shard's checkpoint is complete
+SHARD_CHECKPOINT = re.compile(r"reembed-shard-(\d+)-of-(\d+)\.json")
+# What a shard may find in the output before it starts: its siblings' files and the chunks.
+SHARD_FILE = re.compile(r"(reembed|index|rejects)-shard-\d+-of-(\d+)\.jsonl?")
+STALE_CHUNK = re.compile(r"\.(\d{8})\.")  # the chunk index in a half-written chunk file's name
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in each pod of an Indexed Job
 FORMAT_VERSION = 1
 RETRYABLE = {429, 503, 504}
 # What makes two vectors comparable: the same model version, variant and precision. The
@@ -59,6 +75,70 @@ VECTOR_FIELDS = ("name", "version", "variant", "compatibility", "precision")
 
 Format = Literal["npy", "jsonl"]
 OnBadLine = Literal["skip", "stop"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the chunks: those ``k`` with ``k % count == index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise InvalidInput(f"shard {self.index}/{self.count}: want 0 <= I < N")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "--shard") -> Shard:
+        """``I/N`` with ``0 <= I < N``; ``source`` names where it came from in errors."""
+        found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if found is None:
+            raise InvalidInput(f"{source} {text!r} is not I/N (two integers, e.g. 0/4)")
+        index, count = int(found[1]), int(found[2])
+        if count < 1:
+            raise InvalidInput(f"{source} {text!r}: N must be at least 1")
+        if index >= count:
+            raise InvalidInput(f"{source} {text!r}: I must be below N (0 <= I < N)")
+        return cls(index, count)
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+    @property
+    def suffix(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def resolve_shard(
+    shard: str | None, shards: int | None, environ: Mapping[str, str]
+) -> Shard | None:
+    """The shard from ``--shard I/N``, else from ``JOB_COMPLETION_INDEX`` and ``--shards N``
+    (an Indexed Job: its completions count, which Kubernetes does not pass to the pod);
+    None for an unsharded run."""
+    if shards is not None and shards < 1:
+        raise InvalidInput(f"--shards {shards}: must be at least 1")
+    if shard is not None:
+        parsed = Shard.parse(shard)
+        if shards is not None and shards != parsed.count:
+            raise InvalidInput(f"--shard {shard} and --shards {shards} disagree on N")
+        return parsed
+    index = environ.get(INDEX_ENV)
+    if index is None:
+        if shards is not None:
+            raise InvalidInput(
+                f"--shards {shards} without this process's index: give --shard I/{shards} "
+                f"or run in an Indexed Job (which sets {INDEX_ENV})"
+            )
+        return None
+    if shards is None:
+        raise InvalidInput(
+            f"{INDEX_ENV}={index} is set (a Kubernetes Indexed Job) but not the number of "
+            "shards: give --shards N (the Job's completions) or --shard I/N"
+        )
+    return Shard.parse(f"{index}/{shards}", INDEX_ENV)
 
 
 @dataclass(frozen=True)
@@ -76,6 +156,7 @@ class Options:
     timeout_s: float = 120.0  # one request
     max_wait_s: float = 600.0  # one chunk's retries (429/503/504, connection errors) in all
     model: str | None = None  # a deployment serving several models: which one (None: default)
+    shard: Shard | None = None  # this process's share of the chunks (None: all of them)
 
 
 @dataclass
@@ -87,6 +168,7 @@ class Summary:
     chunks_resumed: int = 0  # found finished in the checkpoint
     retries: dict[str, int] = field(default_factory=dict)  # status (or "connect") -> count
     seconds: float = 0.0
+    shards_complete: int | None = None  # sharded: shards whose checkpoint is complete
 
 
 @dataclass(frozen=True)
@@ -185,7 +267,8 @@ def count_lines(path: Path) -> int:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """``data`` at ``path`` or the old file, never half of it (write, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # pid and a random part: pods of one Job share the output and often the pid as well.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -209,15 +292,24 @@ def _ranges(done: set[int]) -> list[list[int]]:
 
 
 class Output:
-    """The output directory: chunk files, the checkpoint, the final index and rejects."""
+    """The output directory: chunk files, the checkpoint, the final index and rejects (one
+    of each per shard when sharded, beside the other shards')."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
+        self.shard = options.shard
         self.root = options.out
         self.chunks = self.root / "chunks"
         self.done: set[int] = set()
         self.identity: ServedIdentity | None = None
         self.dim: int | None = None
+        tail = f"-{self.shard.suffix}" if self.shard else ""
+        self.checkpoint = self.root / (f"reembed{tail}.json" if self.shard else CHECKPOINT)
+        self.index_file = self.root / f"index{tail}.jsonl"
+        self.rejects_file = self.root / f"rejects{tail}.jsonl"
+
+    def owns(self, chunk: int) -> bool:
+        return self.shard is None or self.shard.owns(chunk)
 
     def _settings(self) -> dict[str, Any]:
         o = self.options
@@ -230,27 +322,104 @@ class Output:
             "model": o.model,
         }
 
-    def load(self) -> bool:
-        """Read an existing checkpoint; False when there is none (a fresh output)."""
-        path = self.root / CHECKPOINT
-        if not path.exists():
-            if self.root.exists() and any(self.root.iterdir()):
-                raise InvalidInput(f"{self.root} is not empty and holds no {CHECKPOINT}")
-            return False
-        state = json.loads(path.read_text())
-        if state.get("format_version") != FORMAT_VERSION:
-            raise InvalidInput(f"{path}: not a reembed checkpoint of this version")
-        mine, theirs = self._settings(), state["settings"]
+    def _check_settings(self, path: Path, theirs: dict[str, Any]) -> None:
+        mine = self._settings()
         changed = [f"{k}: {theirs.get(k)!r} → {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if changed:
             raise InvalidInput(
-                f"{self.root} was made with other settings ({'; '.join(changed)}): "
+                f"{path} was made with other settings ({'; '.join(changed)}): "
                 "resume with the same ones or use a new --out"
             )
+
+    def _read_state(self, path: Path) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads(path.read_text())
+        if state.get("format_version") != FORMAT_VERSION:
+            raise InvalidInput(f"{path}: not a reembed checkpoint of this version")
+        return state
+
+    def _shard_checkpoints(self) -> dict[tuple[int, int], Path]:
+        """(index, count) -> path of every shard checkpoint in the output."""
+        if not self.root.is_dir():
+            return {}
+        found = {}
+        for path in self.root.iterdir():
+            m = SHARD_CHECKPOINT.fullmatch(path.name)
+            if m:
+                found[int(m[1]), int(m[2])] = path
+        return found
+
+    def _refuse_mixing(self, shards: dict[tuple[int, int], Path]) -> None:
+        """One layout per output: unsharded, or N shards for one N."""
+        counts = sorted({n for _, n in shards})
+        if self.shard is None:
+            if counts:
+                raise InvalidInput(
+                    f"{self.root} holds the checkpoints of a run in {counts[0]} shards: resume "
+                    f"it with --shard I/{counts[0]} (or --shards {counts[0]}), or use a new --out"
+                )
+            return
+        if (self.root / CHECKPOINT).exists():
+            raise InvalidInput(
+                f"{self.root} holds an unsharded checkpoint ({CHECKPOINT}): resume it without "
+                "--shard, or use a new --out"
+            )
+        other = [n for n in counts if n != self.shard.count]
+        if other:
+            raise InvalidInput(
+                f"{self.root} holds shards of a run in {other[0]} shards, not "
+                f"{self.shard.count}: resume with --shards {other[0]}, or use a new --out"
+            )
+
+    def _foreign(self) -> list[str]:
+        """Names in the output a fresh run (or shard) must not write beside."""
+        if not self.root.exists():
+            return []
+        names = [p.name for p in self.root.iterdir()]
+        if self.shard is None:
+            return names
+        count = str(self.shard.count)
+        return [
+            n
+            for n in names
+            if n != "chunks"
+            and not (n.startswith(".") and n.endswith(".tmp"))  # a sibling's write in flight
+            and not ((m := SHARD_FILE.fullmatch(n)) and m[2] == count)
+        ]
+
+    def load(self) -> bool:
+        """Read an existing checkpoint; False when there is none (a fresh output, or shard)."""
+        shards = self._shard_checkpoints()
+        self._refuse_mixing(shards)
+        # The other shards' settings are this one's (their chunks share one index).
+        for (i, _), path in sorted(shards.items()):
+            if self.shard is not None and i != self.shard.index:
+                self._check_settings(path, self._read_state(path)["settings"])
+        path = self.checkpoint
+        if not path.exists():
+            foreign = self._foreign()
+            if foreign:
+                what = f"shard checkpoints of {self.shard.count}" if self.shard else CHECKPOINT
+                raise InvalidInput(
+                    f"{self.root} is not empty and holds no {what} (it holds {foreign[0]}): "
+                    "use a new --out"
+                )
+            return False
+        state = self._read_state(path)
+        self._check_settings(self.root, state["settings"])
         self.identity = ServedIdentity.from_dict(state["identity"])
         self.dim = state["dimensions"]
         self.done = {k for first, last in state["done"] for k in range(first, last + 1)}
         return True
+
+    def sibling_identities(self) -> dict[Path, ServedIdentity]:
+        """The served identity each other shard's checkpoint records."""
+        if self.shard is None:
+            return {}
+        return {
+            path: ServedIdentity.from_dict(self._read_state(path)["identity"])
+            for (i, _), path in sorted(self._shard_checkpoints().items())
+            if i != self.shard.index
+        }
 
     def start(self, identity: ServedIdentity, *, fresh: bool) -> None:
         self.identity = identity
@@ -259,7 +428,9 @@ class Output:
             self.save()
         self.chunks.mkdir(exist_ok=True)
         for stale in self.chunks.glob(".*.tmp"):  # a killed run's half-written files
-            stale.unlink()
+            m = STALE_CHUNK.match(stale.name)
+            if m is None or self.owns(int(m[1])):  # another shard's may be in flight
+                stale.unlink(missing_ok=True)
 
     def vectors_file(self, index: int) -> Path:
         return self.chunks / f"{index:08d}.{self.options.format}"
@@ -303,7 +474,7 @@ class Output:
 
     def save(self, complete: bool = False) -> None:
         assert self.identity is not None
-        state = {
+        state: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "settings": self._settings(),
             "identity": self.identity.as_dict(),
@@ -312,28 +483,77 @@ class Output:
             "done": _ranges(self.done),
             "complete": complete,
         }
-        atomic_write(self.root / CHECKPOINT, json.dumps(state, indent=1).encode())
+        if self.shard is not None:
+            state["shard"] = {"index": self.shard.index, "count": self.shard.count}
+        atomic_write(self.checkpoint, json.dumps(state, indent=1).encode())
 
-    def finish(self, total_chunks: int) -> tuple[int, int]:
-        """index.jsonl (one line per document, input order) and rejects.jsonl, from the
-        checkpoint's chunks only; (documents, rejects)."""
-        docs, index, rejects = 0, [], []
-        for k in range(total_chunks):
+    def _index(self, chunks: Iterable[int]) -> tuple[list[str], list[Any]]:
+        """index.jsonl lines (input order) and rejects of ``chunks``, from their sidecars."""
+        index: list[str] = []
+        rejects: list[Any] = []
+        for k in chunks:
             side = json.loads(self.sidecar(k).read_text())
             rejects += side["rejects"]
             name = self.vectors_file(k).relative_to(self.root).as_posix()
             for row, (line, ident) in enumerate(zip(side["lines"], side["ids"], strict=True)):
                 index.append(json.dumps({"id": ident, "line": line, "file": name, "row": row}))
-            docs += len(side["ids"])
-        atomic_write(self.root / "index.jsonl", "".join(x + "\n" for x in index).encode())
-        self.write_rejects(rejects)
-        self.save(complete=True)
-        return docs, len(rejects)
+        return index, rejects
 
-    def write_rejects(self, rejects: list[dict[str, Any]]) -> None:
-        atomic_write(
-            self.root / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects).encode()
-        )
+    def _write_index(self, index: list[str], rejects: list[Any], *, merged: bool = False) -> None:
+        """The index and rejects: this run's, or (``merged``) the whole sharded output's."""
+        index_path = self.root / "index.jsonl" if merged else self.index_file
+        rejects_path = self.root / "rejects.jsonl" if merged else self.rejects_file
+        atomic_write(index_path, "".join(x + "\n" for x in index).encode())
+        atomic_write(rejects_path, "".join(json.dumps(r) + "\n" for r in rejects).encode())
+
+    def finish(self, total_chunks: int) -> tuple[int, int]:
+        """The index (one line per document, input order) and the rejects of this run's
+        chunks, from the checkpoint's chunks only; (documents, rejects)."""
+        index, rejects = self._index([k for k in range(total_chunks) if self.owns(k)])
+        self._write_index(index, rejects)
+        self.save(complete=True)
+        return len(index), len(rejects)
+
+    def merge_shards(self, total_chunks: int) -> int:
+        """Once every shard's checkpoint is complete, the whole output's ``index.jsonl``,
+        ``rejects.jsonl`` and then ``reembed-shards.json``; the number of complete shards.
+
+        Each shard calls this after saving its own complete checkpoint, so the last to
+        finish sees them all; two finishing together write the same bytes."""
+        assert self.shard is not None and self.identity is not None
+        n = self.shard.count
+        states = {}
+        for (i, count), path in self._shard_checkpoints().items():
+            if count == n:
+                states[i] = self._read_state(path)
+        complete = sum(1 for s in states.values() if s["complete"])
+        if complete < n:
+            return complete
+        for i, state in sorted(states.items()):
+            where = self.root / f"reembed-shard-{i}-of-{n}.json"
+            self._check_settings(where, state["settings"])
+            theirs = ServedIdentity.from_dict(state["identity"])
+            _check_identity(theirs, self.identity, str(where), "this shard's is")
+            done = {k for first, last in state["done"] for k in range(first, last + 1)}
+            missing = [k for k in range(i, total_chunks, n) if k not in done]
+            if missing:  # complete but not covering its chunks: made from another input
+                raise InvalidInput(
+                    f"{where} is complete but lacks chunk {missing[0]}: the shards were run "
+                    "over different inputs; use a new --out"
+                )
+        index, rejects = self._index(range(total_chunks))
+        self._write_index(index, rejects, merged=True)
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "shards": n,
+            "complete": True,
+            "documents": len(index),
+            "rejected": len(rejects),
+            "served": self.identity.header_value(),
+            "identity": self.identity.as_dict(),
+        }
+        atomic_write(self.root / SHARDS_DONE, json.dumps(summary, indent=1).encode())
+        return complete
 
 
 def _npy_bytes(vectors: np.ndarray) -> bytes:
@@ -443,16 +663,19 @@ def _vector_key(identity: ServedIdentity) -> tuple[str, ...]:
     return tuple(str(getattr(identity, f)) for f in VECTOR_FIELDS)
 
 
-def _check_identity(made_with: ServedIdentity, now: ServedIdentity, where: str) -> None:
+def _show(i: ServedIdentity) -> str:
+    return f"{i.tag} (variant={i.variant}, class={i.compatibility}, precision={i.precision})"
+
+
+def _check_identity(
+    made_with: ServedIdentity,
+    now: ServedIdentity,
+    where: str,
+    now_is: str = "the service now serves",
+) -> None:
     if _vector_key(made_with) != _vector_key(now):
-
-        def show(i: ServedIdentity) -> str:
-            return (
-                f"{i.tag} (variant={i.variant}, class={i.compatibility}, precision={i.precision})"
-            )
-
         raise IdentityMismatch(
-            f"{where} was made with {show(made_with)} but the service now serves {show(now)}: "
+            f"{where} was made with {_show(made_with)} but {now_is} {_show(now)}: "
             "vectors of two models must not mix; re-embed into a new --out"
         )
 
@@ -468,9 +691,9 @@ def run(
     transport: httpx.BaseTransport | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Summary:
-    """Embed ``options.input`` into ``options.out``, resuming what a previous run left.
-    ``progress(lines done, lines, text)`` follows the work; ``warn`` gets each rejected
-    line (number and reason) as it is found."""
+    """Embed ``options.input`` (or, with ``options.shard``, its share of the chunks) into
+    ``options.out``, resuming what a previous run left. ``progress(lines done, lines, text)``
+    follows the work; ``warn`` gets each rejected line (number and reason) as it is found."""
     if options.chunk_size < 1 or options.concurrency < 1:
         raise InvalidInput("--chunk-size and --concurrency must be at least 1")
     if options.on_bad_line not in ("skip", "stop") or options.format not in ("npy", "jsonl"):
@@ -483,18 +706,29 @@ def run(
     started = time.monotonic()
     output = Output(options)
     resumed = output.load()
+    total_chunks = -(-total_lines // options.chunk_size)
     service = Service(options, transport=transport, sleep=sleep)
     try:
         now = service.identity()
         if output.identity is not None:
             _check_identity(output.identity, now, str(options.out))
+        # A shard joining the others: their vectors and its own must come from one model.
+        for path, theirs in output.sibling_identities().items():
+            _check_identity(theirs, now, str(path))
         output.start(output.identity or now, fresh=not resumed)
         summary = Summary(identity=output.identity or now, chunks_resumed=len(output.done))
+        own_lines = sum(
+            min(options.chunk_size, total_lines - k * options.chunk_size)
+            for k in range(total_chunks)
+            if output.owns(k)
+        )
         try:
-            _embed_all(options, output, service, summary, total_lines, progress, warn)
+            _embed_all(options, output, service, summary, own_lines, progress, warn)
         finally:
             summary.retries = dict(service.retries)
-        summary.documents, summary.rejected = output.finish(-(-total_lines // options.chunk_size))
+        summary.documents, summary.rejected = output.finish(total_chunks)
+        if options.shard is not None:
+            summary.shards_complete = output.merge_shards(total_chunks)
     finally:
         service.close()
     summary.seconds = time.monotonic() - started
@@ -540,6 +774,8 @@ def _embed_all(
         for chunk in read_chunks(options):
             if stop is not None:
                 break
+            if not output.owns(chunk.index):  # another shard's (parsed all the same: the
+                continue  # duplicate ids and line numbers are the whole input's)
             if chunk.index in output.done:
                 output.check_unchanged(chunk)
                 lines_done += chunk.size
