@@ -104,12 +104,12 @@ class CrashOnce(ray_engine.PartitionWorker):
     """Kills its own process (no exception, no cleanup) on partition 3, the first time:
     a marker file remembers across the restart."""
 
-    def embed(self, part: partitions.Partition) -> partitions.Embedded:
-        marker = self.options.out.parent / "crashed"
-        if part.index == 3 and not marker.exists():
+    def embed(self, rows: partitions.Rows) -> partitions.Embedded:
+        marker = Path(self.options.out).parent / "crashed"
+        if rows.part.index == 3 and not marker.exists():
             marker.touch()
             os._exit(1)
-        return super().embed(part)
+        return super().embed(rows)
 
 
 def test_killed_actor_is_retried_every_id_once(tmp_path: Path, fp32_artifact) -> None:
@@ -125,8 +125,8 @@ def test_killed_actor_is_retried_every_id_once(tmp_path: Path, fp32_artifact) ->
 
 
 class AlwaysFails(ray_engine.PartitionWorker):
-    def embed(self, part: partitions.Partition) -> partitions.Embedded:
-        raise InvalidInput(f"line {part.lines[0]}: refused by the test")
+    def embed(self, rows: partitions.Rows) -> partitions.Embedded:
+        raise InvalidInput(f"line {rows.lines[0]}: refused by the test")
 
 
 def test_an_actors_error_is_one_line(tmp_path: Path, fp32_artifact) -> None:

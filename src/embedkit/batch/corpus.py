@@ -7,6 +7,10 @@ partitions (:mod:`embedkit.batch.partitions`) through it. ``--engine local`` is
 service's post-processing (prompt, truncation, Matryoshka dimensions, normalisation:
 ``Engine.encode`` runs the same ``runtime.vectors`` code as ``/v1/embeddings``).
 
+Input, ``--out`` and ``--previous`` are local paths or any URI ``pyarrow.fs`` opens
+(:class:`~embedkit.batch.partitions.Location`). The driver holds partition descriptors,
+not texts: whoever embeds a partition reads its rows (:func:`make_partition`).
+
 One output, one model, one input: ``DIR/embed-corpus.json`` records the identity (name,
 version, variant, class, precision), the vector settings and the partitioning; so does
 every partition file's metadata, with the sha256 of the input rows it was made from. A
@@ -19,15 +23,17 @@ setting or input unless ``--restart``, which deletes this output's own files fir
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from embedkit.batch import partitions
-from embedkit.batch.partitions import Embed, Previous
-from embedkit.client.reembed import VECTOR_FIELDS, atomic_write, count_lines
+from embedkit.batch.partitions import Embed, Embedded, Location, Previous
+from embedkit.client.reembed import VECTOR_FIELDS
 from embedkit.core.errors import EmbedkitError, IdentityMismatch, InvalidInput
 from embedkit.core.settings import Settings
 from embedkit.serve.engine.identity import ServedIdentity
@@ -41,24 +47,27 @@ FORMAT_VERSION = 1
 OnBadLine = Literal["fail", "skip"]
 OnDuplicate = Literal["fail", "report"]
 Progress = Callable[[int, int, str], None]
-# (partitions to make, the run's metadata, whether --previous gives vectors) -> one
+# (partitions to make, the run's metadata, --previous's index or None) -> one
 # (partition index, computed, copied) per partition written, as each finishes.
 Dispatch = Callable[
-    [list[partitions.Partition], dict[str, Any], bool], Iterable[tuple[int, int, int]]
+    [list[partitions.Partition], dict[str, Any], Previous | None],
+    Iterable[tuple[int, int, int]],
 ]
+# A local path, or a URI pyarrow.fs opens (s3://bucket/key, gs://..., file://...).
+Where = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
 class Options:
-    input: Path
-    out: Path
+    input: Where
+    out: Where
     model: str | None = None  # artifact dir or tag; None: settings.model
     id_field: str = "id"
     text_field: str = "text"
     partition_rows: int = 10_000
     on_bad_line: OnBadLine = "fail"
     on_duplicate: OnDuplicate = "fail"
-    previous: Path | None = None
+    previous: Where | None = None
     restart: bool = False
     normalize: bool | None = None  # None: the model's
     dimensions: int | None = None  # Matryoshka truncation
@@ -181,16 +190,16 @@ class Output:
 
     def __init__(self, options: Options, meta: dict[str, Any]) -> None:
         self.options = options
-        self.root = options.out
+        self.root = Location.of(options.out)
         self.meta = meta
 
-    def path(self, index: int) -> Path:
-        return self.root / partitions.partition_name(index)
+    def path(self, index: int) -> Location:
+        return self.root.child(partitions.partition_name(index))
 
-    def files(self) -> list[Path]:
-        return sorted(self.root.glob(partitions.PARTITION_GLOB))
+    def files(self) -> list[Location]:
+        return self.root.list(partitions.PARTITION_GLOB)
 
-    def _check(self, theirs: dict[str, Any], where: Path) -> None:
+    def _check(self, theirs: dict[str, Any], where: Location) -> None:
         """``theirs`` (a manifest's or partition's metadata) was made as this run makes."""
         made_by = theirs.get("identity") or {}
         if made_by.get("name") != self.meta["identity"]["name"]:
@@ -208,12 +217,12 @@ class Output:
 
     def open(self) -> None:
         """Check what the directory holds (or wipe it: --restart); write the manifest."""
-        manifest = self.root / MANIFEST
-        if self.root.exists() and not self.root.is_dir():
+        manifest = self.root.child(MANIFEST)
+        if self.root.is_file():
             raise InvalidInput(f"{self.root} is not a directory")
-        if manifest.exists():
+        if manifest.is_file():
             try:
-                state = json.loads(manifest.read_text())
+                state = json.loads(manifest.read_bytes())
             except ValueError:
                 raise InvalidInput(f"{manifest}: not an embed-corpus manifest") from None
             try:
@@ -224,28 +233,31 @@ class Output:
                 if not self.options.restart:
                     raise
                 self._wipe()
-        elif self.root.exists() and any(self.root.iterdir()):
+        elif self.root.list():
             found = self.files()
             if found:  # another tool's (or a lost manifest's) partitions: say whose
                 self._check(partitions.read_meta(found[0]), found[0])
             raise InvalidInput(f"{self.root} is not empty and holds no {MANIFEST}: use a new --out")
         if self.options.restart:
             self._wipe()
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".*.tmp"):  # a killed run's half-written files
-            stale.unlink()
+        self.root.mkdir()
+        for stale in self.root.list(".*.tmp"):  # a killed run's half-written files
+            stale.delete()
         self.save(complete=False)
 
     def _wipe(self) -> None:
         """--restart: this output's own files, nothing else."""
         for path in self.files():
-            path.unlink()
+            path.delete()
         for name in (MANIFEST, REPORT, REJECTS, DUPLICATES):
-            (self.root / name).unlink(missing_ok=True)
+            self.root.child(name).delete()
+
+    def write(self, name: str, data: bytes) -> None:
+        self.root.child(name).write_atomic(data)
 
     def save(self, *, complete: bool, **facts: Any) -> None:
         state = {**self.meta, "complete": complete, **facts}
-        atomic_write(self.root / MANIFEST, json.dumps(state, indent=1).encode())
+        self.write(MANIFEST, json.dumps(state, indent=1).encode())
 
     def finished(self, part: partitions.Partition) -> dict[str, Any] | None:
         """The metadata of the partition's file when it is finished and still right."""
@@ -263,31 +275,49 @@ class Output:
         return theirs
 
 
-def _previous(options: Options, meta: dict[str, Any]) -> tuple[Previous | None, str | None]:
-    """--previous as a lookup, or why it cannot give vectors (another model or settings)."""
-    if options.previous is None:
+def _previous(where: Location | None, meta: dict[str, Any]) -> tuple[Previous | None, str | None]:
+    """--previous as an index, or why it cannot give vectors (another model or settings)."""
+    if where is None:
         return None, None
-    manifest = options.previous / MANIFEST
+    manifest = where.child(MANIFEST)
     if not manifest.is_file():
-        raise InvalidInput(
-            f"--previous {options.previous}: no {MANIFEST} (not an embed-corpus output)"
-        )
-    state = json.loads(manifest.read_text())
+        raise InvalidInput(f"--previous {where}: no {MANIFEST} (not an embed-corpus output)")
+    try:
+        state = json.loads(manifest.read_bytes())
+    except ValueError:
+        raise InvalidInput(f"{manifest}: not an embed-corpus manifest") from None
     for key in ("identity", "vectors", "dim"):
         if state.get(key) != meta[key]:
             return None, f"made with another {key} ({state.get(key)!r}): nothing copied"
-    files = sorted(options.previous.glob(partitions.PARTITION_GLOB))
-    return Previous(files), None
+    return Previous(where.list(partitions.PARTITION_GLOB)), None
 
 
-def _total_rows(path: Path) -> int:
-    if path.suffix == ".parquet":
-        try:
-            rows: int = partitions.pyarrow().parquet.ParquetFile(path).metadata.num_rows
-        except Exception:  # reading the partitions names the problem
-            return -1
-        return rows
-    return count_lines(path) if path.is_file() else 0
+def make_partition(
+    options: Options,
+    part: partitions.Partition,
+    meta: dict[str, Any],
+    embed: Callable[[partitions.Rows], Embedded],
+) -> Embedded:
+    """One partition, start to end, by whoever embeds it (this process or a Ray actor):
+    read its rows from the input, apply --on-bad-line, embed, publish the file."""
+    source = Location.of(options.input)
+    rows = partitions.read_rows(source, part, options.id_field, options.text_field)
+    if rows.rejects and options.on_bad_line == "fail":
+        bad = rows.rejects[0]
+        raise InvalidInput(
+            f"{source} line {bad['line']}: {bad['reason']} "
+            "(--on-bad-line fail; skip leaves such lines out)"
+        )
+    done = embed(rows)
+    out = Location.of(options.out).child(partitions.partition_name(part.index))
+    partitions.write_partition(out, done, meta)
+    return done
+
+
+def _name_input(exc: EmbedkitError, source: Location) -> None:
+    """An error from a partition's work names the input once."""
+    if not exc.message.startswith(str(source)):
+        partitions.reword(exc, f"{source}: {exc.message}")
 
 
 def run(
@@ -307,86 +337,81 @@ def run(
         raise InvalidInput("--on-duplicate is fail or report")
     if options.partition_rows < 1:
         raise InvalidInput("--partition-rows must be at least 1")
-    if not options.input.is_file():
-        raise InvalidInput(f"{options.input} is not a file")
-    if options.previous is not None and options.previous.resolve() == options.out.resolve():
+    source, out = Location.of(options.input), Location.of(options.out)
+    before = None if options.previous is None else Location.of(options.previous)
+    if before is not None and before == out:
         raise InvalidInput("--previous must be another output than --out")
-    total = _total_rows(options.input)
-    if total == 0:  # before the output directory exists: nothing to resume, nothing made
-        raise InvalidInput(f"{options.input} is empty (no rows)")
+    # One pass over the input: descriptors only (offsets, checksums, row counts).
+    descriptors = list(
+        partitions.scan(source, options.partition_rows, options.id_field, options.text_field)
+    )
+    if not descriptors:  # before the output directory exists: nothing to resume, nothing made
+        raise InvalidInput(f"{source} is empty (no rows)")
+    total = sum(p.rows for p in descriptors)
     started = time.monotonic()
     embedder = embedder or local_embedder(options)
     meta = run_meta(options, embedder)
-    previous, report_previous = _previous(options, meta)
+    previous, report_previous = _previous(before, meta)
     output = Output(options, meta)
     output.open()
     report = Report(
-        embedder.identity.header_value(),
-        str(options.input),
-        str(options.out),
-        previous=report_previous,
+        embedder.identity.header_value(), str(source), str(out), previous=report_previous
     )
     metas: dict[int, dict[str, Any]] = {}
-    pending: list[partitions.Partition] = []  # for `dispatch`, checked and in input order
+    pending: list[partitions.Partition] = []  # checked, in input order
     rows_done = 0
 
-    def tell(text: str) -> None:
+    def tell() -> None:
         if progress is not None:
-            progress(rows_done, max(total, rows_done), text)
+            rate = (report.computed + report.copied) / max(time.monotonic() - started, 1e-9)
+            progress(rows_done, total, f"{rate:.0f} docs/s")
 
-    for part in partitions.read_partitions(
-        options.input, options.partition_rows, options.id_field, options.text_field
-    ):
-        done = output.finished(part)
-        if done is None:
-            if part.rejects and options.on_bad_line == "fail":
-                bad = part.rejects[0]
-                raise InvalidInput(
-                    f"{options.input} line {bad['line']}: {bad['reason']} "
-                    "(--on-bad-line fail; skip leaves such lines out)"
-                )
-            for bad in part.rejects:
-                if warn is not None:
-                    warn(f"{options.input} line {bad['line']}: {bad['reason']}: skipped")
-            if dispatch is not None:
-                pending.append(part)
-                continue
-            try:
-                embedded = partitions.embed_partition(part, embedder.embed, embedder.dim, previous)
-            except EmbedkitError as exc:
-                partitions.reword(exc, f"{options.input}: {exc.message}")
-                raise
-            partitions.write_partition(output.path(part.index), embedded, meta)
-            done = partitions.read_meta(output.path(part.index))
-            report.computed += embedded.computed
-            report.copied += embedded.copied
+    def made(part: partitions.Partition, computed: int, copied: int) -> None:
+        nonlocal rows_done
+        # The file was published whole: its metadata are the record.
+        metas[part.index] = done = partitions.read_meta(output.path(part.index))
+        for bad in done["rejects"]:
+            if warn is not None:
+                warn(f"{source} line {bad['line']}: {bad['reason']}: skipped")
+        report.computed += computed
+        report.copied += copied
+        rows_done += part.rows
+        tell()
+
+    for part in descriptors:
+        finished = output.finished(part)
+        if finished is None:
+            pending.append(part)
         else:
             report.partitions_resumed += 1
-        metas[part.index] = done
-        rows_done += part.rows
-        rate = (report.computed + report.copied) / max(time.monotonic() - started, 1e-9)
-        tell(f"{rate:.0f} docs/s")
-    if pending and dispatch is not None:
-        sizes = {p.index: p.rows for p in pending}
-        try:
-            for index, computed, copied in dispatch(pending, meta, previous is not None):
-                # The worker published the file by rename: its metadata are the record.
-                metas[index] = partitions.read_meta(output.path(index))
-                report.computed += computed
-                report.copied += copied
-                rows_done += sizes[index]
-                rate = (report.computed + report.copied) / max(time.monotonic() - started, 1e-9)
-                tell(f"{rate:.0f} docs/s")
-        except EmbedkitError as exc:
-            partitions.reword(exc, f"{options.input}: {exc.message}")
-            raise
-        missing = sorted(sizes.keys() - metas.keys())
-        if missing:
-            raise InvalidInput(f"the engine did not write partition(s) {missing[:5]}: rerun")
-    if not metas:
-        raise InvalidInput(f"{options.input} is empty (no rows)")
+            metas[part.index] = finished
+            rows_done += part.rows
+    tell()
+    try:
+        if dispatch is None:
+            for part in pending:
+                embedded = make_partition(
+                    options,
+                    part,
+                    meta,
+                    lambda rows: partitions.embed_partition(
+                        rows, embedder.embed, embedder.dim, previous
+                    ),
+                )
+                made(part, embedded.computed, embedded.copied)
+        elif pending:
+            by_index = {p.index: p for p in pending}
+            for index, computed, copied in dispatch(pending, meta, previous):
+                made(by_index[index], computed, copied)
+    except EmbedkitError as exc:
+        _name_input(exc, source)
+        raise
+    missing = [p.index for p in pending if p.index not in metas]
+    if missing:
+        raise InvalidInput(f"the engine did not write partition(s) {missing[:5]}: rerun")
     ours = {partitions.partition_name(k) for k in metas}
-    stray = [p for p in output.files() if p.name not in ours]
+    files = output.files()
+    stray = [p for p in files if p.name not in ours]
     if stray:
         raise InvalidInput(
             f"{stray[0]} lies past the input's end (the input shrank since it was written): "
@@ -398,33 +423,41 @@ def run(
     report.documents = sum(m["rows"] for m in ordered)
     rejects = [r for m in ordered for r in m["rejects"]]
     report.bad_lines = len(rejects)
-    atomic_write(options.out / REJECTS, "".join(json.dumps(r) + "\n" for r in rejects).encode())
-    duplicates = find_duplicates(output.files())
+    output.write(REJECTS, "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    duplicates = find_duplicates(files)
     report.duplicates = len(duplicates)
-    atomic_write(
-        options.out / DUPLICATES, "".join(json.dumps(d) + "\n" for d in duplicates).encode()
-    )
+    output.write(DUPLICATES, "".join(json.dumps(d) + "\n" for d in duplicates).encode())
     report.seconds = round(time.monotonic() - started, 3)
-    made = report.computed + report.copied
-    report.docs_per_s = round(made / report.seconds, 1) if made and report.seconds else None
+    count = report.computed + report.copied
+    report.docs_per_s = round(count / report.seconds, 1) if count and report.seconds else None
     report.complete = not (duplicates and options.on_duplicate == "fail")
-    atomic_write(options.out / REPORT, json.dumps(report.as_dict(), indent=1).encode())
+    output.write(REPORT, json.dumps(report.as_dict(), indent=1).encode())
     output.save(complete=report.complete, partitions=report.partitions)
     if not report.complete:
         first = "; ".join(
             f"{d['id']!r} at {', '.join(f'{p}[{r}]' for p, r in d['at'])}" for d in duplicates[:3]
         )
         raise InvalidInput(
-            f"{len(duplicates)} id(s) occur more than once in {options.out}: {first} "
-            f"(all in {options.out / DUPLICATES}; --on-duplicate report keeps them)"
+            f"{len(duplicates)} id(s) occur more than once in {out}: {first} "
+            f"(all in {out.child(DUPLICATES)}; --on-duplicate report keeps them)"
         )
     return report
 
 
-def find_duplicates(files: list[Path]) -> list[dict[str, Any]]:
-    """Ids found in more than one row of the partitions, each with every (file, row)."""
+def find_duplicates(files: list[Location]) -> list[dict[str, Any]]:
+    """Ids found in more than one row of the partitions, each with every (file, row).
+
+    Two passes, so that memory is 8 bytes per row, not a map of every id: the first sorts
+    64-bit keys of all ids; the second collects the rows of the ids whose key repeats
+    (a key collision of two different ids is then told apart by the ids themselves)."""
+    keys = [np.fromiter(map(partitions.id_key, partitions.read_ids(f)), np.uint64) for f in files]
+    ordered = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
+    repeated = set(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist())
+    if not repeated:
+        return []
     where: dict[str, list[tuple[str, int]]] = {}
     for path in files:
         for row, ident in enumerate(partitions.read_ids(path)):
-            where.setdefault(ident, []).append((path.name, row))
+            if partitions.id_key(ident) in repeated:
+                where.setdefault(ident, []).append((path.name, row))
     return [{"id": i, "at": at} for i, at in where.items() if len(at) > 1]

@@ -1,23 +1,29 @@
 """A corpus cut into deterministic partitions, and one partition's vectors as a Parquet file.
 
 Partition ``k`` is always input rows ``k*N .. (k+1)*N-1`` (``N`` = ``partition_rows``), in
-input order, whatever ran before: a rerun, or a worker of a distributed engine, rebuilds
-exactly the same partition from the input alone. Each partition carries the sha256 of its
-raw input (JSONL lines as bytes, Parquet rows as canonical JSON), so a finished partition
-can prove it was made from the same input.
+input order, whatever ran before. The driver's one pass over the input (:func:`scan`) keeps
+only a small :class:`Partition` descriptor per partition (where its rows lie: byte offsets
+in JSONL, a row range in Parquet; the sha256 of its raw rows; its row count), never a text.
+Whoever embeds a partition reads its rows itself (:func:`read_rows`: the local engine, or a
+Ray actor from the shared filesystem or object store), checks them against the
+descriptor's checksum, and parses them; so a finished partition proves which input rows
+made it, and an input edited mid-run is refused instead of half-embedded.
+
+Files live wherever :class:`Location` points: a local path or any URI
+``pyarrow.fs.FileSystem.from_uri`` opens (``s3://``, ``gs://``, ``file://``, ...).
 
 JSONL lines are parsed by `embedkit reembed`'s own parser (:func:`client.reembed.parse_line`),
 so both jobs accept and refuse the same lines with the same reasons. Duplicate ids are not
 judged here: a partition knows only itself, so the run's final pass finds them across all.
 
 :func:`embed_partition` is the per-partition work (copy what ``--previous`` already holds,
-embed the rest), the function a Ray Data ``map_batches`` actor calls as is; it reads no
-global state. :func:`write_partition` publishes it by rename, so a partition file that
-exists is a finished one.
+embed the rest); it reads no global state. :func:`write_partition` publishes the file
+atomically, so a partition file that exists is a finished one.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -29,11 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from embedkit.client.reembed import parse_line
+from embedkit.client.reembed import atomic_write, parse_line
 from embedkit.core.errors import EmbedkitError, InvalidInput, MissingExtra
 
 META_KEY = b"embedkit.corpus"  # the Parquet key-value metadata entry we own
 PARTITION_GLOB = "part-*.parquet"
+BLOCK = 1 << 20  # bytes read at a time by the JSONL scan
+# Object stores publish an object whole when its upload completes: no rename needed.
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
 # texts -> float32 [n, dim], already post-processed as the service does.
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -42,7 +51,8 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 def pyarrow() -> Any:
     try:
         import pyarrow as pa
-        import pyarrow.parquet  # pa.parquet is a submodule: import it
+        import pyarrow.fs
+        import pyarrow.parquet  # pa.parquet and pa.fs are submodules: import them
     except ModuleNotFoundError:
         raise MissingExtra("embed-corpus needs pyarrow: pip install 'embedkit[batch]'") from None
     return pa
@@ -63,152 +73,436 @@ def partition_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
-@dataclass
+# --- where files live ---------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())  # S3 errors span lines; the CLI prints one
+
+
+class Location:
+    """A file or directory on a local disk or anything ``pyarrow.fs`` opens.
+
+    Picklable (a Ray actor gets it as is); ``str()`` is what the user typed, for messages.
+    Storage errors become one-line :class:`InvalidInput` naming the location.
+    """
+
+    def __init__(self, fs: Any, path: str, shown: str) -> None:
+        self.fs, self.path, self.shown = fs, path, shown
+
+    @classmethod
+    def of(cls, where: str | os.PathLike[str] | Location) -> Location:
+        if isinstance(where, Location):
+            return where
+        text = os.fspath(where)
+        pa = pyarrow()
+        if "://" not in text:  # a plain path, relative or not
+            return cls(pa.fs.LocalFileSystem(), os.path.abspath(text), text)
+        try:
+            fs, path = pa.fs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise InvalidInput(
+                f"{text}: not a location pyarrow.fs opens ({_one_line(exc)})"
+            ) from None
+        return cls(fs, path.rstrip("/") or path, text.split("?", 1)[0].rstrip("/"))
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __repr__(self) -> str:
+        return f"Location({self.shown!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Location)
+            and self.fs.type_name == other.fs.type_name
+            and self.path == other.path
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.fs.type_name, self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def local(self) -> bool:
+        return bool(self.fs.type_name == "local")
+
+    def child(self, name: str) -> Location:
+        return Location(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.shown}/{name}")
+
+    def _error(self, exc: BaseException) -> InvalidInput:
+        return InvalidInput(f"{self.shown}: {_one_line(exc)}")
+
+    def _type(self) -> Any:
+        try:
+            return self.fs.get_file_info(self.path).type
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def is_file(self) -> bool:
+        return bool(self._type() == pyarrow().fs.FileType.File)
+
+    def is_dir(self) -> bool:
+        return bool(self._type() == pyarrow().fs.FileType.Directory)
+
+    def exists(self) -> bool:
+        return bool(self._type() != pyarrow().fs.FileType.NotFound)
+
+    def list(self, pattern: str = "*") -> list[Location]:
+        """This directory's children whose name matches ``pattern``, sorted by name."""
+        pa = pyarrow()
+        try:
+            infos = self.fs.get_file_info(pa.fs.FileSelector(self.path, allow_not_found=True))
+        except OSError as exc:
+            raise self._error(exc) from None
+        names = sorted(i.base_name for i in infos if fnmatch.fnmatchcase(i.base_name, pattern))
+        return [self.child(n) for n in names]
+
+    def open(self) -> Any:
+        """A random-access reader (seek, read)."""
+        try:
+            return self.fs.open_input_file(self.path)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def read_bytes(self) -> bytes:
+        with self.open() as fh:
+            data: bytes = fh.read()
+        return data
+
+    def write_atomic(self, data: bytes | Any) -> None:
+        """``data`` at this location whole, or nothing there (the old file, if any)."""
+        if self.local:  # temporary name, fsync, rename
+            atomic_write(Path(self.path), bytes(data))
+            return
+        try:
+            if self.fs.type_name in OBJECT_STORES:
+                # One PUT (or one multipart upload): the object appears only once complete,
+                # so a crash mid-upload leaves nothing that looks finished. A rename here
+                # would be a copy plus a delete, and no more atomic.
+                with self.fs.open_output_stream(self.path) as fh:
+                    fh.write(data)
+            else:  # other filesystems (HDFS, ...): a temporary name, then a rename
+                tmp = f"{self.path.rsplit('/', 1)[0]}/.{self.name}.{os.getpid()}.tmp"
+                with self.fs.open_output_stream(tmp) as fh:
+                    fh.write(data)
+                self.fs.move(tmp, self.path)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def delete(self) -> None:
+        try:
+            self.fs.delete_file(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def mkdir(self) -> None:
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+
+# --- input: descriptors, then rows --------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class Partition:
-    """Input rows ``first_row .. first_row + rows - 1`` (0-based), parsed."""
+    """Where input rows ``first_row .. first_row + rows - 1`` (0-based) lie; no text.
+
+    ``start``/``end``: byte offsets in a JSONL input, row numbers in a Parquet one.
+    """
 
     index: int
     first_row: int
-    rows: int = 0
+    rows: int
+    start: int
+    end: int
+    checksum: str  # sha256 of the raw rows
+
+
+@dataclass
+class Rows:
+    """One partition's rows, read and parsed by whoever embeds it."""
+
+    part: Partition
     ids: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)  # each document's input line (1-based)
     texts: list[str] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # {"line", "reason", "raw"}
-    checksum: str = ""  # sha256 of the raw rows
 
 
-# --- input -----------------------------------------------------------------------------
+def is_parquet(source: Location) -> bool:
+    return source.name.endswith(".parquet")
 
 
-def read_partitions(
-    path: Path, rows: int, id_field: str = "id", text_field: str = "text"
+def scan(
+    source: Location, rows: int, id_field: str = "id", text_field: str = "text"
 ) -> Iterator[Partition]:
-    """The input (``.parquet``, else JSONL) as partitions of ``rows`` rows each."""
+    """The input's partitions of ``rows`` rows each, in one streaming pass (memory: one
+    read block or record batch, whatever the input's size)."""
     if rows < 1:
         raise InvalidInput("--partition-rows must be at least 1")
-    if not path.is_file():
-        raise InvalidInput(f"{path} is not a file")
-    if path.suffix == ".parquet":
-        yield from _parquet_partitions(path, rows, id_field, text_field)
+    if not source.is_file():
+        raise InvalidInput(f"{source} is not a file")
+    if is_parquet(source):
+        yield from _parquet_scan(source, rows, id_field, text_field)
     else:
-        yield from _jsonl_partitions(path, rows, id_field, text_field)
+        yield from _jsonl_scan(source, rows)
 
 
-def _jsonl_partitions(path: Path, rows: int, id_field: str, text_field: str) -> Iterator[Partition]:
-    with open(path, "rb") as fh:
-        index, lineno = 0, 0
-        while True:
-            raws = [line for _, line in zip(range(rows), fh, strict=False)]
-            if not raws:
-                return
-            part = Partition(index, lineno, len(raws))
-            digest = hashlib.sha256()
-            for raw in raws:
-                lineno += 1
-                digest.update(raw)
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as exc:
-                    part.rejects.append({"line": lineno, "reason": f"not UTF-8 ({exc.reason})"})
-                    continue
-                # A fresh `seen` per line: duplicates are the final pass's to judge.
-                parsed = parse_line(line, lineno, id_field, text_field, {})
-                if isinstance(parsed, dict):
-                    part.rejects.append(parsed)
-                else:
-                    part.ids.append(str(parsed[0]))
-                    part.lines.append(lineno)
-                    part.texts.append(parsed[1])
-            part.checksum = digest.hexdigest()
-            yield part
-            index += 1
+def _jsonl_scan(source: Location, rows: int) -> Iterator[Partition]:
+    index = start = offset = count = 0  # offset: of the block; count: lines since start
+    digest = hashlib.sha256()
+    last = b""
+    with source.open() as fh:
+        while block := fh.read(BLOCK):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A)
+            used = cut = 0  # newlines and bytes of this block already in a partition
+            while used + rows - count <= len(newlines):
+                end = int(newlines[used + rows - count - 1]) + 1
+                digest.update(block[cut:end])
+                yield Partition(index, index * rows, rows, start, offset + end, digest.hexdigest())
+                index, start, cut, used, count = (
+                    index + 1,
+                    offset + end,
+                    end,
+                    used + rows - count,
+                    0,
+                )
+                digest = hashlib.sha256()
+            digest.update(block[cut:])
+            count += len(newlines) - used
+            offset += len(block)
+            last = block[-1:]
+    if offset > start:  # a last, shorter partition (its last line may lack its newline)
+        count += last != b"\n"
+        yield Partition(index, index * rows, count, start, offset, digest.hexdigest())
 
 
-def _parquet_partitions(
-    path: Path, rows: int, id_field: str, text_field: str
-) -> Iterator[Partition]:
+def _parquet_file(source: Location) -> Any:
     pa = pyarrow()
     try:
-        source = pa.parquet.ParquetFile(path)
+        return pa.parquet.ParquetFile(source.open())
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInput(f"{path}: not a readable Parquet file ({exc})") from None
-    names = source.schema_arrow.names
+        raise InvalidInput(f"{source}: not a readable Parquet file ({_one_line(exc)})") from None
+
+
+def _parquet_columns(source: Location, parquet: Any, id_field: str, text_field: str) -> None:
+    pa = pyarrow()
+    names = parquet.schema_arrow.names
     for column in (id_field, text_field):
         if column not in names:
-            raise InvalidInput(f"{path}: no column {column!r} (it has: {', '.join(names)})")
-    text_type = source.schema_arrow.field(text_field).type
+            raise InvalidInput(f"{source}: no column {column!r} (it has: {', '.join(names)})")
+    text_type = parquet.schema_arrow.field(text_field).type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise InvalidInput(f"{path}: column {text_field!r} is {text_type}, not a string")
-    buffered: list[tuple[Any, Any]] = []
-    index, row = 0, 0
-
-    def cut(chunk: list[tuple[Any, Any]]) -> Partition:
-        nonlocal index, row
-        part = Partition(index, row, len(chunk))
-        digest = hashlib.sha256()
-        for ident, text in chunk:
-            row += 1
-            digest.update(json.dumps([ident, text], default=str).encode() + b"\n")
-            if ident is None or isinstance(ident, bool) or not isinstance(ident, str | int):
-                part.rejects.append({"line": row, "reason": f"{id_field!r} is not a string"})
-            elif not isinstance(text, str):
-                part.rejects.append(
-                    {"line": row, "reason": f"{text_field!r} is {type(text).__name__}"}
-                )
-            else:
-                part.ids.append(str(ident))
-                part.lines.append(row)
-                part.texts.append(text)
-        part.checksum = digest.hexdigest()
-        index += 1
-        return part
-
-    # Row groups need not align with partitions: buffer, then cut exactly ``rows`` each.
-    for batch in source.iter_batches(batch_size=rows, columns=[id_field, text_field]):
-        buffered += zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
-        while len(buffered) >= rows:
-            yield cut(buffered[:rows])
-            buffered = buffered[rows:]
-    if buffered:
-        yield cut(buffered)
+        raise InvalidInput(f"{source}: column {text_field!r} is {text_type}, not a string")
 
 
-# --- the per-partition work -------------------------------------------------------------
+def _parquet_row(ident: Any, text: Any) -> bytes:
+    return json.dumps([ident, text], default=str).encode() + b"\n"
+
+
+def _parquet_scan(
+    source: Location, rows: int, id_field: str, text_field: str
+) -> Iterator[Partition]:
+    parquet = _parquet_file(source)
+    _parquet_columns(source, parquet, id_field, text_field)
+    index = count = 0
+    digest = hashlib.sha256()
+    # Row groups need not align with partitions: hash row by row, cut every ``rows``.
+    for batch in parquet.iter_batches(batch_size=min(rows, 65_536), columns=[id_field, text_field]):
+        for ident, text in zip(
+            batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True
+        ):
+            digest.update(_parquet_row(ident, text))
+            count += 1
+            if count == rows:
+                first = index * rows
+                yield Partition(index, first, rows, first, first + rows, digest.hexdigest())
+                index, count, digest = index + 1, 0, hashlib.sha256()
+    if count:
+        first = index * rows
+        yield Partition(index, first, count, first, first + count, digest.hexdigest())
+
+
+def read_rows(source: Location, part: Partition, id_field: str, text_field: str) -> Rows:
+    """The partition's rows, parsed; InvalidInput when they are not the rows it described
+    (the input changed since the scan)."""
+    if is_parquet(source):
+        raws, got = _parquet_rows(source, part, id_field, text_field)
+    else:
+        raws, got = _jsonl_rows(source, part, id_field, text_field)
+    if raws != part.rows:
+        raise _changed(source, part)
+    return got
+
+
+def _changed(source: Location, part: Partition) -> InvalidInput:
+    return InvalidInput(
+        f"{source} rows {part.first_row + 1}-{part.first_row + part.rows} changed during "
+        "the run: rerun once it no longer changes"
+    )
+
+
+def _jsonl_rows(
+    source: Location, part: Partition, id_field: str, text_field: str
+) -> tuple[int, Rows]:
+    with source.open() as fh:
+        fh.seek(part.start)
+        data: bytes = fh.read(part.end - part.start)
+    if hashlib.sha256(data).hexdigest() != part.checksum:
+        raise _changed(source, part)
+    raws = data.split(b"\n")
+    if data.endswith(b"\n"):
+        raws.pop()
+    got = Rows(part)
+    for lineno, raw in enumerate(raws, start=part.first_row + 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            got.rejects.append({"line": lineno, "reason": f"not UTF-8 ({exc.reason})"})
+            continue
+        # A fresh `seen` per line: duplicates are the final pass's to judge.
+        parsed = parse_line(line, lineno, id_field, text_field, {})
+        if isinstance(parsed, dict):
+            got.rejects.append(parsed)
+        else:
+            got.ids.append(str(parsed[0]))
+            got.lines.append(lineno)
+            got.texts.append(parsed[1])
+    return len(raws), got
+
+
+def _parquet_rows(
+    source: Location, part: Partition, id_field: str, text_field: str
+) -> tuple[int, Rows]:
+    parquet = _parquet_file(source)
+    _parquet_columns(source, parquet, id_field, text_field)
+    # Only the row groups that hold rows start..end-1 are read.
+    groups, first, at = [], None, 0
+    for g in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if at < part.end and at + n > part.start:
+            groups.append(g)
+            first = at if first is None else first
+        at += n
+    if first is None:
+        raise _changed(source, part)
+    table = parquet.read_row_groups(groups, columns=[id_field, text_field])
+    table = table.slice(part.start - first, part.end - part.start)
+    got = Rows(part)
+    digest = hashlib.sha256()
+    pairs = zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True)
+    for row, (ident, text) in enumerate(pairs, start=part.first_row + 1):
+        digest.update(_parquet_row(ident, text))
+        if ident is None or isinstance(ident, bool) or not isinstance(ident, str | int):
+            got.rejects.append({"line": row, "reason": f"{id_field!r} is not a string"})
+        elif not isinstance(text, str):
+            got.rejects.append({"line": row, "reason": f"{text_field!r} is {type(text).__name__}"})
+        else:
+            got.ids.append(str(ident))
+            got.lines.append(row)
+            got.texts.append(text)
+    if digest.hexdigest() != part.checksum:
+        raise _changed(source, part)
+    return table.num_rows, got
+
+
+# --- --previous: what an earlier output holds ---------------------------------------------
+
+
+def id_key(ident: str) -> int:
+    """A 64-bit key of an id: what the in-memory indexes hold instead of the id itself."""
+    digest = hashlib.blake2b(ident.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _sha_key(sha: str) -> int:
+    return int(sha[:16], 16)
 
 
 class Previous:
-    """What an earlier output holds: (id, text_sha256) -> its vector, read on demand."""
+    """An earlier output as a compact index: per row, 64-bit keys of its id and text_sha256,
+    its file and row (24 bytes per id, sorted arrays; no id string, no vector). A hit is
+    confirmed against the file's own id and text_sha256 before its vector is copied, so a
+    key collision costs a recomputation, never a wrong vector. Picklable: a Ray actor gets
+    the arrays as built (zero-copy from the object store)."""
 
-    def __init__(self, files: Sequence[Path]) -> None:
+    def __init__(self, files: Sequence[Location]) -> None:
         pa = pyarrow()
-        self._where: dict[tuple[str, str], tuple[int, int]] = {}
-        self._files = list(files)
-        self._cache: tuple[int, np.ndarray] | None = None
-        for f, path in enumerate(self._files):
-            table = pa.parquet.read_table(path, columns=["id", "text_sha256"])
-            for row, key in enumerate(
-                zip(table["id"].to_pylist(), table["text_sha256"].to_pylist(), strict=True)
-            ):
-                self._where.setdefault(key, (f, row))
+        self.files = list(files)
+        keys, shas, where, rows = [], [], [], []
+        for f, loc in enumerate(self.files):
+            table = pa.parquet.read_table(
+                loc.path, columns=["id", "text_sha256"], filesystem=loc.fs
+            )
+            n = table.num_rows
+            keys.append(np.fromiter(map(id_key, table["id"].to_pylist()), np.uint64, n))
+            shas.append(np.fromiter(map(_sha_key, table["text_sha256"].to_pylist()), np.uint64, n))
+            where.append(np.full(n, f, dtype=np.uint32))
+            rows.append(np.arange(n, dtype=np.uint32))
+        key = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+        order = np.argsort(key, kind="stable")  # stable: an id's first row wins, as a dict's
+        self.key = key[order]
+        self.sha = (np.concatenate(shas) if shas else np.empty(0, np.uint64))[order]
+        self.file = (np.concatenate(where) if where else np.empty(0, np.uint32))[order]
+        self.row = (np.concatenate(rows) if rows else np.empty(0, np.uint32))[order]
+        self._cache: tuple[int, Any] | None = None  # the last file read: (its index, table)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self.key)
 
-    def lookup(self, ident: str, sha: str) -> np.ndarray | None:
-        hit = self._where.get((ident, sha))
-        if hit is None:
-            return None
-        f, row = hit
-        if self._cache is None or self._cache[0] != f:  # partitions are read in order
-            self._cache = (f, read_vectors(self._files[f]))
-        return self._cache[1][row]
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": None}
+
+    def nbytes(self) -> int:
+        return int(self.key.nbytes + self.sha.nbytes + self.file.nbytes + self.row.nbytes)
+
+    def _table(self, f: int) -> Any:
+        if self._cache is None or self._cache[0] != f:
+            loc = self.files[f]
+            table = pyarrow().parquet.read_table(loc.path, filesystem=loc.fs)
+            self._cache = (f, table)
+        return self._cache[1]
+
+    def lookup(self, ids: Sequence[str], shas: Sequence[str]) -> dict[int, np.ndarray]:
+        """The vectors of the rows (by position in ``ids``) whose id and text are there;
+        each file read once per call."""
+        if not len(self.key) or not ids:
+            return {}
+        keys = np.fromiter(map(id_key, ids), np.uint64, len(ids))
+        pos = np.minimum(np.searchsorted(self.key, keys), len(self.key) - 1)
+        sha = np.fromiter(map(_sha_key, shas), np.uint64, len(shas))
+        hits = np.flatnonzero((self.key[pos] == keys) & (self.sha[pos] == sha))
+        found: dict[int, np.ndarray] = {}
+        for f in np.unique(self.file[pos[hits]]):
+            table = self._table(int(f))
+            mine = hits[self.file[pos[hits]] == f]
+            rows = self.row[pos[mine]].astype(np.int64)
+            theirs = table.take(rows)
+            vectors = _vectors(theirs["embedding"])
+            their_ids = theirs["id"].to_pylist()
+            their_shas = theirs["text_sha256"].to_pylist()
+            for k, i in enumerate(mine):
+                if their_ids[k] == ids[i] and their_shas[k] == shas[i]:
+                    found[int(i)] = vectors[k]
+        return found
+
+
+# --- the per-partition work -------------------------------------------------------------
 
 
 @dataclass
 class Embedded:
     """One partition's output: rows in input order, and how each vector came to be."""
 
-    part: Partition
+    part: Rows
     vectors: np.ndarray  # float32 [rows, dim]
     shas: list[str]
     computed: int
@@ -216,19 +510,16 @@ class Embedded:
 
 
 def embed_partition(
-    part: Partition, embed: Embed, dim: int, previous: Previous | None = None
+    part: Rows, embed: Embed, dim: int, previous: Previous | None = None
 ) -> Embedded:
     """The partition's vectors: copied from ``previous`` where its id and text match,
     embedded (one call for the rest) otherwise."""
     shas = [text_sha256(t) for t in part.texts]
     vectors = np.empty((len(part.texts), dim), dtype=np.float32)
-    todo: list[int] = []
-    for i, (ident, sha) in enumerate(zip(part.ids, shas, strict=True)):
-        old = previous.lookup(ident, sha) if previous is not None else None
-        if old is None:
-            todo.append(i)
-        else:
-            vectors[i] = old
+    old = previous.lookup(part.ids, shas) if previous is not None else {}
+    for i, vector in old.items():
+        vectors[i] = vector
+    todo = [i for i in range(len(part.texts)) if i not in old]
     if todo:
         try:
             fresh = np.asarray(embed([part.texts[i] for i in todo]), dtype=np.float32)
@@ -252,17 +543,17 @@ def embed_partition(
 # --- partition files --------------------------------------------------------------------
 
 
-def write_partition(path: Path, done: Embedded, meta: dict[str, Any]) -> None:
-    """The Parquet file at ``path`` or nothing: written under a temporary name, fsynced,
-    renamed. ``meta`` (the run's identity and settings) goes into the file's metadata with
-    the partition's own facts, so each file proves what made it."""
+def write_partition(where: Location, done: Embedded, meta: dict[str, Any]) -> None:
+    """The Parquet file at ``where`` or nothing (:meth:`Location.write_atomic`). ``meta``
+    (the run's identity and settings) goes into the file's metadata with the partition's
+    own facts, so each file proves what made it."""
     pa = pyarrow()
-    part = done.part
+    rows, part = done.part, done.part.part
     dim = done.vectors.shape[1]
     flat = pa.array(done.vectors.reshape(-1), type=pa.float32())
     table = pa.table(
         {
-            "id": pa.array(part.ids, type=pa.string()),
+            "id": pa.array(rows.ids, type=pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
             "text_sha256": pa.array(done.shas, type=pa.string()),
         }
@@ -272,41 +563,49 @@ def write_partition(path: Path, done: Embedded, meta: dict[str, Any]) -> None:
         "partition": part.index,
         "first_row": part.first_row,
         "input_rows": part.rows,
-        "rows": len(part.ids),
+        "rows": len(rows.ids),
         "input_sha256": part.checksum,
-        "rejects": part.rejects,
+        "rejects": rows.rejects,
         "computed": done.computed,
         "copied": done.copied,
     }
     table = table.replace_schema_metadata({META_KEY: json.dumps(own).encode()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pa.parquet.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # Serialised in memory first (a partition is N × dim × 4 bytes): a failure while
+    # encoding must not leave an open upload that closing would publish half-made.
+    sink = pa.BufferOutputStream()
+    pa.parquet.write_table(table, sink)
+    where.write_atomic(sink.getvalue())
 
 
-def read_meta(path: Path) -> dict[str, Any]:
+def read_meta(where: Location | Path) -> dict[str, Any]:
     """A partition file's own metadata; InvalidInput when it has none (not ours)."""
     pa = pyarrow()
+    where = Location.of(where)
     try:
-        schema = pa.parquet.read_schema(path)
+        schema = pa.parquet.read_schema(where.path, filesystem=where.fs)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInput(f"{path}: not a readable partition ({exc})") from None
+        raise InvalidInput(f"{where}: not a readable partition ({_one_line(exc)})") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise InvalidInput(f"{path}: not an embed-corpus partition (no {META_KEY.decode()})")
+        raise InvalidInput(f"{where}: not an embed-corpus partition (no {META_KEY.decode()})")
     meta: dict[str, Any] = json.loads(raw)
     return meta
 
 
-def read_ids(path: Path) -> list[str]:
-    ids: list[str] = pyarrow().parquet.read_table(path, columns=["id"])["id"].to_pylist()
+def read_ids(where: Location | Path) -> list[str]:
+    loc = Location.of(where)
+    table = pyarrow().parquet.read_table(loc.path, columns=["id"], filesystem=loc.fs)
+    ids: list[str] = table["id"].to_pylist()
     return ids
 
 
-def read_vectors(path: Path) -> np.ndarray:
-    column = pyarrow().parquet.read_table(path, columns=["embedding"])["embedding"]
+def _vectors(column: Any) -> np.ndarray:
     dim = column.type.list_size
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(len(column), dim)
+
+
+def read_vectors(where: Location | Path) -> np.ndarray:
+    loc = Location.of(where)
+    table = pyarrow().parquet.read_table(loc.path, columns=["embedding"], filesystem=loc.fs)
+    return _vectors(table["embedding"])

@@ -1,25 +1,28 @@
 """`embed-corpus --engine ray`: the unfinished partitions made by a pool of Ray Data actors.
 
-The driver (:func:`embedkit.batch.corpus.run`) reads and checks the partitions, skips the
-finished ones, and hands the rest to :func:`dispatcher`'s function: they become a Ray
-dataset of one row per partition (its parsed rows, as the local engine would embed them),
+The driver (:func:`embedkit.batch.corpus.run`) scans the input into partition descriptors
+(offsets and checksums, no text), skips the finished partitions, and hands the rest to
+:func:`dispatcher`'s function: they become a Ray dataset of one small row per descriptor,
 ``map_batches(PartitionWorker, batch_size=1)`` over ``actors`` actors of ``threads`` CPUs.
 Each actor loads the verified artifact once (``Engine.load`` through
 :func:`~embedkit.batch.corpus.local_embedder`), refuses to work if its identity or settings
 differ from the driver's (another artifact on that node), and per partition calls
-:func:`~embedkit.batch.partitions.embed_partition` and the atomic
-:func:`~embedkit.batch.partitions.write_partition`, returning a small status row. The
-driver then runs the same final pass as ``--engine local``.
+:func:`~embedkit.batch.corpus.make_partition`: it reads the partition's rows from the input
+itself (a shared filesystem or an object store), embeds them and publishes the file
+atomically, returning a small status row. The driver then runs the same final pass as
+``--engine local``. ``--previous``'s index is built once by the driver and put in Ray's
+object store, which the actors of a node share.
 
 Exactly once: a partition file exists only once complete, so an actor killed mid-partition
 leaves nothing; Ray restarts it and retries the partition (``max_restarts`` /
 ``max_task_retries``), and a second write of the same partition replaces the file with the
-same rows. ``--out`` must be a path every actor can write (a shared filesystem on a cluster).
+same rows. The input, ``--out`` and ``--previous`` must be locations every actor reaches
+alike: a shared filesystem, or an object store URI (``s3://...``).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,16 +57,7 @@ def ray() -> Any:
 
 
 def _row(part: partitions.Partition) -> dict[str, Any]:
-    return {
-        "index": part.index,
-        "first_row": part.first_row,
-        "rows": part.rows,
-        "ids": part.ids,
-        "lines": part.lines,
-        "texts": part.texts,
-        "rejects": json.dumps(part.rejects),  # a list of dicts is no Arrow column
-        "checksum": part.checksum,
-    }
+    return dataclasses.asdict(part)  # a descriptor: offsets and a checksum, no text
 
 
 def _partition(row: dict[str, Any]) -> partitions.Partition:
@@ -71,10 +65,8 @@ def _partition(row: dict[str, Any]) -> partitions.Partition:
         index=int(row["index"]),
         first_row=int(row["first_row"]),
         rows=int(row["rows"]),
-        ids=list(row["ids"]),
-        lines=[int(n) for n in row["lines"]],
-        texts=list(row["texts"]),
-        rejects=json.loads(row["rejects"]),
+        start=int(row["start"]),
+        end=int(row["end"]),
         checksum=str(row["checksum"]),
     )
 
@@ -87,7 +79,7 @@ class PartitionWorker:
         options: corpus.Options,
         settings: Settings,
         meta: dict[str, Any],
-        use_previous: bool,
+        previous: Any,  # the driver's partitions.Previous, or a Ray ObjectRef of it, or None
     ) -> None:
         self.options = options
         self.embedder = corpus.local_embedder(options, settings)
@@ -99,19 +91,16 @@ class PartitionWorker:
                 f"({meta['identity']} {meta['vectors']})"
             )
         self.meta = meta
-        self.previous = None
-        if use_previous and options.previous is not None:
-            self.previous = partitions.Previous(
-                sorted(options.previous.glob(partitions.PARTITION_GLOB))
-            )
+        if isinstance(previous, ray().ObjectRef):  # shared by the node's actors, zero-copy
+            previous = ray().get(previous)
+        self.previous: partitions.Previous | None = previous
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         done: list[tuple[int, int, int]] = []
         for row in batch.to_pylist():  # batch_size=1: one partition, but any size works
             part = _partition(row)
-            embedded = self.embed(part)
-            path = self.options.out / partitions.partition_name(part.index)
-            partitions.write_partition(path, embedded, self.meta)
+            # The actor reads the partition's rows from the input itself.
+            embedded = corpus.make_partition(self.options, part, self.meta, self.embed)
             done.append((part.index, embedded.computed, embedded.copied))
         return {
             "index": np.array([d[0] for d in done], dtype=np.int64),
@@ -119,9 +108,9 @@ class PartitionWorker:
             "copied": np.array([d[2] for d in done], dtype=np.int64),
         }
 
-    def embed(self, part: partitions.Partition) -> partitions.Embedded:
+    def embed(self, rows: partitions.Rows) -> partitions.Embedded:
         return partitions.embed_partition(
-            part, self.embedder.embed, self.embedder.dim, self.previous
+            rows, self.embedder.embed, self.embedder.dim, self.previous
         )
 
 
@@ -155,7 +144,9 @@ def dispatcher(
     actor_settings = settings.model_copy(update={"intra_op_threads": ray_options.threads})
 
     def dispatch(
-        pending: list[partitions.Partition], meta: dict[str, Any], use_previous: bool
+        pending: list[partitions.Partition],
+        meta: dict[str, Any],
+        previous: partitions.Previous | None,
     ) -> Iterator[tuple[int, int, int]]:
         started_here = not ray_module.is_initialized()
         if started_here:
@@ -173,9 +164,11 @@ def dispatcher(
         context.enable_progress_bars = False  # the CLI draws its own
 
         try:
+            # Put once: every actor on a node maps the same arrays (no copy per actor).
+            shared = None if previous is None else ray_module.put(previous)
             dataset = ray_module.data.from_items([_row(p) for p in pending]).map_batches(
                 worker,
-                fn_constructor_args=(options, actor_settings, meta, use_previous),
+                fn_constructor_args=(options, actor_settings, meta, shared),
                 batch_size=1,
                 batch_format="pyarrow",
                 compute=ray_module.data.ActorPoolStrategy(size=ray_options.actors),
