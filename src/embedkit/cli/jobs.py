@@ -139,8 +139,13 @@ class BatchEngine(StrEnum):
 @app.command("embed-corpus")
 @one_line_errors
 def embed_corpus_cmd(
-    input: Annotated[Path, typer.Argument(help="JSONL (one document a line) or Parquet.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (resumable).")],
+    # str, not Path: a Path would fold "s3://bucket/key" into "s3:/bucket/key".
+    input: Annotated[
+        str, typer.Argument(help="JSONL (one document a line) or Parquet; a path or a URI.")
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output directory, a path or a URI (resumable).")
+    ],
     model: Annotated[
         str | None,
         typer.Option("--model", "--artifact", "-m", help="Artifact dir or model tag."),
@@ -157,8 +162,10 @@ def embed_corpus_cmd(
         OnDuplicate, typer.Option(help="fail: exit 1 naming them; report: duplicates.jsonl.")
     ] = OnDuplicate.fail,
     previous: Annotated[
-        Path | None,
-        typer.Option(help="An earlier output: rows with the same id and text are copied."),
+        str | None,
+        typer.Option(
+            help="An earlier output (path or URI): rows with the same id and text are copied."
+        ),
     ] = None,
     restart: Annotated[
         bool, typer.Option(help="Delete this output's partitions and start again.")
