@@ -1,8 +1,9 @@
-"""`embedkit reembed` without a server: input parsing, retries, refusals, the checkpoint.
+"""`embedkit reembed`: input parsing, retries, refusals, the checkpoint, shards.
 
 The service is httpx's in-memory transport answering as the real one does (the
-identity header, base64 float32 bodies, 429 + Retry-After); the run against a real
-server, killed and resumed, is in tests/http/test_operations.py.
+identity header, base64 float32 bodies, 429 + Retry-After), except for the last test:
+shards through the session's real server. The unsharded run against a real server,
+killed and resumed, is in tests/http/test_operations.py.
 """
 
 from __future__ import annotations
@@ -433,3 +434,57 @@ def test_cli_refuses_an_index_without_the_count_in_one_line(tmp_path: Path) -> N
         assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
         assert message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+class Killed(Exception):
+    """Stands for the pod dying between two chunks."""
+
+
+def test_shards_through_a_running_service(server, tmp_path: Path) -> None:
+    """Three shards (one from JOB_COMPLETION_INDEX through the CLI, one killed after its
+    first chunk and resumed) over the session's server: every id once, in input order,
+    each vector the service's own for that text."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    texts = [f"shard test sentence {i}: {'a longer tail ' * (i % 5)}{i * 7919}" for i in range(30)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    out = tmp_path / "out"
+
+    def options(spec: str) -> reembed.Options:
+        return reembed.Options(
+            url=server.url,
+            input=path,
+            out=out,
+            chunk_size=4,
+            concurrency=1,
+            shard=reembed.Shard.parse(spec),
+        )
+
+    def die(done: int, total: int, what: str) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        reembed.run(options("1/3"), progress=die)
+    assert json.loads((out / "reembed-shard-1-of-3.json").read_text())["done"] == [[1, 1]]
+    assert reembed.run(options("0/3")).shards_complete == 1
+    args = ["reembed", str(path), "--out", str(out), "--url", server.url, "--chunk-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--shards", "3"], env={reembed.INDEX_ENV: "2"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert (summary["shard"], summary["shards_complete"]) == ("2/3", 2)
+    assert not (out / "index.jsonl").exists()
+    resumed = reembed.run(options("1/3"))  # chunks 1, 4, 7 (2 lines) of 0-7: 1 was done
+    assert (resumed.chunks_resumed, resumed.embedded, resumed.shards_complete) == (1, 6, 3)
+
+    done = json.loads((out / reembed.SHARDS_DONE).read_text())
+    assert (done["complete"], done["documents"], done["rejected"]) == (True, 30, 0)
+    got = read_output(out)  # each id once
+    assert list(got) == [f"s{i}" for i in range(30)]
+    answer = httpx.post(server.url + "/embed", json={"texts": texts}, timeout=60).json()
+    want = np.array(answer["embeddings"], np.float32)
+    assert np.abs(np.array(list(got.values())) - want).max() <= 1e-4
