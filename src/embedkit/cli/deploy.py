@@ -27,7 +27,8 @@ def build_bento_cmd(
     variant: Annotated[
         list[str] | None,
         typer.Option(
-            callback=check_variants, help="cpu | gpu; repeatable (default: every variant)."
+            callback=check_variants,
+            help="cpu | gpu | batch; repeatable (default: cpu and gpu, the serving images).",
         ),
     ] = None,
     out_dir: Annotated[
@@ -44,7 +45,7 @@ def build_bento_cmd(
 
     built = []
     with progress("build-bento") as step:
-        for name in variant or list(bento.VARIANTS):
+        for name in variant or list(bento.SERVING_VARIANTS):
             step(f"{name}: bentoml build")
             built.append(bento.build(name, model_tag, out_dir or bento.BUILD_ROOT))
     for b in built:
@@ -71,7 +72,8 @@ def bentofile_cmd(
 @one_line_errors
 def lock_cmd() -> None:
     """Re-resolve the hash-pinned locks (needs the package index): the CPU image's serving
-    requirements (locks/serving-cpu.txt, from pyproject's pins) and the SBOM tool's."""
+    requirements (locks/serving-cpu.txt, from pyproject's pins), the batch image's
+    (locks/batch-cpu.txt: those plus the `batch` extra) and the SBOM tool's."""
     from embedkit.deploy import bento, supply
 
     for variant in bento.VARIANTS.values():
@@ -120,16 +122,19 @@ def image_record_cmd(
         tool = supply.install_sbom_tool()
         step(f"SBOM of {image}")
         sbom = supply.image_sbom(image, tool)
-        if bento_tag and model is None:
+        variant = "cpu"
+        if bento_tag:
             import bentoml
 
-            model = bentoml.bentos.get(bento_tag).info.labels.get("model")
+            labels = bentoml.bentos.get(bento_tag).info.labels
+            model = model or labels.get("model")
+            variant = labels.get("variant", variant)  # the batch image has its own lock
         record = supply.write_record(
             image,
             supply.inspect_image(image),
             sbom,
             dest,
-            lock=bento.VARIANTS["cpu"].lock,
+            lock=bento.get_variant(variant).lock,
             bento=bento_tag,
             model=model,
         )

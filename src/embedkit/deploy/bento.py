@@ -15,7 +15,8 @@ Where each fact comes from:
   pinned with ``==``; the GPU variant swaps ``onnxruntime`` for the
   ``onnxruntime-gpu`` pin below (both provide the module ``onnxruntime``, so an
   image must never carry both) and adds TensorRT's libraries; the CPU variant adds
-  ``openvino`` from the extra of that name (the BF16/INT8 defaults' runtime);
+  ``openvino`` from the extra of that name (the BF16/INT8 defaults' runtime); the batch
+  variant is the CPU one plus the whole ``batch`` extra (``locks/batch-cpu.txt``);
 * the model: the exact tag ``embedkit release`` printed, passed as the Bento
   argument ``model`` (``bentoml build --arg model=TAG``). ``service.py`` reads it
   into a ``BentoModel`` class attribute, which is what makes ``bentoml build``
@@ -82,9 +83,14 @@ class Variant:
     extra: tuple[str, ...] = ()
     # Packages taken, pinned as they are there, from pyproject's optional dependencies.
     optional: tuple[str, ...] = ()
+    # Whole groups of pyproject's optional dependencies (extras), every pin in them.
+    groups: tuple[str, ...] = ()
     docker: dict[str, Any] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
     lock: Path | None = None  # hash-pinned requirements (`embedkit lock`); None: unlocked
+    # Locks whose pins this one keeps (uv's constraints): what it shares with them, it
+    # installs at their versions.
+    lock_within: tuple[Path, ...] = ()
 
     @property
     def bento_name(self) -> str:
@@ -107,7 +113,11 @@ LOCK_DIR = Path("locks")
 # The lock resolves for the image, not this host: CPython 3.11 on Debian bookworm (glibc 2.36).
 LOCK_PLATFORM = "x86_64-manylinux_2_28"
 # Where BentoML's Dockerfile puts the Bento (ENV BENTO_PATH) and installs its requirements from.
-IMAGE_REQUIREMENTS = "/home/bentoml/bento/env/python/requirements.txt"
+IMAGE_BENTO = "/home/bentoml/bento"
+IMAGE_REQUIREMENTS = f"{IMAGE_BENTO}/env/python/requirements.txt"
+# The batch image's Ray: the pyproject `batch` extra's version (a test keeps them equal) with
+# the dashboard, whose job API `ray job submit` (a RayJob's submitter) talks to.
+RAY_DASHBOARD = "ray[default]==2.58.0"
 # uv refuses any requirement without a matching hash; the lock, read again as constraints,
 # supplies the hash of the unhashed `bentoml==` line BentoML appends. Plain ENVs (BentoML turns
 # build-stage envs into build secrets); they stay in the image, where nothing runs uv.
@@ -134,6 +144,35 @@ VARIANTS: dict[str, Variant] = {
         },
         envs={"EMBEDKIT_GPU": "false", "EMBEDKIT_PROVIDERS": '["CPUExecutionProvider"]'},
         lock=LOCK_DIR / "serving-cpu.txt",
+    ),
+    # The batch image: the CPU serving image plus the `batch` extra (pyarrow, ray[data]) for
+    # `embedkit embed-corpus` on Ray (a KubeRay RayJob's head and workers,
+    # deploy/k8s/jobs/embed-corpus). Its own lock, so the serving image stays as it is.
+    "batch": Variant(
+        name="batch",
+        runtime="onnxruntime",
+        optional=("openvino",),
+        groups=("batch",),
+        # A RayJob submits through the head's dashboard (its job API): ray[default].
+        extra=(RAY_DASHBOARD,),
+        docker={
+            "distro": "debian",
+            "python_version": PYTHON_VERSION,
+            "dockerfile_template": SLIM_TEMPLATE,
+        },
+        envs={
+            "EMBEDKIT_GPU": "false",
+            "EMBEDKIT_PROVIDERS": '["CPUExecutionProvider"]',
+            # `python -m embedkit.cli` from any directory (the Ray driver's, an actor's).
+            "PYTHONPATH": f"{IMAGE_BENTO}/src/src",
+            # The Bento's own folder is the model store the CLI reads (its models/): the
+            # image's model resolves by tag, on a read-only root (the template makes the
+            # store's other folders, which BentoML insists on).
+            "BENTOML_HOME": IMAGE_BENTO,
+        },
+        lock=LOCK_DIR / "batch-cpu.txt",
+        # Every package of the serving image at the serving image's version.
+        lock_within=(LOCK_DIR / "serving-cpu.txt",),
     ),
     "gpu": Variant(
         name="gpu",
@@ -169,6 +208,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+# What `embedkit build-bento` builds when no --variant is named: the serving images (the
+# batch image is asked for by name: `scripts/build-image --batch`).
+SERVING_VARIANTS = ("cpu", "gpu")
+
+
 def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
@@ -187,7 +231,7 @@ def _req_name(line: str) -> str:
 
 def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[str]:
     """The image's pinned requirements: pyproject's serving dependencies, per variant, and
-    the optional ones the variant names."""
+    the optional ones the variant names (single packages, or whole extras: ``groups``)."""
     project = tomllib.loads(pyproject.read_text())["project"]
     optional = {
         _req_name(dep): dep
@@ -197,8 +241,14 @@ def serving_requirements(variant: Variant, pyproject: Path = PYPROJECT) -> list[
     unknown = [name for name in variant.optional if name not in optional]
     if unknown:
         raise BuildError(f"{', '.join(unknown)} not among pyproject's optional dependencies")
+    groups = project.get("optional-dependencies") or {}
+    missing = [group for group in variant.groups if group not in groups]
+    if missing:
+        raise BuildError(f"{', '.join(missing)} not among pyproject's optional-dependency groups")
+    chosen = [optional[name] for name in variant.optional]
+    chosen += [dep for group in variant.groups for dep in groups[group] if dep not in chosen]
     out: list[str] = []
-    for dep in [*project["dependencies"], *(optional[name] for name in variant.optional)]:
+    for dep in [*project["dependencies"], *chosen]:
         name = _req_name(dep)
         if name in FORBIDDEN:
             raise BuildError(f"{dep!r} is an export dependency; it must not be a serving one")
@@ -256,9 +306,16 @@ def _uv() -> str:
     return found
 
 
-def compile_lock(requirements: list[str], dest: Path, command: str = "embedkit lock") -> Path:
+def compile_lock(
+    requirements: list[str],
+    dest: Path,
+    command: str = "embedkit lock",
+    constraints: tuple[Path, ...] = (),
+) -> Path:
     """Resolve ``requirements`` for the image's platform with uv and write them to ``dest``
-    with every file's sha256 (needs the package index); a failure is one line."""
+    with every file's sha256 (needs the package index), keeping the pins of the
+    ``constraints`` lock files; a failure is one line."""
+    constrain = [arg for path in constraints for arg in ("--constraint", str(path))]
     proc = subprocess.run(
         [
             _uv(),
@@ -274,6 +331,7 @@ def compile_lock(requirements: list[str], dest: Path, command: str = "embedkit l
             command,
             "--output-file",
             str(dest),
+            *constrain,
             "-",
         ],
         input="\n".join(requirements) + "\n",
@@ -295,7 +353,9 @@ def lock(variant: Variant, pyproject: Path = PYPROJECT) -> Path:
     if variant.lock is None:
         raise BuildError(f"the {variant.name} image is not hash-pinned (no lock; see bento.py)")
     variant.lock.parent.mkdir(parents=True, exist_ok=True)
-    return compile_lock(serving_requirements(variant, pyproject), variant.lock)
+    return compile_lock(
+        serving_requirements(variant, pyproject), variant.lock, constraints=variant.lock_within
+    )
 
 
 # What a Bento carries from the repo root: the wiring and the package's serving code. The
