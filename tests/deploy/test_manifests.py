@@ -557,9 +557,18 @@ def cli_params(name: str, container: Doc) -> dict[str, Any]:
 
 def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
     """The Job runs `embedkit reembed` with arguments the command accepts, against the
-    embedkit Service, retrying pods one at a time and writing to a PersistentVolumeClaim."""
+    embedkit Service, retrying pods and writing to a PersistentVolumeClaim: one pod at a
+    time, or an Indexed Job whose every pod gets a shard of its own (``--shards`` = the
+    completions, the index from JOB_COMPLETION_INDEX), never two pods of one index at once,
+    on a claim that pods on several nodes can all write."""
+    from embedkit.client import reembed
+    from embedkit.core.errors import EmbedkitError
+
     problems = []
-    claims = {d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim")}
+    claims = {
+        d["metadata"]["name"]: d["spec"].get("accessModes", [])
+        for d in of_kind(docs, "PersistentVolumeClaim")
+    }
     for job, pod, c in containers(docs):
         who = ident(job)
         if c.get("command", [])[-2:] != ["embedkit.cli", "reembed"]:
@@ -580,8 +589,36 @@ def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
         spec = job["spec"]
         if pod.get("restartPolicy") != "OnFailure" or spec.get("backoffLimit", 6) < 1:
             problems.append(f"{who}: a failed pod must be retried (it resumes)")
-        if spec.get("parallelism", 1) != 1:
-            problems.append(f"{who}: parallelism must be 1 (one writer per checkpoint)")
+        parallel = spec.get("parallelism", 1) > 1
+        if params["shard"] is not None:
+            problems.append(
+                f"{who}: --shard {params['shard']} is fixed: every pod would embed the same "
+                "share (give --shards N; the index comes from JOB_COMPLETION_INDEX)"
+            )
+        if spec.get("completionMode") == "Indexed":
+            completions = spec.get("completions", 1)
+            if params["shards"] != completions:
+                problems.append(
+                    f"{who}: --shards {params['shards']} is not the Job's completions "
+                    f"{completions}: chunks would be skipped or the shards refused"
+                )
+            for index in range(completions):  # what the CLI makes of each pod's index
+                env = {reembed.INDEX_ENV: str(index)}
+                try:
+                    reembed.resolve_shard(params["shard"], params["shards"], env)
+                except EmbedkitError as exc:
+                    problems.append(f"{who}: the pod of index {index} would refuse: {exc.message}")
+                    break
+            if spec.get("podReplacementPolicy") != "Failed":
+                problems.append(
+                    f"{who}: podReplacementPolicy must be Failed (a replacement pod must not "
+                    "write beside a terminating one of its index)"
+                )
+        elif parallel or params["shards"] is not None:
+            problems.append(
+                f"{who}: parallelism must be 1 (one writer per checkpoint) unless an "
+                "Indexed Job shards the work (--shards N)"
+            )
         volumes = {
             v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]
         }
@@ -590,6 +627,12 @@ def check_reembed_job(docs: list[Doc], services: list[Doc]) -> list[str]:
         held = [claim for path, claim in mounts.items() if under(out, [path])]
         if not held or held[0] not in claims:
             problems.append(f"{who}: --out {out} is not on a PersistentVolumeClaim of the render")
+        elif parallel and "ReadWriteMany" not in claims[held[0]]:
+            problems.append(
+                f"{who}: {spec['parallelism']} pods share --out {out}, but its claim "
+                f"{held[0]} is {claims[held[0]]}, not ReadWriteMany (pods on other nodes "
+                "could not mount it)"
+            )
     return problems
 
 
@@ -1063,7 +1106,7 @@ def test_schema_rejects_wrong_types(rendered: dict[str, list[Doc]]) -> None:
         kubernetes_validate.validate(hpa, K8S_VERSIONS[0], strict=True)
 
 
-# --- tests: the re-embedding Job -------------------------------------------------------------
+# --- tests: the re-embedding Job (Indexed, one shard per pod) ------------------------------------
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -1181,6 +1224,11 @@ def _set_arg(docs: list[Doc], flag: str, value: str) -> None:
     args[args.index(flag) + 1] = value
 
 
+def _drop_arg(docs: list[Doc], flag: str) -> None:
+    args = _job_container(docs)["args"]
+    del args[args.index(flag) : args.index(flag) + 2]
+
+
 JOB_MUTATIONS: list[tuple[Callable[[list[Doc]], object], str]] = [
     (lambda d: _job_container(d)["args"].append("--no-such-flag"), "refuses its args"),
     (lambda d: _set_arg(d, "--on-bad-line", "ignore"), "refuses its args"),
@@ -1188,8 +1236,22 @@ JOB_MUTATIONS: list[tuple[Callable[[list[Doc]], object], str]] = [
     (lambda d: _set_arg(d, "--url", "http://embedkit:80"), "no Service"),
     (lambda d: _set_arg(d, "--out", "/tmp/vectors"), "not on a PersistentVolumeClaim"),
     (lambda d: _job_container(d).update(command=["embedkit", "encode"]), "not the reembed CLI"),
-    (lambda d: of_kind(d, "Job")[0]["spec"].update(parallelism=2), "parallelism"),
     (lambda d: of_kind(d, "Job")[0]["spec"].update(backoffLimit=0), "must be retried"),
+    (lambda d: of_kind(d, "Job")[0]["spec"].pop("completionMode"), "parallelism must be 1"),
+    (lambda d: _set_arg(d, "--shards", "3"), "is not the Job's completions 4"),
+    (lambda d: _set_arg(d, "--shards", "3"), "index 3 would refuse: JOB_COMPLETION_INDEX '3/3'"),
+    (lambda d: _drop_arg(d, "--shards"), "index 0 would refuse: JOB_COMPLETION_INDEX=0 is set"),
+    (lambda d: _job_container(d)["args"].extend(["--shard", "0/4"]), "is fixed"),
+    (
+        lambda d: of_kind(d, "Job")[0]["spec"].update(podReplacementPolicy="TerminatingOrFailed"),
+        "podReplacementPolicy must be Failed",
+    ),
+    (
+        lambda d: of_kind(d, "PersistentVolumeClaim")[0]["spec"].update(
+            accessModes=["ReadWriteOnce"]
+        ),
+        "not ReadWriteMany",
+    ),
 ]
 
 
