@@ -136,7 +136,9 @@ def test_run_hands_the_engine_descriptors_only(tmp_path: Path) -> None:
     )
     seen: list[Any] = []
 
-    def dispatch(pending, meta, previous):  # type: ignore[no-untyped-def]
+    def dispatch(
+        pending: list[partitions.Partition], meta: dict[str, Any], previous: Any
+    ) -> Iterator[tuple[int, int, int]]:
         seen.extend(pending)
         for part in pending:
             done = corpus.make_partition(
