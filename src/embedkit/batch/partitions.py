@@ -112,15 +112,15 @@ class Location:
     def __repr__(self) -> str:
         return f"Location({self.shown!r})"
 
+    def _key(self) -> tuple[str, str]:
+        # Local: two spellings (a symlink, "a/../b") of one directory are one location.
+        return (self.fs.type_name, os.path.realpath(self.path) if self.local else self.path)
+
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Location)
-            and self.fs.type_name == other.fs.type_name
-            and self.path == other.path
-        )
+        return isinstance(other, Location) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.fs.type_name, self.path))
+        return hash(self._key())
 
     @property
     def name(self) -> str:
