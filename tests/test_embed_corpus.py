@@ -107,6 +107,8 @@ def test_vectors_are_the_services(tmp_path: Path, engine: Engine, embedder) -> N
         "encoding": "float",
         "prompt": None,
         "truncate": True,
+        "chunking": None,
+        "ranges": None,
     }
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["complete"] and saved["computed"] == 200 and saved["docs_per_s"] > 0

@@ -4,8 +4,10 @@ The engine-independent core: :class:`Embedder` says who embeds (its served ident
 settings that change vectors, a texts → vectors function), :func:`run` drives the
 partitions (:mod:`embedkit.batch.partitions`) through it. ``--engine local`` is
 :func:`local_embedder`, the artifact's :class:`~embedkit.runtime.engine.Engine` with the
-service's post-processing (prompt, truncation, Matryoshka dimensions, normalisation:
-``Engine.encode`` runs the same ``runtime.vectors`` code as ``/v1/embeddings``).
+service's post-processing: prompt, truncation, chunking (``Engine.encode`` /
+``Engine.encode_chunked`` give the raw pooled rows, as the Embedder does), then the
+front's own steps on them (``runtime.chunking.pool``, ``runtime.vectors.postprocess``
+or ``encode_codes``: Matryoshka dimensions, normalisation, output encodings).
 
 Input, ``--out`` and ``--previous`` are local paths or any URI ``pyarrow.fs`` opens
 (:class:`~embedkit.batch.partitions.Location`). The driver holds partition descriptors,
@@ -26,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -34,8 +36,15 @@ import numpy as np
 from embedkit.batch import partitions
 from embedkit.batch.partitions import Embed, Embedded, Location, Previous
 from embedkit.client.reembed import VECTOR_FIELDS
-from embedkit.core.errors import EmbedkitError, IdentityMismatch, InvalidInput
+from embedkit.core.errors import (
+    EmbedkitError,
+    EncodingUnavailable,
+    IdentityMismatch,
+    InvalidChunking,
+    InvalidInput,
+)
 from embedkit.core.settings import Settings
+from embedkit.runtime.chunking import Chunking
 from embedkit.serve.engine.identity import ServedIdentity
 
 MANIFEST = "embed-corpus.json"
@@ -73,6 +82,8 @@ class Options:
     dimensions: int | None = None  # Matryoshka truncation
     prompt_name: str | None = None  # None: the model's default prompt, as the service
     truncate: bool = True  # False: a text over the token limit stops the run
+    encoding: str = "float"  # the service's encoding_format, base64 aside (docs)
+    chunking: Chunking | None = None  # None: texts over the limit are truncated
 
 
 @dataclass(frozen=True)
@@ -80,11 +91,82 @@ class Embedder:
     """Who embeds: what the output records of it, and the function that does it."""
 
     identity: ServedIdentity
-    dim: int  # of the vectors written (after Matryoshka truncation)
+    dim: int  # width of the rows written (Matryoshka dims; binary codes: bytes)
     vectors: dict[str, Any]  # the settings that change vectors, as recorded
     embed: Embed
     # The graph's sha256: two local exports both read "name:local", their graphs differ.
     graph_sha256: str | None = None
+    dtype: Any = field(default=np.float32)  # of the rows: float32, or int8/uint8 codes
+    chunked: bool = False  # one row per chunk (--chunk-aggregate none)
+
+    def partition(self, rows: partitions.Rows, previous: Previous | None) -> Embedded:
+        """One partition's rows embedded (or copied from ``previous``)."""
+        return partitions.embed_partition(
+            rows, self.embed, self.dim, previous, dtype=self.dtype, chunked=self.chunked
+        )
+
+
+# --encoding's values: the service's encoding_format, where Parquet has a use for it.
+ENCODINGS = ("float", "int8", "uint8", "binary", "ubinary")
+CODE_TYPES = {"int8": np.int8, "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
+# CLI names of the service's chunking fields, for its messages.
+_CHUNK_FLAGS = {
+    "chunking.max_tokens": "--chunk-tokens",
+    "chunking.overlap": "--chunk-overlap",
+    "chunking.aggregate": "--chunk-aggregate",
+}
+
+
+def _check_encoding(encoding: str, normalize: bool, ranges: Any) -> None:
+    """The service's refusals (serve.pipeline.jobs.check_encoding), in this command's words."""
+    from embedkit.serve.pipeline.jobs import check_encoding
+
+    if encoding == "base64":
+        raise InvalidInput(
+            "--encoding base64 is the HTTP wire format of float32 vectors; Parquet stores "
+            "float32 already: use --encoding float"
+        )
+    if encoding not in ENCODINGS:
+        raise InvalidInput(f"--encoding is one of {', '.join(ENCODINGS)}, not {encoding!r}")
+    try:
+        check_encoding(encoding, normalize=normalize, base64_codes=False, ranges=ranges)
+    except EncodingUnavailable as exc:
+        if exc.param == "normalize":
+            raise EncodingUnavailable(
+                f"--encoding {encoding}: this model's ranges were calibrated on "
+                f"{'normalised' if normalize is False else 'unnormalised'} vectors; "
+                f"--{'no-' if normalize is False else ''}normalize cannot use them"
+            ) from None
+        raise EncodingUnavailable(
+            f"--encoding {encoding} needs int8 ranges calibrated at release and this model's "
+            "manifest has none: use float, binary or ubinary, or a model released with "
+            "`embedkit release`"
+        ) from None
+
+
+def _chunking(options: Options, engine: Any) -> dict[str, Any] | None:
+    """--chunk-*, checked as the service checks ``chunking`` (runtime.chunking), as recorded
+    (max_tokens resolved: the model's limit when not given)."""
+    from embedkit.runtime.chunking import window_room
+
+    chunking = options.chunking
+    if chunking is None:
+        return None
+    try:
+        room, overlap = window_room(chunking, engine.tokenizer)
+    except InvalidChunking as exc:
+        message = exc.message
+        for name, flag in _CHUNK_FLAGS.items():
+            message = message.replace(name, flag)
+        raise InvalidChunking(message, param=exc.param) from None
+    # As /embed: a prompt would have to open every window; refused, never dropped.
+    if engine.prompts.resolve(options.prompt_name) is not None:
+        raise InvalidInput(
+            "chunking with a prompt (--prompt-name, or the model's default prompt) is not "
+            "supported, as in the service; embed without --chunk-* options"
+        )
+    frame = sum(map(len, engine.tokenizer.frame))
+    return {"max_tokens": room + frame, "overlap": overlap, "aggregate": chunking.aggregate}
 
 
 def local_embedder(options: Options, settings: Settings | None = None) -> Embedder:
@@ -93,7 +175,7 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
     from embedkit.model import toolchain
     from embedkit.model.artifact import MODEL_FILE
     from embedkit.runtime.engine import Engine
-    from embedkit.runtime.vectors import check_dimensions
+    from embedkit.runtime.vectors import QUANTIZED, check_dimensions, encode_codes, postprocess
     from embedkit.serve.engine import identity
 
     settings = settings or get_settings()
@@ -103,6 +185,10 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
     normalize = (
         engine.manifest.embedding.normalize if options.normalize is None else options.normalize
     )
+    encoding = options.encoding
+    ranges = engine.manifest.encoding_ranges
+    _check_encoding(encoding, normalize, ranges)  # before anything is written
+    chunking = _chunking(options, engine)
     served = identity.build(
         engine.artifact,
         provider=engine.provider,
@@ -112,23 +198,64 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
     recorded = {
         "normalize": normalize,
         "dimensions": dims,
-        "encoding": "float",
+        "encoding": encoding,
         "prompt": None if prompt is None else {"name": prompt.name, "text": prompt.text},
         "truncate": options.truncate,
+        "chunking": chunking,
+        # The buckets of int8/uint8 codes: another release's ranges give other codes.
+        "ranges": _ranges_sha256(ranges) if encoding in ("int8", "uint8") else None,
     }
+    buckets = None if ranges is None else np.array([ranges.min, ranges.max])
 
-    def embed(texts: Any) -> Any:
-        return engine.encode(
-            texts,
-            normalize=normalize,
-            dimensions=dims,
-            truncate=options.truncate,
-            prompt_name=options.prompt_name,
-        )
+    def finish(raw: np.ndarray) -> np.ndarray:
+        # What the front does with the Embedder's raw rows (serve.pipeline.front.Front.embed).
+        if encoding in QUANTIZED:
+            return encode_codes(
+                raw,
+                encoding,
+                normalize=normalize,
+                dimensions=dims,
+                model_dim=engine.dimension,
+                ranges=buckets,
+            )
+        return postprocess(raw, normalize=normalize, dimensions=dims, model_dim=engine.dimension)
+
+    def embed(texts: Any) -> np.ndarray | partitions.Chunked:
+        if options.chunking is None:
+            # normalize=False, all dimensions: the raw pooled rows, exactly (postprocess
+            # leaves float32 rows as they are); `finish` then does what the service does.
+            raw = engine.encode(
+                texts, normalize=False, truncate=options.truncate, prompt_name=options.prompt_name
+            )
+            return finish(raw)
+        # Raw chunk rows, or per text their token-weighted mean (runtime.chunking.pool).
+        raw, plan = engine.encode_chunked(texts, options.chunking, normalize=False)
+        if options.chunking.aggregate == "mean":
+            return finish(raw)
+        counts = np.bincount([c.index for c in plan.chunks], minlength=len(texts))
+        return partitions.Chunked(finish(raw), counts)
 
     files = engine.manifest.files
     graph = files.get(MODEL_FILE) or files.get(engine.artifact.model_path.name)
-    return Embedder(served, dims or engine.dimension, recorded, embed, graph)
+    width = dims or engine.dimension
+    if encoding in ("binary", "ubinary"):
+        width = -(-width // 8)  # sign bits packed 8 to a byte, the last byte zero-padded
+    return Embedder(
+        served,
+        width,
+        recorded,
+        embed,
+        graph,
+        dtype=CODE_TYPES.get(encoding, np.float32),
+        chunked=chunking is not None and chunking["aggregate"] == "none",
+    )
+
+
+def _ranges_sha256(ranges: Any) -> str:
+    import hashlib
+
+    data = json.dumps([ranges.min, ranges.max, ranges.normalized]).encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -139,7 +266,8 @@ class Report:
     partitions: int = 0
     partitions_resumed: int = 0
     input_rows: int = 0
-    documents: int = 0  # rows in the output, all runs
+    documents: int = 0  # in the output, all runs
+    rows: int = 0  # in the output: documents, or their chunks with --chunk-aggregate none
     computed: int = 0  # by this run
     copied: int = 0  # by this run, from --previous
     bad_lines: int = 0  # skipped, all runs (rejects.jsonl)
@@ -391,12 +519,7 @@ def run(
         if dispatch is None:
             for part in pending:
                 embedded = make_partition(
-                    options,
-                    part,
-                    meta,
-                    lambda rows: partitions.embed_partition(
-                        rows, embedder.embed, embedder.dim, previous
-                    ),
+                    options, part, meta, lambda rows: embedder.partition(rows, previous)
                 )
                 made(part, embedded.computed, embedded.copied)
         elif pending:
@@ -420,7 +543,8 @@ def run(
     report.partitions = len(metas)
     ordered = [metas[k] for k in sorted(metas)]
     report.input_rows = sum(m["input_rows"] for m in ordered)
-    report.documents = sum(m["rows"] for m in ordered)
+    report.documents = sum(m.get("documents", m["rows"]) for m in ordered)
+    report.rows = sum(m["rows"] for m in ordered)
     rejects = [r for m in ordered for r in m["rejects"]]
     report.bad_lines = len(rejects)
     output.write(REJECTS, "".join(json.dumps(r) + "\n" for r in rejects).encode())
@@ -445,19 +569,23 @@ def run(
 
 
 def find_duplicates(files: list[Location]) -> list[dict[str, Any]]:
-    """Ids found in more than one row of the partitions, each with every (file, row).
+    """Ids found in more than one document of the partitions, each with every (file, row)
+    (of a document's chunk rows, chunk 0's: (id, chunk) pairs repeat only if ids do).
 
     Two passes, so that memory is 8 bytes per row, not a map of every id: the first sorts
     64-bit keys of all ids; the second collects the rows of the ids whose key repeats
     (a key collision of two different ids is then told apart by the ids themselves)."""
-    keys = [np.fromiter(map(partitions.id_key, partitions.read_ids(f)), np.uint64) for f in files]
+    keys = [
+        np.fromiter((partitions.id_key(i) for _, i in partitions.read_ids(f)), np.uint64)
+        for f in files
+    ]
     ordered = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
     repeated = set(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]).tolist())
     if not repeated:
         return []
     where: dict[str, list[tuple[str, int]]] = {}
     for path in files:
-        for row, ident in enumerate(partitions.read_ids(path)):
+        for row, ident in partitions.read_ids(path):
             if partitions.id_key(ident) in repeated:
                 where.setdefault(ident, []).append((path.name, row))
     return [{"id": i, "at": at} for i, at in where.items() if len(at) > 1]

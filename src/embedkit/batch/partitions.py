@@ -44,8 +44,21 @@ BLOCK = 1 << 20  # bytes read at a time by the JSONL scan
 # Object stores publish an object whole when its upload completes: no rename needed.
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
-# texts -> float32 [n, dim], already post-processed as the service does.
-Embed = Callable[[Sequence[str]], np.ndarray]
+CHUNK = "chunk"  # the column of a chunk's number in its document (--chunk-aggregate none)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """One row per chunk (``--chunk-aggregate none``): every text's chunk rows in text
+    order, and how many rows each text has (at least one)."""
+
+    rows: np.ndarray
+    counts: np.ndarray
+
+
+# texts -> one row per text ([n, width] of float32 or codes), or per chunk (Chunked),
+# already post-processed as the service does.
+Embed = Callable[[Sequence[str]], "np.ndarray | Chunked"]
 
 
 def pyarrow() -> Any:
@@ -428,25 +441,33 @@ def _sha_key(sha: str) -> int:
 
 
 class Previous:
-    """An earlier output as a compact index: per row, 64-bit keys of its id and text_sha256,
-    its file and row (24 bytes per id, sorted arrays; no id string, no vector). A hit is
-    confirmed against the file's own id and text_sha256 before its vector is copied, so a
-    key collision costs a recomputation, never a wrong vector. Picklable: a Ray actor gets
-    the arrays as built (zero-copy from the object store)."""
+    """An earlier output as a compact index: per document, 64-bit keys of its id and
+    text_sha256, its file and (first) row (24 bytes per id, sorted arrays; no id string,
+    no vector). A hit is confirmed against the file's own id and text_sha256 before its
+    vector is copied, so a key collision costs a recomputation, never a wrong vector.
+    An output of chunk rows (``chunk`` column) is indexed by each document's chunk 0; a
+    hit copies all of its chunks (rows ``0, 1, ...`` that follow) or, when any does not
+    check out, none. Picklable: a Ray actor gets the arrays as built (zero-copy from the
+    object store)."""
 
     def __init__(self, files: Sequence[Location]) -> None:
         pa = pyarrow()
         self.files = list(files)
+        self.chunked = False
         keys, shas, where, rows = [], [], [], []
         for f, loc in enumerate(self.files):
-            table = pa.parquet.read_table(
-                loc.path, columns=["id", "text_sha256"], filesystem=loc.fs
-            )
-            n = table.num_rows
-            keys.append(np.fromiter(map(id_key, table["id"].to_pylist()), np.uint64, n))
-            shas.append(np.fromiter(map(_sha_key, table["text_sha256"].to_pylist()), np.uint64, n))
+            names = pa.parquet.read_schema(loc.path, filesystem=loc.fs).names
+            chunked = CHUNK in names
+            self.chunked |= chunked
+            columns = ["id", "text_sha256", *([CHUNK] if chunked else [])]
+            table = pa.parquet.read_table(loc.path, columns=columns, filesystem=loc.fs)
+            mine = _document_rows(table)
+            n = len(mine)
+            ids, file_shas = table["id"].to_pylist(), table["text_sha256"].to_pylist()
+            keys.append(np.fromiter((id_key(ids[r]) for r in mine), np.uint64, n))
+            shas.append(np.fromiter((_sha_key(file_shas[r]) for r in mine), np.uint64, n))
             where.append(np.full(n, f, dtype=np.uint32))
-            rows.append(np.arange(n, dtype=np.uint32))
+            rows.append(mine.astype(np.uint32))
         key = np.concatenate(keys) if keys else np.empty(0, np.uint64)
         order = np.argsort(key, kind="stable")  # stable: an id's first row wins, as a dict's
         self.key = key[order]
@@ -472,8 +493,9 @@ class Previous:
         return self._cache[1]
 
     def lookup(self, ids: Sequence[str], shas: Sequence[str]) -> dict[int, np.ndarray]:
-        """The vectors of the rows (by position in ``ids``) whose id and text are there;
-        each file read once per call."""
+        """The vectors of the rows (by position in ``ids``) whose id and text are there
+        (of a chunked output: each document's chunk rows, ``[chunks, width]``); each file
+        read once per call."""
         if not len(self.key) or not ids:
             return {}
         keys = np.fromiter(map(id_key, ids), np.uint64, len(ids))
@@ -484,8 +506,11 @@ class Previous:
         for f in np.unique(self.file[pos[hits]]):
             table = self._table(int(f))
             mine = hits[self.file[pos[hits]] == f]
-            rows = self.row[pos[mine]].astype(np.int64)
-            theirs = table.take(rows)
+            first = self.row[pos[mine]].astype(np.int64)
+            if CHUNK in table.column_names:
+                found.update(_chunk_blocks(table, first, mine, ids, shas))
+                continue
+            theirs = table.take(first)
             vectors = _vectors(theirs["embedding"])
             their_ids = theirs["id"].to_pylist()
             their_shas = theirs["text_sha256"].to_pylist()
@@ -493,6 +518,42 @@ class Previous:
                 if their_ids[k] == ids[i] and their_shas[k] == shas[i]:
                     found[int(i)] = vectors[k]
         return found
+
+
+def _document_rows(table: Any) -> np.ndarray:
+    """The row of each document in a partition's table: every row, or each chunk 0."""
+    if CHUNK not in table.column_names:
+        return np.arange(table.num_rows, dtype=np.int64)
+    chunks = table[CHUNK].to_numpy(zero_copy_only=False)
+    return np.flatnonzero(chunks == 0).astype(np.int64)
+
+
+def _chunk_blocks(
+    table: Any, first: np.ndarray, mine: np.ndarray, ids: Sequence[str], shas: Sequence[str]
+) -> dict[int, np.ndarray]:
+    """Per hit, its document's chunk rows (from ``first`` to the next chunk 0), when every
+    one of them carries the id and text_sha256 asked for and the chunks run 0, 1, ...;
+    else nothing for it (recomputed whole)."""
+    starts = _document_rows(table)
+    ends = np.append(starts[1:], table.num_rows)
+    chunk = table[CHUNK].to_numpy(zero_copy_only=False)
+    vectors = _vectors(table["embedding"])
+    their_ids, their_shas = table["id"], table["text_sha256"]
+    found: dict[int, np.ndarray] = {}
+    for start, i in zip(first.tolist(), mine.tolist(), strict=True):
+        k = int(np.searchsorted(starts, start))
+        if k >= len(starts) or starts[k] != start:
+            continue  # the index points at a row that is no chunk 0: not this file's
+        end = int(ends[k])
+        block_ids = their_ids.slice(start, end - start).to_pylist()
+        block_shas = their_shas.slice(start, end - start).to_pylist()
+        if (
+            all(x == ids[i] for x in block_ids)
+            and all(x == shas[i] for x in block_shas)
+            and np.array_equal(chunk[start:end], np.arange(end - start))
+        ):
+            found[i] = vectors[start:end]
+    return found
 
 
 # --- the per-partition work -------------------------------------------------------------
@@ -503,26 +564,36 @@ class Embedded:
     """One partition's output: rows in input order, and how each vector came to be."""
 
     part: Rows
-    vectors: np.ndarray  # float32 [rows, dim]
+    vectors: np.ndarray  # [output rows, width]: float32, or int8/uint8 codes
     shas: list[str]
-    computed: int
-    copied: int
+    computed: int  # documents
+    copied: int  # documents
+    # Rows per document with --chunk-aggregate none (its chunks); None: one row each.
+    counts: np.ndarray | None = None
 
 
 def embed_partition(
-    part: Rows, embed: Embed, dim: int, previous: Previous | None = None
+    part: Rows,
+    embed: Embed,
+    width: int,
+    previous: Previous | None = None,
+    *,
+    dtype: Any = np.float32,
+    chunked: bool = False,
 ) -> Embedded:
     """The partition's vectors: copied from ``previous`` where its id and text match,
-    embedded (one call for the rest) otherwise."""
+    embedded (one call for the rest) otherwise. ``width`` and ``dtype``: of each row
+    written (codes are int8/uint8, binary ones dim/8 bytes wide); ``chunked``: ``embed``
+    gives :class:`Chunked` rows, a document's chunks copied or embedded together."""
+    dtype = np.dtype(dtype)
     shas = [text_sha256(t) for t in part.texts]
-    vectors = np.empty((len(part.texts), dim), dtype=np.float32)
+    n = len(part.texts)
     old = previous.lookup(part.ids, shas) if previous is not None else {}
-    for i, vector in old.items():
-        vectors[i] = vector
-    todo = [i for i in range(len(part.texts)) if i not in old]
+    todo = [i for i in range(n) if i not in old]
+    blocks: dict[int, np.ndarray] = {i: np.asarray(v).reshape(-1, width) for i, v in old.items()}
     if todo:
         try:
-            fresh = np.asarray(embed([part.texts[i] for i in todo]), dtype=np.float32)
+            result = embed([part.texts[i] for i in todo])
         except EmbedkitError as exc:
             # The engine names items of this call (`input[i]`); the user thinks in lines.
             reword(
@@ -534,10 +605,46 @@ def embed_partition(
                 ),
             )
             raise
-        if fresh.shape != (len(todo), dim):
-            raise InvalidInput(f"embedder returned {list(fresh.shape)} for {len(todo)} texts")
-        vectors[todo] = fresh
-    return Embedded(part, vectors, shas, len(todo), len(part.texts) - len(todo))
+        fresh, counts = _rows(result, len(todo), chunked)
+        if fresh.shape != (int(counts.sum()), width) or not _same_kind(fresh.dtype, dtype):
+            raise InvalidInput(
+                f"embedder returned {list(fresh.shape)} {fresh.dtype} for {len(todo)} texts, "
+                f"not [{int(counts.sum())}, {width}] {dtype}"
+            )
+        if not chunked:  # one row per text: no per-text blocks needed
+            vectors = np.empty((n, width), dtype=dtype)
+            vectors[todo] = fresh
+            for i, block in blocks.items():
+                vectors[i] = block[0]
+            return Embedded(part, vectors, shas, len(todo), n - len(todo))
+        ends = np.cumsum(counts)
+        for i, end, count in zip(todo, ends.tolist(), counts.tolist(), strict=True):
+            blocks[i] = fresh[end - count : end]
+    ordered = [blocks[i] for i in range(n)]
+    vectors = (
+        np.concatenate(ordered).astype(dtype, copy=False) if n else np.empty((0, width), dtype)
+    )
+    counts_out = np.array([len(b) for b in ordered], dtype=np.int64) if chunked else None
+    return Embedded(part, vectors, shas, len(todo), n - len(todo), counts_out)
+
+
+def _rows(result: np.ndarray | Chunked, texts: int, chunked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An embed function's answer as (rows, rows per text)."""
+    if isinstance(result, Chunked):
+        if not chunked:
+            raise InvalidInput("embedder returned chunk rows for an output of one row per text")
+        counts = np.asarray(result.counts, dtype=np.int64)
+        if counts.shape != (texts,) or (counts < 1).any():
+            raise InvalidInput(f"embedder returned chunk counts {counts.tolist()[:5]}...")
+        return np.asarray(result.rows), counts
+    if chunked:
+        raise InvalidInput("embedder returned one row per text for an output of chunk rows")
+    return np.asarray(result), np.ones(texts, dtype=np.int64)
+
+
+def _same_kind(got: np.dtype, want: np.dtype) -> bool:
+    # Floats of any width are float32 once written; codes must be the very dtype.
+    return got == want or (got.kind == want.kind == "f")
 
 
 # --- partition files --------------------------------------------------------------------
@@ -546,16 +653,26 @@ def embed_partition(
 def write_partition(where: Location, done: Embedded, meta: dict[str, Any]) -> None:
     """The Parquet file at ``where`` or nothing (:meth:`Location.write_atomic`). ``meta``
     (the run's identity and settings) goes into the file's metadata with the partition's
-    own facts, so each file proves what made it."""
+    own facts, so each file proves what made it. With chunk rows (``done.counts``) a
+    document's id and text_sha256 repeat on each of its rows, ``chunk`` numbering them."""
     pa = pyarrow()
     rows, part = done.part, done.part.part
-    dim = done.vectors.shape[1]
-    flat = pa.array(done.vectors.reshape(-1), type=pa.float32())
+    width = done.vectors.shape[1]
+    flat = pa.array(done.vectors.reshape(-1), type=pa.from_numpy_dtype(done.vectors.dtype))
+    ids, shas = rows.ids, done.shas
+    columns: dict[str, Any] = {}
+    if done.counts is not None:
+        ids = np.repeat(np.asarray(ids, dtype=object), done.counts).tolist()
+        shas = np.repeat(np.asarray(shas, dtype=object), done.counts).tolist()
+        starts = np.cumsum(done.counts) - done.counts
+        number = np.arange(len(ids), dtype=np.int32) - np.repeat(starts, done.counts)
+        columns[CHUNK] = pa.array(number.astype(np.int32), type=pa.int32())
     table = pa.table(
         {
-            "id": pa.array(rows.ids, type=pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-            "text_sha256": pa.array(done.shas, type=pa.string()),
+            "id": pa.array(ids, type=pa.string()),
+            **columns,
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, width),
+            "text_sha256": pa.array(shas, type=pa.string()),
         }
     )
     own = {
@@ -563,7 +680,8 @@ def write_partition(where: Location, done: Embedded, meta: dict[str, Any]) -> No
         "partition": part.index,
         "first_row": part.first_row,
         "input_rows": part.rows,
-        "rows": len(rows.ids),
+        "rows": table.num_rows,
+        "documents": len(rows.ids),
         "input_sha256": part.checksum,
         "rejects": rows.rejects,
         "computed": done.computed,
@@ -592,17 +710,25 @@ def read_meta(where: Location | Path) -> dict[str, Any]:
     return meta
 
 
-def read_ids(where: Location | Path) -> list[str]:
+def read_ids(where: Location | Path) -> list[tuple[int, str]]:
+    """Each document's (row, id) in a partition file: every row, or each chunk 0 of an
+    output of chunk rows (its other chunks carry the same id: not duplicates)."""
     loc = Location.of(where)
-    table = pyarrow().parquet.read_table(loc.path, columns=["id"], filesystem=loc.fs)
-    ids: list[str] = table["id"].to_pylist()
-    return ids
+    pa = pyarrow()
+    chunked = CHUNK in pa.parquet.read_schema(loc.path, filesystem=loc.fs).names
+    columns = ["id", *([CHUNK] if chunked else [])]
+    table = pa.parquet.read_table(loc.path, columns=columns, filesystem=loc.fs)
+    rows = _document_rows(table)
+    ids = table["id"].to_pylist()
+    return [(r, ids[r]) for r in rows.tolist()]
 
 
 def _vectors(column: Any) -> np.ndarray:
+    """A fixed-size list column as ``[rows, width]`` of its own value type (float32 or
+    int8/uint8 codes)."""
     dim = column.type.list_size
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=np.float32).reshape(len(column), dim)
+    return np.asarray(flat).reshape(len(column), dim)
 
 
 def read_vectors(where: Location | Path) -> np.ndarray:

@@ -109,9 +109,7 @@ class PartitionWorker:
         }
 
     def embed(self, rows: partitions.Rows) -> partitions.Embedded:
-        return partitions.embed_partition(
-            rows, self.embedder.embed, self.embedder.dim, self.previous
-        )
+        return self.embedder.partition(rows, self.previous)
 
 
 def _cause(exc: BaseException) -> EmbedkitError | None:

@@ -136,6 +136,20 @@ class BatchEngine(StrEnum):
     ray = "ray"
 
 
+class Encoding(StrEnum):  # the service's encoding_format (base64: refused, with why)
+    float = "float"
+    base64 = "base64"
+    int8 = "int8"
+    uint8 = "uint8"
+    binary = "binary"
+    ubinary = "ubinary"
+
+
+class ChunkAggregate(StrEnum):
+    mean = "mean"
+    none = "none"
+
+
 @app.command("embed-corpus")
 @one_line_errors
 def embed_corpus_cmd(
@@ -182,6 +196,30 @@ def embed_corpus_cmd(
         str | None, typer.Option(help="One of the model's prompts (default: its default).")
     ] = None,
     truncate: Annotated[bool, typer.Option(help="Truncate texts over the token limit.")] = True,
+    encoding: Annotated[
+        Encoding,
+        typer.Option(
+            help="float32 vectors, or the service's codes: int8/uint8 (the model's calibrated "
+            "ranges), binary/ubinary (sign bits, 8 a byte)."
+        ),
+    ] = Encoding.float,
+    chunk_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Chunk long texts into windows of N tokens (special tokens included) instead "
+            "of truncating; any --chunk-* turns chunking on (default N: the model's limit)."
+        ),
+    ] = None,
+    chunk_overlap: Annotated[
+        int | None, typer.Option(help="Tokens shared by consecutive chunks (default 0).")
+    ] = None,
+    chunk_aggregate: Annotated[
+        ChunkAggregate | None,
+        typer.Option(
+            help="mean: one row per document, its chunks' token-weighted mean (default); "
+            "none: one row per chunk (columns id, chunk)."
+        ),
+    ] = None,
     ray_address: Annotated[
         str | None,
         typer.Option(help="--engine ray: join this cluster (default: start a local one)."),
@@ -200,7 +238,15 @@ def embed_corpus_cmd(
     Prints the report (also written to OUT/report.json) as JSON on stdout.
     """
     from embedkit.batch import corpus
+    from embedkit.runtime.chunking import Chunking
 
+    chunking = None
+    if (chunk_tokens, chunk_overlap, chunk_aggregate) != (None, None, None):
+        chunking = Chunking(
+            max_tokens=chunk_tokens,
+            overlap=chunk_overlap or 0,
+            aggregate=(chunk_aggregate or ChunkAggregate.mean).value,
+        )
     options = corpus.Options(
         input=input,
         out=out,
@@ -216,6 +262,8 @@ def embed_corpus_cmd(
         dimensions=dimensions,
         prompt_name=prompt_name,
         truncate=truncate,
+        encoding=encoding.value,
+        chunking=chunking,
     )
 
     def warn(line: str) -> None:
