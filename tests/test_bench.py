@@ -273,7 +273,7 @@ def test_script_commands_have_help(command: str) -> None:
 
 def test_script_commands_fail_on_one_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["build-bento", "--model-tag", "m:v1", "--variant", "tpu"])
-    assert res.exit_code == 2 and "'tpu' is not one of cpu, gpu" in res.output
+    assert res.exit_code == 2 and "'tpu' is not one of batch, cpu, gpu" in res.output
     res = runner.invoke(app, ["build-bento", "--model-tag", "m:latest", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "error: model tag 'm:latest' must name" in res.output
     res = runner.invoke(app, ["bench-engine", str(tmp_path), "--batch-sizes", "1,x"])
