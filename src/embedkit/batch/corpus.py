@@ -576,7 +576,7 @@ def find_duplicates(files: list[Location]) -> list[dict[str, Any]]:
     64-bit keys of all ids; the second collects the rows of the ids whose key repeats
     (a key collision of two different ids is then told apart by the ids themselves)."""
     keys = [
-        np.fromiter((partitions.id_key(i) for _, i in partitions.read_ids(f)), np.uint64)
+        np.fromiter((partitions.id_key(i) for _, i in partitions.read_documents(f)), np.uint64)
         for f in files
     ]
     ordered = np.sort(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
@@ -585,7 +585,7 @@ def find_duplicates(files: list[Location]) -> list[dict[str, Any]]:
         return []
     where: dict[str, list[tuple[str, int]]] = {}
     for path in files:
-        for row, ident in partitions.read_ids(path):
+        for row, ident in partitions.read_documents(path):
             if partitions.id_key(ident) in repeated:
                 where.setdefault(ident, []).append((path.name, row))
     return [{"id": i, "at": at} for i, at in where.items() if len(at) > 1]

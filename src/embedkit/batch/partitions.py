@@ -710,7 +710,15 @@ def read_meta(where: Location | Path) -> dict[str, Any]:
     return meta
 
 
-def read_ids(where: Location | Path) -> list[tuple[int, str]]:
+def read_ids(where: Location | Path) -> list[str]:
+    """Every row's id (a document's chunk rows each carry its id)."""
+    loc = Location.of(where)
+    table = pyarrow().parquet.read_table(loc.path, columns=["id"], filesystem=loc.fs)
+    ids: list[str] = table["id"].to_pylist()
+    return ids
+
+
+def read_documents(where: Location | Path) -> list[tuple[int, str]]:
     """Each document's (row, id) in a partition file: every row, or each chunk 0 of an
     output of chunk rows (its other chunks carry the same id: not duplicates)."""
     loc = Location.of(where)
@@ -718,9 +726,8 @@ def read_ids(where: Location | Path) -> list[tuple[int, str]]:
     chunked = CHUNK in pa.parquet.read_schema(loc.path, filesystem=loc.fs).names
     columns = ["id", *([CHUNK] if chunked else [])]
     table = pa.parquet.read_table(loc.path, columns=columns, filesystem=loc.fs)
-    rows = _document_rows(table)
     ids = table["id"].to_pylist()
-    return [(r, ids[r]) for r in rows.tolist()]
+    return [(r, ids[r]) for r in _document_rows(table).tolist()]
 
 
 def _vectors(column: Any) -> np.ndarray:
