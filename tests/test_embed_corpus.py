@@ -46,7 +46,7 @@ class Counting:
         self.inner, self.fail_at = embedder.embed, fail_at
         self.calls = self.texts = 0
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str]) -> np.ndarray | partitions.Chunked:
         if self.calls == self.fail_at:
             raise RuntimeError("simulated crash")
         self.calls += 1
