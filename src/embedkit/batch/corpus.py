@@ -6,8 +6,8 @@ partitions (:mod:`embedkit.batch.partitions`) through it. ``--engine local`` is
 :func:`local_embedder`, the artifact's :class:`~embedkit.runtime.engine.Engine` with the
 service's post-processing: prompt, truncation, chunking (``Engine.encode`` /
 ``Engine.encode_chunked`` give the raw pooled rows, as the Embedder does), then the
-front's own steps on them (``runtime.chunking.pool``, ``runtime.vectors.postprocess``
-or ``encode_codes``: Matryoshka dimensions, normalisation, output encodings).
+front's own steps on them (``runtime.chunking.pool``, then ``runtime.vectors.finish``:
+Matryoshka dimensions, normalisation, output encodings).
 
 Input, ``--out`` and ``--previous`` are local paths or any URI ``pyarrow.fs`` opens
 (:class:`~embedkit.batch.partitions.Location`). The driver holds partition descriptors,
@@ -174,8 +174,9 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
     from embedkit.core.settings import get_settings
     from embedkit.model import toolchain
     from embedkit.model.artifact import MODEL_FILE
+    from embedkit.runtime import vectors
     from embedkit.runtime.engine import Engine
-    from embedkit.runtime.vectors import QUANTIZED, check_dimensions, encode_codes, postprocess
+    from embedkit.runtime.vectors import check_dimensions
     from embedkit.serve.engine import identity
 
     settings = settings or get_settings()
@@ -209,16 +210,14 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
 
     def finish(raw: np.ndarray) -> np.ndarray:
         # What the front does with the Embedder's raw rows (serve.pipeline.front.Front.embed).
-        if encoding in QUANTIZED:
-            return encode_codes(
-                raw,
-                encoding,
-                normalize=normalize,
-                dimensions=dims,
-                model_dim=engine.dimension,
-                ranges=buckets,
-            )
-        return postprocess(raw, normalize=normalize, dimensions=dims, model_dim=engine.dimension)
+        return vectors.finish(
+            raw,
+            encoding,
+            normalize=normalize,
+            dimensions=dims,
+            model_dim=engine.dimension,
+            ranges=buckets,
+        )
 
     def embed(texts: Any) -> np.ndarray | partitions.Chunked:
         if options.chunking is None:

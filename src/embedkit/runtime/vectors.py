@@ -112,6 +112,30 @@ def encode_codes(
     return quantize(whole[:, :keep], encoding, ranges)
 
 
+def finish(
+    raw: np.ndarray,
+    encoding: str,
+    *,
+    normalize: bool,
+    dimensions: int | None,
+    model_dim: int,
+    ranges: np.ndarray | None,
+) -> np.ndarray:
+    """What a client gets from the model's raw pooled rows: codes for a quantized
+    ``encoding`` (:func:`encode_codes`), float32 otherwise (:func:`postprocess`). One
+    function for the HTTP front and `embed-corpus`, so their vectors cannot drift apart."""
+    if encoding in QUANTIZED:
+        return encode_codes(
+            raw,
+            encoding,
+            normalize=normalize,
+            dimensions=dimensions,
+            model_dim=model_dim,
+            ranges=ranges,
+        )
+    return postprocess(raw, normalize=normalize, dimensions=dimensions, model_dim=model_dim)
+
+
 def calibrate_ranges(vectors: np.ndarray) -> np.ndarray:
     """``[2, dim]``: each dimension's min and max over ``vectors`` (what
     ``quantize_embeddings`` derives from its ``calibration_embeddings``)."""

@@ -28,7 +28,7 @@ from embedkit.model.artifact import Artifact
 from embedkit.runtime.chunking import pool
 from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
-from embedkit.runtime.vectors import QUANTIZED, encode_codes, postprocess
+from embedkit.runtime.vectors import finish
 from embedkit.serve.edge.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.edge.http_errors import INTERNAL_MESSAGE, error_response
 from embedkit.serve.edge.openapi import openapi_document
@@ -158,19 +158,14 @@ class Front:
             raise
         if job.chunks is not None:
             raw = pool(raw, job.chunks)
-        if job.encoding in QUANTIZED:
-            vectors = encode_codes(
-                raw,
-                job.encoding,
-                normalize=job.normalize,
-                dimensions=job.dimensions,
-                model_dim=self.dimension,
-                ranges=self.ranges,
-            )
-        else:
-            vectors = postprocess(
-                raw, normalize=job.normalize, dimensions=job.dimensions, model_dim=self.dimension
-            )
+        vectors = finish(
+            raw,
+            job.encoding,
+            normalize=job.normalize,
+            dimensions=job.dimensions,
+            model_dim=self.dimension,
+            ranges=self.ranges,
+        )
         m = metrics.get()
         model = self.manifest.name  # the identity's name, as the Embedder's metrics label it
         m.texts_embedded.labels(route=route, model=model).inc(len(job.ids))
