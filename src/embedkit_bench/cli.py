@@ -530,7 +530,7 @@ def bench_corpus_cmd(
     """Corpus throughput: embed-corpus local, Ray with 1 and N actors, reembed over HTTP.
 
     The same documents through each, one after another in one run; prints docs/s and
-    docs/s per core and sizes a cluster for 100 M documents from the best per-core rate.
+    docs/s per core and the cores each would need for 100 M documents.
     """
     from embedkit.release.measure import default_artifact
     from embedkit_bench import corpus as bench
