@@ -28,6 +28,11 @@ class BadLine(StrEnum):
     stop = "stop"
 
 
+def _warn(line: str) -> None:
+    """A job's warning (a skipped line, say): one line on stderr, the report on stdout."""
+    err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("reembed")
 @one_line_errors
 def reembed_cmd(
@@ -99,11 +104,8 @@ def reembed_cmd(
         shard=reembed.resolve_shard(shard, shards, os.environ),
     )
 
-    def warn(line: str) -> None:
-        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
-
     with progress_bar("reembed") as update:
-        summary = reembed.run(options, progress=update, warn=warn)
+        summary = reembed.run(options, progress=update, warn=_warn)
     result = {
         "served": summary.identity.header_value(),
         "documents": summary.documents,
@@ -266,9 +268,6 @@ def embed_corpus_cmd(
         chunking=chunking,
     )
 
-    def warn(line: str) -> None:
-        err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
-
     dispatch = None
     if engine is BatchEngine.ray:
         from embedkit.batch import ray_engine
@@ -280,5 +279,5 @@ def embed_corpus_cmd(
             ray_engine.RayOptions(ray_address, actors, threads), options, settings
         )
     with progress_bar("embed-corpus") as update:
-        report = corpus.run(options, progress=update, warn=warn, dispatch=dispatch)
+        report = corpus.run(options, progress=update, warn=_warn, dispatch=dispatch)
     print(json.dumps(report.as_dict()), flush=True)
