@@ -230,12 +230,14 @@ def embed_corpus_cmd(
     threads_per_actor: Annotated[
         int | None,
         typer.Option(
-            help="--engine ray: CPUs (ORT threads) per actor (default: EMBEDKIT_INTRA_OP_THREADS).",
+            help="--engine ray: CPUs (ORT threads) per actor (default: a local Ray shares "
+            "EMBEDKIT_INTRA_OP_THREADS among the actors; a cluster: that setting).",
             min=1,
         ),
     ] = None,
 ) -> None:
-    """Embed a corpus in-process into Parquet partitions, resumably (docs/embed-corpus.md).
+    """Embed a corpus into Parquet partitions with Ray Data actors or in-process, resumably
+    (docs/embed-corpus.md).
 
     Prints the report (also written to OUT/report.json) as JSON on stdout.
     """
@@ -275,6 +277,9 @@ def embed_corpus_cmd(
 
         settings = get_settings()
         threads = threads_per_actor or settings.intra_op_threads
+        if threads_per_actor is None and ray_address is None:
+            # A local Ray on this machine: its cores shared by the actors, not each given all.
+            threads = max(1, settings.intra_op_threads // actors)
         dispatch = ray_engine.dispatcher(
             ray_engine.RayOptions(ray_address, actors, threads), options, settings
         )
