@@ -306,7 +306,7 @@ def test_memory_criterion_tells_a_leak_from_a_noisy_warm_up() -> None:
 
 
 def test_corpus_sizing_and_table_arithmetic(tmp_path: Path) -> None:
-    from embedkit_bench import corpus as bench_corpus
+    from embedkit_bench import corpus_throughput as bench_corpus
 
     # 100 M documents at 25 docs/s per core in 24 h: 1e8 / (25 * 86,400) = 46.3 -> 47 cores.
     assert bench_corpus.sizing(25.0, 100_000_000, 24) == 47

@@ -533,7 +533,7 @@ def bench_corpus_cmd(
     docs/s per core and the cores each would need for 100 M documents.
     """
     from embedkit.release.measure import default_artifact
-    from embedkit_bench import corpus as bench
+    from embedkit_bench import corpus_throughput as bench
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = bench.compare(
