@@ -140,16 +140,18 @@ def test_an_actors_error_is_one_line(tmp_path: Path, fp32_artifact) -> None:
 
 
 def test_driver_killed_then_rerun_every_id_once(tmp_path: Path, fp32_artifact) -> None:
-    """The CLI, killed once a partition is on disk; the same command resumes."""
+    """The CLI, killed once a partition is on disk; the same command resumes. Both drivers
+    join the module's Ray (--ray-address, as on a cluster): a driver's death ends its own
+    actors, not the cluster, and no run pays for starting one."""
     src = write_jsonl(tmp_path / "c.jsonl", TEXTS)
     out = tmp_path / "ray"
     cmd = [
         *(sys.executable, "-m", "embedkit.cli", "embed-corpus", str(src)),
         *("--out", str(out), "--artifact", str(fp32_artifact.path), "--partition-rows", "10"),
-        *("--engine", "ray", "--actors", "1"),
+        *("--engine", "ray", "--actors", "1", "--threads-per-actor", "1"),
+        *("--ray-address", ray.get_runtime_context().gcs_address),
     ]
     env = {**os.environ, "EMBEDKIT_INTRA_OP_THREADS": "1"}
-    # Its own Ray (not the module's): the driver's death must not take ours with it.
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         started = time.monotonic()
