@@ -47,7 +47,7 @@ def plant(parent: Artifact, kind: str, output: Path) -> Artifact:
 
     output.mkdir(parents=True)
     model = onnx.load(str(parent.model_path))
-    matrix = _matrix(kind, parent.manifest.embedding.dimension)
+    matrix = _matrix(kind, parent.manifest.embedding_config.dimension)
     if matrix is not None:
         out = parent.manifest.output
         graph = model.graph

@@ -47,7 +47,7 @@ def test_full_contract(tiny_architecture, name: str) -> None:
     dimension, pad_id, _ = EXPECTED[name]
     m = artifact.manifest
     assert m.inputs == ["input_ids", "attention_mask"]  # the graph takes no token_type_ids
-    assert m.embedding.dimension == dimension and m.tokenizer.pad_id == pad_id
+    assert m.embedding_config.dimension == dimension and m.tokenizer.pad_id == pad_id
     assert m.tokenizer.max_length == 64
     report = contract.validate(
         artifact, reference_dir=src, settings=CPU, limit_per_segment=PER_SEGMENT

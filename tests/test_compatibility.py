@@ -217,9 +217,9 @@ def test_format_1_loads_and_unknown_formats_are_refused(artifact_copy: Path) -> 
     assert reason is not None and reason[0] == "format"
     assert "manifest format 1 records no measurement binding" in reason[1]
 
-    manifest["format_version"] = 5
+    manifest["format_version"] = 6
     (artifact_copy / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="manifest format 5 is not one this embedkit reads"):
+    with pytest.raises(ArtifactError, match="manifest format 6 is not one this embedkit reads"):
         Artifact.load(artifact_copy)
 
 

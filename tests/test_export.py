@@ -76,16 +76,16 @@ def test_tiny_models_match_pytorch(
     recipe = Recipe(name="tiny", model_id="tiny", source=Source(path=src))
     artifact = export(recipe, tmp_path / "art")
     m = artifact.manifest
-    assert m.embedding.pooling.value == pooling
-    assert m.embedding.normalize is normalize
-    assert m.embedding.dimension == (dense or 32)
+    assert m.embedding_config.pooling.value == pooling
+    assert m.embedding_config.normalize is normalize
+    assert m.embedding_config.dimension == (dense or 32)
     assert m.tokenizer.max_length == 64
     engine = Engine(artifact, CPU)
     texts = [*TEXTS, " ".join(["word"] * 200)]  # beyond max_seq_length: truncated on both sides
     report = check_parity(engine, load_reference(src), {"tiny": texts})
     assert report["passed"], report
     vectors = engine.encode(texts)
-    assert vectors.shape == (len(texts), m.embedding.dimension)
+    assert vectors.shape == (len(texts), m.embedding_config.dimension)
     if normalize:
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 

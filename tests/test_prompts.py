@@ -47,7 +47,7 @@ def test_manifest_records_prompts_and_the_pooling_mask(
     m = prompt_artifact.manifest
     assert m.format_version == 4
     assert m.prompts == PROMPTS and m.default_prompt_name is None
-    assert m.embedding.include_prompt is False
+    assert m.embedding_config.include_prompt is False
     assert m.inputs == ["input_ids", "attention_mask", "pooling_mask"]
     assert m.pooling_mask_input == "pooling_mask"
     assert m.summary()["prompts"] == "query,passage"
@@ -204,7 +204,7 @@ def test_a_format_2_manifest_still_loads_and_serves(
     (artifact_copy / MANIFEST).write_text(json.dumps(raw))
     old = Artifact.load(artifact_copy)
     assert old.manifest.format_version == 2 and old.manifest.prompts == {}
-    assert old.manifest.pooling_mask_input is None and old.manifest.embedding.include_prompt
+    assert old.manifest.pooling_mask_input is None and old.manifest.embedding_config.include_prompt
     texts = ["an artifact from before prompts"]
     np.testing.assert_allclose(
         Engine(old, CPU).encode(texts), Engine(fp32_artifact, CPU).encode(texts), atol=1e-6

@@ -1,5 +1,7 @@
 """Tiny, randomly initialised sentence-transformers models built in the tests (no download).
 
+Also a tiny CrossEncoder (:func:`build_tiny_cross_encoder`) for the reranker's contract.
+
 Four architectures the default model does not cover (docs/models.md): BERT with CLS
 pooling, BERT with a Dense layer after pooling (another output dimension), XLM-RoBERTa
 (no ``token_type_ids``, a Unigram tokenizer trained here on the vendored evaluation
@@ -285,6 +287,47 @@ def build_tiny_mpnet_model(
         max_seq_length=max_seq_length,
         dense_out=None,
     )
+    return directory
+
+
+def build_tiny_cross_encoder(
+    directory: Path,
+    tokenizer_source: Path,
+    *,
+    max_seq_length: int = 64,
+    activation: str | None = None,
+) -> Path:
+    """A randomly initialised ``BertForSequenceClassification`` (one label) saved by
+    sentence-transformers' ``CrossEncoder.save``, so ``CrossEncoder(directory)`` loads it.
+
+    Weights are drawn wider than BERT's (``initializer_range`` 0.2, not 0.02): with the
+    default, every pair scores within 1e-4 of every other and a parity check at 1e-4 could
+    not tell one tokenisation from another. ``activation`` (a ``torch.nn`` class name) is
+    saved as the model's activation_fn; None keeps CrossEncoder's default (Sigmoid).
+    """
+    import tempfile
+
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        max_position_embeddings=128,
+        num_labels=1,
+        initializer_range=0.2,
+        **_SHAPE,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        BertForSequenceClassification(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(tmp)
+        kwargs: dict[str, Any] = {}
+        if activation is not None:
+            kwargs["activation_fn"] = getattr(torch.nn, activation)()
+        model = CrossEncoder(tmp, max_length=max_seq_length, device="cpu", **kwargs)
+        directory.mkdir(parents=True)
+        model.save(str(directory))
     return directory
 
 

@@ -119,7 +119,7 @@ def run(
     """Every encoding's bytes per vector and nDCG@10 / recall@100 on SciFact train, with
     and without rescoring, plus the clipping table. Raises InvalidInput when SciFact is
     absent or the artifact does not serve normalised vectors (the codes assume them)."""
-    if not artifact.manifest.embedding.normalize:
+    if not artifact.manifest.embedding_config.normalize:
         raise InvalidInput(f"{artifact.path}: the encodings table assumes normalised vectors")
     data = retrieval.load_beir(max_docs=max_docs, max_queries=max_queries)
     stored = artifact.manifest.encoding_ranges

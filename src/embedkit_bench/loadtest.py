@@ -103,7 +103,7 @@ def build_corpus(engine: Any, texts: Sequence[str], *, n_long: int = 0) -> Corpu
     return Corpus(
         texts=list(texts),
         raw=raw,
-        normalize=bool(engine.manifest.embedding.normalize),
+        normalize=bool(engine.manifest.embedding_config.normalize),
         dimension=int(engine.dimension),
         long_from=len(texts) - n_long,
     )

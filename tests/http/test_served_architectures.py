@@ -64,7 +64,7 @@ def test_served_vectors_match_pytorch(arch_servers, texts: list[str], name: str)
 
     # the model's own modules, Normalize included where it has one (bert-cls has none)
     want = reference.encode(texts, convert_to_numpy=True, show_progress_bar=False)
-    assert want.shape == (len(texts), artifact.manifest.embedding.dimension)
+    assert want.shape == (len(texts), artifact.manifest.embedding_config.dimension)
     batch = client.embeddings.create(model=served, input=texts)
     assert [d.index for d in batch.data] == list(range(len(texts)))
     assert_contract_parity(as_array(batch.data), want)

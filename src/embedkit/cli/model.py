@@ -28,14 +28,18 @@ def export_cmd(
     model: ModelOpt = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the recipe's).")] = None,
 ) -> None:
-    """Export a sentence-transformers model to a pooled ONNX artifact."""
+    """Export a sentence-transformers model to a pooled ONNX artifact (a CrossEncoder, task
+    rerank, to a graph scoring pairs)."""
     from embedkit.model.export import export
     from embedkit.model.recipe import find_recipe
 
     recipe = find_recipe(model)
     with progress(f"export {recipe.name}") as step:
         artifact = export(recipe, output, opset=opset, step=step)
-    out.print(f"exported {artifact.manifest.name} → {artifact.path}", highlight=False)
+    task = artifact.manifest.task
+    out.print(
+        f"exported {artifact.manifest.name} (task: {task}) → {artifact.path}", highlight=False
+    )
 
 
 @app.command()
@@ -51,16 +55,23 @@ def validate(
         int | None, typer.Option(help="At most this many STS sentences per genre (quick run).")
     ] = None,
 ) -> None:
-    """Check operators, shapes, batch invariance and parity; exit 1 on failure."""
+    """Check operators, shapes, batch invariance and parity (a reranker's: of pair scores,
+    and its truncation); exit 1 on failure."""
     from embedkit.model.artifact import resolve
     from embedkit.model.recipe import find_recipe
-    from embedkit.quality import contract
+    from embedkit.quality import contract, pair_contract
 
     art = resolve(artifact)
-    recipe = find_recipe(reference or art.manifest.name)
-    reference_dir, _ = recipe.source.resolve()
+    source = art.manifest.source
+    if reference is None and source is not None and Path(source.path).is_dir():
+        # The directory it was exported from (format 5), as a recipe name may not exist.
+        reference_dir = Path(source.path)
+    else:
+        recipe = find_recipe(reference or art.manifest.name)
+        reference_dir, _ = recipe.source.resolve()
+    checks = pair_contract if art.manifest.task == "rerank" else contract
     with progress(f"validate {art.manifest.name}") as step:
-        result = contract.validate(
+        result = checks.validate(
             art, reference_dir=reference_dir, limit_per_segment=limit, step=step
         )
     if report:

@@ -25,11 +25,19 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from embedkit.core.errors import ArtifactError, ChecksumMismatch
 from embedkit.model import signing
-from embedkit.model.recipe import EmbeddingConfig, PromptConfig
+from embedkit.model.recipe import EmbeddingConfig, PromptConfig, RerankConfig, Task
 from embedkit.model.signing import Trust
 
 MANIFEST = signing.MANIFEST
@@ -48,8 +56,15 @@ POOLING_MASK_INPUT = "pooling_mask"
 # 4: a second runtime. The binding (``measured_on``) names the runtime and its version
 # (``runtime``, ``version``; format 2-3 wrote ``onnxruntime``: VERSION, read as such) and
 # the ``openvino-*`` modes run on OpenVINO (:attr:`Manifest.runtime`).
-FORMAT_VERSION = 4
-READABLE_FORMATS = (1, 2, 3, 4)
+# 5: the task. A reranker (``task: rerank``) has a ``rerank`` section instead of
+# ``embedding`` and records its ``source`` directory. Only a reranker is written as format
+# 5: an embedding manifest has nothing format 5 added, so it stays format 4, byte for byte,
+# and embedkits that read format 4 keep reading it; any manifest without ``task`` is embed.
+FORMAT_VERSION = 5
+EMBED_FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4, 5)
+# Fields format 5 added: left out of an embedding manifest's JSON (see above).
+_FORMAT_5_FIELDS = ("task", "rerank", "source")
 BENTOML_MODULE = "embedkit"
 # Files BentoML writes into a stored model's directory; not part of the artifact.
 _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
@@ -187,6 +202,22 @@ class EncodingRanges(BaseModel):
     source: str = Field(description="The calibration text (e.g. 'stsbenchmark/sts-train').")
 
 
+class SourceRecord(BaseModel):
+    """Where the exported model came from: the local directory it was read from (a package's
+    or the hub cache's, resolved) and, when the recipe named one, the package or hub id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    package: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+
+
+def format_version_for(task: Task) -> int:
+    """The format a manifest of ``task`` is written as (format 5 is a reranker's)."""
+    return FORMAT_VERSION if task == "rerank" else EMBED_FORMAT_VERSION
+
+
 class Quantization(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     mode: QuantizationMode = "none"
@@ -223,12 +254,21 @@ class Manifest(BaseModel):
     """Everything needed to trust, load and reproduce an artifact."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    format_version: int = FORMAT_VERSION
+    format_version: int = EMBED_FORMAT_VERSION
     name: str
     model_id: str
     model_version: str
+    task: Task = Field("embed", description="embed (vectors) or rerank (pair scores); format 5.")
     source_sha256: str = Field(description="sha256 over the source model's files (sorted).")
-    embedding: EmbeddingConfig
+    source: SourceRecord | None = Field(
+        None, description="The directory the model was exported from (format 5)."
+    )
+    embedding: EmbeddingConfig | None = Field(
+        None, description="How it embeds; every embedding model has it, a reranker not."
+    )
+    rerank: RerankConfig | None = Field(
+        None, description="How a reranker scores a pair (task: rerank, format 5)."
+    )
     tokenizer: TokenizerSpec
     inputs: list[str] = Field(description="Graph inputs, in the order the graph declares them.")
     output: str = "sentence_embedding"
@@ -275,6 +315,44 @@ class Manifest(BaseModel):
         "encodings are refused).",
     )
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> Manifest:
+        if self.task == "embed" and (self.embedding is None or self.rerank is not None):
+            raise ValueError("an embedding manifest needs an embedding section and no rerank")
+        if self.task == "rerank":
+            if self.rerank is None or self.embedding is not None:
+                raise ValueError("a rerank manifest needs a rerank section and no embedding")
+            if self.format_version < FORMAT_VERSION:
+                raise ValueError(f"task rerank needs manifest format {FORMAT_VERSION}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _format_4_stays_format_4(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An embedding manifest below format 5 is written without format 5's fields."""
+        data: dict[str, Any] = handler(self)
+        if self.format_version < FORMAT_VERSION:
+            for key in _FORMAT_5_FIELDS:
+                data.pop(key, None)
+        return data
+
+    @property
+    def embedding_config(self) -> EmbeddingConfig:
+        """The embedding section; :class:`ArtifactError` naming the task for a reranker."""
+        if self.embedding is None:
+            raise ArtifactError(
+                f"{self.name} is a {self.task} model (task: {self.task}); it does not embed"
+            )
+        return self.embedding
+
+    @property
+    def rerank_config(self) -> RerankConfig:
+        """The rerank section; :class:`ArtifactError` naming the task for an embedding model."""
+        if self.rerank is None:
+            raise ArtifactError(
+                f"{self.name} is an embedding model (task: {self.task}); it does not score pairs"
+            )
+        return self.rerank
 
     @model_validator(mode="after")
     def _entries_inside(self) -> Manifest:
@@ -327,13 +405,17 @@ class Manifest(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         """Flat metadata for the BentoML model store and /info (no None: BentoML refuses it)."""
+        embedding, rerank = self.embedding, self.rerank
         summary = {
             "model_id": self.model_id,
             "model_version": self.model_version,
-            "dimension": self.embedding.dimension,
-            "pooling": self.embedding.pooling.value,
-            "max_seq_length": self.embedding.max_seq_length,
-            "normalize": self.embedding.normalize,
+            "task": self.task,
+            "source.path": None if self.source is None else self.source.path,
+            "dimension": None if embedding is None else embedding.dimension,
+            "pooling": None if embedding is None else embedding.pooling.value,
+            "max_seq_length": (embedding or self.rerank_config).max_seq_length,
+            "normalize": None if embedding is None else embedding.normalize,
+            "activation": None if rerank is None else rerank.activation,
             "prompts": ",".join(self.prompts) or None,
             "default_prompt_name": self.default_prompt_name,
             "opset": self.opset,
@@ -600,4 +682,9 @@ def resolve(tag_or_dir: str | Path, *, verify: bool = True, trust: Trust | None 
 
 
 def manifest_json(artifact: Artifact) -> str:
-    return json.dumps(artifact.manifest.model_dump(mode="json"), indent=2)
+    """The manifest for people (``embedkit info``): its ``task`` shown even where the file
+    leaves it out (format 4 and older: embed)."""
+    manifest = artifact.manifest
+    data = manifest.model_dump(mode="json")
+    shown = {"format_version": data.pop("format_version"), "task": manifest.task}
+    return json.dumps({**shown, **data}, indent=2)

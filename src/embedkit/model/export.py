@@ -9,6 +9,13 @@ of the graph on purpose and applied by the engine from the manifest, so a
 client can still ask for raw vectors and Matryoshka truncation re-normalises
 correctly.
 
+A reranker (``task: rerank``, a sentence-transformers ``CrossEncoder``) goes through
+Optimum's sequence-classification (``text-classification``) export instead: the graph
+takes a pair's ``input_ids``/``attention_mask`` (and ``token_type_ids``, which tell the
+query from the document, if the model has them) and returns its raw score,
+``logits [batch, 1]``. The activation CrossEncoder applies after (Sigmoid by default) is
+recorded in the manifest and applied by the runtime, so raw scores stay available.
+
 Imports torch, sentence-transformers and Optimum lazily: never import this
 module from the serving path.
 """
@@ -26,10 +33,12 @@ from typing import Any
 from embedkit.core.errors import ArtifactError, MissingExtra, ModelSourceError
 from embedkit.model import toolchain
 from embedkit.model.artifact import (
+    FORMAT_VERSION,
     MODEL_FILE,
     POOLING_MASK_INPUT,
     TOKENIZER_FILE,
     Artifact,
+    SourceRecord,
     draft,
     move_into_place,
     seal,
@@ -40,12 +49,16 @@ from embedkit.model.recipe import (
     EmbeddingConfig,
     PromptConfig,
     Recipe,
+    RerankConfig,
+    is_cross_encoder,
     read_embedding_config,
     read_prompt_config,
+    read_rerank_config,
 )
 
 log = logging.getLogger(__name__)
 OUTPUT_NAME = "sentence_embedding"
+SCORE_OUTPUT = "logits"  # a sequence classifier's raw scores, [batch, num_labels]
 Step = Callable[[str], None]
 
 
@@ -92,6 +105,25 @@ def load_reference(model_dir: Path, device: str = "cpu") -> Any:
         ) from exc
 
 
+def load_cross_encoder(model_dir: Path, device: str = "cpu") -> Any:
+    """The PyTorch ``CrossEncoder``: a reranker's reference for parity (and what export
+    reads its classifier from)."""
+    try:
+        import sentence_transformers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(
+            f"the PyTorch reference needs {exc.name}: pip install 'embedkit[export]'"
+        ) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import CrossEncoder
+
+    try:
+        return CrossEncoder(str(model_dir), device=device, local_files_only=True)
+    except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
+        raise ModelSourceError(f"cannot load {model_dir} as a CrossEncoder: {exc}") from exc
+
+
 def _pad_token(model_dir: Path, tokenizer: Any) -> tuple[str, int]:
     import json
 
@@ -109,16 +141,17 @@ def _pad_token(model_dir: Path, tokenizer: Any) -> tuple[str, int]:
     raise ModelSourceError(f"{model_dir}: the tokenizer defines no padding token")
 
 
-def _keep_pooled_output(onnx_path: Path, dimension: int) -> list[str]:
-    """Keep only the pooled embedding output, typed ``[batch_size, dimension]``; return inputs."""
+def _keep_pooled_output(onnx_path: Path, dimension: int, name: str = OUTPUT_NAME) -> list[str]:
+    """Keep only the output ``name`` (the pooled embedding; a reranker's scores), typed
+    ``[batch_size, dimension]``; return the graph's inputs."""
     import onnx
 
     model = onnx.load(str(onnx_path))
     outputs = [o.name for o in model.graph.output]
-    if OUTPUT_NAME not in outputs:
-        raise ArtifactError(f"exported graph has no {OUTPUT_NAME!r} output (got {outputs})")
+    if name not in outputs:
+        raise ArtifactError(f"exported graph has no {name!r} output (got {outputs})")
     for out in list(model.graph.output):
-        if out.name != OUTPUT_NAME:
+        if out.name != name:
             model.graph.output.remove(out)
         else:  # the exporter leaves the width symbolic; it is a fact of the model
             out.type.tensor_type.shape.dim[1].dim_value = dimension
@@ -157,6 +190,12 @@ def _export_into(
     """The export proper, built inside ``staging`` (owned and removed by :func:`export`)."""
     say("resolving model source")
     model_dir, model_version = recipe.source.resolve()
+    if recipe.task == "rerank":
+        return _export_reranker(
+            recipe, model_dir, model_version, output, staging, opset=opset, say=say, write=write
+        )
+    if is_cross_encoder(model_dir):
+        raise ModelSourceError(f"{model_dir} is a cross-encoder; its recipe needs task: rerank")
     config = read_embedding_config(model_dir)
     prompts = read_prompt_config(model_dir, recipe)
     require_export_extra()
@@ -197,15 +236,7 @@ def _export_into(
     say(
         "writing tokenizer and manifest" if write else "writing tokenizer (the manifest comes last)"
     )
-    from tokenizers import Tokenizer
-
-    src_tokenizer = model_dir / TOKENIZER_FILE
-    if not src_tokenizer.is_file():
-        raise ModelSourceError(
-            f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)"
-        )
-    shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
-    pad_token, pad_id = _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
+    pad_token, pad_id = _copy_tokenizer(model_dir, artifact_dir)
     built = draft(
         artifact_dir,
         manifest_fields(
@@ -220,6 +251,117 @@ def _export_into(
         ),
     )
     return move_into_place(seal(built) if write else built, output)
+
+
+def _copy_tokenizer(model_dir: Path, artifact_dir: Path) -> tuple[str, int]:
+    """The model's fast tokenizer into the artifact; its padding token and id."""
+    from tokenizers import Tokenizer
+
+    src_tokenizer = model_dir / TOKENIZER_FILE
+    if not src_tokenizer.is_file():
+        raise ModelSourceError(
+            f"{model_dir} has no {TOKENIZER_FILE} (a fast tokenizer is required)"
+        )
+    shutil.copyfile(src_tokenizer, artifact_dir / TOKENIZER_FILE)
+    return _pad_token(model_dir, Tokenizer.from_file(str(src_tokenizer)))
+
+
+def _export_reranker(
+    recipe: Recipe,
+    model_dir: Path,
+    model_version: str,
+    output: Path,
+    staging: Path,
+    *,
+    opset: int | None,
+    say: Step,
+    write: bool,
+) -> Artifact:
+    """A CrossEncoder through Optimum's sequence-classification export: pairs in, one raw
+    score per pair out (``logits [batch, 1]``); the activation goes to the manifest."""
+    config = read_rerank_config(model_dir)
+    require_export_extra()
+
+    say("loading the PyTorch cross-encoder")
+    reference = load_cross_encoder(model_dir)
+    classifier = reference.model  # the transformers *ForSequenceClassification inside
+
+    say("exporting with Optimum (text-classification)")
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_dir = staging / "optimum"
+    try:
+        onnx_export_from_model(
+            classifier,
+            onnx_dir,
+            opset=opset or recipe.opset,
+            library_name="transformers",
+            task="text-classification",
+            do_validation=False,  # the pair contract is stricter and runs next
+        )
+    except Exception as exc:  # Optimum raises many types; one clear line for the user
+        raise ArtifactError(f"Optimum export failed: {exc}") from exc
+    artifact_dir = staging / "artifact"
+    artifact_dir.mkdir()
+    shutil.move(onnx_dir / MODEL_FILE, artifact_dir / MODEL_FILE)
+    inputs = _keep_pooled_output(artifact_dir / MODEL_FILE, config.num_labels, SCORE_OUTPUT)
+
+    say(
+        "writing tokenizer and manifest" if write else "writing tokenizer (the manifest comes last)"
+    )
+    pad = _copy_tokenizer(model_dir, artifact_dir)
+    built = draft(
+        artifact_dir,
+        rerank_manifest_fields(
+            recipe=recipe,
+            model_dir=model_dir,
+            model_version=model_version,
+            config=config,
+            pad=pad,
+            inputs=inputs,
+            opset=opset or recipe.opset,
+        ),
+    )
+    return move_into_place(seal(built) if write else built, output)
+
+
+def rerank_manifest_fields(
+    *,
+    recipe: Recipe,
+    model_dir: Path,
+    model_version: str,
+    config: RerankConfig,
+    pad: tuple[str, int],
+    inputs: list[str],
+    opset: int,
+) -> dict[str, Any]:
+    src = recipe.source
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": recipe.name,
+        "model_id": recipe.model_id,
+        "model_version": model_version,
+        "task": "rerank",
+        "source_sha256": source_checksum(model_dir),
+        "source": SourceRecord(
+            path=str(Path(model_dir).resolve()),
+            package=src.package,
+            hub_id=src.hub_id,
+            revision=src.revision,
+        ).model_dump(),
+        "rerank": config.model_dump(),
+        "tokenizer": {
+            "max_length": config.max_seq_length,
+            "truncation_side": "right",
+            "do_lower_case": config.do_lower_case,
+            "pad_token": pad[0],
+            "pad_id": pad[1],
+        },
+        "inputs": inputs,
+        "output": SCORE_OUTPUT,
+        "opset": opset,
+        "toolchain": toolchain.versions(),
+    }
 
 
 def _pooling_mask_config(model: Any) -> dict[str, Any]:

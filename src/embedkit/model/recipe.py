@@ -1,8 +1,10 @@
 """Model recipes (``models/<name>.yaml``) and the sentence-transformers config they point at.
 
-A recipe says *where* a model comes from and how to export it. *How it embeds*
-(pooling, max length, normalisation, lowercasing) is read from the model's own
-sentence-transformers files, never guessed. Nothing here imports torch.
+A recipe says *where* a model comes from, what it is for (``task``: an embedding model or
+a cross-encoder that reranks) and how to export it. *How it embeds* (pooling, max length,
+normalisation, lowercasing) or *how it scores a pair* (labels, activation, max length) is
+read from the model's own sentence-transformers files, never guessed. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -22,6 +24,9 @@ from embedkit.core.errors import ModelSourceError, UnsupportedModel
 from embedkit.core.settings import get_settings
 
 DEFAULT_RECIPE = "all-minilm-l6-v2"
+# embed: texts → vectors (a SentenceTransformer); rerank: (query, document) pairs → one
+# relevance score each (a sentence-transformers CrossEncoder).
+Task = Literal["embed", "rerank"]
 _TAG_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
 
@@ -111,6 +116,10 @@ class Recipe(BaseModel):
     default_prompt_name: str | None = Field(
         None, description="Overrides the model's default_prompt_name (a name among the prompts)."
     )
+    task: Task = Field(
+        "embed",
+        description="embed (a SentenceTransformer) or rerank (a CrossEncoder scoring pairs).",
+    )
 
     @model_validator(mode="after")
     def _tag_name(self) -> Recipe:
@@ -124,9 +133,15 @@ class Recipe(BaseModel):
 
     @classmethod
     def for_directory(cls, path: Path) -> Recipe:
-        """An ad-hoc recipe for a local sentence-transformers directory."""
+        """An ad-hoc recipe for a local sentence-transformers directory; a CrossEncoder's
+        (:func:`is_cross_encoder`) gets ``task: rerank``."""
         name = re.sub(r"[^a-z0-9._-]+", "-", Path(path).resolve().name.lower()).strip("-._")
-        return cls(name=name or "model", model_id=str(path), source=Source(path=Path(path)))
+        return cls(
+            name=name or "model",
+            model_id=str(path),
+            source=Source(path=Path(path)),
+            task="rerank" if is_cross_encoder(Path(path)) else "embed",
+        )
 
 
 def find_recipe(name_or_path: str | None) -> Recipe:
@@ -298,3 +313,152 @@ def read_prompt_config(model_dir: Path, recipe: Recipe | None = None) -> PromptC
         return PromptConfig(prompts=prompts, default_prompt_name=default)
     except ValidationError as exc:
         raise ModelSourceError(f"{model_dir}: {exc.errors()[0]['msg']}") from exc
+
+
+# --- cross-encoders (task: rerank) ----------------------------------------------------------
+
+# The one module a sequence-classification CrossEncoder lists (v5 names it by its new home;
+# v4 and older save no modules.json at all, only the transformers files).
+_CROSS_ENCODER_MODULES = {
+    "sentence_transformers.models.Transformer",
+    "sentence_transformers.base.modules.transformer.Transformer",
+}
+# CrossEncoder's activation_fn by dotted path → what the engine applies to the raw score.
+# It instantiates only torch.* paths unless trust_remote_code (never here): others fall back
+# to the default, as CrossEncoder itself does.
+_ACTIVATIONS = {
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.Sigmoid": "sigmoid",
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.Tanh": "tanh",
+}
+Activation = Literal["sigmoid", "identity", "tanh"]
+
+
+class RerankConfig(BaseModel):
+    """How a CrossEncoder scores one (query, document) pair, read from its files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    architecture: str = Field(description="The transformers class (config.json architectures).")
+    num_labels: int = Field(1, ge=1, le=1, description="Scores per pair: one (a relevance score).")
+    activation: Activation = Field(
+        description="Applied to the graph's raw score for a default (non-raw) score, as "
+        "CrossEncoder.predict does (its activation_fn)."
+    )
+    max_seq_length: int = Field(
+        ge=1, description="Tokens of a whole pair, special tokens included."
+    )
+    do_lower_case: bool = False
+    truncation: Literal["only_second"] = Field(
+        "only_second",
+        description="Over the limit, only the document is cut; the query is kept whole.",
+    )
+
+
+def _st_config(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "config_sentence_transformers.json"
+    data = _read_json(file) if file.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def _hf_config(model_dir: Path) -> dict[str, Any]:
+    file = model_dir / "config.json"
+    if not file.is_file():
+        raise ModelSourceError(f"{model_dir} has no config.json (not a transformers model)")
+    data = _read_json(file)
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{file} is not a JSON object")
+    return data
+
+
+def is_cross_encoder(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a sentence-transformers CrossEncoder rather than an
+    embedding model: its config says so (v5), or it pools nothing and its transformer is a
+    ``*ForSequenceClassification`` (v4 and older, or a bare transformers classifier)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return False
+    if _st_config(model_dir).get("model_type") == "CrossEncoder":
+        return True
+    modules_file = model_dir / "modules.json"
+    if modules_file.is_file():
+        modules = _read_json(modules_file)
+        types = [m.get("type", "") for m in modules] if isinstance(modules, list) else []
+        if any(t.endswith(".Pooling") for t in types):
+            return False
+    if not (model_dir / "config.json").is_file():
+        return False
+    architectures = _hf_config(model_dir).get("architectures") or []
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
+def _activation(model_dir: Path, config: dict[str, Any]) -> Activation:
+    """CrossEncoder's choice, in its order: config_sentence_transformers.json's
+    ``activation_fn`` (v5), config.json's ``sentence_transformers.activation_fn`` (v4), its
+    ``sbert_ce_default_activation_function`` (older), else Sigmoid for one label."""
+    st = config.get("sentence_transformers")
+    candidates = [
+        _st_config(model_dir).get("activation_fn"),
+        st.get("activation_fn") if isinstance(st, dict) else None,
+        config.get("sbert_ce_default_activation_function"),
+    ]
+    for path in candidates:
+        if not isinstance(path, str) or not path.startswith("torch."):
+            continue  # CrossEncoder skips what it would not import without trust_remote_code
+        if path not in _ACTIVATIONS:
+            known = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in _ACTIVATIONS}))
+            raise UnsupportedModel(
+                f"{model_dir}: activation {path} is not supported (supported: {known})"
+            )
+        return _ACTIVATIONS[path]  # type: ignore[return-value]
+    return "sigmoid"
+
+
+def read_rerank_config(model_dir: Path) -> RerankConfig:
+    """Labels, activation, max length and lowercasing of a CrossEncoder directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelSourceError(f"model directory {model_dir} does not exist")
+    config = _hf_config(model_dir)
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UnsupportedModel(
+            f"{model_dir} is not a sequence-classification cross-encoder "
+            f"(architectures: {', '.join(architectures) or 'none'})"
+        )
+    modules_file = model_dir / "modules.json"
+    if modules_file.is_file():
+        modules = _read_json(modules_file)
+        types = [m.get("type", "") for m in modules] if isinstance(modules, list) else []
+        if len(types) != 1 or types[0] not in _CROSS_ENCODER_MODULES:
+            raise UnsupportedModel(
+                f"{model_dir}: a cross-encoder must be one Transformer module, "
+                f"found {', '.join(types) or 'none'}"
+            )
+    # transformers' own rule: num_labels, else one per id2label entry, else 2.
+    labels = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+    if labels != 1:
+        raise UnsupportedModel(
+            f"{model_dir} has {labels} labels; reranking needs one score per pair (num_labels 1)"
+        )
+    prompts = read_prompt_config(model_dir)
+    if prompts.default_prompt_name is not None:
+        raise UnsupportedModel(
+            f"{model_dir}: a cross-encoder with a default prompt "
+            f"({prompts.default_prompt_name!r}) is not supported"
+        )
+    sbert_file = model_dir / "sentence_bert_config.json"
+    sbert = _read_json(sbert_file) if sbert_file.is_file() else {}
+    max_len = sbert.get("max_seq_length")
+    if max_len is None:
+        max_len = _undeclared_max_length(model_dir)
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ModelSourceError(f"{model_dir}: cannot determine max_seq_length")
+    return RerankConfig(
+        architecture=next(a for a in architectures if a.endswith("ForSequenceClassification")),
+        activation=_activation(model_dir, config),
+        max_seq_length=max_len,
+        do_lower_case=bool(sbert.get("do_lower_case", False)),
+    )

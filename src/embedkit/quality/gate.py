@@ -25,13 +25,13 @@ from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import (
-    FORMAT_VERSION,
     Artifact,
     Compatibility,
     MeasuredOn,
     PrecisionApproval,
     RuntimePrecision,
     amend,
+    format_version_for,
     seal,
 )
 from embedkit.quality.evaluate import QualityReport
@@ -222,8 +222,8 @@ def with_verdict(
     thresholds: GateThresholds | None = None,
     settings: Settings | None = None,
 ) -> Artifact:
-    """``artifact`` with the verdict in its manifest (format
-    :data:`~embedkit.model.artifact.FORMAT_VERSION`): the class, the candidate ``name``,
+    """``artifact`` with the verdict in its manifest (its task's newest format,
+    :func:`~embedkit.model.artifact.format_version_for`): the class, the candidate ``name``,
     what it was measured on, and this artifact's reference vectors (encoded here, on the
     machine that measured it). Nothing is written (:func:`embedkit.model.artifact.seal`).
 
@@ -238,7 +238,7 @@ def with_verdict(
     th = thresholds or load_thresholds()
     reference = reference_vectors(Engine(artifact, settings), th.reference_cosine_min)
     fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
-    fields["format_version"] = FORMAT_VERSION
+    fields["format_version"] = format_version_for(artifact.manifest.task)
     fields["quantization"] = {
         **fields["quantization"],
         "approved": verdict.approved,

@@ -219,7 +219,7 @@ def contract_lines(result: dict[str, Any]) -> list[RenderableType]:
     table = Table(title=f"contract: {result['name']} ({result['quantization']})")
     for col in ("check / segment", "n", "min cos", "max |Δ|", "result"):
         table.add_column(col)
-    for key in ("operators", "shapes", "batch_invariance"):
+    for key in ("operators", "shapes", "batch_invariance", "truncation"):
         section = result.get(key)
         if section:
             table.add_row(key, "", "", "", "pass" if section["passed"] else "FAIL")
@@ -231,7 +231,7 @@ def contract_lines(result: dict[str, Any]) -> list[RenderableType]:
         table.add_row(
             label,
             str(seg["count"]),
-            f"{seg['min_cosine']:.7f}",
+            f"{seg['min_cosine']:.7f}" if "min_cosine" in seg else "—",  # pair scores: none
             f"{seg['max_abs_diff']:.2e}",
             "pass" if seg["passed"] else "FAIL",
         )

@@ -27,7 +27,7 @@ def calibrate(
     """Ranges of ``artifact``'s vectors (normalised as the manifest says, every dimension)
     over the first ``limit`` unique train sentences (all ~10.6k by default)."""
     texts = evaldata.sts_sentences("train")[:limit]
-    normalized = artifact.manifest.embedding.normalize
+    normalized = artifact.manifest.embedding_config.normalize
     vectors = Engine(artifact, settings).encode(texts, normalize=normalized)
     ranges = calibrate_ranges(np.asarray(vectors, dtype=np.float32))
     return EncodingRanges(

@@ -126,9 +126,9 @@ def naive_ort(artifact: Artifact, settings: Settings) -> tuple[Encode, PadCounte
         raw = session.run([manifest.output], graph_feeds(manifest.inputs, input_ids, mask))[0]
         return postprocess(
             raw,
-            normalize=manifest.embedding.normalize,
+            normalize=manifest.embedding_config.normalize,
             dimensions=None,
-            model_dim=manifest.embedding.dimension,
+            model_dim=manifest.embedding_config.dimension,
         )
 
     return encode, counts

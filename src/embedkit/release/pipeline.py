@@ -39,7 +39,7 @@ from embedkit.model import evaldata, signing
 from embedkit.model.artifact import Artifact, amend, register, seal
 from embedkit.model.export import Step, export
 from embedkit.model.recipe import Recipe
-from embedkit.quality import contract, segments
+from embedkit.quality import contract, pair_contract, segments
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, with_verdict
 from embedkit.quality.report import summary_markdown, write_report
@@ -86,14 +86,15 @@ def with_records(
 
 
 def with_parity(artifact: Artifact, report: dict[str, Any]) -> Artifact:
-    """The validation report stored beside the artifact and its summary in the manifest
-    (in memory, like :func:`with_records`)."""
+    """The validation report (the embedding or the pair contract's, by the manifest's task)
+    stored beside the artifact and its summary in the manifest (in memory, like
+    :func:`with_records`)."""
     (artifact.path / "records").mkdir(exist_ok=True)
     report_file = artifact.path / "records" / "validation.json"
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return with_records(
-        artifact, {"validation": report_file}, {"parity": contract.parity_summary(report)}
-    )
+    rerank = artifact.manifest.task == "rerank"
+    summary = (pair_contract if rerank else contract).parity_summary(report)
+    return with_records(artifact, {"validation": report_file}, {"parity": summary})
 
 
 def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
@@ -363,6 +364,9 @@ def run_perf_gate(
     ``NAME:latest`` (run with the runtime parameters its release recorded), both measured
     in this run (:func:`embedkit.release.perfgate.run_gate`). ``override`` is kept only
     when the gate fails: a passing release needs none."""
+    if candidate.manifest.task == "rerank":
+        say("performance gate: not measured for rerankers yet (task: rerank)")
+        return PerfDecision(None, None)
     baseline = previous_latest(name)
     if baseline is None:
         say(f"performance gate: no previous {name}:latest, nothing to compare")
@@ -459,10 +463,17 @@ def build(
     """Export, validate, optionally build, gate and time variants; pick the default.
     Nothing is registered. Raises ContractViolation when the fp32 contract fails."""
     say = step or (lambda _m: None)
+    if recipe.task == "rerank" and variants:  # before minutes of export, not after
+        raise InvalidInput(
+            f"{recipe.name} is a reranker (task: rerank): its variants are not gated yet; "
+            "release it without --variants"
+        )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     base = Path(workdir) if workdir else get_settings().artifacts_dir
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
+    if recipe.task == "rerank":
+        return _build_reranker(recipe, root, limit_per_segment=limit_per_segment, say=say)
     # Every version's manifest is written once, by publish: until then each stage adds to it.
     artifact = export(recipe, root / "fp32", step=say, write=False)
     reference_dir, _ = recipe.source.resolve()
@@ -513,6 +524,22 @@ def build(
         default_name = best.name if best else PARENT
     versions.insert(0, (PARENT, artifact, parent_speed, True))
     return Built(recipe.name, root, report, versions, default_name, summary)
+
+
+def _build_reranker(
+    recipe: Recipe, root: Path, *, limit_per_segment: int | None, say: Step
+) -> Built:
+    """A reranker's release up to registration: export, the pair contract (raises
+    ContractViolation), its report attached. One version, the fp32 export: no calibration
+    (it has no vectors) and no variants yet."""
+    artifact = export(recipe, root / "fp32", step=say, write=False)
+    reference_dir, _ = recipe.source.resolve()
+    report = pair_contract.validate(
+        artifact, reference_dir=reference_dir, limit_per_segment=limit_per_segment, step=say
+    )
+    pair_contract.require_passed(report)
+    artifact = with_parity(artifact, report)
+    return Built(recipe.name, root, report, [(PARENT, artifact, None, True)], PARENT)
 
 
 @dataclass

@@ -71,7 +71,13 @@ def write_records(
 
     settings = settings or get_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(artifact, settings)
+    if artifact.manifest.task == "rerank":  # no vectors to bench: the runtime record only
+        from embedkit.runtime.rerank import Reranker
+
+        engine: Any = Reranker(artifact, settings)
+        bench = False
+    else:
+        engine = Engine(artifact, settings)
     runtime = perfgate.runtime_record(settings, variant=variant, provider=engine.provider)
     files = {"runtime": out_dir / "runtime.json"}
     files["runtime"].write_text(json.dumps(runtime, indent=2) + "\n")

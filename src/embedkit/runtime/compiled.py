@@ -22,7 +22,8 @@ from embedkit.model.artifact import POOLING_MASK_INPUT
 
 class CompiledModel(Protocol):
     """One graph compiled for one device; thread-safe. ``run`` takes int64 ``[batch, seq]``
-    ids and masks padded to the batch's longest text and returns float32 ``[batch, dim]``."""
+    ids and masks padded to the batch's longest text and returns float32 ``[batch, dim]``
+    (a reranker's ``[batch, 1]`` scores, with the pairs' ``token_type_ids``)."""
 
     io_binding: bool
     device: str
@@ -32,6 +33,8 @@ class CompiledModel(Protocol):
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         pooling_mask: np.ndarray | None = None,
+        *,
+        token_type_ids: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
     def warm_up(self, max_batch: int, max_tokens: int, max_length: int) -> None:
@@ -57,8 +60,10 @@ def graph_feeds(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     pooling_mask: np.ndarray | None = None,
+    token_type_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The arrays for the inputs a graph declares (``token_type_ids`` as zeros)."""
+    """The arrays for the inputs a graph declares (``token_type_ids`` as zeros unless given:
+    a pair's tell the query's tokens from the document's)."""
     known = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -70,7 +75,7 @@ def graph_feeds(
         if name in known:
             out[name] = known[name]
         elif name == "token_type_ids":
-            out[name] = np.zeros_like(input_ids)
+            out[name] = np.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         else:
             raise InferenceError(f"the graph wants an input {name!r} the engine cannot provide")
     return out

@@ -105,6 +105,59 @@ def plan_sub_batches(
     return groups
 
 
+@dataclass(frozen=True)
+class Graph:
+    """An artifact's graph compiled on the runtime its manifest names (:func:`open_graph`)."""
+
+    runner: CompiledModel
+    session: Any  # ONNX Runtime's session, None on OpenVINO
+    provider_report: ProviderReport
+    precision: Precision
+
+    @property
+    def provider(self) -> str:
+        return self.provider_report.active[0]
+
+
+def open_graph(
+    artifact: Artifact, settings: Settings, max_length: int, *, judging: bool, runs: int = 1
+) -> Graph:
+    """``artifact``'s graph on OpenVINO (its ``openvino-*`` modes) or ONNX Runtime, shaped
+    for ``max_length`` tokens; refused unless its precision is approved (``judging``: the
+    gate's own runs, which exist to judge unapproved artifacts). The embedding engine and
+    the reranker share it."""
+    manifest = artifact.manifest
+    profile = ShapeProfile.for_engine(manifest.inputs, settings, max_length)
+    trt_fp16 = trt_fp16_decision(manifest, settings, judging=judging)
+    runner: CompiledModel
+    session: Any = None
+    if manifest.runtime == "openvino":
+        ov = OpenVINOModel(
+            artifact.model_path,
+            manifest.quantization.mode,
+            settings,
+            inputs=manifest.inputs,
+            output=manifest.output,
+            streams=runs,
+        )
+        runner, report = ov, ov.report
+    else:
+        session, report = create_session(
+            artifact.model_path,
+            settings,
+            profile=profile,
+            trt_fp16=trt_fp16,
+            cache_tag=manifest.files.get(MODEL_FILE, "")[:16] or None,
+        )
+        runner = Runner.for_session(
+            session, report, settings, inputs=manifest.inputs, output=manifest.output
+        )
+    precision = served_precision(manifest, report.active[0], trt_fp16=trt_fp16)
+    if not judging:
+        require_approved(precision)
+    return Graph(runner, session, report, precision)
+
+
 class Engine:
     """One artifact's ONNX session and tokenizer, created once and reused; thread-safe.
 
@@ -130,47 +183,18 @@ class Engine:
         self.judging = judging
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self.dimension = self.manifest.embedding.dimension
+        self.dimension = self.manifest.embedding_config.dimension
         self.tokenizer = TextTokenizer.from_artifact(artifact)
         self.prompts = Prompts(self.manifest, self.tokenizer)
-        profile = ShapeProfile.for_engine(
-            self.manifest.inputs, self.settings, self.tokenizer.max_length
+        graph = open_graph(
+            artifact, self.settings, self.tokenizer.max_length, judging=judging, runs=runs
         )
-        trt_fp16 = trt_fp16_decision(self.manifest, self.settings, judging=judging)
-        self.runner: CompiledModel
-        self.session: Any = None  # ONNX Runtime's session (its profiler reads it), if any
-        if self.manifest.runtime == "openvino":
-            ov = OpenVINOModel(
-                artifact.model_path,
-                self.manifest.quantization.mode,
-                self.settings,
-                inputs=self.manifest.inputs,
-                output=self.manifest.output,
-                streams=runs,
-            )
-            self.runner, self.provider_report = ov, ov.report
-        else:
-            self.session, self.provider_report = create_session(
-                artifact.model_path,
-                self.settings,
-                profile=profile,
-                trt_fp16=trt_fp16,
-                cache_tag=self.manifest.files.get(MODEL_FILE, "")[:16] or None,
-            )
-            self.runner = Runner.for_session(
-                self.session,
-                self.provider_report,
-                self.settings,
-                inputs=self.manifest.inputs,
-                output=self.manifest.output,
-            )
-        self.provider = self.provider_report.active[0]
+        self.runner: CompiledModel = graph.runner
+        self.session: Any = graph.session  # ONNX Runtime's (its profiler reads it), if any
+        self.provider_report = graph.provider_report
+        self.provider = graph.provider
         # What a served-identity object reads: precision (weights/compute/approval) + provider.
-        self.precision: Precision = served_precision(
-            self.manifest, self.provider, trt_fp16=trt_fp16
-        )
-        if not judging:
-            require_approved(self.precision)
+        self.precision: Precision = graph.precision
 
     @classmethod
     def load(cls, tag_or_dir: str | Path, settings: Settings | None = None) -> Engine:
@@ -190,7 +214,7 @@ class Engine:
             "model_id": self.manifest.model_id,
             "dimension": self.dimension,
             "max_length": self.tokenizer.max_length,
-            "normalize": self.manifest.embedding.normalize,
+            "normalize": self.manifest.embedding_config.normalize,
             **self.prompts.describe(),
             "quantization": self.manifest.quantization.mode,
             "runtime": self.manifest.runtime,
@@ -315,7 +339,7 @@ class Engine:
         ids, _ = self.tokenizer.encode_counted(items, truncate=truncate, keep=keep)
         raw, telemetry = self.embed_ids(ids, pool_starts(prompt, len(ids)))
         if normalize is None:
-            normalize = self.manifest.embedding.normalize
+            normalize = self.manifest.embedding_config.normalize
         vectors = postprocess(
             raw, normalize=normalize, dimensions=dimensions, model_dim=self.dimension
         )
@@ -358,7 +382,7 @@ class Engine:
         plan = plan_chunks(items, self.tokenizer, chunking)
         raw, _ = self.embed_ids(plan.ids)
         if normalize is None:
-            normalize = self.manifest.embedding.normalize
+            normalize = self.manifest.embedding_config.normalize
         vectors = postprocess(
             pool(raw, plan), normalize=normalize, dimensions=dimensions, model_dim=self.dimension
         )

@@ -167,6 +167,8 @@ class OpenVINOModel:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         pooling_mask: np.ndarray | None = None,
+        *,
+        token_type_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """float32 ``[batch, dim]`` for one padded batch (as ONNX Runtime's Runner); the
         length is padded up to a multiple of :data:`LENGTH_STEP` (masked positions)."""
@@ -179,7 +181,8 @@ class OpenVINOModel:
             input_ids = np.pad(input_ids, widen)
             attention_mask = np.pad(attention_mask, widen)
             pooling_mask = None if pooling_mask is None else np.pad(pooling_mask, widen)
-        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
+            token_type_ids = None if token_type_ids is None else np.pad(token_type_ids, widen)
+        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask, token_type_ids)
         try:
             result = np.array(request.infer(feeds)[self.output], dtype=np.float32)  # a copy
         except Exception as exc:  # OpenVINO's errors → one typed line

@@ -441,10 +441,12 @@ class Runner:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         pooling_mask: np.ndarray | None = None,
+        *,
+        token_type_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """float32 ``[batch, dim]`` for one padded batch (``pooling_mask``: see
         :attr:`~embedkit.model.artifact.Manifest.pooling_mask_input`)."""
-        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask)
+        feeds = graph_feeds(self.inputs, input_ids, attention_mask, pooling_mask, token_type_ids)
         try:
             if self.io_binding:
                 result = self._run_bound(feeds)

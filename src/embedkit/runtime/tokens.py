@@ -259,6 +259,94 @@ class TextTokenizer:
         return out, cut
 
 
+class PairTokenizer(TextTokenizer):
+    """(query, document) pairs → one row of ids each, as a CrossEncoder tokenises them:
+    ``[CLS] query [SEP] document [SEP]`` (``<s> q </s></s> d </s>`` for XLM-R) with the
+    token type ids telling the two apart.
+
+    Over the limit only the document is cut (the Rust tokenizer's ``only_second``, what
+    ``CrossEncoder.predict`` does with ``processing_kwargs={"text": {"truncation":
+    "only_second"}}``): a query is kept whole, and one that leaves its document no room is
+    :class:`InputTooLong`, never silently cut. Thread-safe as :class:`TextTokenizer`.
+    """
+
+    def __init__(self, tokenizer_json: Path, spec: TokenizerSpec) -> None:
+        super().__init__(tokenizer_json, spec)
+        try:
+            right, left = (Tokenizer.from_file(str(tokenizer_json)) for _ in range(2))
+        except Exception as exc:  # the Rust loader raises bare Exceptions
+            raise ArtifactError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
+        for tok, side in ((right, "right"), (left, "left")):
+            tok.no_padding()
+            tok.enable_truncation(spec.max_length, strategy="only_second", direction=side)
+        self._pairs_by_side: dict[str, Tokenizer] = {"right": right, "left": left}
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> PairTokenizer:
+        return cls(artifact.tokenizer_path, artifact.manifest.tokenizer)
+
+    def encode_pairs(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        truncate: bool = True,
+        direction: Direction | None = None,
+    ) -> tuple[list[list[int]], list[list[int]], int]:
+        """Ids and token type ids of each pair (special tokens included, unpadded), and how
+        many documents truncation cut (from the ``direction`` side; default: the
+        manifest's). ``truncate=False``: a pair over the limit is :class:`InputTooLong`."""
+        queries = list(self._lower([q for q, _ in pairs]))
+        documents = list(self._lower([d for _, d in pairs]))
+        batch = list(zip(queries, documents, strict=True))
+        side = direction or self.spec.truncation_side
+        tok = self._pairs_by_side[side] if truncate else self._full
+        try:
+            encodings = tok.encode_batch(batch, add_special_tokens=True)
+        except Exception as exc:  # only_second found a query that leaves no room: which one
+            raise self._query_too_long(batch) from exc
+        if not truncate:
+            for i, e in enumerate(encodings):
+                if len(e.ids) > self.max_length:
+                    raise InputTooLong(
+                        f"pair {i} has {len(e.ids)} tokens, more than the model's limit of "
+                        f"{self.max_length} (truncation is off)",
+                        param="documents",
+                    )
+        ids = [list(e.ids) for e in encodings]
+        types = [list(e.type_ids) for e in encodings]
+        return ids, types, sum(1 for e in encodings if e.overflowing)
+
+    def _query_too_long(self, batch: Sequence[tuple[str, str]]) -> InputTooLong:
+        for i, (query, _) in enumerate(batch):
+            # The pair's tokens without its document: the query and every special token.
+            frame = len(self._full.encode(query, "", add_special_tokens=True).ids)
+            if frame >= self.max_length:
+                return InputTooLong(
+                    f"pair {i}: the query takes {frame} of the model's {self.max_length} tokens "
+                    "with its special tokens, leaving the document no room (a query is never cut)",
+                    param="query",
+                )
+        return InputTooLong(  # pragma: no cover - the Rust error had another cause
+            f"a pair cannot be truncated to the model's limit of {self.max_length} tokens",
+            param="query",
+        )
+
+    def count_pair_tokens(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
+        """Untruncated token counts of pairs (special tokens included), for usage."""
+        batch = list(
+            zip(self._lower([q for q, _ in pairs]), self._lower([d for _, d in pairs]), strict=True)
+        )
+        return [len(e.ids) for e in self._full.encode_batch(batch)]
+
+
+def pad_type_ids(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """Token type ids right-padded with 0 to ``width`` (what :func:`pad_batch` pads to)."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = row
+    return out
+
+
 def _original_spans(
     text: str, lowered: str, offsets: Sequence[tuple[int, int]]
 ) -> list[tuple[int, int]]:

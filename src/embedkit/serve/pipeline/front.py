@@ -84,7 +84,7 @@ class Front:
         self.manifest = artifact.manifest
         self.tokenizer = TextTokenizer.from_artifact(artifact)
         self.prompts = Prompts(self.manifest, self.tokenizer)
-        self.dimension = self.manifest.embedding.dimension
+        self.dimension = self.manifest.embedding_config.dimension
         self.model_name = name or settings.served_model_name or self.manifest.name
         self.default = default
         # This model's served identity, received from the Embedder during warm-up.
@@ -210,7 +210,7 @@ class Front:
                     self.settings,
                     served=self.model_name,
                     model_dim=self.dimension,
-                    normalize=self.manifest.embedding.normalize,
+                    normalize=self.manifest.embedding_config.normalize,
                     prompts=self.prompts,
                     ranges=self.manifest.encoding_ranges,
                 ),
