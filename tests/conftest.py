@@ -451,3 +451,22 @@ def prompt_model_dir(_prompt_model: tuple[Path, Any]) -> Path:
 @pytest.fixture(scope="session")
 def prompt_artifact(_prompt_model: tuple[Path, Any]):
     return _prompt_model[1]
+
+
+# --- a tiny cross-encoder (tests/test_rerank_export.py) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(artifact_cache: ArtifactCache, default_model_dir: Path) -> tuple[Path, Any]:
+    """A random tiny BERT CrossEncoder (one label, Sigmoid by default): its source directory
+    and its fp32 export (task rerank, real Optimum path), built once per cache key. The
+    manifest's ``source.path`` names the cache's build folder: export again for that."""
+    from tests.tiny_models import build_tiny_cross_encoder
+
+    return _tiny_entry(
+        artifact_cache,
+        {"name": "tiny-cross-encoder", "model_id": "tiny/cross-encoder", "task": "rerank"},
+        {"cross_encoder": {"max_seq_length": 64}},
+        lambda dest: build_tiny_cross_encoder(dest, default_model_dir),
+        default_model_dir,
+    )

@@ -168,7 +168,8 @@ def check_truncation(reranker: Any) -> dict[str, Any]:
     """Over the limit only the document is cut: the pair fills the window and begins with
     the whole query in its frame; a query that leaves the document no room is refused."""
     tok = reranker.tokenizer
-    query = _sized_text(tok, tok.max_length // 2)
+    # Over half the window: cutting the longer side first would cut this query too.
+    query = _sized_text(tok, int(tok.max_length * 0.7))
     document = evaldata.long_texts(tok.max_length * 2, 1)[0]
     (row,), _, cut = tok.encode_pairs([(query, document)])
     # The query's own pair with an empty document: its ids up to the document's place.
