@@ -6,7 +6,9 @@ Two services: ``Embedder`` owns the ONNX Runtime session (the 1.4 successor of a
 runner) and exposes two batchable APIs, bulk and query, each with its own
 adaptive-batching policy from settings; ``EmbeddingAPI`` is the HTTP front:
 it validates, tokenises, routes to a lane through ``bentoml.depends`` (which is
-what makes BentoML batch across requests) and shapes responses.
+what makes BentoML batch across requests) and shapes responses. A cross-encoder
+(``task: rerank``) is served the same way: its pairs are the rows, its raw scores the
+answers (``serve.engine.reranker``, ``serve.pipeline.rerank``).
 
 Where the work is: ``serve.engine.embedder`` (the Embedder's engine),
 ``serve.pipeline.front`` (the routes' work and warm-up), ``serve.edge.schemas``
@@ -52,16 +54,19 @@ from embedkit.serve.edge import tenants
 from embedkit.serve.edge.http_errors import error_response
 from embedkit.serve.edge.middleware import EdgeMiddleware
 from embedkit.serve.edge.schemas import (
+    CohereRerankRequest,
+    CohereRerankResponse,
     EmbedBulkRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
     EmbedRequest,
     EmbedResponse,
     Item,
+    RerankRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
-from embedkit.serve.engine.embedder import EmbedderCore, LocalEmbedder
+from embedkit.serve.engine.embedder import LocalEmbedder, build_core
 from embedkit.serve.engine.identity import ServedIdentities
 from embedkit.serve.engine.startup import load_artifact, load_artifacts, served_tags, with_models
 from embedkit.serve.pipeline.options import embedder_config, engine_settings, front_config, ort_runs
@@ -86,7 +91,7 @@ class Embedder:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.core = EmbedderCore(load_artifact(type(self).model), SETTINGS, identities=IDENTITIES)
+        self.core = build_core(load_artifact(type(self).model), SETTINGS, identities=IDENTITIES)
 
     @bentoml.on_startup
     def warm(self) -> None:
@@ -158,7 +163,7 @@ class EmbeddingAPI:
         if SETTINGS.topology == "single":
             runs = ort_runs(SETTINGS)
             cores = {
-                name: EmbedderCore(
+                name: build_core(
                     front.artifact,
                     engine_settings(SETTINGS),
                     default=front.default,
@@ -215,6 +220,30 @@ class EmbeddingAPI:
     async def tokenize(self, ctx: bentoml.Context, **body: Any) -> Any:
         """Token ids (special tokens included) and counts, as the model sees them."""
         return _answer(ctx, await self.front.tokenize(body, _request(ctx)))
+
+    @bentoml.api(route="/rerank", input_spec=RerankRequest)
+    async def rerank(self, ctx: bentoml.Context, **body: Any) -> Any:
+        """Rerank texts against a query (text-embeddings-inference's shape): a list of
+        {index, score, text?}, highest score first."""
+        return _answer(ctx, await self.front.rerank(self.embedder, body, "/rerank", _request(ctx)))
+
+    @bentoml.api(
+        route="/v1/rerank", input_spec=CohereRerankRequest, output_spec=CohereRerankResponse
+    )
+    async def rerank_v1(self, ctx: bentoml.Context, **body: Any) -> Any:
+        """Rerank documents (Cohere v1 / Jina shape): top_n results, best first."""
+        return _answer(
+            ctx, await self.front.rerank(self.embedder, body, "/v1/rerank", _request(ctx))
+        )
+
+    @bentoml.api(
+        route="/v2/rerank", input_spec=CohereRerankRequest, output_spec=CohereRerankResponse
+    )
+    async def rerank_v2(self, ctx: bentoml.Context, **body: Any) -> Any:
+        """Rerank documents (Cohere v2, what its current client posts): top_n results."""
+        return _answer(
+            ctx, await self.front.rerank(self.embedder, body, "/v2/rerank", _request(ctx))
+        )
 
 
 def _request(ctx: bentoml.Context) -> RequestContext | None:

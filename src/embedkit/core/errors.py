@@ -61,6 +61,13 @@ class UnsupportedParameter(InvalidInput):
     code = "unsupported_parameter"
 
 
+class WrongTask(InvalidInput):
+    """A route of one task (embedding, rerank) asked for a model of the other; the
+    message names the model's task and the routes that serve it."""
+
+    code = "wrong_model_task"
+
+
 class Unauthorized(EmbedkitError):
     status = 401
     type = "authentication_error"

@@ -21,7 +21,8 @@ class Metrics:
     served_model: Any  # Gauge{name, version, variant, compatibility, precision, provider, isa}
     # --- serving (the BentoML services) ---
     texts_embedded: Any  # Counter{route, model}
-    tokens_embedded: Any  # Counter{route, model}
+    tokens_embedded: Any  # Counter{route, model}: rerank routes count their pairs' tokens
+    pairs_reranked: Any  # Counter{route, model}: (query, document) pairs scored
     rejected_requests: Any  # Counter{reason}: client mistakes and overload, by error code
     dropped_requests: Any  # Counter: requests cancelled because their client disconnected
     padding_ratio: Any  # Histogram: padded tokens / real tokens of one inference call
@@ -74,7 +75,13 @@ def get() -> Metrics:
         ),
         tokens_embedded=Counter(
             "embedkit_tokens_embedded_total",
-            "Real tokens embedded (special tokens included, padding excluded).",
+            "Real tokens embedded (special tokens included, padding excluded); on the rerank "
+            "routes, the tokens of the (query, document) pairs scored.",
+            ["route", "model"],
+        ),
+        pairs_reranked=Counter(
+            "embedkit_pairs_reranked_total",
+            "(query, document) pairs scored by a reranker.",
             ["route", "model"],
         ),
         rejected_requests=Counter(

@@ -328,6 +328,14 @@ class Settings(BaseSettings):
         description="How often each process renews its presence in the quota store; entries "
         "older than three beats are not counted among the live processes.",
     )
+    max_rerank_documents: int = Field(
+        1_000,
+        ge=1,
+        description="Most documents one rerank request may carry (/rerank, /v1/rerank, "
+        "/v2/rerank; 413 above). A rerank call runs on the interactive lane as one request, "
+        "so this bounds how long it holds that lane: each document is one cross-encoder run "
+        "of query + document tokens.",
+    )
     max_query_texts: int = Field(
         32,
         ge=1,

@@ -339,6 +339,26 @@ class PairTokenizer(TextTokenizer):
         return [len(e.ids) for e in self._full.encode_batch(batch)]
 
 
+def segment_split(types: Sequence[int]) -> int:
+    """Where a pair's second segment starts in its token type ids: ``k`` of ``[0] * k +
+    [1] * (n - k)`` (``n`` when all are 0, as XLM-R tokenises pairs). The serving path
+    hands a pair to the engine as ids plus this one number (:func:`segment_types`
+    restores the row), so a pair is a row like a text; any other form is refused here
+    rather than run with the wrong type ids."""
+    k = next((i for i, t in enumerate(types) if t != 0), len(types))
+    if any(t != 1 for t in types[k:]):
+        raise ArtifactError(
+            f"token type ids {list(types)[:8]}… are not one segment of 0 then one of 1; "
+            "this tokenizer's pairs cannot be served"
+        )
+    return k
+
+
+def segment_types(length: int, split: int) -> list[int]:
+    """The token type ids :func:`segment_split` summarised: ``split`` zeros, then ones."""
+    return [0] * split + [1] * (length - split)
+
+
 def pad_type_ids(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
     """Token type ids right-padded with 0 to ``width`` (what :func:`pad_batch` pads to)."""
     out = np.zeros((len(rows), width), dtype=np.int64)

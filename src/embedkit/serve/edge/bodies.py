@@ -88,3 +88,50 @@ def tokenize_body(ids: list[list[int]], max_length: int, *, truncated: int = 0) 
             "truncated": truncated,
         }
     )
+
+
+def tei_rerank_body(scores: np.ndarray, order: Sequence[int], texts: Sequence[str] | None) -> bytes:
+    """``/rerank``: ``[{index, score, text?}]`` in ``order`` (highest score first)."""
+    values = scores.tolist()
+    return dumps(
+        [
+            {"index": i, "score": values[i], **({} if texts is None else {"text": texts[i]})}
+            for i in order
+        ]
+    )
+
+
+def cohere_rerank_body(
+    scores: np.ndarray,
+    order: Sequence[int],
+    documents: Sequence[str] | None,
+    *,
+    request_id: str,
+    model: str,
+    tokens: int,
+    api_version: str,
+) -> bytes:
+    """``/v1/rerank``, ``/v2/rerank``: Cohere's body (``id``, ``results``, ``meta`` with its
+    ``billed_units``) with Jina's ``model`` and ``usage``; ``order`` already cut to top_n."""
+    values = scores.tolist()
+    results = [
+        {
+            "index": i,
+            "relevance_score": values[i],
+            **({} if documents is None else {"document": {"text": documents[i]}}),
+        }
+        for i in order
+    ]
+    searches = -(-len(scores) // 100)  # Cohere's search unit: a query with ≤ 100 documents
+    return dumps(
+        {
+            "id": request_id,
+            "model": model,
+            "results": results,
+            "usage": {"total_tokens": tokens},
+            "meta": {
+                "api_version": {"version": api_version},
+                "billed_units": {"search_units": searches, "input_tokens": tokens},
+            },
+        }
+    )

@@ -11,8 +11,11 @@ from pydantic import BaseModel
 from embedkit.core.settings import Settings
 from embedkit.serve.edge.schemas import (
     INFERENCE_ROUTES,
+    RERANK_ROUTES,
     TRUNCATED_HEADER,
+    BilledUnits,
     ChunkSpan,
+    CohereRerankResponse,
     EmbeddingItem,
     EmbeddingsResponse,
     EmbedResponse,
@@ -21,6 +24,11 @@ from embedkit.serve.edge.schemas import (
     ModelCard,
     ModelList,
     OpenAIUsage,
+    RerankHit,
+    RerankMeta,
+    RerankResult,
+    RerankResultDocument,
+    RerankUsage,
     TokenizeResponse,
     TokenUsage,
 )
@@ -31,11 +39,16 @@ ERROR_STATUSES = {
     "encoding_format or truncation_direction; a prompt_name the model does not define "
     "(code unknown_prompt); a field another route takes (code unsupported_parameter) or no "
     "route takes (code unknown_parameter, OpenAI's 'Unrecognized request argument supplied'); "
-    "an X-Embedkit-Lane other than query/bulk, or naming the other lane on a native route.",
+    "an X-Embedkit-Lane other than query/bulk, or naming the other lane on a native or rerank "
+    "route; a model of the other task (code wrong_model_task: a reranker on an embedding "
+    "route, or the reverse). Rerank routes: an empty query or documents, top_n < 1, a "
+    'document neither a string nor {"text": ...}.',
     "401": "Missing, invalid (code invalid_api_key) or revoked (code revoked_api_key) API key "
     "(only when keys are configured).",
     "404": "Unknown model.",
-    "413": "Too many items, body too large, or a text over the token limit with truncate=false.",
+    "413": "Too many items, body too large, or a text over the token limit with truncate=false; "
+    "rerank routes: more documents than max_rerank_documents, a query that leaves a document "
+    "no room in the token limit (a query is never cut), or a pair over it with truncate=false.",
     "422": "dimensions or chunking out of range; int8/uint8 from a model without calibrated "
     "ranges, or with normalize unlike its calibration (code encoding_unavailable).",
     "429": "Overloaded (code overloaded), or the tenant's token quota is spent (code "
@@ -51,16 +64,21 @@ def openapi_document(
     *,
     settings: Settings,
     model: str,
-    model_dim: int,
-    vocab_size: int,
+    model_dim: int | None = None,
+    vocab_size: int | None = None,
     prompts: Sequence[str] = (),
     max_length: int | None = None,
     frame_tokens: int = 0,
     models: Sequence[str] = (),
+    rerankers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """BentoML's generated document made honest: our error body and statuses on every
     route, the limits the server enforces as schema constraints, and the GET routes
-    (a mounted Starlette app BentoML does not describe)."""
+    (a mounted Starlette app BentoML does not describe).
+
+    ``models``: the served embedding models (default: ``model``, when ``model_dim`` is
+    given); ``rerankers``: the served rerankers. Each route's ``model`` enum names those
+    of its task, and the routes of a task nobody serves are left out."""
     spec = copy.deepcopy(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     template = "#/components/schemas/{model}"
@@ -76,6 +94,13 @@ def openapi_document(
         EmbedResponse,
         TokenizeResponse,
         ChunkSpan,
+        RerankHit,
+        RerankResultDocument,
+        RerankResult,
+        RerankUsage,
+        BilledUnits,
+        RerankMeta,
+        CohereRerankResponse,
     )
     for cls in bodies:
         schema = cls.model_json_schema(ref_template=template)
@@ -91,6 +116,8 @@ def openapi_document(
         "/embed": "EmbedResponse",
         "/embed/query": "EmbedResponse",
         "/tokenize": "TokenizeResponse",
+        "/v1/rerank": "CohereRerankResponse",
+        "/v2/rerank": "CohereRerankResponse",
     }
     error = {
         "content": {
@@ -100,15 +127,26 @@ def openapi_document(
     limits = {"minItems": 1, "maxItems": settings.max_client_batch}
     ids = {
         "type": "array",
-        "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1},
+        "items": {"type": "integer", "minimum": 0, **_most(vocab_size and vocab_size - 1)},
         "minItems": 1,
     }
-    for path in INFERENCE_ROUTES:
+    embedding = list(models) or ([model] if model_dim is not None else [])
+    for path in sorted(INFERENCE_ROUTES):
         op = spec.get("paths", {}).get(path, {}).get("post")
         if op is None:
             continue
+        rerank = path in RERANK_ROUTES
+        names = list(rerankers) if rerank else embedding
+        if not names:  # no model of this route's task is served: not a route to offer
+            del spec["paths"][path]
+            continue
         for code, text in ERROR_STATUSES.items():
             op["responses"][code] = {"description": text, **error}
+        body_schema = (
+            {"type": "array", "items": {"$ref": template.format(model="RerankHit")}}
+            if path == "/rerank"
+            else {"$ref": template.format(model=responses[path])}
+        )
         op["responses"]["200"] = {
             "description": "OK",
             "headers": {
@@ -118,9 +156,7 @@ def openapi_document(
                 },
                 **_TRACE_HEADERS,
             },
-            "content": {
-                "application/json": {"schema": {"$ref": template.format(model=responses[path])}}
-            },
+            "content": {"application/json": {"schema": body_schema}},
         }
         op["requestBody"]["required"] = True
         op["parameters"] = [
@@ -131,12 +167,18 @@ def openapi_document(
         for prop in props.values():  # BentoML flattens Optional[X] to X: OpenAPI 3.0 nullable
             if "default" in prop and prop["default"] is None:
                 prop["nullable"] = True
-        if "texts" in props:
-            props["texts"].update(limits)
+        documents = {"minItems": 1, "maxItems": settings.max_rerank_documents}
+        for field in ("texts", "documents"):
+            if field in props:
+                props[field].update(documents if rerank else limits)
+        if "top_n" in props:
+            props["top_n"].update(minimum=1)
+        if "query" in props:
+            props["query"].update(minLength=1)
         if "dimensions" in props:
-            props["dimensions"].update(minimum=1, maximum=model_dim)
+            props["dimensions"].update(minimum=1, **_most(model_dim))
         if "model" in props:
-            props["model"]["enum"] = list(models) or [model]  # several: every served name
+            props["model"]["enum"] = names  # every served name of the route's task
         if "prompt_name" in props and prompts:  # none defined: any name is a documented 400
             props["prompt_name"]["enum"] = list(prompts)
         if "input" in props:
@@ -202,6 +244,11 @@ _TRACE_HEADERS = {
         "schema": {"type": "integer", "minimum": 0},
     },
 }
+
+
+def _most(limit: int | None) -> dict[str, int]:
+    """A schema's ``maximum``, where the limit is known (an embedding model is served)."""
+    return {} if limit is None else {"maximum": limit}
 
 
 def _nullable(schema: Any) -> Any:

@@ -42,7 +42,9 @@ PROMPT_NAME_DESCRIPTION = (
 
 # Routes that need an API key (when keys are configured), obey the body limit,
 # count against admission control and answer errors in the OpenAI shape.
-INFERENCE_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/tokenize"})
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/embed", "/embed/query", "/tokenize"})
+RERANK_ROUTES = frozenset({"/rerank", "/v1/rerank", "/v2/rerank"})
+INFERENCE_ROUTES = EMBEDDING_ROUTES | RERANK_ROUTES
 METADATA_ROUTES = frozenset({"/v1/models", "/info"})
 PROTECTED_ROUTES = INFERENCE_ROUTES | METADATA_ROUTES
 
@@ -153,6 +155,65 @@ class TokenizeRequest(BaseModel):
     prompt_name: StrictStr | None = Field(default=None, description=PROMPT_NAME_DESCRIPTION)
 
 
+_RERANK_MODEL = (
+    "Served reranker name (GET /v1/models lists each model's task); omitted: the first "
+    "reranker served. An embedding model here is a 400 naming its task."
+)
+_QUERY = "The query every document is scored against (kept whole: only documents are cut)."
+
+
+class RerankRequest(BaseModel):
+    """``POST /rerank``, text-embeddings-inference's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr = Field(description=_QUERY)
+    texts: list[StrictStr] = Field(description="The documents to score against the query.")
+    raw_scores: StrictBool = Field(
+        default=False,
+        description="The classifier's raw logit instead of the model's activation (Sigmoid "
+        "unless its config names another).",
+    )
+    return_text: StrictBool = Field(default=False, description="Echo each text in its hit.")
+    truncate: StrictBool = Field(
+        default=True,
+        description="Cut a document so query + document fit the model's token limit; false "
+        "answers 413 naming the pair.",
+    )
+    # TEI's clients send its enum's names capitalised: both spellings are taken.
+    truncation_direction: Literal["right", "left", "Right", "Left"] | None = Field(
+        default=None,
+        description="Which end of a document truncation cuts ('right' keeps its start). "
+        "Default: the model's side (GET /info).",
+    )
+    model: StrictStr | None = Field(default=None, description=_RERANK_MODEL)
+
+
+class RerankDocument(BaseModel):
+    """A document given as an object (Cohere v1, Jina); only ``text`` is read."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+
+
+class CohereRerankRequest(BaseModel):
+    """``POST /v1/rerank`` and ``POST /v2/rerank``, the Cohere and Jina shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr = Field(description=_QUERY)
+    documents: list[StrictStr | RerankDocument] = Field(
+        description="The documents to score: strings, or objects with a `text`."
+    )
+    model: StrictStr | None = Field(default=None, description=_RERANK_MODEL)
+    top_n: StrictInt | None = Field(
+        default=None,
+        description="Return the n best (at least 1; more than the documents returns all). "
+        "Omitted: all, best first.",
+    )
+    return_documents: StrictBool = Field(
+        default=False, description="Put each document's text in its result."
+    )
+
+
 # --- responses (for the OpenAPI document; bodies are written by hand) -------------------
 
 
@@ -209,6 +270,48 @@ class TokenizeResponse(BaseModel):
     truncated: int = Field(description="How many texts truncation cut.")
 
 
+class RerankHit(BaseModel):
+    """One item of ``/rerank``'s answer (a list of them, highest score first)."""
+
+    index: int = Field(description="The text's index in `texts`.")
+    score: float
+    text: str | None = Field(default=None, description="With return_text.")
+
+
+class RerankResultDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="The document's index in `documents`.")
+    relevance_score: float = Field(description="The model's activated score (Sigmoid: 0-1).")
+    document: RerankResultDocument | None = Field(
+        default=None, description="With return_documents."
+    )
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int = Field(description="Tokens of every (query, document) pair scored.")
+
+
+class BilledUnits(BaseModel):
+    search_units: int = Field(description="Cohere's unit: one per started 100 documents.")
+    input_tokens: int = Field(description="As usage.total_tokens.")
+
+
+class RerankMeta(BaseModel):
+    api_version: dict[str, str]
+    billed_units: BilledUnits
+
+
+class CohereRerankResponse(BaseModel):
+    id: str = Field(description="The request's id (its X-Request-Id).")
+    model: str
+    results: list[RerankResult] = Field(description="Highest relevance_score first, top_n of them.")
+    usage: RerankUsage
+    meta: RerankMeta
+
+
 # Which request fields each route takes: a field of another route is refused by name
 # (UnsupportedParameter), one of none as OpenAI does (UnknownParameter).
 REQUEST_MODELS: dict[str, type[BaseModel]] = {
@@ -216,6 +319,9 @@ REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "/embed": EmbedBulkRequest,
     "/embed/query": EmbedRequest,
     "/tokenize": TokenizeRequest,
+    "/rerank": RerankRequest,
+    "/v1/rerank": CohereRerankRequest,
+    "/v2/rerank": CohereRerankRequest,
 }
 
 
@@ -229,7 +335,16 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    dimensions: int = Field(description="The model's output dimension (before `dimensions`).")
+    task: Literal["embed", "rerank"] = Field(
+        description="embed: served on the embedding routes; rerank: a cross-encoder, served "
+        "on /rerank, /v1/rerank and /v2/rerank."
+    )
+    dimensions: int | None = Field(
+        default=None, description="The model's output dimension (before `dimensions`); embed only."
+    )
+    activation: str | None = Field(
+        default=None, description="rerank only: the activation of its scores (raw_scores skips it)."
+    )
     max_length: int = Field(description="The model's token limit, special tokens included.")
     prompts: dict[str, str] = Field(
         default_factory=dict, description="The model's prompts by name (prompt_name)."

@@ -25,7 +25,7 @@ from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import Settings
 from embedkit.model import toolchain
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.engine import Engine
+from embedkit.runtime.engine import Engine, Telemetry
 from embedkit.runtime.reference import reference_cosine
 from embedkit.serve.edge.schemas import Item
 from embedkit.serve.engine import identity
@@ -53,7 +53,7 @@ class EmbedderCore:
         the runs made at once on its engine (:class:`~embedkit.runtime.engine.Engine`)."""
         isa = toolchain.detect_isa().level
         try:
-            served, self.engine, note = _choose(artifact, settings, isa, runs)
+            served, self.engine, note = self._open(artifact, settings, isa, runs)
         except EmbedkitError as exc:  # strict provider refusal, unloadable graph: one line
             log.error("embedkit refuses to start: %s", exc)
             metrics.get().model_load_failures.labels(reason=exc.code or "engine_error").inc()
@@ -73,6 +73,20 @@ class EmbedderCore:
         self.identities.publish(self.identity, default=default)
         self.ready = False
 
+    def _open(
+        self, artifact: Artifact, settings: Settings, isa: str, runs: int
+    ) -> tuple[Artifact, Any, str | None]:
+        """(what serves, its engine, the refusal note): see :func:`_choose`."""
+        return _choose(artifact, settings, isa, runs)
+
+    def _infer(self, items: Sequence[Item]) -> tuple[np.ndarray, Telemetry]:
+        """Raw pooled vectors of ``items``, in order, and what the runs cost."""
+        # A third element (include_prompt=false models only): positions pooling skips.
+        prompted = any(len(item) == 3 for item in items)
+        pool_from = [int(item[2]) if len(item) == 3 else 0 for item in items] if prompted else None
+        vectors, tel = self.engine.embed_ids([item[1] for item in items], pool_from)
+        return vectors, tel
+
     def warmup(self) -> None:
         self.engine.warmup()
         settle_gc(self.engine.settings)
@@ -84,10 +98,7 @@ class EmbedderCore:
         start = time.time()
         for sent_at in {item[0] for item in items}:  # once per request, not per text
             m.queue_wait.labels(api=api_name, model=model).observe(max(0.0, start - sent_at))
-        # A third element (include_prompt=false models only): positions pooling skips.
-        prompted = any(len(item) == 3 for item in items)
-        pool_from = [int(item[2]) if len(item) == 3 else 0 for item in items] if prompted else None
-        vectors, tel = self.engine.embed_ids([item[1] for item in items], pool_from)
+        vectors, tel = self._infer(items)
         m.inference_time.labels(api=api_name, model=model).observe(tel.inference_s)
         m.padding_ratio.observe(tel.padding_ratio)
         for size, padded in zip(tel.sub_batch_sizes, tel.sub_batch_padded, strict=True):
@@ -102,6 +113,25 @@ class EmbedderCore:
             "identity": self.identity.as_dict(),
             "manifest": self.artifact.manifest.summary(),
         }
+
+
+def build_core(
+    artifact: Artifact,
+    settings: Settings,
+    *,
+    default: bool = True,
+    identities: identity.ServedIdentities | None = None,
+    runs: int = 1,
+) -> EmbedderCore:
+    """The engine core for ``artifact``'s task: an :class:`EmbedderCore`, or for a
+    cross-encoder (``task: rerank``) a :class:`~embedkit.serve.engine.reranker.RerankerCore`,
+    which takes the same rows (a pair is ids plus where its document starts) and answers
+    one raw score per row: the runner threads, lanes and batching do not tell them apart."""
+    if artifact.manifest.task == "rerank":
+        from embedkit.serve.engine.reranker import RerankerCore
+
+        return RerankerCore(artifact, settings, default=default, identities=identities, runs=runs)
+    return EmbedderCore(artifact, settings, default=default, identities=identities, runs=runs)
 
 
 def _choose(

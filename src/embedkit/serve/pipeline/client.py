@@ -23,7 +23,7 @@ from embedkit.core.settings import Settings
 from embedkit.serve.edge.http_errors import translate_upstream
 from embedkit.serve.edge.schemas import Item, Lane, Row
 from embedkit.serve.pipeline.coalesce import Coalescer
-from embedkit.serve.pipeline.jobs import EmbedJob
+from embedkit.serve.pipeline.jobs import Job
 from embedkit.serve.pipeline.options import ort_runs
 from embedkit.serve.pipeline.trace import RequestContext
 from embedkit.serve.seams import Embedder, EngineReport
@@ -76,10 +76,11 @@ class EmbedderClient:
             self.queued_query_tokens += tokens
 
     async def embed(
-        self, embedder: Embedder, job: EmbedJob, request: RequestContext | None = None
+        self, embedder: Embedder, job: Job, request: RequestContext | None = None
     ) -> np.ndarray:
-        """Raw pooled vectors ``[len(job.ids), model_dim]`` from the job's lane, in order;
-        ``request`` learns the batches it rode in."""
+        """Raw pooled vectors ``[len(job.ids), model_dim]`` from the job's lane, in order
+        (a reranker's job: raw scores ``[pairs, 1]``); ``request`` learns the batches it
+        rode in."""
         call: Call = embedder.embed_query if job.lane == "query" else embedder.embed_bulk
         # Chunks of the lane's batch size, one after another: the Embedder would split a
         # big job the same way, but a cancelled request (client gone) then stops after

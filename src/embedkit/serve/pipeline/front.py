@@ -6,7 +6,9 @@ session here), hand the ids to the Embedder
 (normalisation and Matryoshka truncation, so requests with different options share one
 batch) and write the body (:mod:`embedkit.serve.edge.bodies`).
 Tokenising here means tokens are counted once and exactly for usage, and the
-Embedder's process spends its CPU on inference only.
+Embedder's process spends its CPU on inference only. What every model's front shares,
+whatever its task, is :class:`ModelFront`; a reranker's routes are
+:class:`~embedkit.serve.pipeline.rerank.RerankFront`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError, InferenceError, InvalidInput, Overloaded
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.model.recipe import Task
 from embedkit.runtime.chunking import pool
 from embedkit.runtime.prompts import Prompts
 from embedkit.runtime.tokens import TextTokenizer
@@ -33,6 +36,7 @@ from embedkit.serve.edge.bodies import native_body, openai_body, tokenize_body
 from embedkit.serve.edge.http_errors import INTERNAL_MESSAGE, error_response
 from embedkit.serve.edge.openapi import openapi_document
 from embedkit.serve.edge.schemas import (
+    RERANK_ROUTES,
     TRUNCATED_HEADER,
     EmbedBulkRequest,
     EmbeddingsRequest,
@@ -44,13 +48,21 @@ from embedkit.serve.engine import identity
 from embedkit.serve.engine.startup import settle_gc
 from embedkit.serve.pipeline import trace
 from embedkit.serve.pipeline.client import EmbedderClient
-from embedkit.serve.pipeline.jobs import EmbedJob, check_count, native_job, openai_job, prompted_ids
+from embedkit.serve.pipeline.jobs import (
+    EmbedJob,
+    RerankJob,
+    check_count,
+    native_job,
+    openai_job,
+    prompted_ids,
+)
 from embedkit.serve.pipeline.options import batching_policy
 from embedkit.serve.pipeline.trace import RequestContext
 from embedkit.serve.seams import Embedder
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_J = TypeVar("_J", EmbedJob, RerankJob)  # a job of either task
 
 # Requests above either size are tokenised in a thread, off the event loop; smaller ones
 # inline, where a thread hop (~50 µs) would cost more than it frees. Tokenising runs at
@@ -61,10 +73,16 @@ _OFFLOAD_CHARS = 2048  # characters of text, or token ids of token-id input
 _WARM_TEXT = "warm up the whole request path"
 
 
-class Front:
-    """Validation, routing and response shaping; talks to the Embedder through ``embedder``
-    (:class:`~embedkit.serve.seams.Embedder`), passed to each route with the request's
+class ModelFront:
+    """What every served model's front does, whatever its task: its name and served
+    identity, its :class:`~embedkit.serve.pipeline.client.EmbedderClient` (admission, lanes,
+    coalescing), tokenising off the loop, charging tenants, error shaping and warm-up.
+    :class:`Front` embeds; :class:`~embedkit.serve.pipeline.rerank.RerankFront` reranks.
+    Each talks to the Embedder through ``embedder`` (:class:`~embedkit.serve.seams.Embedder`),
+    passed to each route with the request's
     :class:`~embedkit.serve.pipeline.trace.RequestContext` (None outside a request)."""
+
+    task: ClassVar[Task] = "embed"
 
     def __init__(
         self,
@@ -82,19 +100,13 @@ class Front:
         self.settings = settings
         self.artifact = artifact
         self.manifest = artifact.manifest
-        self.tokenizer = TextTokenizer.from_artifact(artifact)
-        self.prompts = Prompts(self.manifest, self.tokenizer)
-        self.dimension = self.manifest.embedding_config.dimension
         self.model_name = name or settings.served_model_name or self.manifest.name
         self.default = default
         # This model's served identity, received from the Embedder during warm-up.
         self.identity: identity.ServedIdentity | None = None
         self.identities = identities if identities is not None else identity.ServedIdentities()
         self.client = EmbedderClient(settings)  # this model's own token budget
-        ranges = self.manifest.encoding_ranges
-        self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
         self.ready = False
-        self._openapi: dict[str, Any] | None = None
 
     # --- the pipeline
     async def _job(self, build: Callable[[], _T], inputs: Sequence[object]) -> _T:
@@ -111,20 +123,30 @@ class Front:
         request.tokens = tokens
         await request.tenant.charge(tokens)  # the shared store: one round trip
 
+    def _query_cap(self) -> int | None:
+        """Most rows a job may carry on the query lane before it is moved to bulk."""
+        return self.settings.max_query_texts
+
     async def _for_tenant(
-        self, job: EmbedJob, route: str, request: RequestContext | None
-    ) -> tuple[EmbedJob, RequestContext | None]:
+        self, job: _J, route: str, request: RequestContext | None
+    ) -> tuple[_J, RequestContext | None]:
         """The job on the lane its request gets, charged to its tenant's quota (429 when
         spent). /v1/embeddings takes the lane from ``X-Embedkit-Lane`` when sent (else one
-        input → query, several → bulk); on a native route the route is the lane and a
-        header naming the other one is refused. A bulk-class tenant's job, and one of more
-        than ``max_query_texts`` texts, runs on the bulk lane whatever was asked
-        (docs/service.md § Tenants, § Lanes)."""
+        input → query, several → bulk); on a native or rerank route the route is the lane
+        and a header naming the other one is refused. A bulk-class tenant's job, and an
+        embedding job of more than ``max_query_texts`` texts, runs on the bulk lane
+        whatever was asked (docs/service.md § Tenants, § Lanes)."""
         if request is None or request.tenant is None:  # warm-up, in-process use
             return job, None
         lane: str = job.lane
         asked = request.asked_lane
         if asked is not None and asked != lane:
+            if route in RERANK_ROUTES:
+                raise InvalidInput(
+                    f"{trace.LANE_HEADER}: {asked} contradicts {route}, which runs on the "
+                    f"{lane} lane; drop the header",
+                    param=trace.LANE_HEADER,
+                )
             if route != "/v1/embeddings":
                 other = "/embed/query" if asked == "query" else "/embed"
                 raise InvalidInput(
@@ -136,19 +158,18 @@ class Front:
         lane = request.tenant.lane(lane)
         # The query lane runs ahead of all bulk work: a big job there would be bulk work
         # jumping that queue. Served, not refused, so a client stuck with its route works.
-        if lane == "query" and len(job.ids) > self.settings.max_query_texts:
+        cap = self._query_cap()
+        if lane == "query" and cap is not None and len(job.ids) > cap:
             lane = "bulk"
         request.lane = lane
         await self._charge(job.tokens, request)
         return (job if lane == job.lane else replace(job, lane=cast(Lane, lane))), request
 
-    async def embed(
-        self,
-        embedder: Embedder,
-        job: EmbedJob,
-        route: str,
-        request: RequestContext | None = None,
-    ) -> np.ndarray:
+    async def _run(
+        self, embedder: Embedder, job: _J, route: str, request: RequestContext | None
+    ) -> tuple[np.ndarray, _J]:
+        """The Embedder's raw answer to ``job`` (on the lane its request gets) and the job
+        as it ran; a job shed by the queue is refunded to its tenant."""
         job, request = await self._for_tenant(job, route, request)
         try:
             raw = await self.client.embed(embedder, job, request)
@@ -156,23 +177,10 @@ class Front:
             if request is not None and request.tenant is not None:
                 await request.tenant.refund(job.tokens)
             raise
-        if job.chunks is not None:
-            raw = pool(raw, job.chunks)
-        vectors = finish(
-            raw,
-            job.encoding,
-            normalize=job.normalize,
-            dimensions=job.dimensions,
-            model_dim=self.dimension,
-            ranges=self.ranges,
-        )
         m = metrics.get()
-        model = self.manifest.name  # the identity's name, as the Embedder's metrics label it
-        m.texts_embedded.labels(route=route, model=model).inc(len(job.ids))
-        m.tokens_embedded.labels(route=route, model=model).inc(job.tokens)
         if request is not None and request.tenant is not None:
             m.tenant_tokens.labels(tenant=request.tenant.name, lane=job.lane).inc(job.tokens)
-        return vectors
+        return raw, job
 
     async def _guard(self, work: Awaitable[tuple[bytes, int]]) -> Any:
         """``work`` gives the body and how many inputs truncation cut (a header)."""
@@ -194,6 +202,116 @@ class Front:
             response = error_response(InferenceError(INTERNAL_MESSAGE))
         response.headers.update(served)
         return response
+
+    def card(self) -> dict[str, Any]:
+        """This model's entry in ``/v1/models``: OpenAI's fields, its task and token limit,
+        and the served identity (version, variant, class, ...)."""
+        served = self.identity or (self.identities.served() if self.default else None)
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": int(_iso_to_epoch(self.manifest.created_at)),
+            "owned_by": "embedkit",
+            "task": self.task,
+            "embedkit": None if served is None else served.as_dict(),
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.card()]}
+
+    async def info(self, embedder: Embedder) -> dict[str, Any]:
+        """``/info``: the engine's description, the served identity, settings and limits."""
+        raise NotImplementedError
+
+    # --- warm-up
+    def _warm_jobs(self) -> tuple[Any, dict[Lane, Any]]:
+        """The first job of warm-up and one job per lane to repeat."""
+        raise NotImplementedError
+
+    async def _warm_call(self, embedder: Embedder, job: Any) -> object:
+        """One warm-up call through the whole path (admission, client, Embedder)."""
+        return await self._run(embedder, job, "warmup", None)
+
+    async def warmup(self, embedder: Embedder, *, deadline_s: float = 300.0) -> None:
+        """Run every lane through the full path until BentoML's dispatcher is past its
+        unbatched training requests (~33 per batchable API), then mark ready.
+
+        Waits for the Embedder to come up: until BentoML has connected the proxy
+        (after the startup hooks) and the Embedder answers, calls fail and are retried.
+        """
+        give_up = time.monotonic() + deadline_s
+        first, lane_jobs = self._warm_jobs()
+        while True:
+            try:
+                await self._warm_call(embedder, first)
+                break
+            except Exception as exc:  # not connected / not up yet
+                if time.monotonic() > give_up:
+                    log.error("embedkit warm-up gave up after %.0f s: %s", deadline_s, exc)
+                    raise
+                await asyncio.sleep(0.25)
+        for lane_job in lane_jobs.values():
+            for _ in range(6):
+                await asyncio.gather(
+                    *(self._warm_call(embedder, lane_job) for _ in range(8)),
+                    return_exceptions=True,
+                )
+        # The Embedder decided what serves; the front says so from now on.
+        info = await self.client.info(embedder)
+        self.identity = identity.ServedIdentity.from_dict(info["identity"])
+        self.identities.publish(self.identity, default=self.default)
+        settle_gc(self.settings)
+        self.ready = self.client.warm = True
+        log.info(
+            "embedkit front service warm and ready (model %s, serving %s)",
+            self.model_name,
+            self.identity.header_value(),
+        )
+
+
+class Front(ModelFront):
+    """An embedding model's routes: validate and tokenise, embed, post-process, write."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        default: bool = True,
+        identities: identity.ServedIdentities | None = None,
+    ) -> None:
+        super().__init__(artifact, settings, name=name, default=default, identities=identities)
+        self.tokenizer = TextTokenizer.from_artifact(artifact)
+        self.prompts = Prompts(self.manifest, self.tokenizer)
+        self.dimension = self.manifest.embedding_config.dimension
+        ranges = self.manifest.encoding_ranges
+        self.ranges = None if ranges is None else np.array([ranges.min, ranges.max])
+        self._openapi: dict[str, Any] | None = None
+
+    async def embed(
+        self,
+        embedder: Embedder,
+        job: EmbedJob,
+        route: str,
+        request: RequestContext | None = None,
+    ) -> np.ndarray:
+        raw, job = await self._run(embedder, job, route, request)
+        if job.chunks is not None:
+            raw = pool(raw, job.chunks)
+        vectors = finish(
+            raw,
+            job.encoding,
+            normalize=job.normalize,
+            dimensions=job.dimensions,
+            model_dim=self.dimension,
+            ranges=self.ranges,
+        )
+        m = metrics.get()
+        model = self.manifest.name  # the identity's name, as the Embedder's metrics label it
+        m.texts_embedded.labels(route=route, model=model).inc(len(job.ids))
+        m.tokens_embedded.labels(route=route, model=model).inc(job.tokens)
+        return vectors
 
     # --- routes (bodies already schema-validated by BentoML)
     async def openai(
@@ -271,26 +389,23 @@ class Front:
         return await self._guard(work())
 
     def card(self) -> dict[str, Any]:
-        """This model's entry in ``/v1/models``: OpenAI's fields, then its dimension, token
-        limit and prompts, and the served identity (version, variant, class, ...)."""
-        served = self.identity or (self.identities.served() if self.default else None)
+        """This model's ``/v1/models`` entry, with its dimension and prompts."""
+        card = super().card()
+        served = card.pop("embedkit")
         return {
-            "id": self.model_name,
-            "object": "model",
-            "created": int(_iso_to_epoch(self.manifest.created_at)),
-            "owned_by": "embedkit",
+            **card,
             "dimensions": self.dimension,
             "max_length": self.tokenizer.max_length,
             **self.prompts.describe(),
-            "embedkit": None if served is None else served.as_dict(),
+            "embedkit": served,
         }
 
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.card()]}
-
-    def openapi(self, spec: dict[str, Any], served: Sequence[Front] = ()) -> dict[str, Any]:
-        """The OpenAPI document; with several ``served`` models (this one first), the
-        model enum names them all and each limit is the widest (each model checks its own)."""
+    def openapi(
+        self, spec: dict[str, Any], served: Sequence[Front] = (), *, rerankers: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The OpenAPI document; with several ``served`` embedding models (this one first),
+        the model enum names them all and each limit is the widest (each model checks its
+        own); ``rerankers``: the served rerankers' names, for the rerank routes."""
         if self._openapi is None:
             fronts = list(served) or [self]
             self._openapi = openapi_document(
@@ -303,6 +418,7 @@ class Front:
                 prompts=list(dict.fromkeys(p for f in fronts for p in f.prompts.texts)),
                 max_length=max(f.tokenizer.max_length for f in fronts),
                 frame_tokens=sum(len(part) for part in self.tokenizer.frame),
+                rerankers=rerankers,
             )
         return self._openapi
 
@@ -350,14 +466,7 @@ class Front:
         }
 
     # --- warm-up
-    async def warmup(self, embedder: Embedder, *, deadline_s: float = 300.0) -> None:
-        """Run every lane through the full path until BentoML's dispatcher is past its
-        unbatched training requests (~33 per batchable API), then mark ready.
-
-        Waits for the Embedder to come up: until BentoML has connected the proxy
-        (after the startup hooks) and the Embedder answers, calls fail and are retried.
-        """
-        give_up = time.monotonic() + deadline_s
+    def _warm_jobs(self) -> tuple[EmbedJob, dict[Lane, EmbedJob]]:
         job = native_job(
             EmbedRequest(texts=[_WARM_TEXT]),
             self.tokenizer,
@@ -365,40 +474,20 @@ class Front:
             lane="query",
             model_dim=self.dimension,
         )
-        while True:
-            try:
-                await self.embed(embedder, job, "warmup")
-                break
-            except Exception as exc:  # not connected / not up yet
-                if time.monotonic() > give_up:
-                    log.error("embedkit warm-up gave up after %.0f s: %s", deadline_s, exc)
-                    raise
-                await asyncio.sleep(0.25)
-        lanes: tuple[Lane, ...] = ("query", "bulk")
-        for lane in lanes:
-            lane_job = EmbedJob(
+        lanes: dict[Lane, EmbedJob] = {
+            lane: EmbedJob(
                 ids=job.ids * (1 if lane == "query" else 2),
                 lane=lane,
                 normalize=True,
                 dimensions=None,
                 encoding="float",
             )
-            for _ in range(6):
-                await asyncio.gather(
-                    *(self.embed(embedder, lane_job, "warmup") for _ in range(8)),
-                    return_exceptions=True,
-                )
-        # The Embedder decided what serves; the front says so from now on.
-        info = await self.client.info(embedder)
-        self.identity = identity.ServedIdentity.from_dict(info["identity"])
-        self.identities.publish(self.identity, default=self.default)
-        settle_gc(self.settings)
-        self.ready = self.client.warm = True
-        log.info(
-            "embedkit front service warm and ready (model %s, serving %s)",
-            self.model_name,
-            self.identity.header_value(),
-        )
+            for lane in ("query", "bulk")
+        }
+        return job, lanes
+
+    async def _warm_call(self, embedder: Embedder, job: Any) -> object:
+        return await self.embed(embedder, job, "warmup")
 
 
 def _is_ids(raw: object) -> bool:

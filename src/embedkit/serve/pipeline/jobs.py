@@ -7,17 +7,31 @@ ids against the vocabulary and texts against the token limit (via the tokenizer)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from embedkit.core.errors import EncodingUnavailable, InvalidInput, ModelNotFound, PayloadTooLarge
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import EncodingRanges
 from embedkit.runtime.chunking import Chunking, ChunkPlan, plan_chunks
 from embedkit.runtime.prompts import Prompts, pool_starts
-from embedkit.runtime.tokens import Direction
+from embedkit.runtime.tokens import Direction, PairTokenizer, segment_split
 from embedkit.runtime.vectors import QUANTIZED, RANGED, check_dimensions
 from embedkit.serve.edge.schemas import EmbeddingsRequest, EmbedRequest, EncodingFormat, Lane, Row
+
+
+class Job(Protocol):
+    """What the Embedder client needs of a job, whatever its task: its lane, the tokens
+    it queues (admission) and its rows."""
+
+    @property
+    def lane(self) -> Lane: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+    def rows(self) -> list[Row]: ...
 
 
 @dataclass(frozen=True)
@@ -231,3 +245,58 @@ def native_job(
         truncated=cut,
         base64_codes=req.base64_codes,
     )
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """One query against its documents, tokenised as pairs: one row per document."""
+
+    ids: list[list[int]]
+    # Per row, where the document starts (its first token of type id 1): the row's
+    # token type ids in one number (runtime.tokens.segment_split).
+    splits: list[int]
+    lane: Lane = "query"
+    truncated: int = 0  # how many documents truncation cut
+
+    @property
+    def tokens(self) -> int:
+        """Every token of every pair the model reads (what usage reports)."""
+        return sum(len(row) for row in self.ids)
+
+    def rows(self) -> list[Row]:
+        return list(zip(self.ids, self.splits, strict=True))
+
+
+def check_documents(n: int, settings: Settings, *, param: str) -> None:
+    """No documents → 400; more than ``max_rerank_documents`` → 413 naming the limit."""
+    if n == 0:
+        raise InvalidInput(f"{param} must not be empty", param=param)
+    limit = settings.max_rerank_documents
+    if n > limit:
+        raise PayloadTooLarge(
+            f"{param} has {n} documents, more than the limit of {limit} per rerank request "
+            "(max_rerank_documents)",
+            param=param,
+        )
+
+
+def rerank_job(
+    query: str,
+    documents: Sequence[str],
+    tokenizer: PairTokenizer,
+    settings: Settings,
+    *,
+    param: str,
+    truncate: bool = True,
+    direction: Direction | None = None,
+) -> RerankJob:
+    """Validate a rerank request and tokenise its pairs: (query, document) per document,
+    only the document cut (a query that leaves a document no room is a 413 naming it).
+    ``param``: the documents' field (``texts`` on /rerank, ``documents`` elsewhere)."""
+    if not query:
+        raise InvalidInput("query must not be empty", param="query")
+    check_documents(len(documents), settings, param=param)
+    ids, types, cut = tokenizer.encode_pairs(
+        [(query, d) for d in documents], truncate=truncate, direction=direction
+    )
+    return RerankJob(ids=ids, splits=[segment_split(row) for row in types], truncated=cut)

@@ -1,31 +1,44 @@
 """The models one deployment serves, by name: the request's ``model`` picks one.
 
-One :class:`~embedkit.serve.pipeline.front.Front` per model (its tokenizer, prompts, limits and
-its own :class:`~embedkit.serve.pipeline.client.EmbedderClient`, so admission, the token budget
-and its 429s, is per model); the first is the default, which a request that names no
-model gets. :class:`ServedModels` offers the single front's surface (routes, warm-up,
-``/v1/models``, ``/info``, the OpenAPI document), so ``service.py`` wires one or several
-models the same way. With several models the Embedder is the in-process
-``LocalEmbedder`` (``topology=single``, a :class:`~embedkit.serve.seams.ModelEmbedders`),
-whose ``for_model(name)`` is one model's calls on the shared runner threads
-(docs/design/serving.md, decision 5).
+One front per model: a :class:`~embedkit.serve.pipeline.front.Front` per embedding model,
+a :class:`~embedkit.serve.pipeline.rerank.RerankFront` per reranker (``task: rerank``),
+each with its tokenizer, limits and its own
+:class:`~embedkit.serve.pipeline.client.EmbedderClient`, so admission, the token budget
+and its 429s, is per model. A request that names no model gets the first served model
+of its route's task (the first overall is the deployment's default identity); one that
+names a model of the other task is a 400 naming that task. :class:`ServedModels` offers
+the single front's surface (routes, warm-up, ``/v1/models``, ``/info``, the OpenAPI
+document), so ``service.py`` wires one or several models the same way. With several
+models the Embedder is the in-process ``LocalEmbedder`` (``topology=single``, a
+:class:`~embedkit.serve.seams.ModelEmbedders`), whose ``for_model(name)`` is one model's
+calls on the shared runner threads (docs/design/serving.md, decision 5).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from embedkit.core.errors import ConfigurationError, EmbedkitError, ModelNotFound
+from embedkit.core.errors import ConfigurationError, EmbedkitError, ModelNotFound, WrongTask
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
+from embedkit.model.recipe import Task
 from embedkit.serve.edge.http_errors import error_response
+from embedkit.serve.edge.openapi import openapi_document
 from embedkit.serve.edge.schemas import Lane
 from embedkit.serve.engine.identity import ServedIdentities
-from embedkit.serve.pipeline.front import Front
+from embedkit.serve.pipeline.front import Front, ModelFront
+from embedkit.serve.pipeline.rerank import RerankFront
 from embedkit.serve.pipeline.trace import RequestContext
 from embedkit.serve.seams import Embedder, ModelEmbedders
+
+# What a model of each task is called, and the routes that serve it (for the 400 a route
+# of the other task answers).
+_TASKS: dict[str, tuple[str, str, str]] = {
+    "embed": ("an", "embedding model", "/v1/embeddings, /embed, /embed/query or /tokenize"),
+    "rerank": ("a", "reranker", "/rerank, /v1/rerank or /v2/rerank"),
+}
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +72,14 @@ class ServedModels:
         identity there once warm); one of its own when not given."""
         names = served_names(artifacts, settings)
         self.identities = identities if identities is not None else ServedIdentities()
-        self.fronts = {
-            name: Front(artifact, settings, name=name, default=i == 0, identities=self.identities)
+        self.settings = settings
+        self.fronts: dict[str, ModelFront] = {
+            name: (RerankFront if artifact.manifest.task == "rerank" else Front)(
+                artifact, settings, name=name, default=i == 0, identities=self.identities
+            )
             for i, (name, artifact) in enumerate(zip(names, artifacts, strict=True))
         }
+        self._openapi: dict[str, Any] | None = None
         self.default = next(iter(self.fronts.values()))
         if len(self.fronts) > 1:  # a 429 then says whose queue is full
             for name, front in self.fronts.items():
@@ -72,10 +89,18 @@ class ServedModels:
     def ready(self) -> bool:
         return all(front.ready for front in self.fronts.values())
 
-    def pick(self, name: object) -> Front:
-        """The front of model ``name`` (None: the default); else 404 naming those served."""
+    def pick(self, name: object, task: Task = "embed") -> ModelFront:
+        """The front of model ``name`` (None: the first served model of ``task``); 404
+        naming those served when unknown, 400 naming its task when it is of the other."""
         if name is None:
-            return self.default
+            front = next((f for f in self.fronts.values() if f.task == task), None)
+            if front is None:
+                raise WrongTask(
+                    f"no {_TASKS[task][1]} (task: {task}) is served here; served: "
+                    f"{self._listing()}",
+                    param="model",
+                )
+            return front
         front = self.fronts.get(name) if isinstance(name, str) else None
         if front is None:
             served = ", ".join(repr(n) for n in self.fronts)
@@ -83,9 +108,26 @@ class ServedModels:
                 f"model {name!r} is not served here; served models: {served} (see GET /v1/models)",
                 param="model",
             )
+        if front.task != task:
+            article, noun, routes = _TASKS[front.task]
+            wanted = " ".join(_TASKS[task][:2])
+            raise WrongTask(
+                f"model {name!r} is {article} {noun} (task: {front.task}), not {wanted}; "
+                f"call {routes} with it (served: {self._listing()})",
+                param="model",
+            )
         return front
 
-    def embedder(self, embedder: Embedder, front: Front) -> Embedder:
+    def _listing(self) -> str:
+        return ", ".join(f"{n!r} (task: {f.task})" for n, f in self.fronts.items())
+
+    def _embedding(self, name: object) -> Front:
+        return cast(Front, self.pick(name, "embed"))
+
+    def _reranker(self, name: object) -> RerankFront:
+        return cast(RerankFront, self.pick(name, "rerank"))
+
+    def embedder(self, embedder: Embedder, front: ModelFront) -> Embedder:
         """``front``'s model's calls: the Embedder itself when it serves one model."""
         if len(self.fronts) == 1:
             return embedder
@@ -98,7 +140,7 @@ class ServedModels:
         self, embedder: Embedder, body: dict[str, Any], request: RequestContext | None = None
     ) -> Any:
         try:
-            front = self.pick(body.get("model"))
+            front = self._embedding(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
         return await front.openai(self.embedder(embedder, front), body, request)
@@ -111,24 +153,50 @@ class ServedModels:
         request: RequestContext | None = None,
     ) -> Any:
         try:
-            front = self.pick(body.get("model"))
+            front = self._embedding(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
         return await front.native(self.embedder(embedder, front), body, lane, request)
 
     async def tokenize(self, body: dict[str, Any], request: RequestContext | None = None) -> Any:
         try:
-            front = self.pick(body.get("model"))
+            front = self._embedding(body.get("model"))
         except EmbedkitError as exc:
             return error_response(exc)
         return await front.tokenize(body, request)
+
+    async def rerank(
+        self,
+        embedder: Embedder,
+        body: dict[str, Any],
+        route: str,
+        request: RequestContext | None = None,
+    ) -> Any:
+        """``/rerank`` (TEI's shape) or ``/v1/rerank``, ``/v2/rerank`` (Cohere's)."""
+        try:
+            front = self._reranker(body.get("model"))
+        except EmbedkitError as exc:
+            return error_response(exc)
+        if route == "/rerank":
+            return await front.tei(self.embedder(embedder, front), body, request)
+        return await front.cohere(self.embedder(embedder, front), body, route, request)
 
     # --- metadata
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [front.card() for front in self.fronts.values()]}
 
     def openapi(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.default.openapi(spec, list(self.fronts.values()))
+        """The OpenAPI document: each route's `model` enum names the served models of its
+        task; a task nobody serves has its routes left out."""
+        embedding = [f for f in self.fronts.values() if isinstance(f, Front)]
+        rerankers = [name for name, f in self.fronts.items() if f.task == "rerank"]
+        if embedding:
+            return embedding[0].openapi(spec, embedding, rerankers=rerankers)
+        if self._openapi is None:
+            self._openapi = openapi_document(
+                spec, settings=self.settings, model=rerankers[0], rerankers=rerankers
+            )
+        return self._openapi
 
     async def info(self, embedder: Embedder) -> dict[str, Any]:
         """The default model's ``/info``; with several, each model's under ``models``."""
