@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from embedkit.core.errors import InputTooLong, InvalidInput
+from embedkit.core.errors import ArtifactError, InputTooLong, InvalidInput
 from embedkit.model.artifact import TokenizerSpec
-from embedkit.runtime.tokens import TextTokenizer, validate_texts
+from embedkit.runtime.tokens import (
+    TextTokenizer,
+    segment_split,
+    segment_types,
+    validate_texts,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -185,3 +190,17 @@ def test_encode_content_spans_point_into_the_original_text(cased_tokenizer_json:
     assert ids[-2:] == [5, 6] and [lower.frame[0] + ids + lower.frame[1]] == lower.encode([text])
     assert [text[s:e] for s, e in spans[-2:]] == ["Hello", "a"]
     assert lower.encode_content([""]) == [([], [])]
+
+
+@pytest.mark.parametrize(
+    "types",
+    [[0, 0, 0, 1, 1], [0, 0, 0, 0], [0, 1], [0] * 9],  # BERT pairs; XLM-R's are all 0
+)
+def test_a_pair_travels_as_ids_and_one_split(types: list[int]) -> None:
+    """The serving path sends a pair's token type ids as where its document starts."""
+    assert segment_types(len(types), segment_split(types)) == types
+
+
+def test_type_ids_of_another_form_are_refused() -> None:
+    with pytest.raises(ArtifactError, match="one segment of 0 then one of 1"):
+        segment_split([0, 1, 0, 1])

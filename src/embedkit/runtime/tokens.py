@@ -331,13 +331,6 @@ class PairTokenizer(TextTokenizer):
             param="query",
         )
 
-    def count_pair_tokens(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
-        """Untruncated token counts of pairs (special tokens included), for usage."""
-        batch = list(
-            zip(self._lower([q for q, _ in pairs]), self._lower([d for _, d in pairs]), strict=True)
-        )
-        return [len(e.ids) for e in self._full.encode_batch(batch)]
-
 
 def segment_split(types: Sequence[int]) -> int:
     """Where a pair's second segment starts in its token type ids: ``k`` of ``[0] * k +
