@@ -237,8 +237,6 @@ def test_release_build_of_a_reranker(
     from embedkit.release.pipeline import build
 
     src, _ = tiny_cross_encoder
-    with pytest.raises(InvalidInput, match="variants are not gated yet"):
-        build(Recipe.for_directory(src), workdir=tmp_path, variants=True)
     built = build(Recipe.for_directory(src), workdir=tmp_path, limit_per_segment=2)
     ((name, art, _, approved),) = built.versions
     assert name == "fp32" and approved and built.report["passed"]

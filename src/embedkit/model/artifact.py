@@ -64,7 +64,7 @@ FORMAT_VERSION = 5
 EMBED_FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4, 5)
 # Fields format 5 added: left out of an embedding manifest's JSON (see above).
-_FORMAT_5_FIELDS = ("task", "rerank", "source")
+_FORMAT_5_FIELDS = ("task", "rerank", "source", "reference_scores")
 BENTOML_MODULE = "embedkit"
 # Files BentoML writes into a stored model's directory; not part of the artifact.
 _STORE_FILES = {"model.yaml", "custom_objects.pkl"}
@@ -187,6 +187,22 @@ class ReferenceVectors(BaseModel):
     min_cosine: float = Field(ge=-1, le=1, description="Least cosine a pod must reproduce.")
 
 
+class ReferenceScores(BaseModel):
+    """A reranker's counterpart of :class:`ReferenceVectors` (format 5): a few pairs and this
+    artifact's raw scores for them (each scored alone), checked at serving startup."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pairs: list[tuple[str, str]] = Field(min_length=1)
+    scores: list[float] = Field(min_length=1)
+    max_abs_diff: float = Field(ge=0, description="Most a pod's raw score may differ.")
+
+    @model_validator(mode="after")
+    def _one_score_a_pair(self) -> ReferenceScores:
+        if len(self.scores) != len(self.pairs):
+            raise ValueError(f"{len(self.scores)} reference scores for {len(self.pairs)} pairs")
+        return self
+
+
 class EncodingRanges(BaseModel):
     """Per-dimension [min, max] of the served vectors on calibration text: the int8/uint8
     output encodings' buckets (sentence-transformers' ``quantize_embeddings`` ``ranges``).
@@ -304,6 +320,9 @@ class Manifest(BaseModel):
     )
     reference: ReferenceVectors | None = Field(
         None, description="Reference texts and vectors checked at serving startup (format 2)."
+    )
+    reference_scores: ReferenceScores | None = Field(
+        None, description="A reranker variant's reference pairs and raw scores (format 5)."
     )
     precision_approvals: list[PrecisionApproval] = Field(
         default_factory=list,

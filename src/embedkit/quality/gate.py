@@ -36,7 +36,8 @@ from embedkit.model.artifact import (
 )
 from embedkit.quality.evaluate import QualityReport
 from embedkit.runtime.engine import Engine
-from embedkit.runtime.reference import reference_vectors
+from embedkit.runtime.reference import reference_scores, reference_vectors
+from embedkit.runtime.rerank import Reranker
 
 RETRIEVAL_SEGMENT = "retrieval:"  # + dataset name: the segment name of retrieval failures
 
@@ -48,6 +49,26 @@ class RetrievalLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     ndcg_at_10_drop_max: float = Field(1.0, ge=0)
     recall_at_100_drop_max: float = Field(1.0, ge=0)
+
+
+class RerankLimits(BaseModel):
+    """``rerank:`` of ``config/quality-gate.yaml`` (where the values and their reasons
+    are): what a reranker's variant must hold on every segment of
+    :func:`embedkit.quality.pair_gate.evaluate_pairs` to be approved."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    spearman_min: float = Field(ge=-1, le=1)
+    topk: int = Field(ge=1)
+    topk_overlap_min: float = Field(ge=0, le=1)
+    score_delta_share_max: float = Field(ge=0)
+    rank_pairs_min: int = Field(
+        ge=3, description="Segments with fewer pairs report Spearman without gating it."
+    )
+    reference_abs_max: float = Field(
+        ge=0,
+        description="Serving startup: most a pod's raw score may differ from the manifest's "
+        "reference scores.",
+    )
 
 
 class GateThresholds(BaseModel):
@@ -68,6 +89,17 @@ class GateThresholds(BaseModel):
         description="Least cosine a serving pod must reproduce on the manifest's reference "
         "vectors (same ISA level and runtime: only thread-order noise).",
     )
+    rerank: RerankLimits | None = Field(
+        None, description="A reranker's variants (absent: they cannot be gated)."
+    )
+
+    def rerank_limits(self) -> RerankLimits:
+        if self.rerank is None:
+            raise InvalidInput(
+                "the gate config has no rerank: section, so a reranker's variants cannot "
+                "be gated (see config/quality-gate.yaml)"
+            )
+        return self.rerank
 
 
 def load_thresholds(path: Path | None = None) -> GateThresholds:
@@ -85,7 +117,7 @@ class GateFailure(BaseModel):
     by: float = Field(description="How far past the threshold (always positive).")
 
     def __str__(self) -> str:
-        op = ">" if self.metric.endswith("_drop") else "<"
+        op = ">" if self.metric.endswith(("_drop", "_share")) else "<"
         return (
             f"{self.segment}: {self.metric} {self.value:.4g} {op} {self.threshold:g} "
             f"(by {self.by:.3g})"
@@ -224,8 +256,9 @@ def with_verdict(
 ) -> Artifact:
     """``artifact`` with the verdict in its manifest (its task's newest format,
     :func:`~embedkit.model.artifact.format_version_for`): the class, the candidate ``name``,
-    what it was measured on, and this artifact's reference vectors (encoded here, on the
-    machine that measured it). Nothing is written (:func:`embedkit.model.artifact.seal`).
+    what it was measured on, and this artifact's reference vectors (a reranker's: reference
+    scores), computed here, on the machine that measured it. Nothing is written
+    (:func:`embedkit.model.artifact.seal`).
 
     A rejected variant is only stamped with ``force=True``, which sets
     ``quantization.forced`` so the registry shows it was pushed through.
@@ -236,8 +269,15 @@ def with_verdict(
             "pass --force to register it anyway"
         )
     th = thresholds or load_thresholds()
-    reference = reference_vectors(Engine(artifact, settings), th.reference_cosine_min)
     fields = artifact.manifest.model_dump(mode="json", exclude={"files"})
+    if artifact.manifest.task == "rerank":
+        # Scores, not vectors: each reference pair scored alone (raw).
+        limit = th.rerank_limits().reference_abs_max
+        scores = reference_scores(Reranker(artifact, settings), limit)
+        fields["reference_scores"] = scores.model_dump(mode="json")
+    else:
+        vectors = reference_vectors(Engine(artifact, settings), th.reference_cosine_min)
+        fields["reference"] = vectors.model_dump()
     fields["format_version"] = format_version_for(artifact.manifest.task)
     fields["quantization"] = {
         **fields["quantization"],
@@ -247,7 +287,6 @@ def with_verdict(
         "variant": name or fields["quantization"].get("variant"),
         "measured_on": None if verdict.measured_on is None else verdict.measured_on.model_dump(),
     }
-    fields["reference"] = reference.model_dump()
     return amend(artifact, fields)
 
 

@@ -33,18 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from embedkit.core.configfile import load_yaml
 from embedkit.core.errors import ArtifactError, InvalidInput, PerformanceRegression
-from embedkit.core.settings import get_settings
+from embedkit.core.settings import Settings, get_settings
 from embedkit.core.stats import percentile
 from embedkit.model import evaldata, signing
 from embedkit.model.artifact import Artifact, amend, register, seal
 from embedkit.model.export import Step, export
 from embedkit.model.recipe import Recipe
-from embedkit.quality import contract, pair_contract, segments
+from embedkit.quality import contract, pair_contract, pair_gate, segments
 from embedkit.quality.evaluate import Encoder, QualityReport, evaluate
 from embedkit.quality.gate import GateThresholds, GateVerdict, gate, load_thresholds, with_verdict
 from embedkit.quality.report import summary_markdown, write_report
 from embedkit.release import calibration, perfgate, records
 from embedkit.runtime.engine import Engine
+from embedkit.runtime.rerank import Reranker
 from embedkit.variants import quantize, staging
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def attach_gpu_check(artifact: Artifact, report: Path) -> Artifact:
 class Candidate:
     name: str
     artifact: Artifact
-    report: QualityReport
+    report: QualityReport | pair_gate.PairQualityReport  # the latter for a reranker
     verdict: GateVerdict
     throughput: float | None = None
 
@@ -197,12 +198,15 @@ def load_variants_config(path: Path) -> VariantsConfig:
 
 
 def throughput(
-    encoders: Mapping[str, Encoder], texts: list[str], *, batch_size: int = 32, rounds: int = 5
+    encoders: Mapping[str, Encoder], texts: Sequence[Any], *, batch_size: int = 32, rounds: int = 5
 ) -> dict[str, float]:
-    """Median texts/s per encoder at ``batch_size``, rounds interleaved so a noisy shared
-    CPU hits every encoder alike. Small on purpose: it only ranks the candidates
-    (``embedkit.release.measure`` is the full benchmark)."""
-    batches = [texts[i : i + batch_size] for i in range(0, len(texts) - batch_size + 1, batch_size)]
+    """Median texts/s (a reranker's: pairs/s, :class:`PairScorer`) per encoder at
+    ``batch_size``, rounds interleaved so a noisy shared CPU hits every encoder alike. Small
+    on purpose: it only ranks the candidates (``embedkit.release.measure`` is the full
+    benchmark)."""
+    batches = [
+        list(texts[i : i + batch_size]) for i in range(0, len(texts) - batch_size + 1, batch_size)
+    ]
     if not batches:
         raise InvalidInput(f"need at least {batch_size} texts to time batch {batch_size}")
     for enc in encoders.values():  # warm-up: first runs allocate arenas
@@ -274,6 +278,96 @@ def run_candidates(
     return candidates, speeds
 
 
+class PairScorer:
+    """A :class:`~embedkit.runtime.rerank.Reranker` timed as an encoder: ``encode`` scores a
+    batch of (query, document) pairs (raw), so :func:`throughput` gives pairs/s."""
+
+    def __init__(self, reranker: Reranker) -> None:
+        self.reranker = reranker
+
+    def encode(self, texts: list[Any]) -> Any:
+        return self.reranker.score(texts, raw=True)
+
+
+def run_pair_candidates(
+    parent: Artifact,
+    out_root: Path,
+    *,
+    presets: dict[str, dict[str, Any]] | None = None,
+    thresholds: GateThresholds | None = None,
+    limit_per_segment: int | None = None,
+    speed_pairs: int = 256,
+    batch_size: int = 32,
+    rounds: int = 5,
+    settings: Settings | None = None,
+    say: Callable[[str], None] = log.info,
+    write: bool = True,
+) -> tuple[list[Candidate], dict[str, float]]:
+    """:func:`run_candidates` for a reranker: build each preset (default
+    :func:`quantize.rerank_presets`), judge it per segment against the fp32 ``parent``
+    (:mod:`embedkit.quality.pair_gate`: score fidelity and ranking agreement), then time
+    every candidate beside the parent in pairs/s on STS test pairs."""
+    th = thresholds or load_thresholds()
+    th.rerank_limits()  # a config without rerank limits stops here, before any build
+    presets = presets if presets is not None else quantize.rerank_presets()
+    out_root = Path(out_root)
+    candidates = []
+    for name, preset in presets.items():
+        options = dict(preset)
+        kind = options.pop("kind")
+        say(f"building {name}")
+        artifact = quantize.build_variant(parent, kind, out_root / name, write=write, **options)
+        say(f"evaluating {name} per segment against fp32")
+        report = pair_gate.evaluate_pairs(
+            artifact,
+            fp32=parent,
+            settings=settings,
+            thresholds=th,
+            limit_per_segment=limit_per_segment,
+        )
+        verdict = pair_gate.gate_pairs(report, th)
+        pair_gate.write_pair_report(report, out_root / f"{name}.quality", verdict)
+        say(f"{name}: {verdict.summary()}")
+        candidates.append(Candidate(name, artifact, report, verdict))
+    pairs = [(p.sentence1, p.sentence2) for p in evaldata.sts("test")][:speed_pairs]
+    run = settings or get_settings()
+    scorers = {PARENT: Reranker(parent, run)}
+    scorers.update({c.name: Reranker(c.artifact, run, judging=True) for c in candidates})
+    for scorer in scorers.values():
+        scorer.warmup()
+    say(f"timing {len(scorers)} rerankers side by side at batch {batch_size}")
+    speeds = throughput(
+        {n: PairScorer(r) for n, r in scorers.items()}, pairs, batch_size=batch_size, rounds=rounds
+    )
+    for c in candidates:
+        c.throughput = speeds[c.name]
+    return candidates, speeds
+
+
+def stamped_candidates(
+    candidates: Sequence[Candidate], force: Sequence[str], th: GateThresholds, say: Step
+) -> list[tuple[str, Artifact, float | None, bool]]:
+    """The candidates to register, each with its verdict (:func:`with_verdict`) and quality
+    report in its records: index-compatible and reindex ones (a reindex one serves only when
+    named: EMBEDKIT_VARIANT); rejected ones only when ``force`` names them."""
+    out = []
+    for c in candidates:
+        if c.verdict.compatibility == "rejected" and c.name not in force:
+            say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
+            continue
+        stamped = with_verdict(
+            c.artifact, c.verdict, force=c.name in force, name=c.name, thresholds=th
+        )
+        records_dir = stamped.path / "records"
+        if isinstance(c.report, pair_gate.PairQualityReport):
+            files = pair_gate.write_pair_report(c.report, records_dir, c.verdict)
+        else:
+            files = write_report(c.report, records_dir, c.verdict)
+        stamped = with_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
+        out.append((c.name, stamped, c.throughput, c.verdict.approved))
+    return out
+
+
 def pick_default(candidates: Sequence[Candidate], parent_speed: float | None) -> Candidate | None:
     """The version to serve by default: the fastest index-compatible candidate if it is
     faster than the fp32 parent, else None (the parent stays the default). A ``reindex``
@@ -299,9 +393,20 @@ def pick_default(candidates: Sequence[Candidate], parent_speed: float | None) ->
 def candidates_summary(
     candidates: Sequence[Candidate], speeds: Mapping[str, float], th: GateThresholds
 ) -> str:
-    """:func:`embedkit.quality.report.summary_markdown` of the candidates, in their order."""
+    """The candidates' summary table, in their order: :func:`embedkit.quality.report.
+    summary_markdown`, or for a reranker's :func:`embedkit.quality.pair_gate.summary_markdown`."""
+    pairs = {
+        c.name: c.report for c in candidates if isinstance(c.report, pair_gate.PairQualityReport)
+    }
+    if pairs:
+        return pair_gate.summary_markdown(
+            pairs,
+            {c.name: c.verdict for c in candidates},
+            dict(speeds),
+            rank_pairs_min=th.rerank_limits().rank_pairs_min,
+        )
     return summary_markdown(
-        {c.name: c.report for c in candidates},
+        {c.name: c.report for c in candidates if isinstance(c.report, QualityReport)},
         {c.name: c.verdict for c in candidates},
         speeds,
         th,
@@ -365,7 +470,9 @@ def run_perf_gate(
     in this run (:func:`embedkit.release.perfgate.run_gate`). ``override`` is kept only
     when the gate fails: a passing release needs none."""
     if candidate.manifest.task == "rerank":
-        say("performance gate: not measured for rerankers yet (task: rerank)")
+        # perfgate times embedding calls; a reranker's records carry its pairs/s instead
+        # (records.rerank_bench), not yet compared against the previous :latest.
+        say("performance gate: not compared for rerankers (task: rerank); bench.json has pairs/s")
         return PerfDecision(None, None)
     baseline = previous_latest(name)
     if baseline is None:
@@ -464,16 +571,23 @@ def build(
     Nothing is registered. Raises ContractViolation when the fp32 contract fails."""
     say = step or (lambda _m: None)
     if recipe.task == "rerank" and variants:  # before minutes of export, not after
-        raise InvalidInput(
-            f"{recipe.name} is a reranker (task: rerank): its variants are not gated yet; "
-            "release it without --variants"
-        )
+        load_thresholds().rerank_limits()
+        _pair_timing(candidate_options)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     base = Path(workdir) if workdir else get_settings().artifacts_dir
     base.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{stamp}-", dir=base))
     if recipe.task == "rerank":
-        return _build_reranker(recipe, root, limit_per_segment=limit_per_segment, say=say)
+        return _build_reranker(
+            recipe,
+            root,
+            limit_per_segment=limit_per_segment,
+            say=say,
+            variants=variants,
+            presets=presets,
+            force=force,
+            candidate_options=candidate_options,
+        )
     # Every version's manifest is written once, by publish: until then each stage adds to it.
     artifact = export(recipe, root / "fp32", step=say, write=False)
     reference_dir, _ = recipe.source.resolve()
@@ -508,18 +622,7 @@ def build(
         summary = candidates_summary(candidates, speeds, th)
         (root / "variants" / "summary.md").write_text(summary + "\n")
         parent_speed = speeds.get(PARENT)
-        for c in candidates:
-            # index-compatible and reindex variants are registered (a reindex one serves
-            # only when named: EMBEDKIT_VARIANT); rejected ones only when forced.
-            if c.verdict.compatibility == "rejected" and c.name not in force:
-                say(f"not registering {c.name}: {c.verdict.summary()[:200]}")
-                continue
-            stamped = with_verdict(
-                c.artifact, c.verdict, force=c.name in force, name=c.name, thresholds=th
-            )
-            files = write_report(c.report, stamped.path / "records", c.verdict)
-            stamped = with_records(stamped, {f"quality.{k}": v for k, v in files.items()}, {})
-            versions.append((c.name, stamped, c.throughput, c.verdict.approved))
+        versions += stamped_candidates(candidates, force, th, say)
         best = pick_default(candidates, parent_speed)
         default_name = best.name if best else PARENT
     versions.insert(0, (PARENT, artifact, parent_speed, True))
@@ -527,11 +630,21 @@ def build(
 
 
 def _build_reranker(
-    recipe: Recipe, root: Path, *, limit_per_segment: int | None, say: Step
+    recipe: Recipe,
+    root: Path,
+    *,
+    limit_per_segment: int | None,
+    say: Step,
+    variants: bool = False,
+    presets: dict[str, dict[str, Any]] | None = None,
+    force: Sequence[str] = (),
+    candidate_options: Mapping[str, Any] | None = None,
 ) -> Built:
     """A reranker's release up to registration: export, the pair contract (raises
-    ContractViolation), its report attached. One version, the fp32 export: no calibration
-    (it has no vectors) and no variants yet."""
+    ContractViolation), its report attached; no calibration (it has no vectors). With
+    ``variants``, :func:`run_pair_candidates` and the same registration rules as an
+    embedding model's: approved variants are registered, a rejected one only when forced,
+    and the fastest approved one becomes the default if it beats the parent."""
     artifact = export(recipe, root / "fp32", step=say, write=False)
     reference_dir, _ = recipe.source.resolve()
     report = pair_contract.validate(
@@ -539,7 +652,47 @@ def _build_reranker(
     )
     pair_contract.require_passed(report)
     artifact = with_parity(artifact, report)
-    return Built(recipe.name, root, report, [(PARENT, artifact, None, True)], PARENT)
+    versions: list[tuple[str, Artifact, float | None, bool]] = []
+    parent_speed: float | None = None
+    default_name, summary = PARENT, None
+    if variants:
+        th = load_thresholds()
+        timing = _pair_timing(candidate_options)
+        candidates, speeds = run_pair_candidates(
+            artifact,
+            root / "variants",
+            presets=presets,
+            thresholds=th,
+            limit_per_segment=limit_per_segment,
+            say=say,
+            write=False,
+            **timing,
+        )
+        summary = candidates_summary(candidates, speeds, th)
+        (root / "variants" / "summary.md").write_text(summary + "\n")
+        parent_speed = speeds.get(PARENT)
+        versions += stamped_candidates(candidates, force, th, say)
+        best = pick_default(candidates, parent_speed)
+        default_name = best.name if best else PARENT
+    versions.insert(0, (PARENT, artifact, parent_speed, True))
+    return Built(recipe.name, root, report, versions, default_name, summary)
+
+
+def _pair_timing(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:func:`run_pair_candidates`' keyword arguments from a variants config's candidate
+    options: the timing ones. The evaluation bounds are the embedding corpus's, so one given
+    for a reranker is refused by name rather than ignored (``--limit`` bounds its segments);
+    ``retrieval`` (on by default) has no meaning for it and is dropped."""
+    given = dict(options or {})
+    given.pop("retrieval", None)
+    if "speed_texts" in given:
+        given["speed_pairs"] = given.pop("speed_texts")
+    if unknown := sorted(set(given) - {"batch_size", "rounds", "speed_pairs"}):
+        raise InvalidInput(
+            f"a reranker's variants take no evaluation option {', '.join(unknown)} "
+            "(its segments are bounded by --limit); keep only timing in --variants-config"
+        )
+    return given
 
 
 @dataclass

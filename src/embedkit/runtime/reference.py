@@ -1,16 +1,18 @@
-"""Reference vectors: a few fixed texts whose vectors a manifest stores, so each pod can
-check at startup that it computes what the release measured.
+"""Reference vectors (and a reranker's reference scores): a few fixed texts (pairs) whose
+vectors (raw scores) a manifest stores, so each pod can check at startup that it computes
+what the release measured.
 
-Each text is encoded alone: dynamic INT8 picks activation scales per batch, so a
-vector depends on its batch-mates and only a batch of one is reproducible.
+Each text (pair) is run alone: dynamic INT8 picks activation scales per batch, so a
+result depends on its batch-mates and only a batch of one is reproducible.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from embedkit.model.artifact import ReferenceVectors
+from embedkit.model.artifact import ReferenceScores, ReferenceVectors
 from embedkit.runtime.engine import Engine
+from embedkit.runtime.rerank import Reranker
 
 # Short and long, English and not, digits and punctuation: where INT8 kernels differ.
 REFERENCE_TEXTS = (
@@ -47,3 +49,35 @@ def reference_cosine(engine: Engine, reference: ReferenceVectors) -> float:
     if got.shape != want.shape:
         return -1.0
     return float(np.min(np.sum(got * want, axis=1)))
+
+
+# The same spread for pairs: a match, a near miss, other languages, a document over the limit.
+REFERENCE_PAIRS = (
+    ("A man is playing a guitar.", "A man is playing a guitar on stage."),
+    ("A man is playing a guitar.", "A woman is slicing an onion."),
+    ("Wo schläft die Katze?", REFERENCE_TEXTS[1]),
+    ("Q3 operating margin", REFERENCE_TEXTS[2]),
+    ("Why are quantised encoders checked at startup?", REFERENCE_TEXTS[3] * 4),
+)
+
+
+def _score_each(
+    reranker: Reranker, pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]]
+) -> np.ndarray:
+    return np.concatenate([reranker.score([p], raw=True) for p in pairs])
+
+
+def reference_scores(reranker: Reranker, max_abs_diff: float) -> ReferenceScores:
+    """This reranker's raw scores for :data:`REFERENCE_PAIRS`, for the manifest."""
+    scores = _score_each(reranker, REFERENCE_PAIRS)
+    return ReferenceScores(
+        pairs=list(REFERENCE_PAIRS),
+        scores=[round(float(x), 6) for x in scores],
+        max_abs_diff=max_abs_diff,
+    )
+
+
+def reference_score_diff(reranker: Reranker, reference: ReferenceScores) -> float:
+    """Largest |this reranker's raw score - the stored one| over the reference pairs."""
+    got = _score_each(reranker, reference.pairs)
+    return float(np.max(np.abs(got - np.asarray(reference.scores, dtype=np.float32))))

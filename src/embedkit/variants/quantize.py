@@ -82,6 +82,31 @@ def candidate_presets(isa: CpuIsa | None = None, *, gpu: bool = False) -> dict[s
     return presets
 
 
+def rerank_presets(isa: CpuIsa | None = None) -> dict[str, dict[str, Any]]:
+    """A reranker's candidates: fused FP32, plain dynamic INT8 (s8 per-channel, reduce-range
+    without VNNI, as :func:`candidate_presets`) and, with OpenVINO installed, its fp32.
+
+    Left out: what calibrates (SmoothQuant, static INT8, NNCF INT8), since the calibration
+    reader feeds single sentences with query-only type ids, not the pairs a cross-encoder
+    sees, and the keep-fp32 rankings, measured on embedding models. A preset file may still
+    ask for them; the per-segment gate judges whatever is built.
+    """
+    isa = isa or detect_isa()
+    rr = not isa.vnni
+    presets: dict[str, dict[str, Any]] = {
+        "fused-fp32": {"kind": "fused-fp32"},
+        f"dynamic-int8-s8-pc{'-rr' if rr else ''}": {
+            "kind": "dynamic-int8",
+            "weight_type": "s8",
+            "per_channel": True,
+            "reduce_range": rr,
+        },
+    }
+    if toolchain.runtime_version("openvino") != "absent":
+        presets["openvino-fp32"] = {"kind": "openvino-fp32"}
+    return presets
+
+
 # --- variants -----------------------------------------------------------------------
 
 

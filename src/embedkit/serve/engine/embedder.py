@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -24,7 +24,7 @@ from embedkit.core import metrics
 from embedkit.core.errors import EmbedkitError
 from embedkit.core.settings import Settings
 from embedkit.model import toolchain
-from embedkit.model.artifact import Artifact
+from embedkit.model.artifact import Artifact, Manifest
 from embedkit.runtime.engine import Engine, Telemetry
 from embedkit.runtime.reference import reference_cosine
 from embedkit.serve.edge.schemas import Item
@@ -76,8 +76,8 @@ class EmbedderCore:
     def _open(
         self, artifact: Artifact, settings: Settings, isa: str, runs: int
     ) -> tuple[Artifact, Any, str | None]:
-        """(what serves, its engine, the refusal note): see :func:`_choose`."""
-        return _choose(artifact, settings, isa, runs)
+        """(what serves, its engine, the refusal note): see :func:`choose_served`."""
+        return choose_served(artifact, settings, isa, runs)
 
     def _infer(self, items: Sequence[Item]) -> tuple[np.ndarray, Telemetry]:
         """Raw pooled vectors of ``items``, in order, and what the runs cost."""
@@ -134,26 +134,44 @@ def build_core(
     return EmbedderCore(artifact, settings, default=default, identities=identities, runs=runs)
 
 
-def _choose(
-    artifact: Artifact, settings: Settings, isa: str, runs: int = 1
-) -> tuple[Artifact, Engine, str | None]:
+def _reproduces_vectors(engine: Any, manifest: Manifest) -> tuple[str, str] | None:
+    """Why ``engine`` does not reproduce the manifest's reference vectors, or None."""
+    ref = manifest.reference
+    if ref is None:
+        return None
+    cos = reference_cosine(engine, ref)
+    if cos >= ref.min_cosine:
+        return None
+    return (
+        "reference_vectors",
+        f"its reference vectors are not reproduced here (least cosine {cos:.6f} < "
+        f"{ref.min_cosine})",
+    )
+
+
+def choose_served(
+    artifact: Artifact,
+    settings: Settings,
+    isa: str,
+    runs: int = 1,
+    *,
+    open_engine: Callable[[Artifact], Any] | None = None,
+    reproduces: Callable[[Any, Manifest], tuple[str, str] | None] = _reproduces_vectors,
+) -> tuple[Artifact, Any, str | None]:
     """(what serves, its engine, the refusal note): ``artifact`` unless its approval does
-    not hold here, then its fp32 parent, after one log line and a metric."""
+    not hold here (:func:`refusal`, then ``reproduces``: the manifest's reference results
+    on this engine), then its fp32 parent, after one log line and a metric.
+    ``open_engine`` defaults to an :class:`Engine` (a reranker's core passes its own)."""
+    opener = open_engine or (lambda art: Engine(art, settings, runs=runs))
     manifest = artifact.manifest
     refused = refusal(manifest, settings, isa=isa, runtimes=toolchain.installed_runtimes())
     if refused is None:
-        engine = Engine(artifact, settings, runs=runs)
-        ref = manifest.reference
-        if ref is None or manifest.variant == "fp32":
+        engine = opener(artifact)
+        if manifest.variant == "fp32":
             return artifact, engine, None
-        cos = reference_cosine(engine, ref)
-        if cos >= ref.min_cosine:
+        refused = reproduces(engine, manifest)
+        if refused is None:
             return artifact, engine, None
-        refused = (
-            "reference_vectors",
-            f"its reference vectors are not reproduced here (least cosine {cos:.6f} < "
-            f"{ref.min_cosine})",
-        )
     parent = find_parent(artifact)
     log.error(
         "embedkit refuses variant %s (%s): %s; serving its fp32 parent %s",
@@ -163,7 +181,7 @@ def _choose(
         parent.tag,
     )
     metrics.get().variant_refusals.labels(variant=manifest.variant, reason=refused[0]).inc()
-    return parent, Engine(parent, settings, runs=runs), f"{manifest.variant}: {refused[1]}"
+    return parent, opener(parent), f"{manifest.variant}: {refused[1]}"
 
 
 class LocalEmbedder:

@@ -17,12 +17,28 @@ from typing import Any
 import numpy as np
 
 from embedkit.core.settings import Settings
-from embedkit.model.artifact import Artifact
+from embedkit.model.artifact import Artifact, Manifest
 from embedkit.runtime.engine import Telemetry
+from embedkit.runtime.reference import reference_score_diff
 from embedkit.runtime.rerank import Reranker
 from embedkit.runtime.tokens import segment_types
 from embedkit.serve.edge.schemas import Item
-from embedkit.serve.engine.embedder import EmbedderCore
+from embedkit.serve.engine.embedder import EmbedderCore, choose_served
+
+
+def _reproduces_scores(reranker: Reranker, manifest: Manifest) -> tuple[str, str] | None:
+    """Why ``reranker`` does not reproduce the manifest's reference scores, or None."""
+    ref = manifest.reference_scores
+    if ref is None:
+        return None
+    diff = reference_score_diff(reranker, ref)
+    if diff <= ref.max_abs_diff:
+        return None
+    return (
+        "reference_scores",
+        f"its reference scores are not reproduced here (max abs diff {diff:.3g} > "
+        f"{ref.max_abs_diff:g})",
+    )
 
 
 class RerankerCore(EmbedderCore):
@@ -31,9 +47,17 @@ class RerankerCore(EmbedderCore):
     def _open(
         self, artifact: Artifact, settings: Settings, isa: str, runs: int
     ) -> tuple[Artifact, Any, str | None]:
-        # No reranker variants exist yet (`embedkit release` refuses --variants for one):
-        # the fp32 export serves, so there is no approval to check or parent to fall to.
-        return artifact, Reranker(artifact, settings, runs=runs), None
+        """As an embedding model's (:func:`~embedkit.serve.engine.embedder.choose_served`): a
+        variant whose verdict does not hold here, or whose reference scores this machine
+        does not reproduce, is refused and its fp32 parent serves."""
+        return choose_served(
+            artifact,
+            settings,
+            isa,
+            runs,
+            open_engine=lambda art: Reranker(art, settings, runs=runs),
+            reproduces=_reproduces_scores,
+        )
 
     def _infer(self, items: Sequence[Item]) -> tuple[np.ndarray, Telemetry]:
         ids = [item[1] for item in items]
