@@ -270,6 +270,46 @@ def bench_http_cmd(
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
+@app.command("bench-rerank")
+@one_line_errors
+def bench_rerank_cmd(
+    artifact: Annotated[str, typer.Option(help="The reranker's artifact dir or tag.")],
+    url: Annotated[
+        str | None, typer.Option(help="Benchmark a running server instead of starting one.")
+    ] = None,
+    documents: Annotated[int, typer.Option(help="Documents a request.")] = 100,
+    seconds: Annotated[float, typer.Option(help="Seconds per phase.")] = 15.0,
+    concurrency: Annotated[int, typer.Option(help="Clients of the second HTTP phase.")] = 4,
+    model: Annotated[
+        str | None, typer.Option(help="The request's model (a server with several).")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Bearer token to send.")] = None,
+    env: EnvOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results here.")
+    ] = None,
+) -> None:
+    """/rerank of --documents documents (closed loop, concurrency 1 and --concurrency)
+    beside the in-process Reranker on the same pairs: p50/p95 latency, pairs/s and the
+    ratio. Speed is noisy on shared machines: compare ratios, and rerun."""
+    from embedkit_bench.rerank import http_vs_reranker
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = http_vs_reranker(
+        artifact,
+        url=url,
+        documents=documents,
+        seconds=seconds,
+        concurrency=concurrency,
+        model=model,
+        env_extra=env_pairs(env, "--env"),
+        api_key=api_key,
+        echo=lambda text: print(text, flush=True),
+    )
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 @app.command("bench-stages")
 @one_line_errors
 def bench_stages_cmd(

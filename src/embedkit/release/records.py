@@ -6,7 +6,8 @@ checksummed by the manifest, copied into the BentoML model store):
 - ``runtime.json``: the runtime parameters chosen (threads, batching policy,
   provider, variant) — what `embedkit gate --baseline TAG` re-creates;
 - ``bench.json`` (+ ``bench.md``): a short in-process benchmark, naive ORT vs the
-  engine on this artifact, interleaved (~10 s);
+  engine on this artifact, interleaved (~10 s); a reranker's is pairs/s and latency at
+  batch 1 and 32 (:func:`rerank_bench`), with no profile;
 - ``profile.json`` (+ ``profile.md``): the ORT profiler's top operators at batch 32.
 
 The quality report is attached by the release itself (validation for fp32,
@@ -18,10 +19,13 @@ from there into the model store metadata.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from embedkit.core.settings import Settings, get_settings
+from embedkit.core.stats import percentiles
 from embedkit.model.artifact import Artifact
 
 BENCH_BATCHES = (1, 32)
@@ -52,6 +56,36 @@ def code_revision(where: Path | None = None) -> dict[str, Any]:
 
 BENCH_TEXTS = 256
 PROFILE_BATCH = 32
+BENCH_ROUNDS = 3
+
+
+def rerank_bench(reranker: Any, batches: Sequence[int], pairs: int) -> dict[str, Any]:
+    """A reranker's short benchmark: ``pairs`` STS test pairs scored (raw) in calls of each
+    batch size, :data:`BENCH_ROUNDS` times after one warm-up pass; pairs/s and p50/p95 ms of
+    a call. The runtime record says with what settings."""
+    from embedkit.model import evaldata
+
+    items = [(p.sentence1, p.sentence2) for p in evaldata.sts("test")[:pairs]]
+    reranker.warmup()
+    out: dict[str, Any] = {"kind": "embedkit-rerank-bench", "pairs": len(items), "batches": {}}
+    for size in batches:
+        calls = [items[i : i + size] for i in range(0, len(items) - size + 1, size)]
+        for call in calls:  # warm-up pass: every shape once
+            reranker.score(call, raw=True)
+        latencies: list[float] = []
+        for _ in range(BENCH_ROUNDS):
+            for call in calls:
+                t0 = time.perf_counter()
+                reranker.score(call, raw=True)
+                latencies.append(time.perf_counter() - t0)
+        q = percentiles(s * 1000 for s in latencies)
+        out["batches"][str(size)] = {
+            "calls": len(latencies),
+            "pairs_per_s": len(latencies) * size / sum(latencies),
+            "p50_ms": q["p50"],
+            "p95_ms": q["p95"],
+        }
+    return out
 
 
 def write_records(
@@ -71,11 +105,11 @@ def write_records(
 
     settings = settings or get_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if artifact.manifest.task == "rerank":  # no vectors to bench: the runtime record only
+    rerank = artifact.manifest.task == "rerank"
+    if rerank:
         from embedkit.runtime.rerank import Reranker
 
         engine: Any = Reranker(artifact, settings)
-        bench = False
     else:
         engine = Engine(artifact, settings)
     runtime = perfgate.runtime_record(settings, variant=variant, provider=engine.provider)
@@ -90,6 +124,17 @@ def write_records(
         "runtime.sub_batch_cost_tokens": settings.sub_batch_cost_tokens,
         "runtime.bulk_max_batch_size": settings.bulk_max_batch_size,
     }
+    if rerank:
+        # No vectors, so no naive-ORT comparison or profile: pairs/s of the reranker alone.
+        if bench:
+            result = rerank_bench(engine, BENCH_BATCHES, BENCH_TEXTS)
+            result["variant"] = variant
+            files["bench"] = out_dir / "bench.json"
+            files["bench"].write_text(json.dumps(result, indent=2) + "\n")
+            for b, r in result["batches"].items():
+                summary[f"bench.pairs_per_s_b{b}"] = round(r["pairs_per_s"], 1)
+                summary[f"bench.p95_ms_b{b}"] = round(r["p95_ms"], 2)
+        return files, summary
     del engine
     if not bench:
         return files, summary
