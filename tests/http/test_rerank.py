@@ -271,3 +271,41 @@ def test_a_reranker_served_alone_in_the_split_topology(launcher, ce_tag, sts) ->
     assert "/rerank" in paths and "/v1/embeddings" not in paths
     refused = post(split, "/embed", {"texts": ["a"]})
     assert refused.status_code == 400 and "no embedding model" in refused.text
+
+
+def test_a_tenant_over_its_token_budget_gets_429_on_a_rerank_route(
+    launcher, ce_tag, sts, tmp_path_factory
+) -> None:
+    """Rerank calls charge the tokens they read to the caller's tenant (as embeddings do):
+    once the bucket is spent, the next call is a 429 quota_exceeded naming the tenant, and
+    another tenant is still served."""
+    burst = 1000
+    tenants = tmp_path_factory.mktemp("rerank-tenants") / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        "  tight:\n    keys: [tight-key]\n    rate_tokens_per_s: 1\n"
+        f"    burst_tokens: {burst}\n"
+        "  roomy:\n    keys: [roomy-key]\n    rate_tokens_per_s: 1000000\n"
+        "    burst_tokens: 1000000\n"
+    )
+    server = launcher.start(
+        ce_tag, {"EMBEDKIT_MODEL": ce_tag, "EMBEDKIT_TENANTS_FILE": str(tenants)}
+    )
+    body = {"query": sts[0][0], "documents": [d for _, d in sts[:16]]}
+    tight = {"authorization": "Bearer tight-key"}
+    answers = [post(server, "/v2/rerank", body, headers=tight) for _ in range(8)]
+    codes = [r.status_code for r in answers]
+    assert codes[0] == 200, answers[0].text
+    tokens = answers[0].json()["usage"]["total_tokens"]
+    admitted = burst // tokens  # the bucket covers this many calls (refill: 1 token/s)
+    assert 1 <= admitted < len(answers) - 1, tokens
+    assert codes[:admitted] == [200] * admitted and 429 in codes[admitted : admitted + 2], codes
+    err = next(r for r in answers if r.status_code == 429).json()["error"]
+    assert err["code"] == "quota_exceeded" and "tenant 'tight'" in err["message"], err
+    other = post(
+        server,
+        "/rerank",
+        {"query": body["query"], "texts": body["documents"]},
+        headers={"authorization": "Bearer roomy-key"},
+    )
+    assert other.status_code == 200, other.text
