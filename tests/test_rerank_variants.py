@@ -277,3 +277,39 @@ def test_serving_refuses_a_variant_whose_reference_scores_differ(
     assert core.identity.variant == "fp32" and core.artifact.path != tampered.path
     assert "reference scores are not reproduced" in (core.identity.refused or "")
     assert float(counter._value.get()) == before + 1
+
+
+def test_release_registers_an_approved_reranker_variant(
+    tiny_cross_encoder: tuple[Path, Artifact], tmp_path: Path, system_run: None
+) -> None:
+    """Through publish: each version's records (a reranker's bench is pairs/s), the variant
+    naming its written parent, both registered; `embedkit info` shows the variant's class."""
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.model.recipe import Source
+    from embedkit.release.pipeline import release
+
+    recipe = Recipe(
+        name="tiny-reranker-variants",
+        model_id="tiny/reranker",
+        source=Source(path=tiny_cross_encoder[0]),
+        task="rerank",
+    )
+    done = release(
+        recipe,
+        workdir=tmp_path,
+        limit_per_segment=4,
+        variants=True,
+        presets={"fused-fp32": {"kind": "fused-fp32"}},
+        candidate_options={"rounds": 1},
+    )
+    by_name = {v.name: v for v in done.versions}
+    assert set(by_name) == {"fp32", "fused-fp32"} and by_name["fused-fp32"].approved
+    shown = CliRunner().invoke(app, ["info", by_name["fused-fp32"].tag])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.stdout[: shown.stdout.index("records:")])
+    assert info["quantization"]["compatibility"] == "index-compatible"
+    assert info["parent"] and info["reference_scores"]["pairs"]
+    assert {"bench", "quality.json", "runtime"} <= set(info["records"])
+    assert info["performance"]["bench.pairs_per_s_b32"] > 0
