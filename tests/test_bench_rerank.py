@@ -77,3 +77,8 @@ def test_a_rerankers_release_record_has_pairs_per_s(
         assert data["batches"][b]["pairs_per_s"] > 0
         assert summary[f"bench.pairs_per_s_b{b}"] == round(data["batches"][b]["pairs_per_s"], 1)
     assert "profile" not in files
+
+
+def test_help_names_the_command() -> None:
+    res = runner.invoke(app, ["bench-rerank", "--help"])
+    assert res.exit_code == 0 and "embedkit bench-rerank" in res.output, res.output
