@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from embedkit.cli import app
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
-from embedkit_bench import rerank as bench
+from embedkit_bench import rerank_http as bench
 
 runner = CliRunner()
 

@@ -292,7 +292,7 @@ def bench_rerank_cmd(
     """/rerank of --documents documents (closed loop, concurrency 1 and --concurrency)
     beside the in-process Reranker on the same pairs: p50/p95 latency, pairs/s and the
     ratio. Speed is noisy on shared machines: compare ratios, and rerun."""
-    from embedkit_bench.rerank import http_vs_reranker
+    from embedkit_bench.rerank_http import http_vs_reranker
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = http_vs_reranker(
