@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # Python sources that lint covers (two scripts are Python without a .py suffix).
-PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/test_times.py scripts/bench-http scripts/bench-peers scripts/bench-stages scripts/bench-corpus scripts/soak
+PY_SOURCES := src tests service.py scripts/quantization_report.py scripts/test_times.py scripts/bench-http scripts/bench-peers scripts/bench-stages scripts/bench-corpus scripts/bench-rerank scripts/soak
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # Test reports: JUnit XML of every run (durations are printed too: docs/benchmarks/test-time.md).
 REPORTS := build/test-reports
