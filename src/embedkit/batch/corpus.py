@@ -184,7 +184,9 @@ def local_embedder(options: Options, settings: Settings | None = None) -> Embedd
     dims = check_dimensions(options.dimensions, engine.dimension)
     prompt = engine.prompts.resolve(options.prompt_name)  # an unknown name fails now
     normalize = (
-        engine.manifest.embedding.normalize if options.normalize is None else options.normalize
+        engine.manifest.embedding_config.normalize
+        if options.normalize is None
+        else options.normalize
     )
     encoding = options.encoding
     ranges = engine.manifest.encoding_ranges
