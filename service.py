@@ -66,7 +66,8 @@ from embedkit.serve.edge.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from embedkit.serve.engine.embedder import LocalEmbedder, build_core
+from embedkit.serve.engine.cores import build_core
+from embedkit.serve.engine.embedder import LocalEmbedder
 from embedkit.serve.engine.identity import ServedIdentities
 from embedkit.serve.engine.startup import load_artifact, load_artifacts, served_tags, with_models
 from embedkit.serve.pipeline.options import embedder_config, engine_settings, front_config, ort_runs

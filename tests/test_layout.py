@@ -29,7 +29,12 @@ LAYERS: dict[str, int] = {
     "cli": 7,
 }
 # The one serve module that owns the ONNX Runtime engine (the inner BentoML service).
-EMBEDDER_SIDE = {"embedkit.serve.engine.embedder"}
+# The engine cores (and what picks one) own the runtimes; the rest of serve/ must not.
+EMBEDDER_SIDE = {
+    "embedkit.serve.engine.embedder",
+    "embedkit.serve.engine.reranker",
+    "embedkit.serve.engine.cores",
+}
 ORT_MODULES = {"embedkit.runtime.session", "embedkit.runtime.engine"}
 
 

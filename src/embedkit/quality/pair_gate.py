@@ -165,7 +165,8 @@ def evaluate_pairs(
 ) -> PairQualityReport:
     """Score every segment's pairs with the fp32 parent and with ``artifact`` (as the gate
     still judges it), and measure each segment (:class:`PairSegmentScores`)."""
-    from embedkit.runtime.rerank import Reranker, activate
+    from embedkit.runtime.rerank import Reranker
+    from embedkit.runtime.vectors import activate
 
     started = time.perf_counter()
     th = (thresholds or load_thresholds()).rerank_limits()

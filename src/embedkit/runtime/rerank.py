@@ -22,9 +22,9 @@ import numpy as np
 from embedkit.core.errors import InferenceError, InputTooLong, InvalidInput
 from embedkit.core.settings import Settings, get_settings
 from embedkit.model.artifact import Artifact
-from embedkit.model.recipe import Activation
 from embedkit.runtime.engine import Telemetry, open_graph, plan_sub_batches
 from embedkit.runtime.tokens import Direction, PairTokenizer, pad_batch, pad_type_ids
+from embedkit.runtime.vectors import activate
 
 Pair = tuple[str, str]
 
@@ -48,17 +48,6 @@ def validate_pairs(pairs: object) -> list[Pair]:
             raise InvalidInput(f"pairs[{i}] must hold two strings", param="pairs")
         out.append((query, document))
     return out
-
-
-def activate(raw: np.ndarray, activation: Activation) -> np.ndarray:
-    """CrossEncoder's activation_fn on raw scores, in float32 (Sigmoid as ``(1 + tanh(x/2))
-    / 2``: equal, and no overflow warning for a very negative logit)."""
-    x = np.asarray(raw, dtype=np.float32)
-    if activation == "sigmoid":
-        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
-    if activation == "tanh":
-        return np.tanh(x).astype(np.float32)
-    return x
 
 
 class Reranker:

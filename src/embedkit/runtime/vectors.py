@@ -136,6 +136,17 @@ def finish(
     return postprocess(raw, normalize=normalize, dimensions=dimensions, model_dim=model_dim)
 
 
+def activate(raw: np.ndarray, activation: str) -> np.ndarray:
+    """CrossEncoder's activation_fn on raw scores, in float32 (Sigmoid as ``(1 + tanh(x/2))
+    / 2``: equal, and no overflow warning for a very negative logit)."""
+    x = np.asarray(raw, dtype=np.float32)
+    if activation == "sigmoid":
+        return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    if activation == "tanh":
+        return np.tanh(x).astype(np.float32)
+    return x
+
+
 def calibrate_ranges(vectors: np.ndarray) -> np.ndarray:
     """``[2, dim]``: each dimension's min and max over ``vectors`` (what
     ``quantize_embeddings`` derives from its ``calibration_embeddings``)."""

@@ -115,25 +115,6 @@ class EmbedderCore:
         }
 
 
-def build_core(
-    artifact: Artifact,
-    settings: Settings,
-    *,
-    default: bool = True,
-    identities: identity.ServedIdentities | None = None,
-    runs: int = 1,
-) -> EmbedderCore:
-    """The engine core for ``artifact``'s task: an :class:`EmbedderCore`, or for a
-    cross-encoder (``task: rerank``) a :class:`~embedkit.serve.engine.reranker.RerankerCore`,
-    which takes the same rows (a pair is ids plus where its document starts) and answers
-    one raw score per row: the runner threads, lanes and batching do not tell them apart."""
-    if artifact.manifest.task == "rerank":
-        from embedkit.serve.engine.reranker import RerankerCore
-
-        return RerankerCore(artifact, settings, default=default, identities=identities, runs=runs)
-    return EmbedderCore(artifact, settings, default=default, identities=identities, runs=runs)
-
-
 def _reproduces_vectors(engine: Any, manifest: Manifest) -> tuple[str, str] | None:
     """Why ``engine`` does not reproduce the manifest's reference vectors, or None."""
     ref = manifest.reference

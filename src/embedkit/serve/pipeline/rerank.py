@@ -21,8 +21,8 @@ from embedkit.core import metrics
 from embedkit.core.errors import InferenceError, InvalidInput
 from embedkit.core.settings import Settings
 from embedkit.model.artifact import Artifact
-from embedkit.runtime.rerank import activate
 from embedkit.runtime.tokens import Direction, PairTokenizer
+from embedkit.runtime.vectors import activate
 from embedkit.serve.edge.bodies import cohere_rerank_body, tei_rerank_body
 from embedkit.serve.edge.schemas import CohereRerankRequest, Lane, RerankRequest
 from embedkit.serve.engine import identity
