@@ -169,10 +169,11 @@ def test_rerank_metrics_reorder_only_the_top() -> None:
         queries=["", ""],
         qrels={"q0": {"d12": 1}, "q1": {"d29": 1}},
     )
-    sims = -np.tile(np.arange(30, dtype=np.float32), (2, 1))  # rank = document number
+    # rank = document number; cosines above the raw scores, which must not mix with them
+    sims = np.tile(1.0 - np.arange(30, dtype=np.float32) / 100, (2, 1))
     top = np.argsort(-sims, axis=1, kind="stable")[:, :20]
-    scores = np.zeros((2, 20), dtype=np.float32)
-    scores[0, 12] = 5.0  # q0's relevant d12 (rank 13) goes first; q1's d29 is out of reach
+    scores = np.full((2, 20), -10.0, dtype=np.float32)
+    scores[0, 12] = -5.0  # q0's relevant d12 (rank 13) goes first; q1's d29 is out of reach
     metrics = rerank_metrics(held, sims, scores, top)
     assert metrics.ndcg_at_10_before == 0.0
     assert metrics.ndcg_at_10_after == 50.0  # q0 perfect, q1 still 0
