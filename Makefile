@@ -30,8 +30,9 @@ _install:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU build (see pyproject); export + dev extras for tests and release,
-	# openvino for the second CPU runtime (its variants and tests), batch for embed-corpus (Parquet).
-	scripts/install $(VENV) -e '.[export,dev,openvino,batch]'
+	# openvino for the second CPU runtime (its variants and tests), batch for embed-corpus (Parquet,
+	# Ray), train for the reranker recipe's trainer (its test trains a few steps).
+	scripts/install $(VENV) -e '.[export,dev,openvino,batch,train]'
 
 serve: setup
 	./scripts/serve
