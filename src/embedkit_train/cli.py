@@ -50,8 +50,8 @@ def train_reranker_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = _D.batch_size,
     max_length: Annotated[int, typer.Option(min=16, help="Tokens of a pair.")] = _D.max_length,
     sts_pairs: Annotated[
-        int | None, typer.Option(min=0, help="STS train pairs mixed in (default: all).")
-    ] = None,
+        int, typer.Option(min=0, help="STS train pairs mixed in (of 5,749).")
+    ] = _D.sts_pairs or 0,
     freeze_embeddings: Annotated[
         bool, typer.Option(help="Keep the start's word embeddings unchanged.")
     ] = _D.freeze_embeddings,
