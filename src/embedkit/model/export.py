@@ -81,47 +81,39 @@ def source_checksum(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def _load_pytorch(kind: str, model_dir: Path, device: str) -> Any:
+    """sentence-transformers' ``kind`` (SentenceTransformer or CrossEncoder) of
+    ``model_dir``, offline; missing torch or a loader failure is one line."""
+    try:
+        import sentence_transformers
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(
+            f"the PyTorch reference needs {exc.name}: pip install 'embedkit[export]'"
+        ) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return getattr(sentence_transformers, kind)(
+            str(model_dir), device=device, local_files_only=True
+        )
+    except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
+        what = "a sentence-transformers model" if kind == "SentenceTransformer" else f"a {kind}"
+        raise ModelSourceError(f"cannot load {model_dir} as {what}: {exc}") from exc
+
+
 def load_reference(model_dir: Path, device: str = "cpu") -> Any:
     """The PyTorch SentenceTransformer encoder: the reference for parity.
 
     Needs torch and sentence-transformers only (not Optimum): the GPU check loads it
     with ``device="cuda"`` where no exporter is installed.
     """
-    try:
-        import sentence_transformers  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtra(
-            f"the PyTorch reference needs {exc.name}: pip install 'embedkit[export]'"
-        ) from exc
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
-    except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
-        raise ModelSourceError(
-            f"cannot load {model_dir} as a sentence-transformers model: {exc}"
-        ) from exc
+    return _load_pytorch("SentenceTransformer", model_dir, device)
 
 
 def load_cross_encoder(model_dir: Path, device: str = "cpu") -> Any:
     """The PyTorch ``CrossEncoder``: a reranker's reference for parity (and what export
     reads its classifier from)."""
-    try:
-        import sentence_transformers  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtra(
-            f"the PyTorch reference needs {exc.name}: pip install 'embedkit[export]'"
-        ) from exc
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import CrossEncoder
-
-    try:
-        return CrossEncoder(str(model_dir), device=device, local_files_only=True)
-    except Exception as exc:  # the loader raises bare Exceptions: translate at the boundary
-        raise ModelSourceError(f"cannot load {model_dir} as a CrossEncoder: {exc}") from exc
+    return _load_pytorch("CrossEncoder", model_dir, device)
 
 
 def _pad_token(model_dir: Path, tokenizer: Any) -> tuple[str, int]:

@@ -63,6 +63,27 @@ class Telemetry:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "padding_ratio": self.padding_ratio}
 
+    @classmethod
+    def of_call(
+        cls,
+        lengths: Sequence[int],
+        groups: Sequence[Sequence[int]],
+        padded: Sequence[int],
+        inference_s: float,
+        provider: str,
+    ) -> Telemetry:
+        """A call's cost from its rows' token lengths and the sub-batches it ran as."""
+        return cls(
+            texts=len(lengths),
+            tokens=sum(lengths),
+            padded_tokens=sum(padded),
+            sub_batches=len(groups),
+            inference_s=inference_s,
+            provider=provider,
+            sub_batch_sizes=tuple(len(g) for g in groups),
+            sub_batch_padded=tuple(padded),
+        )
+
 
 def plan_sub_batches(
     lengths: Sequence[int],
@@ -283,16 +304,7 @@ class Engine:
                     f"expected [{len(group)}, {self.dimension}]"
                 )
             out[group] = vectors
-        telemetry = Telemetry(
-            texts=len(ids),
-            tokens=sum(lengths),
-            padded_tokens=sum(padded),
-            sub_batches=len(groups),
-            inference_s=elapsed,
-            provider=self.provider,
-            sub_batch_sizes=tuple(len(g) for g in groups),
-            sub_batch_padded=tuple(padded),
-        )
+        telemetry = Telemetry.of_call(lengths, groups, padded, elapsed, self.provider)
         return out, telemetry
 
     def plan(self, lengths: Sequence[int]) -> list[list[int]]:

@@ -137,16 +137,7 @@ class Reranker:
                     f"the graph returned shape {list(scores.shape)}, expected [{len(group)}, 1]"
                 )
             out[group] = scores[:, 0]
-        telemetry = Telemetry(
-            texts=len(ids),
-            tokens=sum(lengths),
-            padded_tokens=sum(padded),
-            sub_batches=len(groups),
-            inference_s=elapsed,
-            provider=self.provider,
-            sub_batch_sizes=tuple(len(g) for g in groups),
-            sub_batch_padded=tuple(padded),
-        )
+        telemetry = Telemetry.of_call(lengths, groups, padded, elapsed, self.provider)
         return out, telemetry
 
     def score_with_telemetry(
