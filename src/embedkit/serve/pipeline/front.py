@@ -220,8 +220,21 @@ class ModelFront:
         return {"object": "list", "data": [self.card()]}
 
     async def info(self, embedder: Embedder) -> dict[str, Any]:
-        """``/info``: the engine's description, the served identity, settings and limits."""
-        raise NotImplementedError
+        """``/info``: the engine's description, the served identity and the settings every
+        task shares; a task's front adds its routing and limits."""
+        s = self.settings
+        engine = await self.client.info(embedder)
+        served = engine.pop("identity", None)
+        return {
+            "model": self.model_name,
+            "served": served,
+            "tag": (served or {}).get("tag", self.artifact.tag),
+            "manifest": engine.pop("manifest", None) or self.manifest.summary(),
+            "provider": engine.get("providers", {}),
+            "engine": engine,
+            "topology": s.topology,  # docs/design/serving.md
+            "batching": batching_policy(s),
+        }
 
     # --- warm-up
     def _warm_jobs(self) -> tuple[Any, dict[Lane, Any]]:
@@ -424,17 +437,8 @@ class Front(ModelFront):
 
     async def info(self, embedder: Embedder) -> dict[str, Any]:
         s = self.settings
-        engine = await self.client.info(embedder)
-        served = engine.pop("identity", None)
         return {
-            "model": self.model_name,
-            "served": served,
-            "tag": (served or {}).get("tag", self.artifact.tag),
-            "manifest": engine.pop("manifest", None) or self.manifest.summary(),
-            "provider": engine.get("providers", {}),
-            "engine": engine,
-            "topology": s.topology,  # docs/design/serving.md
-            "batching": batching_policy(s),
+            **await super().info(embedder),
             **self.prompts.describe(),
             "routing": {
                 "/v1/embeddings": "X-Embedkit-Lane if sent, else one input → query lane, "

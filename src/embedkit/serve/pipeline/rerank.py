@@ -28,7 +28,6 @@ from embedkit.serve.edge.schemas import CohereRerankRequest, Lane, RerankRequest
 from embedkit.serve.engine import identity
 from embedkit.serve.pipeline.front import ModelFront
 from embedkit.serve.pipeline.jobs import RerankJob, rerank_job
-from embedkit.serve.pipeline.options import batching_policy
 from embedkit.serve.pipeline.trace import RequestContext
 from embedkit.serve.seams import Embedder
 
@@ -195,18 +194,9 @@ class RerankFront(ModelFront):
 
     async def info(self, embedder: Embedder) -> dict[str, Any]:
         s = self.settings
-        engine = await self.client.info(embedder)
-        served = engine.pop("identity", None)
         return {
-            "model": self.model_name,
+            **await super().info(embedder),
             "task": self.task,
-            "served": served,
-            "tag": (served or {}).get("tag", self.artifact.tag),
-            "manifest": engine.pop("manifest", None) or self.manifest.summary(),
-            "provider": engine.get("providers", {}),
-            "engine": engine,
-            "topology": s.topology,
-            "batching": batching_policy(s),
             "activation": self.config.activation,
             "routing": {
                 route: "query; a bulk-class tenant: bulk"
